@@ -1,0 +1,29 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+# Installed only where torch is missing. Override for another build, e.g.
+#   make TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu" demo
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install install-test demo test bench clean
+
+# --no-build-isolation: an isolated build would fetch a different torch to build the extension against.
+install:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH_SPEC)
+	$(PIP) install --no-build-isolation -e .
+
+install-test:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH_SPEC)
+	$(PIP) install --no-build-isolation -e ".[test]"
+
+demo: install
+	$(PYTHON) -m tuneforge demo --out runs/demo
+
+test: install-test
+	$(PYTHON) -m pytest -q
+
+bench: install
+	$(PYTHON) benchmarks/engine_overhead.py
+
+clean:
+	rm -rf runs build *.egg-info .pytest_cache

@@ -1,0 +1,191 @@
+"""The ``tuneforge`` command: train, generate, plugins, data, demo."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .config import TrainConfig, load_config
+from .errors import TuneforgeError
+
+__all__ = ["main", "build_parser"]
+
+# Help for each TrainConfig field, which becomes a --flag of `tuneforge train` (one source of truth for names).
+TRAIN_HELP = {
+    "model": "model preset with optional overrides, e.g. tiny, small, 'tiny:n_layers=2,d_model=64' "
+             "(default: tiny, or the architecture of --init)",
+    "data": "builtin:NAME (text, sentiment, topic, rankings), a .txt file or a .jsonl file (default: builtin:text)",
+    "eval_data": "held-out data (default: the builtin test split, or the last part of a file)",
+    "out": "run folder for checkpoints, metrics.jsonl, summary.json (default: write nothing)",
+    "steps": "optimizer steps (default: 300)",
+    "batch_size": "sequences per micro-batch (default: 16)",
+    "seq_len": "tokens per sequence (default: the model's context length)",
+    "grad_accum": "micro-batches per optimizer step (default: 1)",
+    "lr": "peak learning rate of AdamW (default: 3e-3)",
+    "min_lr_ratio": "the cosine schedule ends at lr * this (default: 0.1)",
+    "warmup": "linear warmup steps (default: 30)",
+    "weight_decay": "AdamW weight decay on matrices (default: 0.1)",
+    "beta1": "AdamW beta1 (default: 0.9)",
+    "beta2": "AdamW beta2 (default: 0.95)",
+    "clip": "max gradient norm, 0 = no clipping (default: 1.0)",
+    "eval_every": "steps between evaluations, 0 = only at the end (default: 100)",
+    "save_every": "steps between checkpoints, 0 = only at the end and on Ctrl-C/SIGTERM (default: 0)",
+    "keep_last": "checkpoints kept in the run folder (default: 3)",
+    "resume": "'auto' (latest checkpoint in --out, or a fresh start if none) or a checkpoint/run folder",
+    "init": "start from the weights of this checkpoint or run folder (fresh optimizer)",
+    "seed": "seed of initialisation and data order (default: 0)",
+    "device": "auto, cpu, cuda, cuda:1 ... (default: auto)",
+    "max_nonfinite": "stop after this many non-finite losses in a row (default: 10)",
+    "log_every": "steps between log lines when stderr is not a terminal (default: 50)",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tuneforge",
+        description="Train or steer a language model; every mechanism (pretrain, lora, ...) is a plugin.",
+        epilog="Start with 'tuneforge demo', then 'tuneforge train --help'.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser(
+        "train", help="train with one or more mechanisms",
+        description="Train a model. Mechanisms are plugins, named with -m NAME[:key=value,...]; a run has exactly "
+        "one objective (e.g. pretrain) and any number of parameterisations. Flags override --config.",
+        epilog="example: tuneforge train -m pretrain --data builtin:text --steps 600 --out runs/pre",
+    )
+    t.add_argument("--config", metavar="FILE.toml", help="TOML file with these options and [mechanisms.NAME] tables")
+    t.add_argument("-m", "--mechanism", action="append", metavar="NAME[:k=v,...]", dest="mechanisms",
+                   help="a mechanism and its options, repeatable in registration order, e.g. -m pretrain")
+    for field in TrainConfig.fields():
+        if field != "mechanisms":
+            t.add_argument(f"--{field.replace('_', '-')}", dest=field, metavar=field.upper(), help=TRAIN_HELP[field])
+
+    g = sub.add_parser("generate", help="sample text from a trained checkpoint",
+                       description="Continue prompts with a trained model (KV-cache sampling).")
+    g.add_argument("checkpoint", help="a checkpoint folder (step-XXXXXXXX) or a run folder (its latest checkpoint)")
+    g.add_argument("-p", "--prompt", action="append", help="prompt text, repeatable (default: one empty prompt)")
+    g.add_argument("-n", "--max-new-tokens", type=int, default=100)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="cpu")
+
+    p = sub.add_parser("plugins", help="list installed plugins, their hooks and load status")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    d = sub.add_parser("data", help="show or export an embedded builtin: dataset",
+                       description="Look at the embedded data world (see docs/data-world.md).")
+    d.add_argument("name", help="builtin:text, builtin:sentiment, builtin:topic or builtin:rankings")
+    d.add_argument("--split", default="train", choices=("train", "test"))
+    d.add_argument("-n", "--head", type=int, default=3, help="records to print (default: 3)")
+    d.add_argument("--export", metavar="FILE.jsonl", help="write every record of the split as JSON lines")
+
+    m = sub.add_parser("demo", help="the main job on the embedded default: every mechanism, one table",
+                       description="Pretrain the tiny model on the embedded world and sample from it; writes "
+                       "demo.json (one row per stage) in --out.")
+    m.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    m.add_argument("--quick", action="store_true", help="a short version for smoke tests")
+    m.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _train(args) -> int:
+    from .engine import train
+
+    values = load_config(args.config) if args.config else {}
+    given = {f: getattr(args, f) for f in TrainConfig.fields() if f != "mechanisms" and getattr(args, f) is not None}
+    values.update(given)
+    if args.mechanisms:
+        values["mechanisms"] = args.mechanisms
+    if not values.get("mechanisms"):
+        from .errors import ConfigError
+
+        raise ConfigError("name at least one mechanism with -m NAME (e.g. -m pretrain); see 'tuneforge plugins'")
+    cfg = TrainConfig.build(values, source="tuneforge train" + (f" (config {args.config})" if args.config else ""))
+    result = train(cfg)
+    signum = result.summary.get("signal")
+    if signum:
+        where = result.checkpoint or "nowhere (no --out)"
+        print(f"tuneforge: interrupted at step {result.run.step}; checkpoint: {where}. "
+              "Continue with the same command plus --resume auto.", file=sys.stderr)
+        return 128 + int(signum)
+    return 0
+
+
+def _generate(args) -> int:
+    import torch
+
+    from .engine import load_model
+    from .tokenizer import ByteTokenizer
+
+    model = load_model(args.checkpoint, device=args.device)
+    tok = ByteTokenizer()
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    prompts = args.prompt or [""]
+    for prompt in prompts:
+        ids = torch.tensor([tok.encode(prompt, bos=True)], device=args.device)
+        room = model.config.max_seq_len - ids.size(1)
+        out = model.generate(ids, min(args.max_new_tokens, room), temperature=args.temperature, top_k=args.top_k,
+                             top_p=args.top_p, eos_id=tok.eos_id, generator=gen)
+        print(prompt + tok.decode(out[0, ids.size(1):].tolist()))
+    return 0
+
+
+def _plugins(args) -> int:
+    from .registry import discover
+
+    infos = discover(strict=False)
+    if args.json:
+        print(json.dumps([i.as_dict() for i in infos.values()], indent=2))
+        return 0
+    for info in infos.values():
+        d = info.as_dict()
+        kind = "autoload" if info.autoload else ("objective" if "tuneforge_loss" in d["hooks"] else "mechanism")
+        status = "ok" if info.loaded else f"ERROR: {info.error}"
+        print(f"{info.name:<16} {info.package} {info.version:<10} {kind:<10} {status}")
+        if info.loaded:
+            print(f"{'':<16} {info.description}")
+            print(f"{'':<16} hooks: {', '.join(h.removeprefix('tuneforge_') for h in d['hooks'])}")
+    return 0
+
+
+def _data(args) -> int:
+    from .data import read_records
+
+    records = read_records(args.name, split=args.split)
+    if args.export:
+        with open(args.export, "w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+        print(f"wrote {len(records)} records to {args.export}", file=sys.stderr)
+    for r in records.items[: args.head]:
+        print(json.dumps(r))
+    print(f"({len(records)} records in {args.name} [{args.split}])", file=sys.stderr)
+    return 0
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, quick=args.quick, seed=args.seed)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"train": _train, "generate": _generate, "plugins": _plugins, "data": _data, "demo": _demo}
+    try:
+        return handlers[args.command](args)
+    except TuneforgeError as exc:
+        print(f"tuneforge: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("tuneforge: aborted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
+

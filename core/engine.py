@@ -1,0 +1,316 @@
+"""The training loop. It knows hooks, not mechanisms: every difference between pretraining, LoRA, RLHF... comes
+from the plugins registered for the run (see ``hookspecs.py`` for the contract and its order).
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .errors import ConfigError, DataError, NonFiniteLossError
+from .model import ModelConfig, Transformer, model_config
+from .registry import build_manager, call_impl
+from .run import Run
+from .tokenizer import ByteTokenizer
+
+__all__ = ["train", "TrainResult", "build_model", "load_model", "lr_at"]
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What :func:`train` returns."""
+
+    model: torch.nn.Module
+    metrics: dict[str, float]  # the last step's metrics, with the final evaluation under "eval/..."
+    history: list[dict[str, float]]  # every step's metrics
+    summary: dict[str, Any]  # also written to out/summary.json
+    out: Path | None
+    checkpoint: Path | None  # the last checkpoint written, if any
+    run: Run
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then cosine to lr * min_lr_ratio."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    span = max(1, cfg.steps - cfg.warmup)
+    progress = min(1.0, (step - cfg.warmup) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_model(cfg: TrainConfig) -> tuple[torch.nn.Module, ModelConfig, Path | None]:
+    """The base model: ``--init``'s architecture and weights, else a fresh preset (seeded random init)."""
+    init = ckpt.resolve_checkpoint(cfg.init) if cfg.init else None
+    if init is not None:
+        mcfg = ModelConfig.from_dict(ckpt.read_state(init)["model_config"])
+        if cfg.model and model_config(cfg.model) != mcfg:
+            raise ConfigError(
+                f"--model {cfg.model} differs from the architecture of --init {init}; drop --model "
+                "(the checkpoint's architecture is used) or start from a matching checkpoint"
+            )
+    else:
+        mcfg = model_config(cfg.model or "tiny")
+    torch.manual_seed(cfg.seed)
+    model = Transformer(mcfg)
+    if init is not None:
+        ckpt.load_weights(init, model)
+    return model, mcfg, init
+
+
+def load_model(path: str | Path, *, device: str = "cpu") -> torch.nn.Module:
+    """The base model saved in a checkpoint (or a run folder's latest one), in eval mode.
+
+    Models that plugins changed (extra modules, heads) are loaded by those plugins; this loads the base.
+    """
+    found = ckpt.resolve_checkpoint(path)
+    model = Transformer(ModelConfig.from_dict(ckpt.read_state(found)["model_config"]))
+    ckpt.load_weights(found, model)
+    return model.to(_device(device)).eval()
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _to_device(batch, device: torch.device):
+    if isinstance(batch, dict):
+        return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return batch
+
+
+@contextmanager
+def _stop_on_signals(run: Run):
+    """SIGINT/SIGTERM ask the loop to checkpoint and stop after the current step; a second one aborts."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if run.stop_reason is not None:  # second signal: the user really wants out now
+            raise KeyboardInterrupt
+        run.stop_reason = f"interrupted by {signal.Signals(signum).name}"
+        run.summary["signal"] = int(signum)
+        run.log(f"{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping "
+                "(send it again to abort without saving)")
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    # Decay matrices and embeddings, not biases and norm gains (the usual GPT recipe).
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+class _Batches:
+    """Micro-batches across epochs, resumable at (epoch, batch_in_epoch)."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.it = self._open()
+
+    def _open(self):
+        batches = self.run.hook.tuneforge_data(run=self.run)
+        if batches is None:
+            raise DataError("the objective's tuneforge_data returned None: it produced no batches")
+        return itertools.islice(iter(batches), self.run.batch_in_epoch, None)
+
+    def next(self):
+        for fresh in (False, True):
+            for batch in self.it:
+                self.run.batch_in_epoch += 1
+                return batch
+            if fresh:
+                break
+            self.run.epoch += 1
+            self.run.batch_in_epoch = 0
+            self.it = self._open()
+        raise DataError(
+            f"the data yields no batch in epoch {self.run.epoch}: fewer records than one batch? "
+            f"Lower --batch-size (now {self.run.config.batch_size}) or add data."
+        )
+
+
+def _evaluate(model, run: Run) -> dict[str, float]:
+    model.eval()
+    try:
+        with torch.no_grad():
+            results = run.hook.tuneforge_evaluate(model=model, run=run)
+    finally:
+        model.train()
+    merged: dict[str, float] = {}
+    for r in results:
+        merged.update({f"eval/{k}": float(v) for k, v in (r or {}).items()})
+    return merged
+
+
+def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
+    """Run one training job as ``config`` describes (keyword arguments override its fields)."""
+    cfg = (config or TrainConfig()).replace(**overrides) if overrides else (config or TrainConfig())
+    started = time.perf_counter()
+    reg = build_manager(cfg.mechanisms)
+    device = _device(cfg.device)
+    model, mcfg, _ = build_model(cfg)
+    out = Path(cfg.out) if cfg.out else None
+    run = Run(cfg, mcfg, ByteTokenizer(), device, reg.plugins, reg.hook, out=out)
+
+    # Parameterisation: each plugin changes the model in turn, then says what it wants trained.
+    for _, fn in reg.ordered_impls("tuneforge_modify_model"):
+        replaced = call_impl(fn, model=model, run=run)
+        if replaced is not None:
+            model = replaced
+    model.to(device)
+    answers = reg.hook.tuneforge_trainable_params(model=model, run=run)
+    if not answers:
+        raise ConfigError("no plugin in this run said which parameters to train (tuneforge_trainable_params)")
+    chosen = {id(p) for ps in answers for p in ps}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in chosen)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = _optimizer(params, cfg) if params else None
+    total = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in params)
+
+    resume_path = _resume_path(cfg, out) if cfg.resume else None
+    if resume_path is not None:
+        state = ckpt.load_training_state(resume_path, model, optimizer)
+        run.step, run.epoch, run.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        run.summary["skipped_steps"] = state.get("skipped_steps", 0)
+        run.resumed_from = resume_path
+        reg.hook.tuneforge_load(run=run, path=resume_path)
+    elif out is not None and ckpt.find_latest(out) is not None:
+        raise ConfigError(
+            f"{out} already holds a run (latest: {ckpt.find_latest(out).name}); pass --resume auto to continue "
+            "it, or choose another --out. Nothing was changed."
+        )
+    batches = _Batches(run) if params else None  # reads and validates the data before anything is written
+
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt.clean_stale(out)
+        config_json = {"train": cfg.to_dict(), "model_config": mcfg.to_dict(), "mechanisms": reg.options()}
+        (out / "config.json").write_text(json.dumps(config_json, indent=2, default=str))
+    run.summary.update(
+        mechanisms=list(reg.options()), trainable_params=n_train, total_params=total,
+        trainable_pct=100.0 * n_train / max(1, total), device=str(device),
+    )
+    reg.hook.tuneforge_run_start(run=run, model=model)
+
+    history: list[dict[str, float]] = []
+    metrics: dict[str, float] = {}
+    last_ckpt: Path | None = run.resumed_from
+    nonfinite_streak = 0
+
+    def save() -> Path | None:
+        nonlocal last_ckpt
+        if out is None or not run.is_main:
+            return None
+        state = {
+            "step": run.step, "epoch": run.epoch, "batch_in_epoch": run.batch_in_epoch,
+            "skipped_steps": run.summary.get("skipped_steps", 0), "model_config": mcfg.to_dict(),
+            "mechanisms": reg.options(), "train": cfg.to_dict(), "tokenizer": run.tokenizer.name,
+        }
+        last_ckpt = ckpt.save_checkpoint(
+            out, run.step, model, optimizer, state,
+            write_plugins=lambda path: reg.hook.tuneforge_save(run=run, path=path), keep_last=cfg.keep_last,
+        )
+        return last_ckpt
+
+    model.train()
+    with _stop_on_signals(run):
+        while batches is not None and run.step < cfg.steps and run.stop_reason is None:
+            t0 = time.perf_counter()
+            lr = lr_at(run.step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            sums: dict[str, float] = {}
+            finite = True
+            for _ in range(cfg.grad_accum):
+                loss, parts = reg.hook.tuneforge_loss(model=model, batch=_to_device(batches.next(), device), run=run)
+                if not torch.isfinite(loss):
+                    finite = False  # keep consuming this step's micro-batches so the data order is unchanged
+                    continue
+                (loss / cfg.grad_accum).backward()
+                sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+                for k, v in (parts or {}).items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+            grad_norm = float("nan")
+            if finite:
+                limit = cfg.clip if cfg.clip > 0 else float("inf")
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, limit))
+                finite = math.isfinite(grad_norm)
+            if finite:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            run.step += 1
+            nonfinite_streak = 0 if finite else nonfinite_streak + 1
+            run.summary["skipped_steps"] = run.summary.get("skipped_steps", 0) + (not finite)
+            seconds = time.perf_counter() - t0
+            tokens = sums.pop("tokens", 0.0)
+            metrics = {k: v / cfg.grad_accum for k, v in sums.items()}
+            metrics.update(lr=lr, grad_norm=grad_norm, skipped=float(not finite), step_seconds=seconds)
+            if tokens:
+                metrics.update(tokens=tokens, tokens_per_s=tokens / seconds)
+            if nonfinite_streak >= cfg.max_nonfinite:
+                run.summary["status"] = "stopped: non-finite loss"
+                _finish(run, model, started, out)
+                raise NonFiniteLossError(
+                    f"the loss or gradient was not finite for {nonfinite_streak} steps in a row (up to step "
+                    f"{run.step}); stopped. Skipped steps never update the weights, so the last good checkpoint "
+                    f"({last_ckpt or 'none written'}) is intact. Lower --lr, check the data, or raise --max-nonfinite."
+                )
+            if cfg.eval_every and run.step % cfg.eval_every == 0 and run.step < cfg.steps:
+                metrics.update(_evaluate(model, run))
+            if cfg.save_every and run.step % cfg.save_every == 0 and run.step < cfg.steps:
+                save()
+            history.append(metrics)
+            reg.hook.tuneforge_step_end(run=run, step=run.step, metrics=metrics)
+
+    interrupted = run.stop_reason is not None
+    if not interrupted or run.step > 0:
+        final_eval = _evaluate(model, run)
+        metrics = {**metrics, **final_eval}
+        run.summary["eval"] = final_eval
+    if out is not None and params and (last_ckpt is None or last_ckpt.name != f"step-{run.step:08d}"):
+        save()
+    run.summary["status"] = run.stop_reason or "completed"
+    run.summary["checkpoint"] = str(last_ckpt) if last_ckpt else None
+    _finish(run, model, started, out)
+    return TrainResult(model, metrics, history, run.summary, out, last_ckpt, run)
+
+
+def _finish(run: Run, model, started: float, out: Path | None) -> None:
+    run.summary.update(steps=run.step, seconds=round(time.perf_counter() - started, 3))
+    run.hook.tuneforge_run_end(run=run, model=model, summary=run.summary)
+    if out is not None and run.is_main:
+        ckpt.atomic_write_text(out / "summary.json", json.dumps(run.summary, indent=2, default=str))
+
+
+def _resume_path(cfg: TrainConfig, out: Path | None) -> Path | None:
+    if cfg.resume == "auto":
+        if out is None:
+            raise ConfigError("--resume auto needs --out (the run folder to continue)")
+        # "auto" is the same command for the first launch and every restart of a preemptible job.
+        return ckpt.find_latest(out)
+    return ckpt.resolve_checkpoint(cfg.resume)

@@ -1,0 +1,160 @@
+"""The hook contract between the engine and every mechanism, in the order a run calls them.
+
+A mechanism is a class whose methods carry ``@tuneforge.hookimpl`` and are named after the hooks below. It
+implements only the hooks it needs, and each implementation takes only the arguments it uses (pluggy passes
+arguments by name, so hooks can grow new arguments without breaking old plugins).
+
+Lifecycle of one run::
+
+    modify_model -> trainable_params -> load (resume only) -> run_start
+        -> per epoch: data -> per micro-batch: loss -> per optimizer step: step_end
+                                              -> every eval_every steps: evaluate
+                                              -> every save_every steps: save
+    -> run_end
+
+Two of these hooks define the run's *objective* (``data`` and ``loss``): exactly one registered plugin may
+implement each, checked when the run is set up. The rest may be implemented by any number of plugins.
+"""
+from __future__ import annotations
+
+import pluggy
+
+__all__ = ["hookspec", "hookimpl", "PROJECT", "OBJECTIVE_HOOKS"]
+
+PROJECT = "tuneforge"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+#: Hooks whose single implementation is the run's objective; two plugins answering one of them is an error.
+OBJECTIVE_HOOKS = ("tuneforge_data", "tuneforge_loss")
+
+
+@hookspec
+def tuneforge_modify_model(model, run):
+    """Change the model before training: insert modules, replace heads, add soft prompts.
+
+    :param model: the ``torch.nn.Module`` being trained (pretrained weights already loaded when ``--init``
+        was given).
+    :param run: the :class:`tuneforge.Run` (options, tokenizer, output folder, step counters).
+    :return: ``None`` when the model was changed in place, or a module that replaces it for the plugins after
+        this one and for the rest of the run.
+
+    Called once, for every active plugin in **registration order** (the order mechanisms were named), each
+    seeing the model as the plugins before it left it. Must be deterministic: on ``--resume`` it runs again
+    and the saved weights are loaded into the result.
+    """
+
+
+@hookspec
+def tuneforge_trainable_params(model, run):
+    """Name the parameters this plugin wants trained.
+
+    :param model: the model after every ``tuneforge_modify_model``.
+    :param run: the run.
+    :return: an iterable of ``torch.nn.Parameter`` (find them by structure: the modules this plugin inserted,
+        not by matching names), an empty iterable to train nothing, or ``None`` to have no opinion.
+
+    All results are collected; the engine trains their union and freezes every other parameter. A run in which
+    no plugin answers is an error (nothing would say what to train).
+    """
+
+
+@hookspec
+def tuneforge_load(run, path):
+    """Restore this plugin's state from a checkpoint folder when a run resumes (``--resume``).
+
+    :param run: the run.
+    :param path: ``pathlib.Path`` of the checkpoint folder, as written by :func:`tuneforge_save`.
+    :return: ignored.
+
+    Called for every plugin, after the model, optimizer and engine state were restored and before
+    ``tuneforge_run_start``.
+    """
+
+
+@hookspec
+def tuneforge_run_start(run, model):
+    """The run is set up and about to train: open files, start progress bars, remember initial weights.
+
+    :param run: the run; ``run.step`` is 0, or the step a resumed run continues from.
+    :param model: the model as it will be trained.
+    :return: ignored.
+    """
+
+
+@hookspec(firstresult=True)
+def tuneforge_data(run):
+    """Provide the objective's training batches for one epoch.
+
+    :param run: the run; ``run.epoch`` is the epoch to produce and ``run.seed`` its seed. The batches must be a
+        deterministic function of those two, so that a resumed run sees the same data in the same order.
+    :return: an iterable of micro-batches (any object ``tuneforge_loss`` understands, usually a dict of
+        tensors on CPU; the engine moves tensors in dicts to ``run.device``), or ``None``.
+
+    **firstresult**: the first non-``None`` answer wins; only one plugin (the objective) may implement it.
+    Called before training starts for epoch 0 (so malformed data fails before anything is written) and again
+    whenever an epoch is exhausted. Read and validate all records here, raising
+    :class:`tuneforge.DataError` with ``file:line`` and the field on bad input.
+    """
+
+
+@hookspec(firstresult=True)
+def tuneforge_loss(model, batch, run):
+    """Compute the objective on one micro-batch.
+
+    :param model: the model being trained.
+    :param batch: one item of the iterable returned by ``tuneforge_data``.
+    :param run: the run.
+    :return: ``(loss, metrics)``: a scalar tensor to minimise and a dict of ``str -> float`` to log (may be
+        empty); a ``"tokens"`` entry, when given, feeds the throughput figure. Or ``None``.
+
+    **firstresult**: the first non-``None`` answer wins; only one plugin (the objective) may implement it.
+    The engine divides the loss by the number of accumulation steps and calls ``backward``; a non-finite loss
+    makes it skip the step.
+    """
+
+
+@hookspec
+def tuneforge_step_end(run, step, metrics):
+    """An optimizer step finished (or was skipped because the loss was not finite).
+
+    :param run: the run.
+    :param step: the number of the step just finished, from 1.
+    :param metrics: dict of ``str -> float``: ``loss``, ``lr``, ``grad_norm``, ``tokens_per_s``, ``skipped``,
+        the objective's own metrics, and ``eval/...`` entries on steps that evaluated.
+    :return: ignored. Loggers, progress bars and early-stopping plugins live here.
+    """
+
+
+@hookspec
+def tuneforge_evaluate(model, run):
+    """Evaluate the model on held-out data.
+
+    :param model: the model, in eval mode and under ``torch.no_grad()``.
+    :param run: the run.
+    :return: a dict of ``str -> float`` or ``None``. Every plugin's dict is merged (keys are prefixed with
+        ``eval/`` in the step metrics), so objectives and extra evaluators can coexist.
+    """
+
+
+@hookspec
+def tuneforge_save(run, path):
+    """Write this plugin's own state into a checkpoint folder being built.
+
+    :param run: the run.
+    :param path: ``pathlib.Path`` of a *temporary* folder; the engine renames it into place once every plugin
+        has written, so a crash here never leaves a half-written checkpoint. Write safetensors and JSON files,
+        never pickle, named after the plugin to avoid collisions.
+    :return: ignored.
+    """
+
+
+@hookspec
+def tuneforge_run_end(run, model, summary):
+    """The run finished (all steps, stopped early, or interrupted and checkpointed).
+
+    :param run: the run.
+    :param model: the trained model.
+    :param summary: the dict the engine writes to ``summary.json``; plugins may add entries to it.
+    :return: ignored. Close files and progress bars here.
+    """

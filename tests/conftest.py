@@ -1,0 +1,33 @@
+import os
+
+import pytest
+
+# A model small enough that a few dozen steps take a second on 2 cores.
+MICRO = "tiny:n_layers=1,d_model=32,n_heads=2,max_seq_len=32"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_plugins(monkeypatch):
+    """Tests see only tuneforge's own plugins unless they opt in, whatever else is installed here."""
+    monkeypatch.setenv("TUNEFORGE_LOAD_PLUGINS", "")
+    monkeypatch.delenv("TUNEFORGE_STRICT_PLUGINS", raising=False)
+    yield
+
+
+@pytest.fixture
+def micro():
+    return MICRO
+
+
+def micro_config(tmp_path=None, **kw):
+    from tuneforge import TrainConfig
+
+    base = dict(model=MICRO, mechanisms=["pretrain"], data="builtin:text", steps=12, batch_size=8,
+                eval_every=0, warmup=2, lr=3e-3)
+    if tmp_path is not None:
+        base["out"] = str(tmp_path / "run")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+os.environ.setdefault("PYTHONHASHSEED", "0")

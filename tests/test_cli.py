@@ -1,0 +1,109 @@
+"""The command line as a user runs it: real subprocesses, real files, real signals."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+MICRO = "tiny:n_layers=1,d_model=32,n_heads=2,max_seq_len=32"
+
+
+def tf(*args, check=True, **kw):
+    env = {**os.environ, "TUNEFORGE_LOAD_PLUGINS": "", **kw.pop("env", {})}
+    proc = subprocess.run([sys.executable, "-m", "tuneforge", *args], capture_output=True, text=True, env=env,
+                          timeout=kw.pop("timeout", 300), **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def test_help_answers_the_question():
+    out = tf("train", "--help").stdout
+    for flag in ("--mechanism", "--resume", "--init", "--save-every", "--config", "builtin:"):
+        assert flag in out
+
+
+def test_plugins_lists_builtins_with_hooks_and_status():
+    rows = json.loads(tf("plugins", "--json").stdout)
+    by = {r["name"]: r for r in rows}
+    assert by["pretrain"]["status"] == "loaded" and by["pretrain"]["package"] == "tuneforge"
+    assert "tuneforge_loss" in by["pretrain"]["hooks"] and by["pretrain"]["version"]
+    assert "pretrain" in tf("plugins").stdout
+
+
+def test_train_then_generate(tmp_path):
+    out = tmp_path / "run"
+    proc = tf("train", "-m", "pretrain", "--model", MICRO, "--steps", "20", "--batch-size", "8", "--out", str(out),
+              "--log-every", "10")
+    assert "step 20/20" in proc.stderr
+    assert (out / "step-00000020" / "model.safetensors").is_file()
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 20
+    gen = tf("generate", str(out), "-p", "the river", "-n", "20", "--temperature", "0")
+    assert gen.stdout.startswith("the river")
+
+
+def test_bad_input_is_one_clear_line_not_a_traceback(tmp_path):
+    proc = tf("train", "-m", "pretrian", "--out", str(tmp_path / "x"), check=False)
+    assert proc.returncode == 2
+    assert "unknown mechanism 'pretrian'" in proc.stderr and "Traceback" not in proc.stderr
+    proc = tf("train", "-m", "pretrain", "--steps", "many", check=False)
+    assert proc.returncode == 2 and "'steps'" in proc.stderr and "expected int" in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_toml_config_with_cli_override(tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'model = "{MICRO}"\nsteps = 50\nbatch_size = 8\n[mechanisms.pretrain]\neval_batches = 2\n')
+    out = tmp_path / "run"
+    tf("train", "--config", str(cfg), "--steps", "4", "--out", str(out))
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["train"]["steps"] == 4 and saved["mechanisms"]["pretrain"]["eval_batches"] == 2
+    cfg.write_text("stpes = 3\n")
+    proc = tf("train", "--config", str(cfg), check=False)
+    assert proc.returncode == 2 and "unknown key 'stpes'" in proc.stderr and "did you mean 'steps'" in proc.stderr
+
+
+def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(tmp_path):
+    args = ["train", "-m", "pretrain", "--model", MICRO, "--steps", "400", "--batch-size", "8", "--eval-every", "0"]
+    full = tmp_path / "full"
+    tf(*args, "--out", str(full))
+    part = tmp_path / "part"
+    env = {**os.environ, "TUNEFORGE_LOAD_PLUGINS": ""}
+    proc = subprocess.Popen([sys.executable, "-m", "tuneforge", *args, "--out", str(part)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = part / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 30):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "--resume auto" in err
+    saved = json.loads((part / "summary.json").read_text())
+    assert saved["status"] == "interrupted by SIGTERM" and 30 <= saved["steps"] < 400
+    tf(*args, "--out", str(part), "--resume", "auto")
+    a = load_file(str(full / "step-00000400" / "model.safetensors"))
+    b = load_file(str(part / "step-00000400" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_data_shows_and_exports_builtin(tmp_path):
+    out = tmp_path / "s.jsonl"
+    proc = tf("data", "builtin:sentiment", "--split", "test", "-n", "2", "--export", str(out))
+    assert len(proc.stdout.splitlines()) == 2 and "label" in json.loads(proc.stdout.splitlines()[0])
+    assert len(out.read_text().splitlines()) > 100
+
+
+def test_demo_quick_writes_demo_json(tmp_path):
+    out = tmp_path / "demo"
+    tf("demo", "--quick", "--out", str(out), timeout=240)
+    rows = json.loads((out / "demo.json").read_text())
+    assert rows and {"mechanism", "trainable_params", "trainable_pct", "seconds", "metric", "value"} <= set(rows[0])
+    assert rows[0]["mechanism"] == "pretrain" and rows[0]["trainable_pct"] == pytest.approx(100.0)

@@ -1,0 +1,68 @@
+import dataclasses
+from typing import Literal, Optional
+
+import pytest
+
+from tuneforge.errors import ConfigError
+from tuneforge.options import build_options, describe_options, parse_spec
+
+
+@dataclasses.dataclass
+class Opts:
+    rank: int = 8
+    alpha: float = 16.0
+    targets: list[str] = dataclasses.field(default_factory=lambda: ["q", "v"])
+    merge: bool = False
+    mode: Literal["serial", "parallel"] = "serial"
+    layers: Optional[int] = None
+
+
+def test_parse_spec_splits_name_and_values_with_list_continuation():
+    name, values = parse_spec("lora:rank=4,targets=q,k,v,merge=yes")
+    assert name == "lora"
+    assert values == {"rank": "4", "targets": ["q", "k", "v"], "merge": "yes"}
+    assert parse_spec("pretrain") == ("pretrain", {})
+
+
+def test_build_options_converts_types():
+    o = build_options(Opts, parse_spec("x:rank=4,alpha=2,targets=o,merge=true,mode=parallel,layers=none")[1], owner="x")
+    assert (o.rank, o.alpha, o.targets, o.merge, o.mode, o.layers) == (4, 2.0, ["o"], True, "parallel", None)
+
+
+def test_build_options_accepts_typed_toml_values():
+    o = build_options(Opts, {"rank": 2, "alpha": 1, "targets": ["q"], "layers": 3}, owner="x")
+    assert (o.rank, o.alpha, o.targets, o.layers) == (2, 1.0, ["q"], 3)
+
+
+@pytest.mark.parametrize("values, words", [
+    ({"rnak": "4"}, ["no option 'rnak'", "did you mean 'rank'", "rank (int, default 8)"]),
+    ({"rank": "four"}, ["option 'rank'", "expected int", "'four'"]),
+    ({"mode": "diagonal"}, ["serial", "parallel"]),
+    ({"merge": "maybe"}, ["true/false"]),
+    ({"rank": 2.5}, ["expected int"]),
+])
+def test_build_options_errors_name_the_option_and_the_fix(values, words):
+    with pytest.raises(ConfigError) as err:
+        build_options(Opts, values, owner="mechanism 'lora'")
+    for w in words:
+        assert w in str(err.value)
+    assert "mechanism 'lora'" in str(err.value)
+
+
+def test_no_options_class_rejects_values():
+    assert build_options(None, {}, owner="m") is None
+    with pytest.raises(ConfigError, match="takes no options"):
+        build_options(None, {"a": "1"}, owner="m")
+
+
+def test_parse_spec_errors():
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_spec("lora:rank")
+    with pytest.raises(ConfigError):
+        parse_spec(":rank=1")
+
+
+def test_describe_options_lists_every_field():
+    text = describe_options(Opts)
+    for f in dataclasses.fields(Opts):
+        assert f.name in text

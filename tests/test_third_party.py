@@ -1,0 +1,113 @@
+"""A third-party mechanism, pip-installed into a temporary location, found through the entry-point group."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+PLUGIN = '''
+import dataclasses
+import torch
+import torch.nn.functional as F
+from tuneforge import hookimpl
+
+
+class ToyObjective:
+    """Predict the next token of random byte strings (a stand-in for someone's own objective)."""
+
+    @dataclasses.dataclass
+    class Options:
+        length: int = 16
+
+    def __init__(self, options):
+        self.options = options
+
+    @hookimpl
+    def tuneforge_trainable_params(self, model):
+        return list(model.parameters())
+
+    @hookimpl
+    def tuneforge_data(self, run):
+        g = torch.Generator().manual_seed(run.seed + run.epoch)
+        return [torch.randint(0, 256, (4, self.options.length + 1), generator=g) for _ in range(8)]
+
+    @hookimpl
+    def tuneforge_loss(self, model, batch, run):
+        x = batch.to(run.device)
+        logits = model(x[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1)), {"toy": 1.0}
+'''
+
+PYPROJECT = '''
+[build-system]
+requires = ["setuptools>=64"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "tuneforge-toy"
+version = "0.3.0"
+
+[project.entry-points.tuneforge]
+toy = "tuneforge_toy:ToyObjective"
+broken = "tuneforge_toy_broken:Plugin"
+
+[tool.setuptools]
+py-modules = ["tuneforge_toy", "tuneforge_toy_broken"]
+'''
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    pkg = root / "pkg"
+    pkg.mkdir()
+    (pkg / "pyproject.toml").write_text(PYPROJECT)
+    (pkg / "tuneforge_toy.py").write_text(textwrap.dedent(PLUGIN))
+    (pkg / "tuneforge_toy_broken.py").write_text("import a_module_that_does_not_exist\n")
+    target = root / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(pkg)], check=True, capture_output=True, timeout=300)
+    return target
+
+
+def tf(site, *args, env=None):
+    full = {k: v for k, v in os.environ.items() if not k.startswith("TUNEFORGE_")}
+    full["PYTHONPATH"] = os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])
+    full.update(env or {})
+    return subprocess.run([sys.executable, "-m", "tuneforge", *args], capture_output=True, text=True, env=full,
+                          timeout=300)
+
+
+def test_installed_plugin_is_listed_and_the_broken_one_reported(site):
+    proc = tf(site, "plugins", "--json")
+    assert proc.returncode == 0, proc.stderr
+    by = {r["name"]: r for r in json.loads(proc.stdout)}
+    assert by["toy"]["status"] == "loaded" and by["toy"]["package"] == "tuneforge-toy"
+    assert by["toy"]["version"] == "0.3.0" and not by["toy"]["builtin"]
+    assert by["toy"]["hooks"] == ["tuneforge_trainable_params", "tuneforge_data", "tuneforge_loss"]
+    assert by["broken"]["status"] == "error" and "a_module_that_does_not_exist" in by["broken"]["error"]
+    assert by["pretrain"]["status"] == "loaded"  # one broken plugin does not stop the others
+
+
+def test_third_party_mechanism_trains_with_typed_options(site, tmp_path):
+    proc = tf(site, "train", "-m", "toy:length=8", "--model", "tiny:n_layers=1,d_model=32,n_heads=2,max_seq_len=32",
+              "--steps", "3", "--out", str(tmp_path / "run"))
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["mechanisms"]["toy"] == {"length": 8}
+    assert "toy" in (tmp_path / "run" / "metrics.jsonl").read_text()
+
+
+def test_strict_mode_makes_a_broken_plugin_fatal(site):
+    proc = tf(site, "train", "-m", "pretrain", "--steps", "1", env={"TUNEFORGE_STRICT_PLUGINS": "1"})
+    assert proc.returncode == 2
+    assert "'broken'" in proc.stderr and "tuneforge-toy" in proc.stderr and "STRICT" in proc.stderr
+
+
+def test_allowlist_loads_only_named_third_party_plugins(site):
+    names = {r["name"] for r in json.loads(tf(site, "plugins", "--json", env={"TUNEFORGE_LOAD_PLUGINS": "toy"}).stdout)}
+    assert "toy" in names and "broken" not in names and "pretrain" in names
+    names = {r["name"] for r in json.loads(tf(site, "plugins", "--json", env={"TUNEFORGE_LOAD_PLUGINS": ""}).stdout)}
+    assert "toy" not in names and "pretrain" in names
