@@ -212,7 +212,7 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
         config_json = {"train": cfg.to_dict(), "model_config": mcfg.to_dict(), "mechanisms": reg.options()}
         (out / "config.json").write_text(json.dumps(config_json, indent=2, default=str))
     run.summary.update(
-        mechanisms=list(reg.options()), trainable_params=n_train, total_params=total,
+        mechanisms=reg.mechanisms, plugins=list(reg.plugins), trainable_params=n_train, total_params=total,
         trainable_pct=100.0 * n_train / max(1, total), device=str(device),
     )
     reg.hook.tuneforge_run_start(run=run, model=model)

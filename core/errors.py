@@ -10,7 +10,7 @@ class TuneforgeError(Exception):
     exit_code = 2
 
 
-class ConfigError(TuneforgeError):
+class ConfigError(TuneforgeError, ValueError):
     """A bad option, config key or command-line value."""
 
 
@@ -18,7 +18,7 @@ class PluginError(TuneforgeError):
     """A plugin that cannot be loaded, registered or combined with the others."""
 
 
-class DataError(TuneforgeError):
+class DataError(TuneforgeError, ValueError):
     """Malformed input data; the message names ``file:line`` and the field."""
 
 

@@ -193,6 +193,12 @@ class Registered:
 
     pm: pluggy.PluginManager
     plugins: dict[str, Any]
+    autoloaded: list[str] = dataclasses.field(default_factory=list)  # registered without being named
+
+    @property
+    def mechanisms(self) -> list[str]:
+        """The plugins the run named, in order."""
+        return [n for n in self.plugins if n not in self.autoloaded]
 
     @property
     def hook(self):
@@ -260,10 +266,12 @@ def build_manager(requests, *, available: dict[str, PluginInfo] | None = None, a
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ConfigError(f"mechanism(s) named more than once: {', '.join(dupes)}; give each once with all its options")
+    autoloaded = []
     if autoload:
         for name, info in available.items():
             if info.loaded and info.autoload and name not in names:
                 chosen.append((name, _instantiate(info.obj, name, None)))
+                autoloaded.append(name)
 
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
@@ -275,7 +283,7 @@ def build_manager(requests, *, available: dict[str, PluginInfo] | None = None, a
             raise PluginError(f"plugin '{name}': {exc}") from None
         plugins[name] = plugin
     pm.check_pending()
-    reg = Registered(pm, plugins)
+    reg = Registered(pm, plugins, autoloaded)
     _check_objective(reg, available)
     return reg
 

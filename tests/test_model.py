@@ -1,0 +1,121 @@
+import pytest
+import torch
+
+from tuneforge.errors import ConfigError
+from tuneforge.model import PRESETS, ModelConfig, Transformer, model_config
+from tuneforge.sampling import filter_logits, sample_next
+
+SMALL = "tiny:n_layers=2,d_model=32,n_heads=4,max_seq_len=48"
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return Transformer(model_config(SMALL)).eval()
+
+
+def test_presets_sizes_and_tied_weights():
+    tiny = Transformer(PRESETS["tiny"])
+    assert 0.5e6 < tiny.num_params() < 1.2e6
+    assert tiny.lm_head.weight is tiny.tok_emb.weight
+    assert 3e6 < Transformer(PRESETS["small"]).num_params() < 8e6
+
+
+def test_model_config_parsing_and_errors():
+    cfg = model_config("tiny:n_layers=2,d_model=64")
+    assert (cfg.n_layers, cfg.d_model, cfg.n_heads) == (2, 64, 4)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="presets: tiny, small"):
+        model_config("tinny")
+    with pytest.raises(ConfigError, match="n_layer"):
+        model_config("tiny:n_layer=2")
+    with pytest.raises(ConfigError, match="multiple of n_heads"):
+        model_config("tiny:d_model=30")
+    with pytest.raises(ConfigError, match="unknown model config key"):
+        ModelConfig.from_dict({"depth": 3})
+
+
+def test_causality(model):
+    x = torch.randint(0, 256, (2, 20))
+    y = x.clone()
+    y[:, 12] = (y[:, 12] + 1) % 256
+    a, b = model(x), model(y)
+    torch.testing.assert_close(a[:, :12], b[:, :12])
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+def test_chunked_forward_with_cache_equals_full_forward(model):
+    x = torch.randint(0, 256, (2, 21))
+    full = model(x)
+    cache = model.new_cache(2)
+    parts = [model(x[:, :8], cache=cache), model(x[:, 8:9], cache=cache), model(x[:, 9:], cache=cache)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_too_long_input_is_a_clear_error(model):
+    with pytest.raises(ValueError, match="context of 48"):
+        model(torch.zeros(1, 49, dtype=torch.long))
+    with pytest.raises(ValueError, match="at most 8 new tokens fit"):
+        model.generate(torch.zeros(1, 40, dtype=torch.long), 9)
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=0), dict(temperature=1.0, top_k=20), dict(temperature=0.8, top_p=0.9)])
+def test_generation_with_cache_equals_without(model, kw):
+    p = torch.randint(0, 256, (3, 7))
+    a = model.generate(p, 25, generator=torch.Generator().manual_seed(3), **kw)
+    b = model.generate(p, 25, generator=torch.Generator().manual_seed(3), use_cache=False, **kw)
+    assert torch.equal(a, b) and a.shape == (3, 32)
+
+
+def test_left_padded_batch_equals_each_prompt_alone(model):
+    prompts = [torch.randint(0, 256, (n,)) for n in (3, 9, 6)]
+    T = max(len(p) for p in prompts)
+    batch = torch.full((3, T), 258)
+    mask = torch.zeros(3, T, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        batch[i, T - len(p):], mask[i, T - len(p):] = p, True
+    out = model.generate(batch, 12, temperature=0, key_padding_mask=mask)
+    for i, p in enumerate(prompts):
+        alone = model.generate(p[None], 12, temperature=0)
+        assert torch.equal(out[i, T:], alone[0, len(p):]), i
+
+
+def test_eos_rows_stay_finished(model):
+    p = torch.randint(0, 256, (4, 5))
+    first = model.generate(p, 1, temperature=0)[:, -1]
+    out = model.generate(p, 10, temperature=0, eos_id=int(first[0]))
+    assert torch.all(out[0, 5:] == first[0])
+
+
+def test_top_k_one_is_greedy_and_sampling_stays_inside_the_kept_set():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    assert torch.equal(sample_next(logits, top_k=1), logits.argmax(-1))
+    g = torch.Generator().manual_seed(0)
+    top5 = logits.topk(5).indices
+    for _ in range(200):
+        s = sample_next(logits, top_k=5, generator=g)
+        assert all(int(s[i]) in top5[i].tolist() for i in range(4))
+    probs = torch.softmax(logits, -1)
+    kept = torch.isfinite(filter_logits(logits, top_p=0.5))
+    for i in range(4):  # the nucleus: the smallest set of most likely tokens with mass >= 0.5
+        order = probs[i].argsort(descending=True)
+        n = int((probs[i][order].cumsum(0) < 0.5).sum()) + 1
+        assert set(order[:n].tolist()) == set(kept[i].nonzero().flatten().tolist())
+    seen = {int(sample_next(logits, top_p=0.5, generator=g)[0]) for _ in range(300)}
+    assert seen <= set(kept[0].nonzero().flatten().tolist()) and len(seen) >= 1
+
+
+def test_overfits_a_short_string():
+    torch.manual_seed(0)
+    m = Transformer(model_config(SMALL))
+    x = torch.tensor([list(b"the river runs to the sea. " * 2)])[:, :48]
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    first = None
+    for _ in range(80):
+        loss = torch.nn.functional.cross_entropy(m(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        first = first or float(loss.detach())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss) < 0.2 * first
