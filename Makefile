@@ -5,15 +5,19 @@ PIP := $(PYTHON) -m pip
 #   make TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu" demo
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install install-test demo test bench clean
+.PHONY: prereqs install install-test demo test bench clean
 
 # --no-build-isolation: an isolated build would fetch a different torch to build the extension against.
-install:
+# Without isolation the build uses the setuptools already installed: editable installs need >= 64.
+prereqs:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH_SPEC)
+	@$(PYTHON) -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 64)" \
+		|| $(PIP) install "setuptools>=64" wheel
+
+install: prereqs
 	$(PIP) install --no-build-isolation -e .
 
-install-test:
-	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH_SPEC)
+install-test: prereqs
 	$(PIP) install --no-build-isolation -e ".[test]"
 
 demo: install

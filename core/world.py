@@ -1,0 +1,297 @@
+"""The embedded data world: a small town rendered as simple English, generated from a seed, with ground truth.
+
+Everything is a deterministic function of the seed (a private ``random.Random``, never the global one), so
+every machine sees the same data and every later mechanism has an answer key:
+
+- ``text``: documents for pretraining: town stories, plus reviews and topic notes with their labels written
+  out (``verdict: good``, ``category: weather``), so a pretrained model already knows the associations that
+  prompting and soft prompts later draw on.
+- ``sentiment``: reviews labelled positive/negative by a lexicon with negation (:func:`sentiment_of`).
+- ``topic``: short notes labelled food/weather/travel/sport by their topic words (:func:`topic_of`).
+- ``rankings``: a prompt with 3-5 responses, ranked by a hidden preference (:meth:`World.preference`) as a
+  scripted stand-in for human labellers; equal scores are ties (``"C > B = D > A"``).
+
+The classification test splits never appear in the text corpus, so held-out accuracy is honest.
+See docs/data-world.md.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import random
+import re
+
+__all__ = [
+    "DEFAULT_SEED", "World", "builtin", "BUILTIN_DATASETS", "LABELS", "VERBALIZERS",
+    "sentiment_of", "topic_of", "parse_ranking",
+]
+
+DEFAULT_SEED = 0
+
+BUILTIN_DATASETS = {
+    "text": "town stories, reviews and notes as raw text for pretraining (~2 MB train)",
+    "sentiment": "reviews labelled positive / negative (train 4000, test 500)",
+    "topic": "notes labelled food / weather / travel / sport (train 4000, test 500)",
+    "rankings": "prompts with 3-5 responses ranked by a hidden preference, ties included (train 2000, test 300)",
+}
+SPLITS = ("train", "test")
+
+LABELS = {"sentiment": ["negative", "positive"], "topic": ["food", "weather", "travel", "sport"]}
+VERBALIZERS = {
+    "sentiment": {"positive": "good", "negative": "bad"},
+    "topic": {t: t for t in LABELS["topic"]},
+}
+
+NAMES = ["mira", "tomas", "ana", "joel", "lena", "omar", "ines", "pavel", "rosa", "kai", "nora", "felix",
+         "ada", "ivan", "lucia", "sami"]
+PLACES = ["the harbor cafe", "the old mill", "the river market", "the hill inn", "the corner bakery",
+          "the north station", "the green park", "the stone bridge", "the town square", "the lake house"]
+DISHES = ["soup", "bread", "pie", "stew", "tea", "noodles", "salad", "cake", "fish", "rice", "coffee", "cheese"]
+POSITIVE = ["lovely", "warm", "fresh", "great", "tasty", "wonderful", "friendly", "perfect", "delicious", "pleasant"]
+NEGATIVE = ["cold", "stale", "awful", "bland", "rude", "terrible", "soggy", "dull", "greasy", "burnt"]
+ASPECTS = ["the service", "the room", "the music", "the staff", "the view", "the price"]
+
+TOPIC_WORDS = {
+    "food": ["soup", "bread", "oven", "spices", "dinner", "recipe", "garlic", "butter", "kitchen", "honey"],
+    "weather": ["rain", "wind", "clouds", "storm", "sunshine", "fog", "snow", "thunder", "frost", "breeze"],
+    "travel": ["train", "ticket", "journey", "map", "suitcase", "ferry", "road", "station", "border", "luggage"],
+    "sport": ["match", "goal", "team", "race", "ball", "coach", "score", "runner", "stadium", "referee"],
+}
+TOPIC_TEMPLATES = [
+    "{name} talked about the {w1} and the {w2}.",
+    "the {w1} was all anyone noticed, then the {w2}.",
+    "{name} wrote a note on the {w1}, the {w2} and the {w3}.",
+    "at {place} they spoke of the {w1} and the {w2}.",
+    "nobody forgot the {w1}; {name} kept thinking of the {w2}.",
+    "a long day of {w1}, {w2} and {w3} for {name}.",
+]
+
+# The hidden preference of the ranking task (see World.preference).
+PLEASANT = ["kind", "bright", "calm", "lovely", "warm", "gentle", "happy", "clear", "sweet", "friendly"]
+UNPLEASANT = ["grim", "dark", "angry", "dull", "cold", "harsh", "sad", "rude"]
+SUBJECTS = ["river", "harbor", "market", "bridge", "garden", "forest", "station", "bakery", "lake", "square"]
+FILLER = ["today", "again", "near the water", "by the road", "in the morning", "after dinner", "with friends",
+          "for a while", "as usual", "at last"]
+
+_WORD = re.compile(r"[a-z]+")
+
+
+def sentiment_of(text: str) -> str | None:
+    """Ground truth of ``sentiment``: +1 per positive word, -1 per negative word, sign flipped by a preceding
+    ``not``; positive if the sum is above 0, negative if below, None if 0 (never generated)."""
+    words = _WORD.findall(text.lower())
+    score = 0
+    for i, w in enumerate(words):
+        s = 1 if w in POSITIVE else -1 if w in NEGATIVE else 0
+        if s and i > 0 and words[i - 1] == "not":
+            s = -s
+        score += s
+    return "positive" if score > 0 else "negative" if score < 0 else None
+
+
+def topic_of(text: str) -> str | None:
+    """Ground truth of ``topic``: the topic whose words occur most often (None on a tie, never generated)."""
+    words = _WORD.findall(text.lower())
+    counts = {t: sum(w in vocab for w in words) for t, vocab in TOPIC_WORDS.items()}
+    best = max(counts.values())
+    winners = [t for t, c in counts.items() if c == best]
+    return winners[0] if best > 0 and len(winners) == 1 else None
+
+
+def parse_ranking(ranking: str) -> list[list[int]]:
+    """``"C > B = D > A"`` -> tiers of response indices, best first: ``[[2], [1, 3], [0]]``."""
+    return [[ord(x.strip()) - ord("A") for x in tier.split("=")] for tier in ranking.split(">")]
+
+
+class World:
+    """All datasets of one seed; cheap to construct (generation is cached per seed)."""
+
+    def __init__(self, seed: int = DEFAULT_SEED):
+        self.seed = seed
+
+    @property
+    def _data(self) -> dict:
+        return _generate(self.seed)
+
+    def text(self, split: str = "train") -> list[str]:
+        return list(self._data["text"][_split(split)])
+
+    def classification(self, task: str, split: str = "train") -> list[dict]:
+        if task not in LABELS:
+            raise ValueError(f"unknown classification task '{task}'; tasks: {', '.join(LABELS)}")
+        return copy.deepcopy(self._data[task][_split(split)])
+
+    def rankings(self, split: str = "train") -> list[dict]:
+        return copy.deepcopy(self._data["rankings"][_split(split)])
+
+    def preference(self, prompt: str, response: str) -> int:
+        return preference(prompt, response)
+
+    def rank(self, prompt: str, responses: list[str]) -> str:
+        return rank(prompt, responses)
+
+
+def preference(prompt: str, response: str) -> int:
+    """The hidden judge of ``rankings``, also usable on generated text (which may be broken English).
+
+    +2 if the response names the prompt's subject; +1 per pleasant word (at most 3); -2 per unpleasant word;
+    -1 per word beyond 12. Higher is better; equal scores are ties.
+    """
+    words = _WORD.findall(response.lower())
+    subject = _subject_of(prompt)
+    score = 2 if subject and subject in words else 0
+    score += min(3, sum(w in PLEASANT for w in words))
+    score -= 2 * sum(w in UNPLEASANT for w in words)
+    score -= max(0, len(words) - 12)
+    return score
+
+
+def rank(prompt: str, responses: list[str]) -> str:
+    """Rank responses by :func:`preference`, best first, ties joined by ``=``: e.g. ``"C > B = D > A"``."""
+    scores = [preference(prompt, r) for r in responses]
+    tiers = []
+    for s in sorted(set(scores), reverse=True):
+        tiers.append(" = ".join(chr(ord("A") + i) for i, x in enumerate(scores) if x == s))
+    return " > ".join(tiers)
+
+
+def _subject_of(prompt: str) -> str | None:
+    words = _WORD.findall(prompt.lower())
+    return next((w for w in words if w in SUBJECTS), None)
+
+
+def _split(split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split '{split}'; splits: {', '.join(SPLITS)}")
+    return split
+
+
+# --- generators -------------------------------------------------------------------------------------------
+
+def _review(rng: random.Random, label: str) -> str:
+    good, bad = (POSITIVE, NEGATIVE) if label == "positive" else (NEGATIVE, POSITIVE)
+    dish, place = rng.choice(DISHES), rng.choice(PLACES)
+    form = rng.randrange(5)
+    if form == 0:
+        return f"the {dish} at {place} was {rng.choice(good)}."
+    if form == 1:
+        return f"the {dish} at {place} was {rng.choice(good)} and {rng.choice(good)}."
+    if form == 2:  # negation: "not <opposite word>" carries the label
+        return f"the {dish} at {place} was not {rng.choice(bad)}. {rng.choice(ASPECTS)} was {rng.choice(good)}."
+    if form == 3:
+        return f"{rng.choice(NAMES)} said the {dish} was {rng.choice(good)}, and {rng.choice(ASPECTS)} was {rng.choice(good)}."
+    return f"{rng.choice(ASPECTS)} at {place} was {rng.choice(good)}, the {dish} was not {rng.choice(bad)}."
+
+
+def _topic_note(rng: random.Random, label: str) -> str:
+    w1, w2, w3 = rng.sample(TOPIC_WORDS[label], 3)
+    template = rng.choice(TOPIC_TEMPLATES)
+    return template.format(name=rng.choice(NAMES), place=rng.choice(PLACES), w1=w1, w2=w2, w3=w3)
+
+
+def _labelled(rng: random.Random, make, labels: list[str], truth, n_train: int, n_test: int):
+    """Balanced, de-duplicated train/test records; the test texts never appear in train."""
+    seen: set[str] = set()
+    out = {}
+    for split, n in (("test", n_test), ("train", n_train)):
+        records = []
+        while len(records) < n:
+            label = labels[len(records) % len(labels)]
+            text = make(rng, label)
+            if text in seen:
+                continue
+            assert truth(text) == label, (text, label)  # the generator and the ground truth agree
+            seen.add(text)
+            records.append({"text": text, "label": label})
+        rng.shuffle(records)
+        out[split] = records
+    return out
+
+
+def _story(rng: random.Random) -> str:
+    a, b = rng.sample(NAMES, 2)
+    place, other = rng.sample(PLACES, 2)
+    dish = rng.choice(DISHES)
+    weather = rng.choice(TOPIC_WORDS["weather"])
+    lines = [
+        f"{a} walked to {place} in the {weather}.",
+        f"{a} met {b} there and they shared some {dish}.",
+        f"{b} said the {dish} was {rng.choice(POSITIVE + NEGATIVE)}.",
+        f"later they went to {other} by the {rng.choice(['river', 'road', 'bridge', 'lake'])}.",
+        f"{b} went home and {a} stayed until the {rng.choice(['evening', 'night', 'morning'])}.",
+    ]
+    return " ".join(lines[: rng.randint(3, 5)])
+
+
+def _response(rng: random.Random, subject: str) -> str:
+    words = []
+    if rng.random() < 0.6:
+        words.append(f"the {subject}")
+    else:
+        words.append(f"the {rng.choice([s for s in SUBJECTS if s != subject])}")
+    words.append(rng.choice(["is", "was", "looks", "feels", "seemed"]))
+    mood = rng.random()
+    pool = PLEASANT if mood < 0.6 else UNPLEASANT if mood < 0.85 else ["quiet", "old", "long", "small"]
+    words.append(" and ".join(rng.sample(pool, rng.randint(1, 3))))
+    for _ in range(rng.choice([0, 0, 1, 2, 3, 5])):
+        words.append(rng.choice(FILLER))
+    return " ".join(words) + "."
+
+
+def _rankings(rng: random.Random, n: int) -> list[dict]:
+    records = []
+    for _ in range(n):
+        subject = rng.choice(SUBJECTS)
+        prompt = rng.choice(["tell me about the {s}.", "describe the {s}.", "what is the {s} like?",
+                             "say something about the {s}."]).format(s=subject)
+        responses: list[str] = []
+        n_responses = rng.randint(3, 5)
+        while len(responses) < n_responses:
+            r = _response(rng, subject)
+            if r not in responses:
+                responses.append(r)
+        records.append({"prompt": prompt, "responses": responses, "ranking": rank(prompt, responses)})
+    return records
+
+
+@functools.lru_cache(maxsize=4)
+def _generate(seed: int) -> dict:
+    rng = random.Random(seed)
+    sentiment = _labelled(rng, _review, ["positive", "negative"], sentiment_of, 4000, 500)
+    topic = _labelled(rng, _topic_note, LABELS["topic"], topic_of, 4000, 500)
+    held_out = {r["text"] for r in sentiment["test"] + topic["test"]}
+
+    def document() -> str:
+        parts = []
+        while sum(len(p) for p in parts) < rng.randint(120, 360):
+            kind = rng.random()
+            if kind < 0.4:
+                parts.append(_story(rng))
+            elif kind < 0.7:
+                label = rng.choice(LABELS["sentiment"])
+                text = _review(rng, label)
+                if text not in held_out:
+                    parts.append(f"review: {text} verdict: {VERBALIZERS['sentiment'][label]}.")
+            else:
+                label = rng.choice(LABELS["topic"])
+                text = _topic_note(rng, label)
+                if text not in held_out:
+                    parts.append(f"note: {text} category: {label}.")
+        return "\n".join(parts)
+
+    text = {"train": [document() for _ in range(8000)], "test": [document() for _ in range(400)]}
+    rankings = {"train": _rankings(rng, 2000), "test": _rankings(rng, 300)}
+    return {"text": text, "sentiment": sentiment, "topic": topic, "rankings": rankings}
+
+
+def builtin(name: str, split: str = "train", seed: int = DEFAULT_SEED) -> list[dict]:
+    """Records of ``builtin:NAME``: ``text`` -> ``[{"text": doc}]``; the others as described in the module doc."""
+    if name not in BUILTIN_DATASETS:
+        raise ValueError(f"unknown builtin dataset '{name}'; datasets: "
+                         + ", ".join(f"builtin:{n}" for n in BUILTIN_DATASETS))
+    world = World(seed)
+    if name == "text":
+        return [{"text": doc} for doc in world.text(split)]
+    if name == "rankings":
+        return world.rankings(split)
+    return world.classification(name, split)
