@@ -282,7 +282,8 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
                 )
             if cfg.eval_every and run.step % cfg.eval_every == 0 and run.step < cfg.steps:
                 metrics.update(_evaluate(model, run))
-            if cfg.save_every and run.step % cfg.save_every == 0 and run.step < cfg.steps:
+            # Not during a non-finite streak: a checkpoint there would make a resume replay the streak.
+            if cfg.save_every and run.step % cfg.save_every == 0 and run.step < cfg.steps and not nonfinite_streak:
                 save()
             history.append(metrics)
             reg.hook.tuneforge_step_end(run=run, step=run.step, metrics=metrics)

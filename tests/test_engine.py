@@ -100,9 +100,9 @@ def test_pretraining_drops_loss_well_below_the_unigram_entropy():
     n = sum(counts.values())
     unigram = -sum(c / n * math.log(c / n) for c in counts.values())  # nats per token
     result = tuneforge.train(model="tiny:n_layers=2,d_model=64,n_heads=4,max_seq_len=64", mechanisms=["pretrain"],
-                             data="builtin:text", steps=150, batch_size=16, lr=5e-3, warmup=10, eval_every=0)
+                             data="builtin:text", steps=400, batch_size=16, lr=5e-3, warmup=20, eval_every=0)
     loss = result.metrics["eval/loss"]
-    assert loss < 0.6 * unigram, (loss, unigram)
+    assert loss < 0.5 * unigram, (loss, unigram)
     assert result.history[0]["loss"] > result.metrics["eval/loss"] + 1.0
 
 
