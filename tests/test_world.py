@@ -1,0 +1,122 @@
+import collections
+import math
+import re
+
+import pytest
+
+from tuneforge import world
+from tuneforge.world import LABELS, World, builtin, parse_ranking, preference, sentiment_of, topic_of
+
+
+def test_same_seed_same_world_other_seed_other_world():
+    assert builtin("sentiment", seed=0) == builtin("sentiment", seed=0)
+    assert builtin("text", "test", seed=0) == builtin("text", "test", seed=0)
+    assert builtin("sentiment", seed=1) != builtin("sentiment", seed=0)
+    assert builtin("rankings", seed=1) != builtin("rankings", seed=0)
+
+
+def test_records_are_fresh_copies():
+    a = builtin("sentiment")
+    a[0]["label"] = "mutated"
+    assert builtin("sentiment")[0]["label"] != "mutated"
+
+
+@pytest.mark.parametrize("task, truth", [("sentiment", sentiment_of), ("topic", topic_of)])
+def test_classification_splits_balanced_disjoint_and_true(task, truth):
+    train, test = builtin(task, "train"), builtin(task, "test")
+    assert len(train) == 4000 and len(test) == 500
+    assert not {r["text"] for r in train} & {r["text"] for r in test}
+    for split in (train, test):
+        counts = collections.Counter(r["label"] for r in split)
+        assert set(counts) == set(LABELS[task]) and max(counts.values()) - min(counts.values()) <= 1
+        assert all(truth(r["text"]) == r["label"] for r in split)
+        assert max(len(r["text"]) for r in split) < 128
+
+
+def test_negation_flips_sentiment():
+    assert sentiment_of("the soup was lovely.") == "positive"
+    assert sentiment_of("the soup was not lovely.") == "negative"
+    assert sentiment_of("the soup was not cold.") == "positive"
+
+
+def test_held_out_texts_never_appear_in_the_corpus():
+    corpus = "\n".join(r["text"] for r in builtin("text", "train") + builtin("text", "test"))
+    for task in ("sentiment", "topic"):
+        held = [r["text"] for r in builtin(task, "test")]
+        assert not [t for t in held if t in corpus]
+        # while the train split's kind of text, with its label verbalised, is there
+    assert "verdict: good." in corpus and "category: weather." in corpus
+
+
+def test_text_corpus_sizes_and_ascii():
+    train, test = builtin("text", "train"), builtin("text", "test")
+    size = sum(len(r["text"]) for r in train)
+    assert 1.5e6 < size < 3e6
+    assert 0.03 < sum(len(r["text"]) for r in test) / size < 0.1
+    assert all(r["text"].isascii() for r in train + test)
+
+
+def test_rankings_are_valid_consistent_with_the_preference_and_have_ties():
+    records = builtin("rankings", "train")
+    assert len(records) == 2000 and len(builtin("rankings", "test")) == 300
+    ties = 0
+    for r in records:
+        assert re.fullmatch(r"[A-E]( [>=] [A-E])*", r["ranking"]), r["ranking"]
+        tiers = parse_ranking(r["ranking"])
+        flat = [i for tier in tiers for i in tier]
+        assert sorted(flat) == list(range(len(r["responses"]))) and 3 <= len(flat) <= 5
+        scores = [[preference(r["prompt"], r["responses"][i]) for i in tier] for tier in tiers]
+        assert all(len(set(s)) == 1 for s in scores)  # a tier is a tie
+        assert all(a[0] > b[0] for a, b in zip(scores, scores[1:]))  # tiers strictly ordered
+        ties += any(len(t) > 1 for t in tiers)
+    assert 0.15 < ties / len(records) < 0.6
+
+
+def test_preference_rules():
+    p = "tell me about the river."
+    assert preference(p, "the river is calm.") == 2 + 1
+    assert preference(p, "the lake is calm.") == 1
+    assert preference(p, "the river is grim.") == 2 - 2
+    assert preference(p, "the river is calm kind warm lovely.") == 2 + 3  # pleasant words capped at 3
+    long = "the river " + "and so on " * 6
+    assert preference(p, long) == 2 - (len(long.split()) - 12)
+    assert World().rank(p, ["the lake.", "the river is calm.", "the river."]) == "B > C > A"
+
+
+def test_builtin_errors_name_the_valid_choices():
+    with pytest.raises(ValueError, match="builtin:text"):
+        builtin("sentiments")
+    with pytest.raises(ValueError, match="train, test"):
+        builtin("topic", "validation")
+
+
+def _bag_of_words_accuracy(task):
+    """Naive Bayes on word counts: proof the labels follow from the words, learnably, without one fixed cue."""
+    counts = collections.defaultdict(collections.Counter)
+    for r in builtin(task, "train"):
+        counts[r["label"]].update(re.findall(r"[a-z]+", r["text"]))
+    vocab = set().union(*counts.values())
+    totals = {lab: sum(c.values()) for lab, c in counts.items()}
+
+    def predict(text):
+        words = re.findall(r"[a-z]+", text)
+        return max(counts, key=lambda lab: sum(
+            math.log((counts[lab][w] + 1) / (totals[lab] + len(vocab))) for w in words))
+
+    test = builtin(task, "test")
+    return sum(predict(r["text"]) == r["label"] for r in test) / len(test)
+
+
+def test_topic_is_learnable_from_words():
+    assert _bag_of_words_accuracy("topic") >= 0.95
+
+
+def test_sentiment_needs_more_than_a_bag_of_words_but_not_much():
+    # negation ("not cold") defeats pure word counts on some reviews: the task is not a single-word lookup
+    acc = _bag_of_words_accuracy("sentiment")
+    assert 0.6 <= acc < 1.0
+
+
+def test_module_exports():
+    for name in world.__all__:
+        assert hasattr(world, name)
