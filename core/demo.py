@@ -9,25 +9,17 @@ import json
 import math
 import shutil
 import sys
-from collections import Counter
 from pathlib import Path
 
 import torch
 
 from .engine import train
+from .lm import TokenWindows, unigram_entropy
 from .tokenizer import ByteTokenizer
 
 __all__ = ["run_demo", "format_table"]
 
-PROMPTS = ["review: the soup", "topic: ", "mira walks"]
-
-
-def _unigram_bits(texts: list[str], tok: ByteTokenizer) -> float:
-    counts = Counter()
-    for t in texts:
-        counts.update(tok.encode(t, eos=True))
-    n = sum(counts.values())
-    return -sum(c / n * math.log2(c / n) for c in counts.values())
+PROMPTS = ["review: the soup", "note: the rain", "mira walked"]
 
 
 def format_table(rows: list[dict]) -> str:
@@ -60,7 +52,8 @@ def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0) -> list[dic
 
     from .world import builtin
 
-    unigram = _unigram_bits([r["text"] for r in builtin("text", split="test", seed=0)], tok)
+    held_out = TokenWindows([r["text"] for r in builtin("text", split="test")], tok, seq_len=2)
+    unigram = unigram_entropy(held_out.tokens) / math.log(2)
     model = result.model.eval()
     gen = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
     samples = []

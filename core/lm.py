@@ -3,13 +3,12 @@ fine-tuning on domain text): token windows for an epoch, and the shifted cross-e
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["TokenWindows", "next_token_loss", "epoch_generator"]
+__all__ = ["TokenWindows", "next_token_loss", "epoch_generator", "unigram_entropy"]
 
 
 def epoch_generator(seed: int, epoch: int, salt: int = 0) -> torch.Generator:
@@ -22,7 +21,8 @@ def epoch_generator(seed: int, epoch: int, salt: int = 0) -> torch.Generator:
 class TokenWindows:
     """A token stream cut into windows of ``seq_len + 1`` tokens (input and its shift by one).
 
-    Documents are encoded, each followed by the end-of-text token, and concatenated; the stream is cut with
+    Documents are encoded between the begin- and end-of-text tokens (so generation can start a document with
+    ``bos`` as training saw it) and concatenated; the stream is cut with
     stride ``seq_len`` so every token is predicted once per epoch. An epoch visits the windows in a random
     order drawn from (seed, epoch), in batches of ``batch_size`` (the last incomplete batch is dropped so
     every step has the same shape).
@@ -31,7 +31,7 @@ class TokenWindows:
     def __init__(self, texts: list[str], tokenizer, seq_len: int):
         ids: list[int] = []
         for text in texts:
-            ids.extend(tokenizer.encode(text, eos=True))
+            ids.extend(tokenizer.encode(text, bos=True, eos=True))
         self.tokens = torch.tensor(ids, dtype=torch.long)  # (N,)
         self.seq_len = seq_len
         self.n_windows = max(0, (len(ids) - 1) // seq_len)
@@ -76,5 +76,9 @@ def next_token_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: in
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1), ignore_index=ignore_index)
 
 
-def bits_per_token(loss_nats: float) -> float:
-    return loss_nats / math.log(2)
+def unigram_entropy(tokens: torch.Tensor) -> float:
+    """Entropy in nats/token of the token frequencies: the loss of a model that learned only which tokens are
+    common, the bar any sequence model must clear."""
+    p = torch.bincount(tokens.flatten()).double()
+    p = p[p > 0] / p.sum()
+    return float(-(p * p.log()).sum())
