@@ -72,7 +72,7 @@ def run_hand(cfg, skip):
         torch.nn.utils.clip_grad_norm_(params, cfg.clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        float(loss)  # a hand loop logs its loss too
+        float(loss.detach())  # a hand loop logs its loss too
         times.append(time.perf_counter())
         tokens.append(batch["target"].numel())
     return throughput(times, tokens, skip)
