@@ -137,19 +137,19 @@ class _Batches:
         return itertools.islice(iter(batches), self.run.batch_in_epoch, None)
 
     def next(self):
-        for fresh in (False, True):
-            for batch in self.it:
-                self.run.batch_in_epoch += 1
-                return batch
-            if fresh:
-                break
+        batch = next(self.it, None)
+        if batch is None:  # epoch exhausted: the next one, in its own order
             self.run.epoch += 1
             self.run.batch_in_epoch = 0
             self.it = self._open()
-        raise DataError(
-            f"the data yields no batch in epoch {self.run.epoch}: fewer records than one batch? "
-            f"Lower --batch-size (now {self.run.config.batch_size}) or add data."
-        )
+            batch = next(self.it, None)
+            if batch is None:
+                raise DataError(
+                    f"the data yields no batch in epoch {self.run.epoch}: fewer records than one batch? "
+                    f"Lower --batch-size (now {self.run.config.batch_size}) or add data."
+                )
+        self.run.batch_in_epoch += 1
+        return batch
 
 
 def _evaluate(model, run: Run) -> dict[str, float]:
@@ -165,9 +165,47 @@ def _evaluate(model, run: Run) -> dict[str, float]:
     return merged
 
 
+def _step(run: Run, model, params, optimizer, batches: _Batches) -> tuple[dict[str, float], bool]:
+    """One optimizer step over ``grad_accum`` micro-batches; skipped (weights untouched) if anything is not
+    finite. Returns the step's metrics and whether it was applied."""
+    cfg, t0 = run.config, time.perf_counter()
+    lr = lr_at(run.step, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    sums: dict[str, float] = {}
+    finite = True
+    for _ in range(cfg.grad_accum):
+        loss, parts = run.hook.tuneforge_loss(model=model, batch=_to_device(batches.next(), run.device), run=run)
+        if not torch.isfinite(loss):
+            finite = False  # still consume this step's micro-batches, so the data order stays the same
+            continue
+        (loss / cfg.grad_accum).backward()
+        sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+        for k, v in (parts or {}).items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    grad_norm = float("nan")
+    if finite:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf")))
+        finite = math.isfinite(grad_norm)
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    seconds = time.perf_counter() - t0
+    tokens = sums.pop("tokens", 0.0)
+    metrics = {k: v / cfg.grad_accum for k, v in sums.items()}
+    metrics.update(lr=lr, grad_norm=grad_norm, skipped=float(not finite), step_seconds=seconds)
+    if tokens:
+        metrics.update(tokens=tokens, tokens_per_s=tokens / seconds)
+    return metrics, finite
+
+
 def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
     """Run one training job as ``config`` describes (keyword arguments override its fields)."""
-    cfg = (config or TrainConfig()).replace(**overrides) if overrides else (config or TrainConfig())
+    cfg = config or TrainConfig()
+    if overrides:  # typed, with errors that name the bad keyword
+        values = {f: getattr(cfg, f) for f in TrainConfig.fields()}
+        cfg = TrainConfig.build({**values, **overrides}, source="tuneforge.train()")
     started = time.perf_counter()
     reg = build_manager(cfg.mechanisms)
     device = _device(cfg.device)
@@ -240,38 +278,9 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
     model.train()
     with _stop_on_signals(run):
         while batches is not None and run.step < cfg.steps and run.stop_reason is None:
-            t0 = time.perf_counter()
-            lr = lr_at(run.step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            sums: dict[str, float] = {}
-            finite = True
-            for _ in range(cfg.grad_accum):
-                loss, parts = reg.hook.tuneforge_loss(model=model, batch=_to_device(batches.next(), device), run=run)
-                if not torch.isfinite(loss):
-                    finite = False  # keep consuming this step's micro-batches so the data order is unchanged
-                    continue
-                (loss / cfg.grad_accum).backward()
-                sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
-                for k, v in (parts or {}).items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-            grad_norm = float("nan")
-            if finite:
-                limit = cfg.clip if cfg.clip > 0 else float("inf")
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, limit))
-                finite = math.isfinite(grad_norm)
-            if finite:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            run.step += 1
+            metrics, finite = _step(run, model, params, optimizer, batches)
             nonfinite_streak = 0 if finite else nonfinite_streak + 1
             run.summary["skipped_steps"] = run.summary.get("skipped_steps", 0) + (not finite)
-            seconds = time.perf_counter() - t0
-            tokens = sums.pop("tokens", 0.0)
-            metrics = {k: v / cfg.grad_accum for k, v in sums.items()}
-            metrics.update(lr=lr, grad_norm=grad_norm, skipped=float(not finite), step_seconds=seconds)
-            if tokens:
-                metrics.update(tokens=tokens, tokens_per_s=tokens / seconds)
             if nonfinite_streak >= cfg.max_nonfinite:
                 run.summary["status"] = "stopped: non-finite loss"
                 _finish(run, model, started, out)
@@ -288,8 +297,7 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
             history.append(metrics)
             reg.hook.tuneforge_step_end(run=run, step=run.step, metrics=metrics)
 
-    interrupted = run.stop_reason is not None
-    if not interrupted or run.step > 0:
+    if run.step > 0 or run.stop_reason is None:  # nothing to evaluate after an interrupt before step 1
         final_eval = _evaluate(model, run)
         metrics = {**metrics, **final_eval}
         run.summary["eval"] = final_eval

@@ -195,3 +195,10 @@ def test_init_starts_from_saved_weights(tmp_path):
         assert torch.allclose(v, second.model.state_dict()[k], atol=1e-6), k
     with pytest.raises(ConfigError, match="differs from the architecture"):
         tuneforge.train(micro_config(None, model="tiny", init=str(tmp_path / "run"), steps=1))
+
+
+def test_python_api_keyword_errors_name_the_keyword():
+    with pytest.raises(ConfigError, match=r"tuneforge.train\(\) has no option 'stpes'.*did you mean 'steps'"):
+        tuneforge.train(stpes=3)
+    with pytest.raises(ConfigError, match="grad_accum must be at least 1"):
+        tuneforge.train(grad_accum=0)
