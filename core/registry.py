@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+import traceback
 from importlib import metadata
 from typing import Any
 
@@ -109,10 +110,9 @@ def discover(*, strict: bool | None = None) -> dict[str, PluginInfo]:
                     raise TypeError(f"entry point must name a class, got {type(info.obj).__name__}")
                 _check_hooks(info.obj, ep.name)
             except Exception as exc:  # any import-time failure of someone else's code
-                info.obj = None
-                info.error = f"{type(exc).__name__}: {exc}".splitlines()[-1] if str(exc) else type(exc).__name__
-                if isinstance(exc, PluginError):
-                    info.error = str(exc)
+                info.obj = None  # reported as the traceback's last line; our own checks say more
+                info.error = str(exc) if isinstance(exc, PluginError) else \
+                    traceback.format_exception_only(exc)[-1].strip()
         if info.error and strict:
             raise PluginError(
                 f"plugin '{ep.name}' from {package} {version} ({ep.value}) failed to load: {info.error}. "

@@ -38,6 +38,12 @@ class ToyObjective:
         x = batch.to(run.device)
         logits = model(x[:, :-1])
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1)), {"toy": 1.0}
+
+
+class Typo:
+    @hookimpl
+    def tuneforge_los(self, model, batch):
+        return None
 '''
 
 PYPROJECT = '''
@@ -52,6 +58,7 @@ version = "0.3.0"
 [project.entry-points.tuneforge]
 toy = "tuneforge_toy:ToyObjective"
 broken = "tuneforge_toy_broken:Plugin"
+typo = "tuneforge_toy:Typo"
 
 [tool.setuptools]
 py-modules = ["tuneforge_toy", "tuneforge_toy_broken"]
@@ -88,7 +95,8 @@ def test_installed_plugin_is_listed_and_the_broken_one_reported(site):
     assert by["toy"]["version"] == "0.3.0" and not by["toy"]["builtin"]
     assert by["toy"]["hooks"] == ["tuneforge_trainable_params", "tuneforge_data", "tuneforge_loss"]
     assert by["broken"]["status"] == "error" and "a_module_that_does_not_exist" in by["broken"]["error"]
-    assert by["pretrain"]["status"] == "loaded"  # one broken plugin does not stop the others
+    assert by["typo"]["status"] == "error" and "did you mean 'tuneforge_loss'" in by["typo"]["error"]
+    assert by["pretrain"]["status"] == "loaded"  # broken plugins do not stop the others
 
 
 def test_third_party_mechanism_trains_with_typed_options(site, tmp_path):
