@@ -83,7 +83,14 @@ def load_model(path: str | Path, *, device: str = "cpu") -> torch.nn.Module:
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name} asked for CUDA, but this torch ({torch.__version__}) sees no CUDA "
+                          "device; use --device cpu (or auto)")
+    return device
 
 
 def _to_device(batch, device: torch.device):
