@@ -80,10 +80,12 @@ def read_records(spec: str, *, split: str = "train", fields: dict[str, type | tu
                     f"{loc}: field '{field}' is missing (this objective needs {', '.join(map(repr, fields))}; "
                     f"the record has {', '.join(map(repr, item)) or 'no fields'})"
                 )
-            if not isinstance(item[field], tp) or isinstance(item[field], bool) and bool not in _as_tuple(tp):
+            value = item[field]
+            # bool is a subclass of int in Python, but true/false is never a valid count or id
+            wrong_bool = isinstance(value, bool) and bool not in _as_tuple(tp)
+            if not isinstance(value, tp) or wrong_bool:
                 raise DataError(
-                    f"{loc}: field '{field}' must be {_type_label(tp)}, got {type(item[field]).__name__} "
-                    f"{_short(item[field])}"
+                    f"{loc}: field '{field}' must be {_type_label(tp)}, got {type(value).__name__} {_short(value)}"
                 )
     if not items:
         raise DataError(f"{spec}: no records")
