@@ -5,7 +5,7 @@ every machine sees the same data and every later mechanism has an answer key:
 
 - ``text``: documents for pretraining: town stories, plus reviews and topic notes with their labels written
   out (``verdict: good``, ``category: weather``), so a pretrained model already knows the associations that
-  prompting and soft prompts later draw on.
+  prompting and soft prompts later draw on; and answers to ranking-style prompts, unjudged.
 - ``sentiment``: reviews labelled positive/negative by a lexicon with negation (:func:`sentiment_of`).
 - ``topic``: short notes labelled food/weather/travel/sport by their topic words (:func:`topic_of`).
 - ``rankings``: a prompt with 3-5 responses, ranked by a hidden preference (:meth:`World.preference`) as a
@@ -70,6 +70,9 @@ TOPIC_TEMPLATES = [
 PLEASANT = ["kind", "bright", "calm", "lovely", "warm", "gentle", "happy", "clear", "sweet", "friendly"]
 UNPLEASANT = ["grim", "dark", "angry", "dull", "cold", "harsh", "sad", "rude"]
 SUBJECTS = ["river", "harbor", "market", "bridge", "garden", "forest", "station", "bakery", "lake", "square"]
+NEUTRAL = ["quiet", "old", "long", "small", "busy", "wide"]
+PROMPTS = ["tell me about the {s}.", "describe the {s}.", "what is the {s} like?", "say something about the {s}."]
+KEEP_TIE = 0.4
 FILLER = ["today", "again", "near the water", "by the road", "in the morning", "after dinner", "with friends",
           "for a while", "as usual", "at last"]
 
@@ -169,18 +172,23 @@ def _split(split: str) -> str:
 # --- generators -------------------------------------------------------------------------------------------
 
 def _review(rng: random.Random, label: str) -> str:
+    """One review of ``label``. Negated words (``not cold``) always come with more plain words of the label, so
+    word counts alone agree with the label and a model that also reads ``not`` agrees on every record."""
     good, bad = (POSITIVE, NEGATIVE) if label == "positive" else (NEGATIVE, POSITIVE)
-    dish, place = rng.choice(DISHES), rng.choice(PLACES)
-    form = rng.randrange(5)
+    dish, place, aspect = rng.choice(DISHES), rng.choice(PLACES), rng.choice(ASPECTS)
+    g1, g2 = rng.sample(good, 2)
+    form = rng.randrange(6)
     if form == 0:
-        return f"the {dish} at {place} was {rng.choice(good)}."
+        return f"the {dish} at {place} was {g1}."
     if form == 1:
-        return f"the {dish} at {place} was {rng.choice(good)} and {rng.choice(good)}."
-    if form == 2:  # negation: "not <opposite word>" carries the label
-        return f"the {dish} at {place} was not {rng.choice(bad)}. {rng.choice(ASPECTS)} was {rng.choice(good)}."
+        return f"the {dish} at {place} was {g1} and {g2}."
+    if form == 2:
+        return f"the {dish} at {place} was not {rng.choice(bad)}, and {aspect} was {g1} and {g2}."
     if form == 3:
-        return f"{rng.choice(NAMES)} said the {dish} was {rng.choice(good)}, and {rng.choice(ASPECTS)} was {rng.choice(good)}."
-    return f"{rng.choice(ASPECTS)} at {place} was {rng.choice(good)}, the {dish} was not {rng.choice(bad)}."
+        return f"{rng.choice(NAMES)} said the {dish} was {g1}, and {aspect} was {g2}."
+    if form == 4:
+        return f"{aspect} at {place} was {g1} and {g2}; the {dish} was not {rng.choice(bad)}."
+    return f"{rng.choice(NAMES)} found {aspect} {g1}. the {dish} was {g2}."
 
 
 def _topic_note(rng: random.Random, label: str) -> str:
@@ -224,32 +232,47 @@ def _story(rng: random.Random) -> str:
 
 
 def _response(rng: random.Random, subject: str) -> str:
-    words = []
-    if rng.random() < 0.6:
-        words.append(f"the {subject}")
-    else:
-        words.append(f"the {rng.choice([s for s in SUBJECTS if s != subject])}")
-    words.append(rng.choice(["is", "was", "looks", "feels", "seemed"]))
+    """A candidate answer: on the prompt's subject or another, in a pleasant, unpleasant, plain or mixed mood,
+    with 0-4 filler phrases (long answers lose points)."""
+    others = [s for s in SUBJECTS if s != subject]
+    words = ["the " + (subject if rng.random() < 0.6 else rng.choice(others)),
+             rng.choice(["is", "was", "looks", "feels", "seemed"])]
     mood = rng.random()
-    pool = PLEASANT if mood < 0.6 else UNPLEASANT if mood < 0.85 else ["quiet", "old", "long", "small"]
-    words.append(" and ".join(rng.sample(pool, rng.randint(1, 3))))
-    for _ in range(rng.choice([0, 0, 1, 2, 3, 5])):
-        words.append(rng.choice(FILLER))
+    if mood < 0.5:
+        adjectives = rng.sample(PLEASANT, rng.randint(1, 4))
+    elif mood < 0.7:
+        adjectives = rng.sample(UNPLEASANT, rng.randint(1, 2))
+    elif mood < 0.85:
+        adjectives = rng.sample(NEUTRAL, rng.randint(1, 2))
+    else:
+        adjectives = [rng.choice(PLEASANT), rng.choice(UNPLEASANT)]
+    words.append(" and ".join(adjectives))
+    words += [rng.choice(FILLER) for _ in range(rng.choice([0, 0, 1, 1, 2, 3, 4]))]
     return " ".join(words) + "."
 
 
-def _rankings(rng: random.Random, n: int) -> list[dict]:
+def _rankings(rng: random.Random, n: int, seen: set[str]) -> list[dict]:
+    """``n`` ranking records with prompts+responses not in ``seen`` (so splits are disjoint). The scripted
+    labeller keeps a candidate that ties an earlier one only with probability ``KEEP_TIE`` (otherwise it
+    draws another), which holds ties to about a third of the records."""
     records = []
-    for _ in range(n):
+    while len(records) < n:
         subject = rng.choice(SUBJECTS)
-        prompt = rng.choice(["tell me about the {s}.", "describe the {s}.", "what is the {s} like?",
-                             "say something about the {s}."]).format(s=subject)
+        prompt = rng.choice(PROMPTS).format(s=subject)
         responses: list[str] = []
+        scores: list[int] = []
         n_responses = rng.randint(3, 5)
         while len(responses) < n_responses:
             r = _response(rng, subject)
-            if r not in responses:
-                responses.append(r)
+            score = preference(prompt, r)
+            if r in responses or len(r) >= 100 or (score in scores and rng.random() >= KEEP_TIE):
+                continue
+            responses.append(r)
+            scores.append(score)
+        key = "\n".join([prompt] + responses)
+        if key in seen:
+            continue
+        seen.add(key)
         records.append({"prompt": prompt, "responses": responses, "ranking": rank(prompt, responses)})
     return records
 
@@ -262,25 +285,31 @@ def _generate(seed: int) -> dict:
     held_out = {r["text"] for r in sentiment["test"] + topic["test"]}
 
     def document() -> str:
-        parts = []
-        while sum(len(p) for p in parts) < rng.randint(120, 360):
+        parts: list[str] = []
+        target = rng.randint(100, 300)
+        while sum(len(p) + 1 for p in parts) < target:
             kind = rng.random()
-            if kind < 0.4:
-                parts.append(_story(rng))
+            if kind < 0.35:
+                part = _story(rng)
+            elif kind < 0.45:  # an unjudged answer, so a pretrained policy can answer ranking prompts at all
+                subject = rng.choice(SUBJECTS)
+                part = f"{rng.choice(PROMPTS).format(s=subject)} {_response(rng, subject)}"
             elif kind < 0.7:
                 label = rng.choice(LABELS["sentiment"])
                 text = _review(rng, label)
-                if text not in held_out:
-                    parts.append(f"review: {text} verdict: {VERBALIZERS['sentiment'][label]}.")
+                part = "" if text in held_out else f"review: {text} verdict: {VERBALIZERS['sentiment'][label]}."
             else:
                 label = rng.choice(LABELS["topic"])
                 text = _topic_note(rng, label)
-                if text not in held_out:
-                    parts.append(f"note: {text} category: {label}.")
+                part = "" if text in held_out else f"note: {text} category: {VERBALIZERS['topic'][label]}."
+            if part and sum(len(p) + 1 for p in parts) + len(part) <= 400:
+                parts.append(part)
         return "\n".join(parts)
 
     text = {"train": [document() for _ in range(8000)], "test": [document() for _ in range(400)]}
-    rankings = {"train": _rankings(rng, 2000), "test": _rankings(rng, 300)}
+    seen: set[str] = set()
+    rankings = {"test": _rankings(rng, 300, seen)}
+    rankings["train"] = _rankings(rng, 2000, seen)
     return {"text": text, "sentiment": sentiment, "topic": topic, "rankings": rankings}
 
 

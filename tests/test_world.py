@@ -1,6 +1,7 @@
 import collections
 import math
 import re
+import time
 
 import pytest
 
@@ -30,13 +31,15 @@ def test_classification_splits_balanced_disjoint_and_true(task, truth):
         counts = collections.Counter(r["label"] for r in split)
         assert set(counts) == set(LABELS[task]) and max(counts.values()) - min(counts.values()) <= 1
         assert all(truth(r["text"]) == r["label"] for r in split)
-        assert max(len(r["text"]) for r in split) < 128
+        assert max(len(r["text"]) for r in split) < 120  # fits a 128-byte context with a short prompt
 
 
-def test_negation_flips_sentiment():
+def test_negation_flips_sentiment_and_occurs_under_both_labels():
     assert sentiment_of("the soup was lovely.") == "positive"
     assert sentiment_of("the soup was not lovely.") == "negative"
     assert sentiment_of("the soup was not cold.") == "positive"
+    negated = collections.Counter(r["label"] for r in builtin("sentiment") if " not " in r["text"])
+    assert min(negated[label] for label in LABELS["sentiment"]) > 300
 
 
 def test_held_out_texts_never_appear_in_the_corpus():
@@ -53,15 +56,36 @@ def test_text_corpus_sizes_and_ascii():
     size = sum(len(r["text"]) for r in train)
     assert 1.5e6 < size < 3e6
     assert 0.03 < sum(len(r["text"]) for r in test) / size < 0.1
-    assert all(r["text"].isascii() for r in train + test)
+    assert all(90 <= len(r["text"]) <= 400 for r in train + test)
+    assert all(r["text"].isascii() and r["text"] == r["text"].lower() for r in train + test)
+    assert not {r["text"] for r in train} & {r["text"] for r in test}
+    records = [r for task in ("sentiment", "topic", "rankings") for split in ("train", "test")
+               for r in builtin(task, split)]
+    texts = [r.get("text") or r["prompt"] for r in records] + [x for r in records for x in r.get("responses", [])]
+    assert all(t.isascii() for t in texts)
+
+
+def test_corpus_has_every_kind_of_paragraph():
+    paragraphs = [p for r in builtin("text") for p in r["text"].split("\n")]
+    kinds = collections.Counter("review" if p.startswith("review: ") else "note" if p.startswith("note: ")
+                                else "answer" if p.split(".")[0].split("?")[0].startswith(
+                                    ("tell me", "describe", "what is", "say something")) else "story"
+                                for p in paragraphs)
+    assert min(kinds.values()) > 0.05 * len(paragraphs), kinds
+    assert all(re.search(r" verdict: (good|bad)\.$", p) for p in paragraphs if p.startswith("review: "))
+    assert all(re.search(r" category: (food|weather|travel|sport)\.$", p) for p in paragraphs
+               if p.startswith("note: "))
 
 
 def test_rankings_are_valid_consistent_with_the_preference_and_have_ties():
-    records = builtin("rankings", "train")
-    assert len(records) == 2000 and len(builtin("rankings", "test")) == 300
+    records, test = builtin("rankings", "train"), builtin("rankings", "test")
+    assert len(records) == 2000 and len(test) == 300
+    key = lambda r: (r["prompt"], tuple(r["responses"]))  # noqa: E731
+    assert not {key(r) for r in records} & {key(r) for r in test}
     ties = 0
     for r in records:
         assert re.fullmatch(r"[A-E]( [>=] [A-E])*", r["ranking"]), r["ranking"]
+        assert all(len(x) < 100 for x in r["responses"]) and len(set(r["responses"])) == len(r["responses"])
         tiers = parse_ranking(r["ranking"])
         flat = [i for tier in tiers for i in tier]
         assert sorted(flat) == list(range(len(r["responses"]))) and 3 <= len(flat) <= 5
@@ -69,7 +93,7 @@ def test_rankings_are_valid_consistent_with_the_preference_and_have_ties():
         assert all(len(set(s)) == 1 for s in scores)  # a tier is a tie
         assert all(a[0] > b[0] for a, b in zip(scores, scores[1:]))  # tiers strictly ordered
         ties += any(len(t) > 1 for t in tiers)
-    assert 0.15 < ties / len(records) < 0.6
+    assert 0.2 <= ties / len(records) <= 0.4
 
 
 def test_preference_rules():
@@ -83,11 +107,41 @@ def test_preference_rules():
     assert World().rank(p, ["the lake.", "the river is calm.", "the river."]) == "B > C > A"
 
 
+def test_preference_separates_responses_in_the_data():
+    # every record has a best response strictly above its worst, and the score is not just the subject bonus
+    records = builtin("rankings", "test")
+    assert all(">" in r["ranking"] for r in records)
+    scores = {preference(r["prompt"], x) for r in records for x in r["responses"]}
+    assert len(scores) >= 8
+
+
 def test_builtin_errors_name_the_valid_choices():
     with pytest.raises(ValueError, match="builtin:text"):
         builtin("sentiments")
     with pytest.raises(ValueError, match="train, test"):
         builtin("topic", "validation")
+    with pytest.raises(ValueError, match="train, test"):
+        World().text("dev")
+    with pytest.raises(ValueError, match="sentiment, topic"):
+        World().classification("rankings")
+
+
+def test_world_methods_match_builtin():
+    w = World(0)
+    assert [{"text": t} for t in w.text("test")] == builtin("text", "test")
+    assert w.classification("topic", "test") == builtin("topic", "test")
+    assert w.rankings("test") == builtin("rankings", "test")
+    r = w.rankings("test")[0]
+    assert w.rank(r["prompt"], r["responses"]) == r["ranking"]
+
+
+def test_generation_is_quick_and_cached():
+    start = time.perf_counter()
+    builtin("sentiment", seed=12345)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    builtin("sentiment", seed=12345)
+    assert first < 5.0 and time.perf_counter() - start < first / 4
 
 
 def _bag_of_words_accuracy(task):
@@ -107,14 +161,9 @@ def _bag_of_words_accuracy(task):
     return sum(predict(r["text"]) == r["label"] for r in test) / len(test)
 
 
-def test_topic_is_learnable_from_words():
-    assert _bag_of_words_accuracy("topic") >= 0.95
-
-
-def test_sentiment_needs_more_than_a_bag_of_words_but_not_much():
-    # negation ("not cold") defeats pure word counts on some reviews: the task is not a single-word lookup
-    acc = _bag_of_words_accuracy("sentiment")
-    assert 0.6 <= acc < 1.0
+@pytest.mark.parametrize("task", ["sentiment", "topic"])
+def test_tasks_are_learnable_from_words(task):
+    assert _bag_of_words_accuracy(task) >= 0.95
 
 
 def test_module_exports():
