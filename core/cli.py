@@ -6,7 +6,7 @@ import json
 import sys
 
 from .config import TrainConfig, load_config
-from .errors import TuneforgeError
+from .errors import ConfigError, TuneforgeError
 
 __all__ = ["main", "build_parser"]
 
@@ -100,8 +100,6 @@ def _train(args) -> int:
     if args.mechanisms:
         values["mechanisms"] = args.mechanisms
     if not values.get("mechanisms"):
-        from .errors import ConfigError
-
         raise ConfigError("name at least one mechanism with -m NAME (e.g. -m pretrain); see 'tuneforge plugins'")
     cfg = TrainConfig.build(values, source="tuneforge train" + (f" (config {args.config})" if args.config else ""))
     result = train(cfg)
@@ -127,6 +125,9 @@ def _generate(args) -> int:
     for prompt in prompts:
         ids = torch.tensor([tok.encode(prompt, bos=True)], device=args.device)
         room = model.config.max_seq_len - ids.size(1)
+        if room <= 0:
+            raise ConfigError(f"prompt {prompt[:30]!r}... is {ids.size(1)} tokens; the model's context is "
+                              f"{model.config.max_seq_len}: shorten it to leave room for new tokens")
         out = model.generate(ids, min(args.max_new_tokens, room), temperature=args.temperature, top_k=args.top_k,
                              top_p=args.top_p, eos_id=tok.eos_id, generator=gen)
         print(prompt + tok.decode(out[0, ids.size(1):].tolist()))

@@ -108,6 +108,8 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """Position-wise feed-forward: widen to ff_dim, GELU, project back. Where most parameters live."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.up = nn.Linear(cfg.d_model, cfg.ff_dim)
@@ -138,7 +140,9 @@ class Block(nn.Module):
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, preallocated to ``max_len``.
 
-    Generation then costs one new token's work per step instead of recomputing the whole prefix.
+    Generation then costs one new token's work per step instead of recomputing the whole prefix. Each
+    attention layer appends its new keys/values during a forward; ``Transformer.forward_hidden`` calls
+    ``advance()`` once all layers have, so ``length`` counts the tokens every layer holds (padding included).
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
@@ -165,6 +169,11 @@ class KVCache:
 
 
 class Transformer(nn.Module):
+    """tokens (B, T) -> embeddings + positions -> n_layers Blocks -> final LayerNorm -> logits (B, T, V).
+
+    ``forward_hidden`` stops before the output head (classification heads read it); ``forward`` adds the head.
+    """
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
@@ -200,14 +209,22 @@ class Transformer(nn.Module):
     def forward_hidden(self, idx, *, key_padding_mask=None, positions=None, cache=None):
         """Final-normed hidden states (B, T, C) of token ids ``idx`` (B, T).
 
-        key_padding_mask: bool (B, past + T), True = real token (with a cache it covers the cached tokens too).
-        positions: (B, T) position ids; default past + 0..T-1. Left-padded batches pass their own.
+        past = ``cache.length`` (0 without a cache): the tokens already cached, padding included.
+        key_padding_mask: bool (B, past + T), True = real token; with a cache it covers the cached tokens too.
+        positions: (B, T) position ids; default past + 0..T-1 for every row. Left-padded batches pass their
+            own (``generate`` uses cumsum(mask) - 1, so each row's first real token is position 0).
+        cache: a ``KVCache`` from ``new_cache``; this call appends the T new tokens to it.
         """
         B, T = idx.shape
         past = cache.length if cache is not None else 0
         if past + T > self.config.max_seq_len:
             raise ValueError(
                 f"{past + T} tokens exceed the model's context of {self.config.max_seq_len}; shorten the input"
+            )
+        if key_padding_mask is not None and tuple(key_padding_mask.shape) != (B, past + T):
+            raise ValueError(
+                f"key_padding_mask must be (batch, cached + new tokens) = ({B}, {past + T}), "
+                f"got {tuple(key_padding_mask.shape)}; with a cache it covers the cached tokens too"
             )
         if positions is None:
             positions = torch.arange(past, past + T, device=idx.device).expand(B, T)  # (B, T)
@@ -227,16 +244,27 @@ class Transformer(nn.Module):
                  generator=None, key_padding_mask=None, use_cache: bool = True):
         """Continue ``idx`` (B, T) by ``max_new_tokens``; returns (B, T + new). temperature 0 = greedy.
 
-        Prompts of different lengths are left-padded with ``key_padding_mask`` False on the padding. A row that
-        produced ``eos_id`` keeps producing it. ``use_cache=False`` recomputes the whole prefix every step.
+        Prompts of different lengths are left-padded with ``key_padding_mask`` False on the padding; each row's
+        positions then count from 0 at its first real token, so a row generates what its prompt would alone.
+        A row that produced ``eos_id`` keeps producing it, and generation stops early once every row has. The
+        output may then be shorter than T + max_new_tokens. ``use_cache=False`` recomputes the whole prefix
+        every step (same result, for tests and benchmarks). Call ``.eval()`` first when dropout > 0.
         """
         B, T = idx.shape
-        if T + max_new_tokens > self.config.max_seq_len:
+        if key_padding_mask is not None and tuple(key_padding_mask.shape) != (B, T):
+            raise ValueError(f"key_padding_mask must be (B, T) = ({B}, {T}) like the prompt, "
+                             f"got {tuple(key_padding_mask.shape)}")
+        if T + max(max_new_tokens, 0) > self.config.max_seq_len:
             raise ValueError(
                 f"prompt of {T} tokens + {max_new_tokens} new exceeds the context of {self.config.max_seq_len}; "
                 f"at most {max(0, self.config.max_seq_len - T)} new tokens fit"
             )
-        mask = torch.ones(B, T, dtype=torch.bool, device=idx.device) if key_padding_mask is None else key_padding_mask.bool()
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if key_padding_mask is None:
+            mask = torch.ones(B, T, dtype=torch.bool, device=idx.device)  # (B, T): every prompt token is real
+        else:
+            mask = key_padding_mask.to(device=idx.device, dtype=torch.bool)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T): real tokens count from 0 in each row
         cache = self.new_cache(B, T + max_new_tokens) if use_cache else None
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)

@@ -41,9 +41,30 @@ def test_padding_mask_and_fully_masked_rows_give_zeros_not_nan():
     out = flash_attention(q, k, v, causal=True, key_padding_mask=mask)
     assert torch.all(out[0, :, :3] == 0) and torch.isfinite(out).all()
     torch.testing.assert_close(out[:, :, 3:], sdpa(q, k, v, True, mask)[:, :, 3:], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out[1], sdpa(q, k, v, True, mask)[1], atol=1e-5, rtol=1e-4)
     grads = torch.autograd.grad(out.sum(), (q, k, v))
     assert all(torch.isfinite(g).all() for g in grads)
     assert torch.all(grads[0][0, :, :3] == 0)
+    # Padded keys get no gradient: nothing attended to them.
+    assert torch.all(grads[1][0, :, :3] == 0) and torch.all(grads[2][0, :, :3] == 0)
+
+
+def test_a_batch_row_of_only_padding_is_zero_without_nan():
+    q, k, v = (torch.randn(2, 2, 4, 16, requires_grad=True) for _ in range(3))
+    mask = torch.tensor([[True] * 4, [False] * 4])
+    out = flash_attention(q, k, v, causal=False, key_padding_mask=mask)
+    assert torch.all(out[1] == 0) and torch.isfinite(out).all()
+    torch.testing.assert_close(out[0], sdpa(q, k, v, False, mask)[0], atol=1e-5, rtol=1e-4)
+    grads = torch.autograd.grad((out * torch.randn_like(out)).sum(), (q, k, v))
+    assert all(torch.isfinite(g).all() and torch.all(g[1] == 0) for g in grads)
+
+
+def test_bad_shapes_are_clear_errors():
+    q, k = torch.randn(1, 1, 5, 8), torch.randn(1, 1, 3, 8)
+    with pytest.raises(ValueError, match="Tq <= Tk"):
+        flash_attention(q, k, k)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        flash_attention(k, k, k, key_padding_mask=torch.ones(1, 4, dtype=torch.bool))
 
 
 def test_gradcheck_float64():

@@ -75,9 +75,49 @@ def test_left_padded_batch_equals_each_prompt_alone(model):
     for i, p in enumerate(prompts):
         batch[i, T - len(p):], mask[i, T - len(p):] = p, True
     out = model.generate(batch, 12, temperature=0, key_padding_mask=mask)
+    recomputed = model.generate(batch, 12, temperature=0, key_padding_mask=mask, use_cache=False)
+    assert torch.equal(out, recomputed)
     for i, p in enumerate(prompts):
         alone = model.generate(p[None], 12, temperature=0)
         assert torch.equal(out[i, T:], alone[0, len(p):]), i
+
+
+def test_padded_chunked_forward_with_cache_equals_full_forward(model):
+    # The mask given with a cache covers every key so far; positions are the caller's (here from the mask).
+    x = torch.randint(0, 256, (2, 15))
+    mask = torch.ones(2, 15, dtype=torch.bool)
+    mask[0, :4] = False  # row 0 is left-padded by 4
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    full = model(x, key_padding_mask=mask, positions=pos)
+    cache = model.new_cache(2)
+    a = model(x[:, :6], key_padding_mask=mask[:, :6], positions=pos[:, :6], cache=cache)
+    b = model(x[:, 6:], key_padding_mask=mask, positions=pos[:, 6:], cache=cache)
+    assert cache.length == 15
+    torch.testing.assert_close(torch.cat([a, b], 1)[mask], full[mask], atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(a).all()  # padding rows see no key: finite, not NaN
+    with pytest.raises(ValueError, match=r"cached \+ new tokens"):
+        model(x[:, :1], key_padding_mask=mask[:, :1], cache=cache)
+
+
+def test_module_paths_and_attention_goes_through_the_kernel(model, monkeypatch):
+    # Adapters, LoRA and heads find submodules by these paths; attention math lives only in the kernel.
+    names = dict(model.named_modules())
+    for path in ("tok_emb", "pos_emb", "drop", "ln_f", "lm_head", "blocks.1.ln1", "blocks.1.ln2",
+                 "blocks.1.attn.q", "blocks.1.attn.k", "blocks.1.attn.v", "blocks.1.attn.o",
+                 "blocks.1.mlp.up", "blocks.1.mlp.down"):
+        assert path in names, path
+    import tuneforge.kernels
+    import tuneforge.model
+
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return tuneforge.kernels.flash_attention(*args, **kwargs)
+
+    monkeypatch.setattr(tuneforge.model, "flash_attention", counting)
+    model(torch.randint(0, 256, (1, 5)))
+    assert len(calls) == model.config.n_layers
 
 
 def test_eos_rows_stay_finished(model):
@@ -102,8 +142,13 @@ def test_top_k_one_is_greedy_and_sampling_stays_inside_the_kept_set():
         order = probs[i].argsort(descending=True)
         n = int((probs[i][order].cumsum(0) < 0.5).sum()) + 1
         assert set(order[:n].tolist()) == set(kept[i].nonzero().flatten().tolist())
-    seen = {int(sample_next(logits, top_p=0.5, generator=g)[0]) for _ in range(300)}
-    assert seen <= set(kept[0].nonzero().flatten().tolist()) and len(seen) >= 1
+    for _ in range(300):
+        s = sample_next(logits, top_p=0.5, generator=g)
+        assert kept[torch.arange(4), s].all()
+    # top_p <= 0 still keeps the single most likely token, so it is greedy rather than NaN.
+    assert torch.equal(sample_next(logits, top_p=0.0, generator=g), logits.argmax(-1))
+    both = torch.isfinite(filter_logits(logits, top_k=3, top_p=0.99))
+    assert both.sum(-1).le(3).all() and both[torch.arange(4), logits.argmax(-1)].all()
 
 
 def test_overfits_a_short_string():
@@ -112,10 +157,11 @@ def test_overfits_a_short_string():
     x = torch.tensor([list(b"the river runs to the sea. " * 2)])[:, :48]
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
     first = None
-    for _ in range(80):
+    for _ in range(150):
         loss = torch.nn.functional.cross_entropy(m(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
         first = first or float(loss.detach())
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert float(loss.detach()) < 0.2 * first
+    # From ~ln(259) = 5.6 (uniform over bytes) to memorised: the model, its gradients and init all work.
+    assert first > 4.5 and float(loss.detach()) < 0.5
