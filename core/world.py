@@ -23,7 +23,7 @@ import re
 
 __all__ = [
     "DEFAULT_SEED", "World", "builtin", "BUILTIN_DATASETS", "LABELS", "VERBALIZERS",
-    "sentiment_of", "topic_of", "parse_ranking",
+    "sentiment_of", "topic_of", "preference", "rank", "parse_ranking", "SPLITS",
 ]
 
 DEFAULT_SEED = 0
@@ -46,10 +46,21 @@ NAMES = ["mira", "tomas", "ana", "joel", "lena", "omar", "ines", "pavel", "rosa"
          "ada", "ivan", "lucia", "sami"]
 PLACES = ["the harbor cafe", "the old mill", "the river market", "the hill inn", "the corner bakery",
           "the north station", "the green park", "the stone bridge", "the town square", "the lake house"]
-DISHES = ["soup", "bread", "pie", "stew", "tea", "noodles", "salad", "cake", "fish", "rice", "coffee", "cheese"]
+DISHES = ["soup", "bread", "pie", "stew", "tea", "pasta", "salad", "cake", "fish", "rice", "coffee", "cheese"]
 POSITIVE = ["lovely", "warm", "fresh", "great", "tasty", "wonderful", "friendly", "perfect", "delicious", "pleasant"]
 NEGATIVE = ["cold", "stale", "awful", "bland", "rude", "terrible", "soggy", "dull", "greasy", "burnt"]
-ASPECTS = ["the service", "the room", "the music", "the staff", "the view", "the price"]
+# Which sentiment words fit what, so reviews stay sensible English ("the staff was rude", never "the view was
+# burnt"). Every word of POSITIVE and NEGATIVE is used by something.
+_ANY_GOOD, _ANY_BAD = ["lovely", "great", "wonderful", "perfect", "pleasant"], ["awful", "terrible", "dull"]
+FOOD_WORDS = (_ANY_GOOD + ["fresh", "tasty", "delicious", "warm"],
+              _ANY_BAD + ["cold", "stale", "bland", "soggy", "greasy", "burnt"])
+ASPECTS = {
+    "the service": (_ANY_GOOD + ["friendly", "warm"], _ANY_BAD + ["rude", "cold"]),
+    "the staff": (_ANY_GOOD + ["friendly", "warm"], _ANY_BAD + ["rude", "cold"]),
+    "the room": (_ANY_GOOD + ["warm", "fresh"], _ANY_BAD + ["cold", "stale"]),
+    "the music": (_ANY_GOOD, _ANY_BAD),
+    "the view": (_ANY_GOOD, _ANY_BAD),
+}
 
 TOPIC_WORDS = {
     "food": ["soup", "bread", "oven", "spices", "dinner", "recipe", "garlic", "butter", "kitchen", "honey"],
@@ -64,6 +75,10 @@ TOPIC_TEMPLATES = [
     "at {place} they spoke of the {w1} and the {w2}.",
     "nobody forgot the {w1}; {name} kept thinking of the {w2}.",
     "a long day of {w1}, {w2} and {w3} for {name}.",
+    "{name} asked {other} about the {w1} and the {w2}.",
+    "first the {w1}, then the {w2}, and at last the {w3}.",
+    "every letter {name} sent was about the {w1} or the {w2}.",
+    "all week at {place} it was the {w1} and the {w2}.",
 ]
 
 # The hidden preference of the ranking task (see World.preference).
@@ -73,6 +88,7 @@ SUBJECTS = ["river", "harbor", "market", "bridge", "garden", "forest", "station"
 NEUTRAL = ["quiet", "old", "long", "small", "busy", "wide"]
 PROMPTS = ["tell me about the {s}.", "describe the {s}.", "what is the {s} like?", "say something about the {s}."]
 KEEP_TIE = 0.4
+MAX_RESPONSE = 90  # bytes: the longest prompt (32) + a space + a response fit a 128-byte context with room to spare
 FILLER = ["today", "again", "near the water", "by the road", "in the morning", "after dinner", "with friends",
           "for a while", "as usual", "at last"]
 
@@ -174,27 +190,33 @@ def _split(split: str) -> str:
 def _review(rng: random.Random, label: str) -> str:
     """One review of ``label``. Negated words (``not cold``) always come with more plain words of the label, so
     word counts alone agree with the label and a model that also reads ``not`` agrees on every record."""
-    good, bad = (POSITIVE, NEGATIVE) if label == "positive" else (NEGATIVE, POSITIVE)
-    dish, place, aspect = rng.choice(DISHES), rng.choice(PLACES), rng.choice(ASPECTS)
-    g1, g2 = rng.sample(good, 2)
+    side = 0 if label == "positive" else 1
+    dish, place, aspect = rng.choice(DISHES), rng.choice(PLACES), rng.choice(list(ASPECTS))
+    food_good, food_bad = FOOD_WORDS[side], FOOD_WORDS[1 - side]
+    aspect_good = ASPECTS[aspect][side]
     form = rng.randrange(6)
     if form == 0:
-        return f"the {dish} at {place} was {g1}."
+        return f"the {dish} at {place} was {rng.choice(food_good)}."
     if form == 1:
+        g1, g2 = rng.sample(food_good, 2)
         return f"the {dish} at {place} was {g1} and {g2}."
     if form == 2:
-        return f"the {dish} at {place} was not {rng.choice(bad)}, and {aspect} was {g1} and {g2}."
+        g1, g2 = rng.sample(aspect_good, 2)
+        return f"the {dish} at {place} was not {rng.choice(food_bad)}, and {aspect} was {g1} and {g2}."
     if form == 3:
-        return f"{rng.choice(NAMES)} said the {dish} was {g1}, and {aspect} was {g2}."
+        return f"{rng.choice(NAMES)} said the {dish} was {rng.choice(food_good)}, and {aspect} was " \
+               f"{rng.choice(aspect_good)}."
     if form == 4:
-        return f"{aspect} at {place} was {g1} and {g2}; the {dish} was not {rng.choice(bad)}."
-    return f"{rng.choice(NAMES)} found {aspect} {g1}. the {dish} was {g2}."
+        g1, g2 = rng.sample(aspect_good, 2)
+        return f"{aspect} at {place} was {g1} and {g2}; the {dish} was not {rng.choice(food_bad)}."
+    return f"{rng.choice(NAMES)} found {aspect} {rng.choice(aspect_good)}. the {dish} was {rng.choice(food_good)}."
 
 
 def _topic_note(rng: random.Random, label: str) -> str:
     w1, w2, w3 = rng.sample(TOPIC_WORDS[label], 3)
+    name, other = rng.sample(NAMES, 2)
     template = rng.choice(TOPIC_TEMPLATES)
-    return template.format(name=rng.choice(NAMES), place=rng.choice(PLACES), w1=w1, w2=w2, w3=w3)
+    return template.format(name=name, other=other, place=rng.choice(PLACES), w1=w1, w2=w2, w3=w3)
 
 
 def _labelled(rng: random.Random, make, labels: list[str], truth, n_train: int, n_test: int):
@@ -224,7 +246,7 @@ def _story(rng: random.Random) -> str:
     lines = [
         f"{a} walked to {place} in the {weather}.",
         f"{a} met {b} there and they shared some {dish}.",
-        f"{b} said the {dish} was {rng.choice(POSITIVE + NEGATIVE)}.",
+        f"{b} said the {dish} was {rng.choice(FOOD_WORDS[0] + FOOD_WORDS[1])}.",
         f"later they went to {other} by the {rng.choice(['river', 'road', 'bridge', 'lake'])}.",
         f"{b} went home and {a} stayed until the {rng.choice(['evening', 'night', 'morning'])}.",
     ]
@@ -254,7 +276,8 @@ def _response(rng: random.Random, subject: str) -> str:
 def _rankings(rng: random.Random, n: int, seen: set[str]) -> list[dict]:
     """``n`` ranking records with prompts+responses not in ``seen`` (so splits are disjoint). The scripted
     labeller keeps a candidate that ties an earlier one only with probability ``KEEP_TIE`` (otherwise it
-    draws another), which holds ties to about a third of the records."""
+    draws another), which holds ties to about a third of the records. A set whose responses all tie says
+    nothing and is dropped, so every record has a strict best-over-worst."""
     records = []
     while len(records) < n:
         subject = rng.choice(SUBJECTS)
@@ -265,12 +288,12 @@ def _rankings(rng: random.Random, n: int, seen: set[str]) -> list[dict]:
         while len(responses) < n_responses:
             r = _response(rng, subject)
             score = preference(prompt, r)
-            if r in responses or len(r) >= 100 or (score in scores and rng.random() >= KEEP_TIE):
+            if r in responses or len(r) > MAX_RESPONSE or (score in scores and rng.random() >= KEEP_TIE):
                 continue
             responses.append(r)
             scores.append(score)
         key = "\n".join([prompt] + responses)
-        if key in seen:
+        if key in seen or len(set(scores)) == 1:
             continue
         seen.add(key)
         records.append({"prompt": prompt, "responses": responses, "ranking": rank(prompt, responses)})

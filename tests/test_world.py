@@ -42,6 +42,14 @@ def test_negation_flips_sentiment_and_occurs_under_both_labels():
     assert min(negated[label] for label in LABELS["sentiment"]) > 300
 
 
+def test_reviews_pair_words_with_what_they_fit():
+    food = set(world.FOOD_WORDS[0] + world.FOOD_WORDS[1])
+    dish_words = [m.group(1) for r in builtin("sentiment") for m in re.finditer(
+        r"the (?:%s)(?: at the [a-z]+ [a-z]+)? was (?:not )?([a-z]+)" % "|".join(world.DISHES), r["text"])]
+    assert len(dish_words) > 3000 and set(dish_words) == food  # never "the soup was rude"
+    assert "friendly" not in food and "rude" not in food and "burnt" not in world.ASPECTS["the view"][1]
+
+
 def test_held_out_texts_never_appear_in_the_corpus():
     corpus = "\n".join(r["text"] for r in builtin("text", "train") + builtin("text", "test"))
     for task in ("sentiment", "topic"):
@@ -85,7 +93,8 @@ def test_rankings_are_valid_consistent_with_the_preference_and_have_ties():
     ties = 0
     for r in records:
         assert re.fullmatch(r"[A-E]( [>=] [A-E])*", r["ranking"]), r["ranking"]
-        assert all(len(x) < 100 for x in r["responses"]) and len(set(r["responses"])) == len(r["responses"])
+        assert all(len(r["prompt"]) + 1 + len(x) < 128 for x in r["responses"])  # a pair fits the context
+        assert len(set(r["responses"])) == len(r["responses"])
         tiers = parse_ranking(r["ranking"])
         flat = [i for tier in tiers for i in tier]
         assert sorted(flat) == list(range(len(r["responses"]))) and 3 <= len(flat) <= 5
@@ -109,7 +118,7 @@ def test_preference_rules():
 
 def test_preference_separates_responses_in_the_data():
     # every record has a best response strictly above its worst, and the score is not just the subject bonus
-    records = builtin("rankings", "test")
+    records = builtin("rankings", "train") + builtin("rankings", "test")
     assert all(">" in r["ranking"] for r in records)
     scores = {preference(r["prompt"], x) for r in records for x in r["responses"]}
     assert len(scores) >= 8
@@ -141,7 +150,7 @@ def test_generation_is_quick_and_cached():
     first = time.perf_counter() - start
     start = time.perf_counter()
     builtin("sentiment", seed=12345)
-    assert first < 5.0 and time.perf_counter() - start < first / 4
+    assert first < 2.0 and time.perf_counter() - start < first / 4
 
 
 def _bag_of_words_accuracy(task):
