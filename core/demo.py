@@ -40,10 +40,10 @@ def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0) -> list[dic
 
     stage = out / "pretrain"
     shutil.rmtree(stage, ignore_errors=True)
-    steps = 40 if quick else 500
+    steps = 40 if quick else 600
     print(f"== pretrain: tiny model, {steps} steps on builtin:text (the embedded world)", file=sys.stderr)
     result = train(model="tiny", mechanisms=["pretrain"], data="builtin:text", steps=steps, batch_size=16,
-                   lr=3e-3, warmup=min(30, steps // 4), eval_every=max(steps // 5, 1), seed=seed, out=str(stage))
+                   lr=5e-3, warmup=min(30, steps // 4), eval_every=max(steps // 5, 1), seed=seed, out=str(stage))
     s = result.summary
     rows.append({
         "mechanism": "pretrain", "trainable_params": s["trainable_params"], "trainable_pct": s["trainable_pct"],
