@@ -202,3 +202,48 @@ def test_python_api_keyword_errors_name_the_keyword():
         tuneforge.train(stpes=3)
     with pytest.raises(ConfigError, match="grad_accum must be at least 1"):
         tuneforge.train(grad_accum=0)
+
+
+KILL_DURING_SAVE = '''
+import os, signal, sys
+import tuneforge
+from tuneforge import hookimpl
+
+class KillDuringSecondSave:
+    name = "kill"
+    calls = 0
+
+    @hookimpl
+    def tuneforge_save(self, path):
+        KillDuringSecondSave.calls += 1
+        if KillDuringSecondSave.calls == 2:  # model and optimizer files are already in the temporary folder
+            os.kill(os.getpid(), signal.SIGKILL)
+
+tuneforge.train(model="tiny:n_layers=1,d_model=32,n_heads=2,max_seq_len=32", mechanisms=["pretrain", KillDuringSecondSave()],
+                steps=9, batch_size=8, save_every=3, eval_every=0, out=sys.argv[1])
+'''
+
+
+def test_sigkill_during_a_save_keeps_the_latest_good_checkpoint_and_resume_cleans_up(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, str(out)], capture_output=True, text=True,
+                          env={**os.environ, "TUNEFORGE_LOAD_PLUGINS": ""}, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    names = sorted(p.name for p in out.iterdir())
+    assert "step-00000003" in names and "step-00000006" not in names
+    assert any(n.startswith(".tmp-step-00000006") for n in names)  # the half-written one, never renamed
+    assert (out / "latest").read_text().strip() == "step-00000003"
+    resumed = tuneforge.train(micro_config(tmp_path, steps=9, save_every=3, resume="auto"))
+    assert resumed.run.resumed_from.name == "step-00000003" and resumed.run.step == 9
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_eval_data_is_used_for_evaluation(tmp_path):
+    held = tmp_path / "held.txt"
+    held.write_text("zzzz qqqq " * 400)  # nothing like the training text: a high held-out loss
+    a = tuneforge.train(micro_config(steps=20))
+    b = tuneforge.train(micro_config(steps=20, eval_data=str(held)))
+    assert b.metrics["eval/loss"] > a.metrics["eval/loss"] + 1.0

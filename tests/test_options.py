@@ -2,6 +2,7 @@ import dataclasses
 from typing import Literal, Optional
 
 import pytest
+from hypothesis import given, strategies as st
 
 from tuneforge.errors import ConfigError
 from tuneforge.options import build_options, describe_options, parse_spec
@@ -66,3 +67,19 @@ def test_describe_options_lists_every_field():
     text = describe_options(Opts)
     for f in dataclasses.fields(Opts):
         assert f.name in text
+
+
+_word = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_0123456789", min_size=1, max_size=8)
+_value = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789.-+", min_size=1, max_size=8)
+
+
+@given(name=_word, values=st.dictionaries(_word, _value, max_size=5))
+def test_parse_spec_round_trips_what_a_user_writes(name, values):
+    text = name + (":" + ",".join(f"{k}={v}" for k, v in values.items()) if values else "")
+    assert parse_spec(text) == (name, values)
+
+
+@given(st.integers(-10**6, 10**6), st.floats(allow_nan=False, allow_infinity=False, width=32))
+def test_numbers_survive_the_string_round_trip(i, f):
+    o = build_options(Opts, {"rank": str(i), "alpha": repr(f)}, owner="x")
+    assert o.rank == i and o.alpha == float(repr(f))
