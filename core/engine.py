@@ -50,7 +50,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_model(cfg: TrainConfig) -> tuple[torch.nn.Module, ModelConfig, Path | None]:
+def build_model(cfg: TrainConfig) -> tuple[torch.nn.Module, ModelConfig]:
     """The base model: ``--init``'s architecture and weights, else a fresh preset (seeded random init)."""
     init = ckpt.resolve_checkpoint(cfg.init) if cfg.init else None
     if init is not None:
@@ -66,7 +66,7 @@ def build_model(cfg: TrainConfig) -> tuple[torch.nn.Module, ModelConfig, Path | 
     model = Transformer(mcfg)
     if init is not None:
         ckpt.load_weights(init, model)
-    return model, mcfg, init
+    return model, mcfg
 
 
 def load_model(path: str | Path, *, device: str = "cpu") -> torch.nn.Module:
@@ -216,7 +216,7 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
     started = time.perf_counter()
     reg = build_manager(cfg.mechanisms)
     device = _device(cfg.device)
-    model, mcfg, _ = build_model(cfg)
+    model, mcfg = build_model(cfg)
     out = Path(cfg.out) if cfg.out else None
     run = Run(cfg, mcfg, ByteTokenizer(), device, reg.plugins, reg.hook, out=out)
 
