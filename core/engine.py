@@ -109,7 +109,7 @@ def _stop_on_signals(run: Run):
     def handler(signum, frame):
         if run.stop_reason is not None:  # second signal: the user really wants out now
             raise KeyboardInterrupt
-        run.stop_reason = f"interrupted by {signal.Signals(signum).name}"
+        run.request_stop(f"interrupted by {signal.Signals(signum).name}")
         run.summary["signal"] = int(signum)
         run.log(f"{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping "
                 "(send it again to abort without saving)")
@@ -183,11 +183,12 @@ def _step(run: Run, model, params, optimizer, batches: _Batches) -> tuple[dict[s
     finite = True
     for _ in range(cfg.grad_accum):
         loss, parts = run.hook.tuneforge_loss(model=model, batch=_to_device(batches.next(), run.device), run=run)
-        if not torch.isfinite(loss):
+        value = float(loss.detach())  # the one host sync per micro-batch: the finiteness test and the log
+        if not math.isfinite(value):
             finite = False  # still consume this step's micro-batches, so the data order stays the same
             continue
         (loss / cfg.grad_accum).backward()
-        sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+        sums["loss"] = sums.get("loss", 0.0) + value
         for k, v in (parts or {}).items():
             sums[k] = sums.get(k, 0.0) + float(v)
     grad_norm = float("nan")

@@ -34,18 +34,19 @@ class TokenWindows:
             ids.extend(tokenizer.encode(text, bos=True, eos=True))
         self.tokens = torch.tensor(ids, dtype=torch.long)  # (N,)
         self.seq_len = seq_len
-        self.n_windows = max(0, (len(ids) - 1) // seq_len)
+
+    @property
+    def n_windows(self) -> int:
+        return max(0, (len(self.tokens) - 1) // self.seq_len)
 
     def __len__(self) -> int:
         return self.n_windows
 
     def split_tail(self, n: int) -> "TokenWindows":
         """Move the last ``n`` windows into a new TokenWindows (held-out data that then never trains)."""
-        n = min(n, self.n_windows)
-        cut = (self.n_windows - n) * self.seq_len
-        tail = TokenWindows.__new__(TokenWindows)
-        tail.tokens, tail.seq_len, tail.n_windows = self.tokens[cut:], self.seq_len, n
-        self.tokens, self.n_windows = self.tokens[:cut + 1], self.n_windows - n
+        cut = (self.n_windows - min(n, self.n_windows)) * self.seq_len
+        tail = TokenWindows([], None, self.seq_len)
+        tail.tokens, self.tokens = self.tokens[cut:], self.tokens[:cut + 1]  # window edges share one token
         return tail
 
     def window(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -206,11 +206,9 @@ class Registered:
 
     def ordered_impls(self, hook: str) -> list[tuple[str, Any]]:
         """(plugin name, function) implementing ``hook``, in registration order (pluggy calls LIFO)."""
-        by_obj = {id(p): n for n, p in self.plugins.items()}
-        impls = getattr(self.pm.hook, hook).get_hookimpls()
         order = {n: i for i, n in enumerate(self.plugins)}
-        pairs = [(by_obj.get(id(i.plugin), i.plugin_name), i.function) for i in impls]
-        return sorted(pairs, key=lambda p: order.get(p[0], len(order)))
+        impls = sorted(getattr(self.pm.hook, hook).get_hookimpls(), key=lambda i: order[i.plugin_name])
+        return [(i.plugin_name, i.function) for i in impls]
 
     def options(self) -> dict[str, dict]:
         """name -> options as a plain dict (for config.json and the summary)."""
