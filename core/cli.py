@@ -37,6 +37,8 @@ TRAIN_HELP = {
     "device": "auto, cpu, cuda, cuda:1 ... (default: auto)",
     "max_nonfinite": "stop after this many non-finite losses in a row (default: 10)",
     "log_every": "steps between log lines when stderr is not a terminal (default: 50)",
+    "verify_frozen": "hash every frozen weight before and after the run and record in summary.json that none "
+                     "changed (default: true; false skips the hashing on very large models)",
 }
 
 

@@ -61,6 +61,7 @@ class TrainConfig:
     device: str = "auto"  # auto = cuda when available, else cpu
     max_nonfinite: int = 10  # stop after this many non-finite losses in a row
     log_every: int = 50  # steps between log lines when stderr is not a terminal
+    verify_frozen: bool = True  # hash every frozen weight before and after, proving it did not change
 
     def __post_init__(self):
         positive = ("steps", "batch_size", "grad_accum", "keep_last", "max_nonfinite", "log_every")

@@ -17,12 +17,12 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
+from .assemble import assemble, build_model, load_model
 from .config import TrainConfig
 from .errors import ConfigError, DataError, NonFiniteLossError
-from .model import ModelConfig, Transformer, model_config
-from .registry import build_manager, call_impl
+from .integrity import frozen_named, weights_digest
+from .registry import call_impl
 from .run import Run
-from .tokenizer import ByteTokenizer
 
 __all__ = ["train", "TrainResult", "build_model", "load_model", "lr_at"]
 
@@ -48,49 +48,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     progress = min(1.0, (step - cfg.warmup) / span)
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def build_model(cfg: TrainConfig) -> tuple[torch.nn.Module, ModelConfig]:
-    """The base model: ``--init``'s architecture and weights, else a fresh preset (seeded random init)."""
-    init = ckpt.resolve_checkpoint(cfg.init) if cfg.init else None
-    if init is not None:
-        mcfg = ModelConfig.from_dict(ckpt.read_state(init)["model_config"])
-        if cfg.model and model_config(cfg.model) != mcfg:
-            raise ConfigError(
-                f"--model {cfg.model} differs from the architecture of --init {init}; drop --model "
-                "(the checkpoint's architecture is used) or start from a matching checkpoint"
-            )
-    else:
-        mcfg = model_config(cfg.model or "tiny")
-    torch.manual_seed(cfg.seed)
-    model = Transformer(mcfg)
-    if init is not None:
-        ckpt.load_weights(init, model)
-    return model, mcfg
-
-
-def load_model(path: str | Path, *, device: str = "cpu") -> torch.nn.Module:
-    """The base model saved in a checkpoint (or a run folder's latest one), in eval mode.
-
-    Models that plugins changed (extra modules, heads) are loaded by those plugins; this loads the base.
-    """
-    found = ckpt.resolve_checkpoint(path)
-    model = Transformer(ModelConfig.from_dict(ckpt.read_state(found)["model_config"]))
-    ckpt.load_weights(found, model)
-    return model.to(_device(device)).eval()
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name} asked for CUDA, but this torch ({torch.__version__}) sees no CUDA "
-                          "device; use --device cpu (or auto)")
-    return device
 
 
 def _to_device(batch, device: torch.device):
@@ -133,12 +90,12 @@ def _optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.opti
 class _Batches:
     """Micro-batches across epochs, resumable at (epoch, batch_in_epoch)."""
 
-    def __init__(self, run: Run):
-        self.run = run
+    def __init__(self, run: Run, data_fn):
+        self.run, self.data_fn = run, data_fn
         self.it = self._open()
 
     def _open(self):
-        batches = self.run.hook.tuneforge_data(run=self.run)
+        batches = call_impl(self.data_fn, run=self.run)
         if batches is None:
             raise DataError("the objective's tuneforge_data returned None: it produced no batches")
         return itertools.islice(iter(batches), self.run.batch_in_epoch, None)
@@ -172,7 +129,7 @@ def _evaluate(model, run: Run) -> dict[str, float]:
     return merged
 
 
-def _step(run: Run, model, params, optimizer, batches: _Batches) -> tuple[dict[str, float], bool]:
+def _step(run: Run, model, params, optimizer, batches: _Batches, loss_fn) -> tuple[dict[str, float], bool]:
     """One optimizer step over ``grad_accum`` micro-batches; skipped (weights untouched) if anything is not
     finite. Returns the step's metrics and whether it was applied."""
     cfg, t0 = run.config, time.perf_counter()
@@ -182,7 +139,7 @@ def _step(run: Run, model, params, optimizer, batches: _Batches) -> tuple[dict[s
     sums: dict[str, float] = {}
     finite = True
     for _ in range(cfg.grad_accum):
-        loss, parts = run.hook.tuneforge_loss(model=model, batch=_to_device(batches.next(), run.device), run=run)
+        loss, parts = call_impl(loss_fn, model=model, batch=_to_device(batches.next(), run.device), run=run)
         value = float(loss.detach())  # the one host sync per micro-batch: the finiteness test and the log
         if not math.isfinite(value):
             finite = False  # still consume this step's micro-batches, so the data order stays the same
@@ -215,30 +172,15 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
         values = {f: getattr(cfg, f) for f in TrainConfig.fields()}
         cfg = TrainConfig.build({**values, **overrides}, source="tuneforge.train()")
     started = time.perf_counter()
-    reg = build_manager(cfg.mechanisms)
-    device = _device(cfg.device)
-    model, mcfg = build_model(cfg)
     out = Path(cfg.out) if cfg.out else None
-    run = Run(cfg, mcfg, ByteTokenizer(), device, reg.plugins, reg.hook, out=out)
-
-    # Parameterisation: each plugin changes the model in turn, then says what it wants trained.
-    for _, fn in reg.ordered_impls("tuneforge_modify_model"):
-        replaced = call_impl(fn, model=model, run=run)
-        if replaced is not None:
-            model = replaced
-    model.to(device)
-    answers = reg.hook.tuneforge_trainable_params(model=model, run=run)
-    if not answers:
-        raise ConfigError("no plugin in this run said which parameters to train (tuneforge_trainable_params)")
-    chosen = {id(p) for ps in answers for p in ps}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in chosen)
-    params = [p for p in model.parameters() if p.requires_grad]
+    resume_path = _resume_path(cfg, out) if cfg.resume else None
+    built = assemble(cfg, out=out, resume=resume_path)
+    reg, run, model, params = built.reg, built.run, built.model, built.params
+    mcfg, device = run.model_config, run.device
     optimizer = _optimizer(params, cfg) if params else None
     total = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in params)
 
-    resume_path = _resume_path(cfg, out) if cfg.resume else None
     if resume_path is not None:
         state = ckpt.load_training_state(resume_path, model, optimizer)
         run.step, run.epoch, run.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
@@ -250,16 +192,22 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
             f"{out} already holds a run (latest: {ckpt.find_latest(out).name}); pass --resume auto to continue "
             "it, or choose another --out. Nothing was changed."
         )
-    batches = _Batches(run) if params else None  # reads and validates the data before anything is written
+    # Reads and validates the data before anything is written.
+    batches = _Batches(run, reg.objective_impl("tuneforge_data")) if params else None
+    loss_fn = reg.objective_impl("tuneforge_loss")
+    frozen = frozen_named(model) if cfg.verify_frozen else []
+    frozen_before = weights_digest(frozen) if frozen else None
 
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         ckpt.clean_stale(out)
-        config_json = {"train": cfg.to_dict(), "model_config": mcfg.to_dict(), "mechanisms": reg.options()}
+        config_json = {"train": cfg.to_dict(), "model_config": mcfg.to_dict(), "mechanisms": reg.options(),
+                       "lineage": built.lineage()}
         (out / "config.json").write_text(json.dumps(config_json, indent=2, default=str))
     run.summary.update(
         mechanisms=reg.mechanisms, plugins=list(reg.plugins), trainable_params=n_train, total_params=total,
-        trainable_pct=100.0 * n_train / max(1, total), device=str(device),
+        trainable_pct=100.0 * n_train / max(1, total), device=str(device), objective=reg.objective,
+        trainable_by_plugin=dict(run.trainable),
     )
     reg.hook.tuneforge_run_start(run=run, model=model)
 
@@ -275,7 +223,8 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
         state = {
             "step": run.step, "epoch": run.epoch, "batch_in_epoch": run.batch_in_epoch,
             "skipped_steps": run.summary.get("skipped_steps", 0), "model_config": mcfg.to_dict(),
-            "mechanisms": reg.options(), "train": cfg.to_dict(), "tokenizer": run.tokenizer.name,
+            "mechanisms": reg.options(), "lineage": built.lineage(), "train": cfg.to_dict(),
+            "tokenizer": run.tokenizer.name,
         }
         last_ckpt = ckpt.save_checkpoint(
             out, run.step, model, optimizer, state,
@@ -286,7 +235,7 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
     model.train()
     with _stop_on_signals(run):
         while batches is not None and run.step < cfg.steps and run.stop_reason is None:
-            metrics, finite = _step(run, model, params, optimizer, batches)
+            metrics, finite = _step(run, model, params, optimizer, batches, loss_fn)
             nonfinite_streak = 0 if finite else nonfinite_streak + 1
             run.summary["skipped_steps"] = run.summary.get("skipped_steps", 0) + (not finite)
             if nonfinite_streak >= cfg.max_nonfinite:
@@ -309,6 +258,8 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
         final_eval = _evaluate(model, run)
         metrics = {**metrics, **final_eval}
         run.summary["eval"] = final_eval
+    if frozen:
+        _record_frozen(run, frozen, frozen_before)
     if out is not None and params and (last_ckpt is None or last_ckpt.name != f"step-{run.step:08d}"):
         save()
     run.summary["status"] = run.stop_reason or "completed"
@@ -322,6 +273,18 @@ def _finish(run: Run, model, started: float, out: Path | None) -> None:
     run.hook.tuneforge_run_end(run=run, model=model, summary=run.summary)
     if out is not None and run.is_main:
         ckpt.atomic_write_text(out / "summary.json", json.dumps(run.summary, indent=2, default=str))
+
+
+def _record_frozen(run: Run, frozen, before: str) -> None:
+    """Hash the frozen weights again and say in the summary whether they are bit-for-bit what they were."""
+    after = weights_digest(frozen)
+    run.summary["frozen_weights"] = {
+        "tensors": len(frozen), "values": sum(t.numel() for _, t in frozen), "sha256_before": before,
+        "sha256_after": after, "unchanged": after == before,
+    }
+    if after != before:
+        run.log("WARNING: weights that were frozen for this run changed (their SHA-256 differs before and after); "
+                "a plugin wrote into them. See frozen_weights in summary.json.")
 
 
 def _resume_path(cfg: TrainConfig, out: Path | None) -> Path | None:

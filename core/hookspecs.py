@@ -6,14 +6,17 @@ arguments by name, so hooks can grow new arguments without breaking old plugins)
 
 Lifecycle of one run::
 
-    modify_model -> trainable_params -> load (resume only) -> run_start
+    modify_model -> trainable_params -> validate -> load (resume only) -> run_start
         -> per epoch: data -> per micro-batch: loss -> per optimizer step: step_end
                                               -> every eval_every steps: evaluate
                                               -> every save_every steps: save
     -> run_end
 
-Two of these hooks define the run's *objective* (``data`` and ``loss``): exactly one registered plugin may
-implement each, checked when the run is set up. The rest may be implemented by any number of plugins.
+Two of these hooks define the run's *objective* (``data`` and ``loss``): one plugin implements both, and a run
+has at most one, checked when the run is set up. A plugin may mark its pair ``@hookimpl(trylast=True)`` to offer
+a *default* objective, used only when no other plugin brings one (``run.objective`` names the winner). A run
+that trains nothing (``prompting``) needs no objective. The other hooks may be implemented by any number of
+plugins.
 """
 from __future__ import annotations
 
@@ -60,6 +63,20 @@ def tuneforge_trainable_params(model, run):
 
 
 @hookspec
+def tuneforge_validate(run, model):
+    """Check the assembled run and refuse a combination this plugin cannot work in.
+
+    :param run: the run; ``run.trainable`` maps every plugin to the number of parameters it asked to train, and
+        ``run.objective`` names the objective plugin (``None`` when there is none).
+    :param model: the model after every ``tuneforge_modify_model``, parameters already frozen or not.
+    :return: ignored. Raise :class:`tuneforge.ConfigError` saying what clashes and what to do instead.
+
+    Called once, after ``tuneforge_trainable_params`` and before any data is read or any file written, so a
+    refused run leaves nothing behind (``prompting`` refuses any plugin that would train).
+    """
+
+
+@hookspec
 def tuneforge_load(run, path):
     """Restore this plugin's state from a checkpoint folder when a run resumes (``--resume``).
 
@@ -91,7 +108,7 @@ def tuneforge_data(run):
     :return: an iterable of micro-batches (any object ``tuneforge_loss`` understands, usually a dict of
         tensors on CPU; the engine moves tensors in dicts to ``run.device``), or ``None``.
 
-    **firstresult**: the first non-``None`` answer wins; only one plugin (the objective) may implement it.
+    **firstresult**: only the objective's implementation is called (see the module docstring for defaults).
     Called before training starts for epoch 0 (so malformed data fails before anything is written) and again
     whenever an epoch is exhausted. Read and validate all records here, raising
     :class:`tuneforge.DataError` with ``file:line`` and the field on bad input.
@@ -108,8 +125,8 @@ def tuneforge_loss(model, batch, run):
     :return: ``(loss, metrics)``: a scalar tensor to minimise and a dict of ``str -> float`` to log (may be
         empty); a ``"tokens"`` entry, when given, feeds the throughput figure. Or ``None``.
 
-    **firstresult**: the first non-``None`` answer wins; only one plugin (the objective) may implement it.
-    The engine divides the loss by the number of accumulation steps and calls ``backward``; a non-finite loss
+    **firstresult**: only the objective's implementation is called. Mixed batches route rows to tasks with
+    :func:`tuneforge.routing.rows` around the forward. The engine divides the loss by the number of accumulation steps and calls ``backward``; a non-finite loss
     makes it skip the step.
     """
 

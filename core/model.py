@@ -19,7 +19,7 @@ from .kernels import flash_attention
 from .options import build_options, parse_spec, suggest
 from .sampling import sample_next
 
-__all__ = ["ModelConfig", "PRESETS", "model_config", "Transformer", "KVCache"]
+__all__ = ["ModelConfig", "PRESETS", "model_config", "Transformer", "KVCache", "Prefix"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +137,32 @@ class Block(nn.Module):
         return x  # (B, T, C)
 
 
+@dataclasses.dataclass
+class Prefix:
+    """Embeddings a module prepends to every row's input (soft prompts); see ``Transformer.prefix``.
+
+    Rows may carry prompts of different lengths: each row's prompt is right-aligned in the K columns (left
+    padding), ``mask`` marks its real columns, and the row's own tokens then start at position ``count``.
+    """
+
+    emb: torch.Tensor  # (B, K, C)
+    mask: torch.Tensor | None = None  # (B, K) bool, True = a real prompt token; None = every column is real
+
+    @property
+    def length(self) -> int:
+        return self.emb.size(1)
+
+    def count(self) -> torch.Tensor | int:
+        """Real prompt tokens per row, (B,), or K for every row when there is no padding."""
+        return self.length if self.mask is None else self.mask.sum(-1)
+
+    def positions(self) -> torch.Tensor:
+        """(B, K) or (K,) positions of the prompt tokens: each row's first real one is position 0."""
+        if self.mask is None:
+            return torch.arange(self.length, device=self.emb.device)
+        return (self.mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, preallocated to ``max_len``.
 
@@ -150,7 +176,8 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.max_len = max_len
-        self.length = 0  # tokens cached; advanced by advance() once every layer has appended
+        self.length = 0  # tokens cached (a prefix included); advanced by advance() once every layer has appended
+        self.prefix: Prefix | None = None  # the prefix cached with the first tokens, if the model has one
         self._pending = 0
 
     def append(self, layer: int, k, v):
@@ -172,6 +199,11 @@ class Transformer(nn.Module):
     """tokens (B, T) -> embeddings + positions -> n_layers Blocks -> final LayerNorm -> logits (B, T, V).
 
     ``forward_hidden`` stops before the output head (classification heads read it); ``forward`` adds the head.
+
+    ``prefix`` is an empty slot for a module that prepends embeddings to every input (prompt tuning puts its
+    soft prompts there): called as ``prefix(batch_size)`` it returns a :class:`Prefix` or ``None``. The model
+    gives the prefix positions 0..K-1 and shifts the input's positions after it, extends the padding mask over it,
+    keeps it in the KV cache, and strips it from the output, so callers see (B, T, ...) as without one.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -183,6 +215,7 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.prefix: nn.Module | None = None
         if cfg.tie_embeddings:
             # One matrix to read tokens in and write them out: fewer parameters, and better small models.
             self.lm_head.weight = self.tok_emb.weight
@@ -209,17 +242,29 @@ class Transformer(nn.Module):
     def forward_hidden(self, idx, *, key_padding_mask=None, positions=None, cache=None):
         """Final-normed hidden states (B, T, C) of token ids ``idx`` (B, T).
 
-        past = ``cache.length`` (0 without a cache): the tokens already cached, padding included.
+        past = the tokens of this input already in ``cache`` (0 without a cache), padding included; a prefix the
+            model prepended is not counted (callers never see it).
         key_padding_mask: bool (B, past + T), True = real token; with a cache it covers the cached tokens too.
         positions: (B, T) position ids; default past + 0..T-1 for every row. Left-padded batches pass their
-            own (``generate`` uses cumsum(mask) - 1, so each row's first real token is position 0).
-        cache: a ``KVCache`` from ``new_cache``; this call appends the T new tokens to it.
+            own (``generate`` uses cumsum(mask) - 1, so each row's first real token is position 0). With a prefix,
+            each row's positions are shifted by its real prefix tokens.
+        cache: a ``KVCache`` from ``new_cache``; this call appends the T new tokens (and the prefix, first) to it.
         """
         B, T = idx.shape
-        past = cache.length if cache is not None else 0
-        if past + T > self.config.max_seq_len:
+        if cache is not None and cache.length > 0:
+            pre, fresh = cache.prefix, False  # the prefix went into the cache with the first tokens
+        else:
+            pre = self.prefix(B) if self.prefix is not None else None
+            fresh = pre is not None
+            if cache is not None:
+                cache.prefix = pre
+        K = pre.length if pre is not None else 0
+        past = cache.length - K if cache is not None and cache.length > 0 else 0
+        if K + past + T > self.config.max_seq_len:
+            extra = f" (a prefix of {K} + the input)" if K else ""
             raise ValueError(
-                f"{past + T} tokens exceed the model's context of {self.config.max_seq_len}; shorten the input"
+                f"{K + past + T} tokens{extra} exceed the model's context of {self.config.max_seq_len}; "
+                "shorten the input"
             )
         if key_padding_mask is not None and tuple(key_padding_mask.shape) != (B, past + T):
             raise ValueError(
@@ -228,11 +273,24 @@ class Transformer(nn.Module):
             )
         if positions is None:
             positions = torch.arange(past, past + T, device=idx.device).expand(B, T)  # (B, T)
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(positions))  # (B, T, C)
+        if pre is not None:
+            count = pre.count()
+            positions = positions + (count[:, None] if torch.is_tensor(count) else count)  # after the prefix
+            if pre.mask is not None or key_padding_mask is not None:
+                pm = pre.mask if pre.mask is not None else torch.ones(B, K, dtype=torch.bool, device=idx.device)
+                um = key_padding_mask if key_padding_mask is not None else \
+                    torch.ones(B, past + T, dtype=torch.bool, device=idx.device)
+                key_padding_mask = torch.cat([pm, um.to(torch.bool)], dim=1)  # (B, K + past + T)
+        x = self.tok_emb(idx) + self.pos_emb(positions)  # (B, T, C)
+        if fresh:
+            x = torch.cat([pre.emb.to(x.dtype) + self.pos_emb(pre.positions()), x], dim=1)  # (B, K + T, C)
+        x = self.drop(x)
         for block in self.blocks:
             x = block(x, key_padding_mask=key_padding_mask, cache=cache)
         if cache is not None:
             cache.advance()
+        if fresh:
+            x = x[:, K:]  # (B, T, C): the caller's tokens only
         return self.ln_f(x)  # (B, T, C)
 
     def forward(self, idx, **kwargs):
@@ -254,10 +312,13 @@ class Transformer(nn.Module):
         if key_padding_mask is not None and tuple(key_padding_mask.shape) != (B, T):
             raise ValueError(f"key_padding_mask must be (B, T) = ({B}, {T}) like the prompt, "
                              f"got {tuple(key_padding_mask.shape)}")
-        if T + max(max_new_tokens, 0) > self.config.max_seq_len:
+        pre = self.prefix(B) if self.prefix is not None else None
+        K = pre.length if pre is not None else 0  # soft-prompt tokens the model prepends
+        if K + T + max(max_new_tokens, 0) > self.config.max_seq_len:
+            with_prefix = f"a prefix of {K} + " if K else ""
             raise ValueError(
-                f"prompt of {T} tokens + {max_new_tokens} new exceeds the context of {self.config.max_seq_len}; "
-                f"at most {max(0, self.config.max_seq_len - T)} new tokens fit"
+                f"{with_prefix}prompt of {T} tokens + {max_new_tokens} new exceeds the context of "
+                f"{self.config.max_seq_len}; at most {max(0, self.config.max_seq_len - T - K)} new tokens fit"
             )
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -266,7 +327,7 @@ class Transformer(nn.Module):
         else:
             mask = key_padding_mask.to(device=idx.device, dtype=torch.bool)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T): real tokens count from 0 in each row
-        cache = self.new_cache(B, T + max_new_tokens) if use_cache else None
+        cache = self.new_cache(B, K + T + max_new_tokens) if use_cache else None
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         step_in, step_pos = idx, positions
         for _ in range(max_new_tokens):

@@ -26,7 +26,8 @@ from . import hookspecs
 from .errors import ConfigError, PluginError
 from .options import build_options, parse_spec, suggest
 
-__all__ = ["GROUP", "PluginInfo", "discover", "hook_names", "plugin_hooks", "build_manager", "Registered", "call_impl"]
+__all__ = ["GROUP", "PluginInfo", "discover", "hook_names", "plugin_hooks", "build_manager", "Registered", "call_impl",
+           "objectives_installed"]
 
 GROUP = "tuneforge"
 OWN_DISTRIBUTION = "tuneforge"
@@ -194,6 +195,7 @@ class Registered:
     pm: pluggy.PluginManager
     plugins: dict[str, Any]
     autoloaded: list[str] = dataclasses.field(default_factory=list)  # registered without being named
+    objective: str | None = None  # the plugin whose data and loss the run uses (None: the run trains nothing)
 
     @property
     def mechanisms(self) -> list[str]:
@@ -209,6 +211,16 @@ class Registered:
         order = {n: i for i, n in enumerate(self.plugins)}
         impls = sorted(getattr(self.pm.hook, hook).get_hookimpls(), key=lambda i: order[i.plugin_name])
         return [(i.plugin_name, i.function) for i in impls]
+
+    def objective_impl(self, hook: str):
+        """The objective plugin's implementation of ``hook`` (``tuneforge_data`` / ``tuneforge_loss``); the
+        engine calls it directly, as the one implementation that counts (defaults that lost are skipped)."""
+        if self.objective is None:
+            return None
+        for i in getattr(self.pm.hook, hook).get_hookimpls():
+            if i.plugin_name == self.objective:
+                return i.function
+        return None
 
     def options(self) -> dict[str, dict]:
         """name -> options as a plain dict (for config.json and the summary)."""
@@ -236,7 +248,8 @@ def build_manager(requests, *, available: dict[str, PluginInfo] | None = None, a
     :param available: discovered plugins (default: :func:`discover`).
     :param autoload: also register every discovered plugin marked ``autoload`` that was not named.
     :raises ConfigError, PluginError: unknown mechanism or option, a hook not in the spec, an argument not in
-        the spec, two objectives, no objective.
+        the spec, two objectives or one split over two plugins. (No objective is fine for a run that trains
+        nothing, e.g. ``prompting``; the engine refuses it once something would train.)
     """
     available = discover() if available is None else available
     chosen: list[tuple[str, Any]] = []
@@ -282,25 +295,47 @@ def build_manager(requests, *, available: dict[str, PluginInfo] | None = None, a
         plugins[name] = plugin
     pm.check_pending()
     reg = Registered(pm, plugins, autoloaded)
-    _check_objective(reg, available)
+    reg.objective = _objective(reg)
     return reg
 
 
-def _check_objective(reg: Registered, available: dict[str, PluginInfo]) -> None:
+def _objective(reg: Registered) -> str | None:
+    """The plugin whose ``data`` and ``loss`` the run uses; refuses two objectives or a split one.
+
+    A plugin may offer a *default* objective by marking its objective hooks ``trylast=True`` (prompt tuning
+    does: with nothing else named, it learns the data as given). A default is used only when no plugin offers a
+    regular one, and then the first named wins; two regular ones are an error.
+    """
+    owners: dict[str, tuple[list[str], list[str]]] = {}
     for hook in hookspecs.OBJECTIVE_HOOKS:
-        owners = [n for n, _ in reg.ordered_impls(hook)]
-        if len(owners) > 1:
+        order = {n: i for i, n in enumerate(reg.plugins)}
+        impls = sorted(getattr(reg.pm.hook, hook).get_hookimpls(), key=lambda i: order[i.plugin_name])
+        regular = [i.plugin_name for i in impls if not i.trylast]
+        defaults = [i.plugin_name for i in impls if i.trylast]
+        if len(regular) > 1:
             raise PluginError(
-                f"mechanisms {' and '.join(map(repr, owners))} both implement '{hook}': a run has exactly one "
+                f"mechanisms {' and '.join(map(repr, regular))} both implement '{hook}': a run has exactly one "
                 "objective. Keep one of them; parameterisations (lora, adapter, prompt-tuning) combine with any "
                 "single objective."
             )
-        if not owners:
-            objectives = sorted(
-                n for n, i in available.items() if i.loaded and hook in plugin_hooks(i.obj)
-            )
+        owners[hook] = (regular, defaults)
+    regular = {h: r for h, (r, _) in owners.items() if r}
+    if regular:
+        chosen = set(r[0] for r in regular.values())
+        missing = [h for h in hookspecs.OBJECTIVE_HOOKS if h not in regular]
+        if len(chosen) > 1 or missing:
+            parts = ", ".join(f"'{h}' by {r[0]!r}" for h, r in regular.items())
             raise PluginError(
-                f"no mechanism in this run implements '{hook}', so nothing defines what to optimise. "
-                f"Add an objective mechanism: {', '.join(objectives) or 'none installed'}."
+                f"the run's objective is split: {parts}{' and nobody implements ' + repr(missing[0]) if missing else ''}."
+                f" One plugin implements {' and '.join(hookspecs.OBJECTIVE_HOOKS)} together."
             )
+        return chosen.pop()
+    defaults = [d for d in owners[hookspecs.OBJECTIVE_HOOKS[0]][1]
+                if all(d in owners[h][1] for h in hookspecs.OBJECTIVE_HOOKS)]
+    return defaults[0] if defaults else None
 
+
+def objectives_installed(available: dict[str, PluginInfo] | None = None) -> list[str]:
+    """Names of the installed plugins that can be a run's objective (for error messages)."""
+    available = discover() if available is None else available
+    return sorted(n for n, i in available.items() if i.loaded and hookspecs.OBJECTIVE_HOOKS[0] in plugin_hooks(i.obj))

@@ -39,6 +39,11 @@ class Run:
     world_size: int = 1
     summary: dict = dataclasses.field(default_factory=dict)
     stop_reason: str | None = None  # set (e.g. by a signal or a plugin) to end the run after this step
+    objective: str | None = None  # the plugin whose data and loss the run uses; None when nothing trains
+    trainable: dict[str, int] = dataclasses.field(default_factory=dict)  # plugin -> parameters it asked to train
+    # The checkpoint whose weights will be loaded into the model right after tuneforge_modify_model (on resume,
+    # and when a saved model is rebuilt): plugins that size their modules from saved state read it there.
+    checkpoint: Path | None = None
 
     @property
     def seed(self) -> int:
@@ -53,6 +58,10 @@ class Run:
         """One line on stderr, from the main process only."""
         if self.is_main:
             print(f"[tuneforge] {message}", file=sys.stderr, flush=True)
+
+    def is_objective(self, plugin) -> bool:
+        """Whether ``plugin`` (an instance) is this run's objective: default objectives check it in evaluate."""
+        return self.objective is not None and self.plugins.get(self.objective) is plugin
 
     def request_stop(self, reason: str) -> None:
         """Ask the engine to save and stop after the current step (e.g. early stopping from a plugin)."""
