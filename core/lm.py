@@ -1,14 +1,19 @@
-"""Causal language modelling pieces shared by the objectives that predict the next token (pretrain, and
-fine-tuning on domain text): token windows for an epoch, and the shifted cross-entropy.
+"""Causal language modelling shared by the objectives that predict the next token (pretrain, fine-tuning on
+domain text, prompt tuning on text): token windows for an epoch, the shifted cross-entropy, and
+:class:`TextTask`, the whole objective (data, loss, held-out evaluation) that plugins delegate to.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["TokenWindows", "next_token_loss", "epoch_generator", "unigram_entropy"]
+from .data import read_records
+from .errors import ConfigError
+
+__all__ = ["TokenWindows", "TextTask", "next_token_loss", "epoch_generator", "unigram_entropy"]
 
 
 def epoch_generator(seed: int, epoch: int, salt: int = 0) -> torch.Generator:
@@ -83,3 +88,63 @@ def unigram_entropy(tokens: torch.Tensor) -> float:
     p = torch.bincount(tokens.flatten()).double()
     p = p[p > 0] / p.sum()
     return float(-(p * p.log()).sum())
+
+
+class TextTask:
+    """Next-token prediction on the run's text: tokenised once, validated before training, held-out data from
+    ``--eval-data``, the builtin test split, or the tail of the file (which then never trains).
+
+    :param owner: the plugin's name, for messages.
+    :param reserve: context positions kept free for tokens a model prepends (soft prompts).
+    """
+
+    def __init__(self, owner: str, *, field: str = "text", holdout: float = 0.05, eval_batches: int = 8,
+                 reserve: int = 0):
+        self.owner, self.field, self.holdout, self.eval_batches, self.reserve = owner, field, holdout, eval_batches, reserve
+        self.train = self.held_out = None
+
+    def setup(self, run) -> "TextTask":
+        if self.train is not None:
+            return self
+        cfg, context = run.config, run.model_config.max_seq_len - self.reserve
+        seq_len = cfg.seq_len or context
+        if seq_len > context:
+            room = f" minus {self.reserve} prefix tokens" if self.reserve else ""
+            raise ConfigError(f"{self.owner}: seq_len {seq_len} exceeds the model's context of "
+                              f"{run.model_config.max_seq_len}{room}; lower --seq-len")
+        fields = {self.field: str}
+        texts = [r[self.field] for r in read_records(cfg.data, split="train", fields=fields)]
+        self.train = TokenWindows(texts, run.tokenizer, seq_len)
+        held_spec = cfg.eval_data or (cfg.data if cfg.data.startswith("builtin:") else None)
+        if held_spec is not None:
+            split = "test" if held_spec.startswith("builtin:") else "train"
+            held = [r[self.field] for r in read_records(held_spec, split=split, fields=fields)]
+            self.held_out = TokenWindows(held, run.tokenizer, seq_len)
+        else:  # one file: hold out its last windows, which then never train
+            self.held_out = self.train.split_tail(int(len(self.train) * self.holdout))
+        if self.train.batches_per_epoch(cfg.batch_size) == 0:
+            raise ConfigError(
+                f"{self.owner}: {cfg.data} holds {len(self.train)} windows of {seq_len} tokens, fewer than one "
+                f"batch of {cfg.batch_size}; lower --batch-size or --seq-len, or add text"
+            )
+        return self
+
+    def epoch(self, run) -> Iterator[dict[str, torch.Tensor]]:
+        return self.setup(run).train.epoch(run.epoch, run.seed, run.config.batch_size)
+
+    def loss(self, model, batch) -> tuple[torch.Tensor, dict[str, float]]:
+        logits = model(batch["input"])  # (B, T, V)
+        return next_token_loss(logits, batch["target"]), {"tokens": batch["target"].numel()}
+
+    def evaluate(self, model, run) -> dict[str, float] | None:
+        held = self.setup(run).held_out
+        if held is None or len(held) == 0:
+            return None
+        total, count = 0.0, 0
+        for batch in held.in_order(run.config.batch_size, limit=self.eval_batches):
+            logits = model(batch["input"].to(run.device))
+            n = batch["target"].numel()
+            total += float(next_token_loss(logits, batch["target"].to(run.device))) * n
+            count += n
+        loss = total / count
+        return {"loss": loss, "bits_per_token": loss / math.log(2), "perplexity": math.exp(min(loss, 50.0))}

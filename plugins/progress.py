@@ -33,6 +33,10 @@ class Progress:
         if not run.is_main:
             return
         s = run.summary
+        if not s["trainable_params"]:
+            run.log(f"{', '.join(s['mechanisms'])} on {run.model_config.n_layers}-layer model: nothing trains "
+                    f"(all {s['total_params']:,} parameters frozen); evaluating on {s['device']}")
+            return
         run.log(
             f"{', '.join(s['mechanisms'])} on {run.model_config.n_layers}-layer model: "
             f"{s['trainable_params']:,} of {s['total_params']:,} parameters train ({s['trainable_pct']:.2f}%), "

@@ -31,3 +31,22 @@ def micro_config(tmp_path=None, **kw):
 
 
 os.environ.setdefault("PYTHONHASHSEED", "0")
+
+
+# Long enough for labelled records (up to ~110 bytes) with a few-shot example; two blocks for layers=N tests.
+TASK_MODEL = "tiny:n_layers=2,d_model=32,n_heads=2,max_seq_len=256"
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory):
+    """A briefly pretrained TASK_MODEL checkpoint, the --init of the mechanism tests."""
+    from tuneforge import train
+
+    out = tmp_path_factory.mktemp("pretrained") / "run"
+    os.environ["TUNEFORGE_LOAD_PLUGINS"] = ""
+    try:
+        train(model=TASK_MODEL, mechanisms=["pretrain"], data="builtin:text", steps=30, batch_size=8, seq_len=64,
+              lr=3e-3, warmup=3, eval_every=0, out=str(out))
+    finally:
+        del os.environ["TUNEFORGE_LOAD_PLUGINS"]
+    return out

@@ -1,0 +1,158 @@
+"""``finetune``: continue training a pretrained model (``--init``) on the last N blocks, or all of it.
+
+Objectives, chosen by the options and the data:
+
+- ``head=lm`` on text: next-token cross-entropy (domain adaptation);
+- ``head=lm`` on labelled records: the model learns to answer with the label's word (see
+  :class:`tuneforge.classify.VerbalizedTask`); accuracy compares the label words' likelihoods;
+- ``head=classify``: a new N-output head replaces the LM head and reads the last token; class cross-entropy,
+  prediction = the most activated output.
+
+Frozen means frozen: with ``layers=N`` the embeddings and every block below the last N never change, and an LM
+head tied to the token embedding is untied first (it would otherwise drag the input embedding along).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Optional
+
+import torch
+import torch.nn as nn
+
+from tuneforge import hookimpl
+from tuneforge.classify import HeadTask, VerbalizedTask
+from tuneforge.data import read_records
+from tuneforge.errors import ConfigError
+from tuneforge.lm import TextTask
+from tuneforge.tokenizer import ByteTokenizer
+
+__all__ = ["Finetune", "ClassifierHead", "classify"]
+
+
+class ClassifierHead(nn.Linear):
+    """The N-class head that replaces the LM head; ``labels[i]`` names output ``i``."""
+
+    def __init__(self, d_model: int, labels: list[str]):
+        super().__init__(d_model, len(labels))
+        self.labels = list(labels)
+        nn.init.normal_(self.weight, std=0.02)
+        nn.init.zeros_(self.bias)
+
+
+class Finetune:
+    """Train the last N blocks (+ final norm and head) of a pretrained model, optionally with a new head."""
+
+    @dataclasses.dataclass
+    class Options:
+        layers: str = "all"  # N = the last N blocks + final norm + head train; 0 = only the head; all = everything
+        head: Literal["lm", "classify"] = "lm"  # classify = a new N-class head in place of the LM head
+        classes: Optional[int] = None  # the head's outputs; default: the number of labels in the data
+        labels: list[str] = dataclasses.field(default_factory=list)  # class order; default: the data's, sorted
+        text_field: str = "text"
+        label_field: str = "label"
+        task_field: str = "task"  # in mixed data, the task (soft prompt, adapter) each record's row uses
+        template: Optional[str] = None  # head=lm on labels: prompt with {input} and {label} slots
+        verbalizer: list[str] = dataclasses.field(default_factory=list)  # head=lm on labels: LABEL:WORD pairs
+        holdout: float = 0.1  # share of a file held out when there is no --eval-data
+        eval_batches: int = 8  # head=lm on text: held-out batches per evaluation
+
+        def __post_init__(self):
+            if self.layers != "all" and not (self.layers.isdigit()):
+                raise ValueError(f"layers must be a number of blocks (0, 1, 2, ...) or 'all', got {self.layers!r}")
+            if self.classes is not None and self.classes < 2:
+                raise ValueError(f"classes must be at least 2, got {self.classes}")
+            if self.classes is not None and self.head != "classify":
+                raise ValueError("classes= sets the size of a new classification head; add head=classify")
+            if not 0 <= self.holdout < 0.5:
+                raise ValueError(f"holdout must be within [0, 0.5), got {self.holdout}")
+
+    def __init__(self, options: Options):
+        self.options = options
+        self.task = None
+
+    # -- which objective ---------------------------------------------------------------------------------------
+
+    def _task(self, run):
+        if self.task is None:
+            o = self.options
+            fields = dict(text_field=o.text_field, label_field=o.label_field, task_field=o.task_field,
+                          labels=o.labels or None, holdout=o.holdout)
+            if o.head == "classify":
+                self.task = HeadTask("finetune", classes=o.classes, **fields)
+            elif self._labelled(run):
+                self.task = VerbalizedTask("finetune", template=o.template, verbalizer=o.verbalizer or None, **fields)
+            else:
+                self.task = TextTask("finetune", field=o.text_field, holdout=o.holdout, eval_batches=o.eval_batches)
+        return self.task
+
+    def _labelled(self, run) -> bool:
+        """head=lm learns label words when the records carry labels, else the text itself."""
+        first = read_records(run.config.data, split="train").items[0]
+        return self.options.label_field in first
+
+    # -- hooks -------------------------------------------------------------------------------------------------
+
+    @hookimpl
+    def tuneforge_modify_model(self, model, run):
+        o = self.options
+        depth = len(model.blocks)
+        if o.layers != "all" and int(o.layers) > depth:
+            raise ConfigError(f"finetune: layers={o.layers}, but the model has {depth} blocks; use layers=0..{depth} "
+                              "or layers=all")
+        if o.head == "classify":
+            if not o.labels:  # resolved from the data once, then saved with the options (a rebuild needs no data)
+                task = self._task(run)
+                task.read(run)
+                o.labels = list(task.labels)
+            if o.classes is not None and o.classes != len(o.labels):
+                raise ConfigError(f"finetune: classes={o.classes} but labels= names {len(o.labels)}: "
+                                  f"{', '.join(o.labels)}")
+            head = model.lm_head
+            if not (isinstance(head, ClassifierHead) and head.labels == o.labels):  # else: keep training that head
+                model.lm_head = ClassifierHead(model.config.d_model, o.labels).to(model.tok_emb.weight.device)
+        elif o.layers != "all" and model.lm_head.weight is model.tok_emb.weight:
+            untied = nn.Linear(model.config.d_model, model.config.vocab_size, bias=False)
+            untied.weight = nn.Parameter(model.lm_head.weight.detach().clone())
+            model.lm_head = untied
+
+    @hookimpl
+    def tuneforge_trainable_params(self, model):
+        if self.options.layers == "all":
+            return list(model.parameters())
+        n = int(self.options.layers)
+        modules = list(model.blocks[len(model.blocks) - n:]) + ([model.ln_f] if n else []) + [model.lm_head]
+        return [p for m in modules for p in m.parameters()]
+
+    @hookimpl
+    def tuneforge_data(self, run):
+        return self._task(run).epoch(run)
+
+    @hookimpl
+    def tuneforge_loss(self, model, batch):
+        return self.task.loss(model, batch)
+
+    @hookimpl
+    def tuneforge_evaluate(self, model, run):
+        return self._task(run).evaluate(model, run)
+
+
+@torch.no_grad()
+def classify(model, texts: list[str], *, tasks: list[str] | None = None, batch_size: int = 64) -> list[str]:
+    """Labels predicted by a model with a fine-tuned classification head (e.g. from ``tuneforge.load_model``)."""
+    from tuneforge import routing
+    from tuneforge.classify import pad_right
+
+    head = model.lm_head
+    if not isinstance(head, ClassifierHead):
+        raise ConfigError("classify: this model has no classification head (train with finetune:head=classify)")
+    tok, device, room = ByteTokenizer(), model.tok_emb.weight.device, model.config.max_seq_len
+    out: list[str] = []
+    for b in range(0, len(texts), batch_size):
+        rows = [tok.encode(t, bos=True, eos=True) for t in texts[b:b + batch_size]]
+        rows = [r if len(r) <= room else r[:1] + r[len(r) - room + 1:] for r in rows]
+        ids = pad_right(rows, tok.pad_id).to(device)
+        last = torch.tensor([len(r) - 1 for r in rows], device=device)
+        with routing.rows(tasks[b:b + batch_size] if tasks else None):
+            h = model.forward_hidden(ids)  # (B, T, C)
+        out.extend(head.labels[i] for i in head(h[torch.arange(len(rows), device=device), last]).argmax(-1).tolist())
+    return out
