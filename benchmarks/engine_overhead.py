@@ -58,7 +58,7 @@ def run_engine(cfg, skip):
 
 def run_hand(cfg, skip):
     """What a user would write by hand: same model init, data order, AdamW groups, schedule and clipping."""
-    model, mcfg = build_model(cfg)
+    model, mcfg, _ = build_model(cfg)
     seq_len = cfg.seq_len or mcfg.max_seq_len
     windows = TokenWindows([r["text"] for r in builtin("text")], ByteTokenizer(), seq_len)
     params = list(model.parameters())

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from . import routing
-from .labelled import Labelled, Template, read_labelled, resolve_labels, verbalizer
+from .errors import ConfigError, DataError
+from .labelled import Labelled, Template, default_template, read_labelled, resolve_labels, verbalizer
 from .lm import epoch_generator, next_token_loss
 
 __all__ = ["VerbalizedTask", "HeadTask", "score_candidates", "pad_right", "fit_context"]
@@ -41,24 +42,19 @@ def fit_context(ids: list[int], room: int) -> tuple[list[int], bool]:
     return ids[:1] + ids[len(ids) - room + 1:], True
 
 
-def _held_out_spec(run, owner_holdout: float) -> tuple[str, str]:
-    """(spec, split) of held-out data: --eval-data, the builtin test split, or (spec, "") for a file's tail."""
-    cfg = run.config
-    if cfg.eval_data:
-        return cfg.eval_data, "test" if cfg.eval_data.startswith("builtin:") else "train"
-    if cfg.data.startswith("builtin:"):
-        return cfg.data, "test"
-    return cfg.data, ""
-
-
 def _split(run, fields: dict, holdout: float) -> tuple[Labelled, Labelled]:
-    """Training and held-out records; a file without --eval-data gives up its last ``holdout`` share."""
-    train = read_labelled(run.config.data, split="train", **fields)
-    spec, split = _held_out_spec(run, holdout)
-    if split:
-        return train, read_labelled(spec, split=split, **fields)
+    """Training and held-out records: --eval-data, else the builtin test split, else the file's last
+    ``holdout`` share (which then never trains)."""
+    cfg = run.config
+    train = read_labelled(cfg.data, split="train", **fields)
+    held_spec = cfg.eval_data or (cfg.data if cfg.data.startswith("builtin:") else None)
+    if held_spec is not None:
+        return train, read_labelled(held_spec, split="test" if held_spec.startswith("builtin:") else "train", **fields)
     cut = len(train) - max(1, int(len(train) * holdout)) if holdout > 0 and len(train) > 1 else len(train)
-    part = lambda a, b: Labelled(train.texts[a:b], train.labels[a:b], train.tasks[a:b], train.where[a:b], train.source)  # noqa: E731
+
+    def part(a: int, b: int) -> Labelled:
+        return Labelled(train.texts[a:b], train.labels[a:b], train.tasks[a:b], train.where[a:b], train.source)
+
     return part(0, cut), part(cut, len(train))
 
 
@@ -123,12 +119,10 @@ class _LabelledTask:
         self.task_labels = {t: [lb for lb in self.labels if lb in ls] for t, ls in by_task.items()}
         for task, label, loc in zip(self.held_out.tasks, self.held_out.labels, self.held_out.where):
             if label not in self.task_labels.get(task, self.labels):
-                from .errors import DataError
                 where = f" of task '{task}'" if task else ""
                 raise DataError(f"{loc}: label '{label}'{where} never occurs in the training data "
                                 f"({', '.join(self.task_labels.get(task, self.labels))}); the model could not learn it")
         if len(self.train) < run.config.batch_size:
-            from .errors import ConfigError
             raise ConfigError(f"{self.owner}: {self.train.source} has {len(self.train)} training records, fewer "
                               f"than one batch of {run.config.batch_size}; lower --batch-size or add records")
 
@@ -155,7 +149,6 @@ class VerbalizedTask(_LabelledTask):
         if self.train is not None:
             return
         super().read(run)
-        from .labelled import default_template
         self.template = Template(self.template_text or default_template(run.config.data), owner=self.owner)
         self.words = verbalizer(self.pairs, self.labels, run.config.data, owner=self.owner)
         tok = run.tokenizer

@@ -122,6 +122,9 @@ def _generate(args) -> int:
 
     model = load_model(args.checkpoint, device=args.device)
     tok = ByteTokenizer()
+    if model.lm_head.out_features != model.config.vocab_size:
+        raise ConfigError(f"{args.checkpoint} has a {model.lm_head.out_features}-class head instead of the LM head, so it "
+                          "cannot generate text; predict labels with tuneforge.plugins.finetune.classify(model, texts)")
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     prompts = args.prompt or [""]
     for prompt in prompts:
@@ -145,9 +148,15 @@ def _plugins(args) -> int:
         return 0
     for info in infos.values():
         d = info.as_dict()
-        kind = "autoload" if info.autoload else ("objective" if "tuneforge_loss" in d["hooks"] else "mechanism")
+        loss = getattr(info.obj, "tuneforge_loss", None)
+        if info.autoload:
+            kind = "autoload"
+        elif loss is None:
+            kind = "mechanism"
+        else:  # a loss marked trylast is a default objective: used when the run brings no other
+            kind = "default-objective" if getattr(loss, "tuneforge_impl", {}).get("trylast") else "objective"
         status = "ok" if info.loaded else f"ERROR: {info.error}"
-        print(f"{info.name:<16} {info.package} {info.version:<10} {kind:<10} {status}")
+        print(f"{info.name:<16} {info.package} {info.version:<10} {kind:<17} {status}")
         if info.loaded:
             print(f"{'':<16} {info.description}")
             print(f"{'':<16} hooks: {', '.join(h.removeprefix('tuneforge_') for h in d['hooks'])}")

@@ -75,7 +75,8 @@ def resolve_labels(data: Labelled, given: list[str] | None, classes: int | None,
                                 f"({', '.join(given)}){suggest(label, given)}; add it to labels= or fix the record")
         labels = list(given)
     else:
-        labels = sorted(set(data.labels), key=lambda x: (not x.lstrip("-").isdigit(), int(x) if x.lstrip("-").isdigit() else 0, x))
+        numeric = lambda x: x.lstrip("-").isdigit()  # noqa: E731
+        labels = sorted(set(data.labels), key=lambda x: (0, int(x), "") if numeric(x) else (1, 0, x))  # 2 before 10
     if classes and classes != len(labels):
         raise ConfigError(
             f"{owner}: classes={classes}, but {data.source} has {len(labels)} labels ({', '.join(labels)}); "

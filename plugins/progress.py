@@ -62,4 +62,7 @@ class Progress:
             self.bar = None
         if run.is_main:
             evals = "  ".join(f"{k} {v:.4f}" for k, v in (summary.get("eval") or {}).items())
-            run.log(f"{summary.get('status')} after {summary.get('steps')} steps in {summary.get('seconds')} s  {evals}")
+            if summary.get("trainable_params") == 0:
+                run.log(f"evaluated in {summary.get('seconds')} s (nothing trained)  {evals}")
+            else:
+                run.log(f"{summary.get('status')} after {summary.get('steps')} steps in {summary.get('seconds')} s  {evals}")

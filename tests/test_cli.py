@@ -1,4 +1,5 @@
 """The command line as a user runs it: real subprocesses, real files, real signals."""
+import importlib.util
 import json
 import os
 import signal
@@ -105,5 +106,38 @@ def test_demo_quick_writes_demo_json(tmp_path):
     out = tmp_path / "demo"
     tf("demo", "--quick", "--out", str(out), timeout=240)
     rows = json.loads((out / "demo.json").read_text())
-    assert rows and {"mechanism", "trainable_params", "trainable_pct", "seconds", "metric", "value"} <= set(rows[0])
+    assert rows and all({"mechanism", "trainable_params", "trainable_pct", "seconds", "metric", "value"} <= set(r)
+                        for r in rows)
     assert rows[0]["mechanism"] == "pretrain" and rows[0]["trainable_pct"] == pytest.approx(100.0)
+    names = [r["mechanism"] for r in rows]
+    for stage in ("finetune (last 2 blocks", "prompt-tuning (sentiment)", "prompt-tuning (topic)",
+                  "one mixed batch", "prompting (zero-shot)", "right labels", "wrong labels"):
+        assert any(stage in n for n in names), stage
+    by_name = {r["mechanism"]: r for r in rows}
+    assert by_name["prompt-tuning (sentiment)"]["trainable_pct"] < 1.0
+    mixed = next(r for r in rows if "mixed" in r["mechanism"])
+    assert mixed["max_abs_diff_vs_alone"] < 1e-3  # a mixed batch scores each row as that row's task alone
+    for r in rows:
+        if r["mechanism"].startswith("prompting"):
+            assert r["trainable_params"] == 0
+    if importlib.util.find_spec("matplotlib"):  # the optional extra draws the curves; the demo runs without
+        assert (out / "loss_curves.png").stat().st_size > 1000
+    else:
+        assert not (out / "loss_curves.png").exists()
+
+
+def test_finetune_then_prompting_from_the_command_line(pretrained, tmp_path):
+    ft = tmp_path / "ft"
+    tf("train", "--init", str(pretrained), "-m", "finetune:layers=1,head=classify", "--data", "builtin:sentiment",
+       "--steps", "3", "--batch-size", "8", "--eval-every", "0", "--out", str(ft))
+    summary = json.loads((ft / "summary.json").read_text())
+    assert summary["mechanisms"] == ["finetune"] and "accuracy" in summary["eval"]
+    assert summary["frozen_weights"]["unchanged"] is True
+    p = tmp_path / "p"
+    proc = tf("train", "--init", str(pretrained), "-m", "prompting:limit=8,verbalizer=positive:good,negative:bad",
+              "--data", "builtin:sentiment", "--out", str(p))
+    assert "nothing trains" in proc.stderr
+    assert json.loads((p / "summary.json").read_text())["frozen_weights"]["unchanged"] is True
+    bad = tf("train", "--init", str(pretrained), "-m", "prompting:template=no slot here", "--data",
+             "builtin:sentiment", check=False)
+    assert bad.returncode == 2 and "no {input} slot" in bad.stderr and "Traceback" not in bad.stderr
