@@ -111,7 +111,7 @@ def test_demo_quick_writes_demo_json(tmp_path):
     assert rows[0]["mechanism"] == "pretrain" and rows[0]["trainable_pct"] == pytest.approx(100.0)
     names = [r["mechanism"] for r in rows]
     for stage in ("finetune (last 2 blocks", "prompt-tuning (sentiment)", "prompt-tuning (topic)",
-                  "one mixed batch", "prompting (zero-shot)", "right labels", "wrong labels"):
+                  "one mixed batch", "bare input", "task format", "right labels", "wrong labels"):
         assert any(stage in n for n in names), stage
     by_name = {r["mechanism"]: r for r in rows}
     assert by_name["prompt-tuning (sentiment)"]["trainable_pct"] < 1.0
@@ -131,7 +131,7 @@ def test_finetune_then_prompting_from_the_command_line(pretrained, tmp_path):
     tf("train", "--init", str(pretrained), "-m", "finetune:layers=1,head=classify", "--data", "builtin:sentiment",
        "--steps", "3", "--batch-size", "8", "--eval-every", "0", "--out", str(ft))
     summary = json.loads((ft / "summary.json").read_text())
-    assert summary["mechanisms"] == ["finetune"] and "accuracy" in summary["eval"]
+    assert summary["mechanisms"] == ["finetune"] and "eval/accuracy" in summary["eval"]
     assert summary["frozen_weights"]["unchanged"] is True
     p = tmp_path / "p"
     proc = tf("train", "--init", str(pretrained), "-m", "prompting:limit=8,verbalizer=positive:good,negative:bad",
