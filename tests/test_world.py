@@ -1,7 +1,6 @@
 import collections
 import math
 import re
-import time
 
 import pytest
 
@@ -144,13 +143,16 @@ def test_world_methods_match_builtin():
     assert w.rank(r["prompt"], r["responses"]) == r["ranking"]
 
 
-def test_generation_is_quick_and_cached():
-    start = time.perf_counter()
+def test_generation_is_cached():
+    # No timing threshold (a loaded CI machine makes those flaky): the second call must not regenerate.
+    from tuneforge.world import _generate
+
     builtin("sentiment", seed=12345)
-    first = time.perf_counter() - start
-    start = time.perf_counter()
-    builtin("sentiment", seed=12345)
-    assert first < 2.0 and time.perf_counter() - start < first / 4
+    before = _generate.cache_info()
+    again = builtin("sentiment", seed=12345)
+    after = _generate.cache_info()
+    assert after.hits == before.hits + 1 and after.misses == before.misses
+    assert again == builtin("sentiment", seed=12345)
 
 
 def _bag_of_words_accuracy(task):
