@@ -14,7 +14,7 @@ from .data import BUILTIN_PREFIX, read_records
 from .errors import ConfigError, DataError
 from .options import suggest
 
-__all__ = ["Labelled", "read_labelled", "resolve_labels", "Template", "default_template", "verbalizer"]
+__all__ = ["Labelled", "read_labelled", "has_labels", "resolve_labels", "Template", "default_template", "verbalizer"]
 
 # How the embedded world writes its labelled lines in builtin:text, so a pretrained model knows the format.
 BUILTIN_TEMPLATES = {
@@ -57,6 +57,11 @@ def read_labelled(spec: str, *, split: str = "train", text_field: str = "text", 
         tasks.append(task)
     return Labelled([r[text_field] for r in records.items], [str(r[label_field]) for r in records.items], tasks,
                     list(records.where), spec)
+
+
+def has_labels(spec: str, label_field: str = "label") -> bool:
+    """Whether the records of ``spec`` carry labels (objectives that learn either text or labels decide by it)."""
+    return label_field in read_records(spec, split="train").items[0]
 
 
 def resolve_labels(data: Labelled, given: list[str] | None, classes: int | None, *, owner: str) -> list[str]:

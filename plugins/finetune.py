@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from tuneforge import hookimpl
 from tuneforge.classify import HeadTask, VerbalizedTask
-from tuneforge.data import read_records
+from tuneforge.labelled import has_labels
 from tuneforge.errors import ConfigError
 from tuneforge.lm import TextTask
 from tuneforge.tokenizer import ByteTokenizer
@@ -79,16 +79,11 @@ class Finetune:
                           labels=o.labels or None, holdout=o.holdout)
             if o.head == "classify":
                 self.task = HeadTask("finetune", classes=o.classes, **fields)
-            elif self._labelled(run):
+            elif has_labels(run.config.data, o.label_field):  # head=lm learns label words, else the text
                 self.task = VerbalizedTask("finetune", template=o.template, verbalizer=o.verbalizer or None, **fields)
             else:
                 self.task = TextTask("finetune", field=o.text_field, holdout=o.holdout, eval_batches=o.eval_batches)
         return self.task
-
-    def _labelled(self, run) -> bool:
-        """head=lm learns label words when the records carry labels, else the text itself."""
-        first = read_records(run.config.data, split="train").items[0]
-        return self.options.label_field in first
 
     # -- hooks -------------------------------------------------------------------------------------------------
 

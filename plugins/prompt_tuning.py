@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from tuneforge import hookimpl, routing
 from tuneforge import checkpoint as ckpt
 from tuneforge.classify import VerbalizedTask
-from tuneforge.data import read_records
+from tuneforge.labelled import has_labels
 from tuneforge.errors import CheckpointError, ConfigError
 from tuneforge.lm import TextTask
 from tuneforge.model import Prefix
@@ -264,8 +264,7 @@ class PromptTuning:
         if self.task is None:
             o = self.options
             reserve = max(p.size(0) for p in self.module.prompts.values())
-            first = read_records(run.config.data, split="train").items[0]
-            if o.label_field in first:
+            if has_labels(run.config.data, o.label_field):
                 self.task = VerbalizedTask("prompt-tuning", template=o.template, verbalizer=o.verbalizer or None,
                                            text_field=o.text_field, label_field=o.label_field,
                                            task_field=o.task_field, holdout=o.holdout, reserve=reserve)
