@@ -82,13 +82,16 @@ def score_candidates(model, prompts: Sequence[list[int]], candidates: Sequence[S
         chunk = pairs[b:b + rows_per_batch]
         seqs = [prompts[i] + candidates[i][j] for i, j in chunk]
         ids = pad_right(seqs, pad_id).to(device)  # (R, T)
+        answer = torch.zeros_like(ids, dtype=torch.bool)  # (R, T): the candidate's tokens
+        for r, (i, j) in enumerate(chunk):
+            answer[r, len(prompts[i]):len(prompts[i]) + len(candidates[i][j])] = True
         with routing.rows([tasks[i] for i, _ in chunk] if tasks is not None else None):
             logp = F.log_softmax(model(ids).float(), dim=-1)  # (R, T, V)
-        for r, (i, j) in enumerate(chunk):
-            start, n = len(prompts[i]), len(candidates[i][j])
-            pos = torch.arange(start - 1, start - 1 + n, device=logp.device)  # positions predicting the answer
-            target = ids[r, start:start + n]
-            out[i][j] = float(logp[r, pos, target].sum())
+        # token t is predicted at position t - 1
+        token_logp = logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)  # (R, T-1)
+        sums = (token_logp * answer[:, 1:]).sum(-1).tolist()  # one host sync per batch
+        for (i, j), value in zip(chunk, sums):
+            out[i][j] = value
     return out
 
 

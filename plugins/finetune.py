@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from tuneforge import hookimpl
-from tuneforge.classify import HeadTask, VerbalizedTask
+from tuneforge.classify import HeadTask, VerbalizedTask, fit_context, pad_right
 from tuneforge.labelled import has_labels
 from tuneforge.errors import ConfigError
 from tuneforge.lm import TextTask
@@ -134,20 +134,17 @@ class Finetune:
 @torch.no_grad()
 def classify(model, texts: list[str], *, tasks: list[str] | None = None, batch_size: int = 64) -> list[str]:
     """Labels predicted by a model with a fine-tuned classification head (e.g. from ``tuneforge.load_model``)."""
-    from tuneforge import routing
-    from tuneforge.classify import pad_right
-
     head = model.lm_head
     if not isinstance(head, ClassifierHead):
         raise ConfigError("classify: this model has no classification head (train with finetune:head=classify)")
-    tok, device, room = ByteTokenizer(), model.tok_emb.weight.device, model.config.max_seq_len
+    tok, device = ByteTokenizer(), model.tok_emb.weight.device
     out: list[str] = []
     for b in range(0, len(texts), batch_size):
-        rows = [tok.encode(t, bos=True, eos=True) for t in texts[b:b + batch_size]]
-        rows = [r if len(r) <= room else r[:1] + r[len(r) - room + 1:] for r in rows]
-        ids = pad_right(rows, tok.pad_id).to(device)
-        last = torch.tensor([len(r) - 1 for r in rows], device=device)
-        with routing.rows(tasks[b:b + batch_size] if tasks else None):
-            h = model.forward_hidden(ids)  # (B, T, C)
-        out.extend(head.labels[i] for i in head(h[torch.arange(len(rows), device=device), last]).argmax(-1).tolist())
+        rows = [fit_context(tok.encode(t, bos=True, eos=True), model.config.max_seq_len)[0]
+                for t in texts[b:b + batch_size]]
+        batch = {"input": pad_right(rows, tok.pad_id).to(device),
+                 "last": torch.tensor([len(r) - 1 for r in rows], device=device)}
+        if tasks:
+            batch["task"] = tasks[b:b + batch_size]
+        out.extend(head.labels[i] for i in HeadTask.logits(model, batch).argmax(-1).tolist())
     return out
