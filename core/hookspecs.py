@@ -155,10 +155,11 @@ def tuneforge_evaluate(model, run):
 
 
 @hookspec
-def tuneforge_save(run, path):
+def tuneforge_save(run, path, model):
     """Write this plugin's own state into a checkpoint folder being built.
 
     :param run: the run.
+    :param model: the model being saved (its weights go to ``model.safetensors`` beside, whatever a plugin does).
     :param path: ``pathlib.Path`` of a *temporary* folder; the engine renames it into place once every plugin
         has written, so a crash here never leaves a half-written checkpoint. Write safetensors and JSON files,
         never pickle, named after the plugin to avoid collisions.

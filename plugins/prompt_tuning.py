@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -22,13 +21,12 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tuneforge import hookimpl, routing
+from tuneforge import hookimpl
 from tuneforge import checkpoint as ckpt
-from tuneforge.classify import VerbalizedTask
-from tuneforge.labelled import has_labels
+from tuneforge.adapters import TaskModule, base_fingerprint
 from tuneforge.errors import CheckpointError, ConfigError
-from tuneforge.lm import TextTask
 from tuneforge.model import Prefix
+from tuneforge.objective import DefaultObjective, ObjectiveOptions
 
 __all__ = ["PromptTuning", "SoftPrompts", "load_prompts", "add_prompts", "base_fingerprint"]
 
@@ -36,21 +34,16 @@ FORMAT = "tuneforge.soft-prompt"
 PROMPTS_DIR = "prompts"
 
 
-def base_fingerprint(model) -> str:
-    """16 hex digits naming the base model's shapes: a prompt trained on one base is refused by another."""
-    own = {id(p) for p in model.prefix.parameters()} if getattr(model, "prefix", None) is not None else set()
-    shapes = sorted((n, tuple(p.shape)) for n, p in model.named_parameters() if id(p) not in own)
-    return hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16]
-
-
-class SoftPrompts(nn.Module):
+class SoftPrompts(nn.Module, TaskModule):
     """Named soft prompts ``(K_task, C)``; as ``Transformer.prefix`` it prepends each row's task prompt."""
+
+    kind = "soft prompts"
 
     def __init__(self, d_model: int):
         super().__init__()
         self.d_model = d_model
         self.prompts = nn.ParameterDict()
-        self.default: str | None = None  # the prompt of rows the caller did not route (None: only one exists)
+        self.active = None  # the prompt of rows the caller did not route (None: the only one, if one)
 
     def add(self, name: str, value: torch.Tensor) -> None:
         if value.dim() != 2 or value.size(1) != self.d_model:
@@ -62,25 +55,25 @@ class SoftPrompts(nn.Module):
     def names(self) -> list[str]:
         return list(self.prompts.keys())
 
+    def task_names(self) -> list[str]:
+        return self.names
+
+    def part_parameters(self, name: str) -> list[nn.Parameter]:
+        return [self.prompts[name]]
+
     def forward(self, batch_size: int) -> Prefix | None:
-        route = routing.current()
-        if route is None:
-            name = self.default or (self.names[0] if len(self.names) == 1 else None)
-            if name is None:
-                raise ValueError(
-                    f"this model holds soft prompts {', '.join(self.names)}: say which one each row uses with "
-                    "tuneforge.routing.rows([...]) around the call (or a 'task' field in the data)"
-                )
-            p = self.prompts[name]
+        sel = self.selection(batch_size, next(iter(self.prompts.values())).device if self.prompts else None)
+        if not sel.per_row:
+            if not sel.shared:
+                return None
+            if len(sel.shared) > 1:
+                raise ValueError(f"soft prompts {', '.join(self.names[i] for i in sel.shared)} are all active; a row "
+                                 "takes one: route rows with tuneforge.routing.rows([...])")
+            p = self.prompts[self.names[sel.shared[0]]]
             return Prefix(p.unsqueeze(0).expand(batch_size, *p.shape))  # (B, K, C)
-        if len(route) != batch_size:
-            raise ValueError(f"routing names {len(route)} rows, the batch has {batch_size}")
-        ids = routing.task_ids(route, self.names, owner="prompt-tuning")
-        chosen = [self.prompts[self.names[i]] if i >= 0 else None for i in ids]
+        chosen = [self.prompts[self.names[i]] if i >= 0 else None for i in sel.row_ids]
         lengths = [p.size(0) if p is not None else 0 for p in chosen]
         K = max(lengths)
-        if K == 0:
-            return None
         if min(lengths) == K:  # every row's prompt has K tokens: no padding, no mask
             return Prefix(torch.stack(chosen))  # (B, K, C)
         ref = next(p for p in chosen if p is not None)
@@ -152,24 +145,20 @@ def _saved_shapes(checkpoint: Path) -> dict[str, tuple[int, ...]]:
         return {k[len(key):]: tuple(fh.get_slice(k).get_shape()) for k in fh.keys() if k.startswith(key)}
 
 
-class PromptTuning:
+class PromptTuning(DefaultObjective):
     """Soft prompts, one per task, on a frozen model (see the module docstring)."""
 
+    objective_owner = "prompt-tuning"
+
     @dataclasses.dataclass
-    class Options:
+    class Options(ObjectiveOptions):
         tasks: Optional[list[str]] = None  # prompts to train (new, or loaded ones to continue); default 'default'
         tokens: int = 16  # K, virtual tokens of each new prompt
         init: str = "vocab"  # vocab (embeddings of random letters), random, or text:WORDS (those words' embeddings)
         load: list[str] = dataclasses.field(default_factory=list)  # prompt files, checkpoint or run folders
-        # the default objective's data (used only when no other mechanism brings an objective)
-        text_field: str = "text"
-        label_field: str = "label"
-        task_field: str = "task"
-        template: Optional[str] = None
-        verbalizer: list[str] = dataclasses.field(default_factory=list)
-        holdout: float = 0.1
 
         def __post_init__(self):
+            super().__post_init__()
             if self.tokens < 1:
                 raise ValueError(f"tokens must be at least 1, got {self.tokens}")
             if self.init not in ("vocab", "random") and not self.init.startswith("text:"):
@@ -182,7 +171,6 @@ class PromptTuning:
         self.trained: list[str] = []
         self.module: SoftPrompts | None = None
         self.fingerprint = ""
-        self.task = None
 
     def _new_prompt(self, model, run, name: str) -> torch.Tensor:
         emb, K = model.tok_emb.weight.detach(), self.options.tokens
@@ -234,7 +222,7 @@ class PromptTuning:
             raise ConfigError(f"prompt-tuning: a prompt of {longest} tokens leaves no room in the model's context of "
                               f"{model.config.max_seq_len}; lower tokens=")
         self.trained = list(tasks)
-        sp.default = tasks[0] if len(tasks) == 1 else None
+        sp.active = tuple(tasks[:1]) if len(tasks) == 1 else None
         model.prefix = sp.to(device)
         self.module = sp
         self.fingerprint = base_fingerprint(model)
@@ -258,30 +246,5 @@ class PromptTuning:
             sizes = ", ".join(f"{n} ({self.module.prompts[n].size(0)} tokens)" for n in self.trained)
             run.log(f"prompt-tuning: training {sizes}; every model weight is frozen")
 
-    # -- default objective: only when no other mechanism brings one ----------------------------------------------
-
-    def _task(self, run):
-        if self.task is None:
-            o = self.options
-            reserve = max(p.size(0) for p in self.module.prompts.values())
-            if has_labels(run.config.data, o.label_field):
-                self.task = VerbalizedTask("prompt-tuning", template=o.template, verbalizer=o.verbalizer or None,
-                                           text_field=o.text_field, label_field=o.label_field,
-                                           task_field=o.task_field, holdout=o.holdout, reserve=reserve)
-            else:
-                self.task = TextTask("prompt-tuning", field=o.text_field, holdout=o.holdout, reserve=reserve)
-        return self.task
-
-    @hookimpl(trylast=True)
-    def tuneforge_data(self, run):
-        return self._task(run).epoch(run)
-
-    @hookimpl(trylast=True)
-    def tuneforge_loss(self, model, batch):
-        return self.task.loss(model, batch)
-
-    @hookimpl
-    def tuneforge_evaluate(self, model, run):
-        if run.is_objective(self):
-            return self._task(run).evaluate(model, run)
-        return None
+    def objective_reserve(self) -> int:
+        return max(p.size(0) for p in self.module.prompts.values())

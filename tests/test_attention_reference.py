@@ -86,4 +86,7 @@ def test_bf16_in_bf16_out_close_to_fp32():
 def test_scale_and_backend_report():
     q, k, v = (torch.randn(1, 1, 4, 8) for _ in range(3))
     torch.testing.assert_close(flash_attention(q, k, v, scale=0.5), flash_attention(q * 0.5 * 8 ** 0.5, k, v))
-    assert backend() == {"flash_attention": "reference"}
+    report = backend()
+    assert set(report) == {"flash_attention", "lora_linear", "multi_lora_linear", "bottleneck_adapter",
+                           "multi_bottleneck_adapter"}
+    assert set(report.values()) == {"reference"}

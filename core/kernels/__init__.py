@@ -5,13 +5,24 @@ changing ``_IMPLEMENTATIONS`` below, the one place that decides which code runs;
 """
 from __future__ import annotations
 
-from .reference import attention_reference
+from .reference import (
+    ACTIVATIONS, attention_reference, bottleneck_adapter_reference, lora_linear_reference,
+    multi_bottleneck_adapter_reference, multi_lora_linear_reference,
+)
 
-__all__ = ["flash_attention", "backend", "attention_reference"]
+__all__ = [
+    "flash_attention", "lora_linear", "multi_lora_linear", "bottleneck_adapter", "multi_bottleneck_adapter",
+    "backend", "ACTIVATIONS", "attention_reference",
+]
 
-# op name -> (backend name, callable). The only dispatch table: the model calls flash_attention(), never a backend.
+# op name -> (backend name, callable). The only dispatch table: models and mechanisms call the functions below,
+# never a backend.
 _IMPLEMENTATIONS = {
     "flash_attention": ("reference", attention_reference),
+    "lora_linear": ("reference", lora_linear_reference),
+    "multi_lora_linear": ("reference", multi_lora_linear_reference),
+    "bottleneck_adapter": ("reference", bottleneck_adapter_reference),
+    "multi_bottleneck_adapter": ("reference", multi_bottleneck_adapter_reference),
 }
 
 
@@ -26,6 +37,29 @@ def flash_attention(q, k, v, *, causal: bool = True, key_padding_mask=None, scal
     return impl(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
 
 
+def lora_linear(x, weight, bias, lora_a, lora_b, scaling: float):
+    """``x W^T + b + scaling (x A^T) B^T``. x: (..., in), weight: (out, in), lora_a: (r, in), lora_b: (out, r)."""
+    return _IMPLEMENTATIONS["lora_linear"][1](x, weight, bias, lora_a, lora_b, scaling)
+
+
+def multi_lora_linear(x, weight, bias, lora_a, lora_b, scalings, adapter_ids):
+    """Row ``n`` of x (its first dimension) adds adapter ``adapter_ids[n]``'s update (-1: none).
+    lora_a: (A, r, in), lora_b: (A, out, r), scalings: (A,), adapter_ids: (N,) int64."""
+    return _IMPLEMENTATIONS["multi_lora_linear"][1](x, weight, bias, lora_a, lora_b, scalings, adapter_ids)
+
+
+def bottleneck_adapter(h, w_down, b_down, w_up, b_up, activation: str = "gelu", residual: bool = True):
+    """``h + up(act(down(h)))``; h: (..., C), w_down: (m, C), w_up: (C, m). ``residual=False`` drops ``h +``."""
+    return _IMPLEMENTATIONS["bottleneck_adapter"][1](h, w_down, b_down, w_up, b_up, activation, residual)
+
+
+def multi_bottleneck_adapter(h, w_down, b_down, w_up, b_up, scales, adapter_ids, activation: str = "gelu"):
+    """Row ``n`` of h gets ``scales[a] * up_a(act(down_a(h)))`` with a = ``adapter_ids[n]`` (-1: zeros).
+    w_down: (A, m, C), b_down: (A, m), w_up: (A, C, m), b_up: (A, C), scales: (A,)."""
+    return _IMPLEMENTATIONS["multi_bottleneck_adapter"][1](h, w_down, b_down, w_up, b_up, scales, adapter_ids,
+                                                           activation)
+
+
 def backend() -> dict[str, str]:
-    """Which implementation each op runs, e.g. ``{"flash_attention": "reference"}``."""
+    """Which implementation each op runs, e.g. ``{"flash_attention": "reference", ...}``."""
     return {op: name for op, (name, _) in _IMPLEMENTATIONS.items()}

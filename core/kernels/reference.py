@@ -10,7 +10,13 @@ import math
 
 import torch
 
-__all__ = ["attention_reference"]
+__all__ = [
+    "attention_reference", "lora_linear_reference", "multi_lora_linear_reference", "bottleneck_adapter_reference",
+    "multi_bottleneck_adapter_reference", "ACTIVATIONS",
+]
+
+#: The activations a bottleneck adapter may use, by name (the name is what files and kernels carry).
+ACTIVATIONS = {"gelu": torch.nn.functional.gelu, "relu": torch.relu, "silu": torch.nn.functional.silu}
 
 
 def attention_reference(q, k, v, *, causal: bool = True, key_padding_mask=None, scale=None):
@@ -60,3 +66,74 @@ def attention_reference(q, k, v, *, causal: bool = True, key_padding_mask=None, 
     probs = probs.masked_fill(sees_nothing, 0.0)
     out = torch.matmul(probs, v.to(acc))  # (B, H, Tq, D): weighted sum of the values each query may see
     return out.to(q.dtype)
+
+
+def lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling: float):
+    """``x W^T + b + scaling * (x A^T) B^T``: a linear layer with one low-rank update beside it.
+
+    x: (..., in); weight: (out, in) or None (the update alone); bias: (out,) or None; lora_a: (r, in); lora_b:
+    (out, r). The update goes through the rank-r bottleneck and is never formed as an (out, in) matrix: that is
+    what keeps LoRA cheap.
+    """
+    update = scaling * torch.nn.functional.linear(torch.nn.functional.linear(x, lora_a), lora_b)  # (..., out)
+    return update if weight is None else torch.nn.functional.linear(x, weight, bias) + update
+
+
+def multi_lora_linear_reference(x, weight, bias, lora_a, lora_b, scalings, adapter_ids):
+    """A linear layer whose rows each add their own adapter's low-rank update.
+
+    x: (N, ..., in), row ``n`` (the first dimension: a sequence of a batch, or a token) uses adapter
+    ``adapter_ids[n]``; adapter_ids: (N,) int64, -1 = no adapter for that row. weight: (out, in) or None (the
+    updates alone). lora_a: (A, r, in); lora_b: (A, out, r); scalings: (A,). Adapters of lower rank are
+    zero-padded to r (exact: the padding adds zeros).
+
+    Each row's A and B are gathered (an (N, r, in) copy, small next to x when rows are sequences) and applied
+    with two batched products, so one pass serves any mix of adapters with no host synchronisation.
+    """
+    N = x.size(0)
+    if weight is not None:
+        base = torch.nn.functional.linear(x, weight, bias)  # (N, ..., out)
+    else:
+        base = x.new_zeros(*x.shape[:-1], lora_b.size(1))
+    if N == 0 or lora_a.size(0) == 0:
+        return base
+    has = adapter_ids >= 0  # (N,)
+    idx = adapter_ids.clamp(min=0)
+    a = lora_a.index_select(0, idx)  # (N, r, in)
+    b = lora_b.index_select(0, idx)  # (N, out, r)
+    s = scalings.to(x.dtype).index_select(0, idx) * has.to(x.dtype)  # (N,): 0 for rows without an adapter
+    flat = x.reshape(N, -1, x.size(-1))  # (N, L, in): every position of a row shares its adapter
+    low = torch.bmm(flat, a.transpose(1, 2))  # (N, L, r)
+    up = torch.bmm(low, b.transpose(1, 2))  # (N, L, out)
+    return base + (up * s[:, None, None]).reshape(base.shape)
+
+
+def bottleneck_adapter_reference(h, w_down, b_down, w_up, b_up, activation: str = "gelu", residual: bool = True):
+    """``h + up(act(down(h)))`` (``residual=False``: without the ``h +``).
+
+    h: (..., C); w_down: (m, C); b_down: (m,); w_up: (C, m); b_up: (C,). m is the bottleneck (C / reduction).
+    """
+    act = ACTIVATIONS[activation]
+    out = torch.nn.functional.linear(act(torch.nn.functional.linear(h, w_down, b_down)), w_up, b_up)  # (..., C)
+    return h + out if residual else out
+
+
+def multi_bottleneck_adapter_reference(h, w_down, b_down, w_up, b_up, scales, adapter_ids, activation: str = "gelu"):
+    """Each row's own adapter's ``scale * up(act(down(h)))`` (no residual: the caller adds it where it belongs).
+
+    h: (N, ..., C), row ``n`` uses adapter ``adapter_ids[n]`` (-1 = none: zeros); w_down: (A, m, C); b_down:
+    (A, m); w_up: (A, C, m); b_up: (A, C); scales: (A,). Narrower bottlenecks are zero-padded to m (exact: a
+    padded unit has zero weights in and out, so it adds act(0) * 0 = 0).
+    """
+    N = h.size(0)
+    if N == 0 or w_down.size(0) == 0:
+        return torch.zeros_like(h)
+    has = adapter_ids >= 0
+    idx = adapter_ids.clamp(min=0)
+    flat = h.reshape(N, -1, h.size(-1))  # (N, L, C)
+    z = torch.baddbmm(b_down.index_select(0, idx)[:, None, :], flat,
+                      w_down.index_select(0, idx).transpose(1, 2))  # (N, L, m)
+    z = ACTIVATIONS[activation](z)
+    out = torch.baddbmm(b_up.index_select(0, idx)[:, None, :], z, w_up.index_select(0, idx).transpose(1, 2))
+    s = scales.to(h.dtype).index_select(0, idx) * has.to(h.dtype)  # (N,)
+    return (out * s[:, None, None]).reshape(h.shape)  # (N, ..., C)

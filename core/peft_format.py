@@ -1,0 +1,178 @@
+"""LoRA in the layout of Hugging Face PEFT, so adapters move between ecosystems.
+
+A PEFT LoRA folder holds ``adapter_config.json`` (``peft_type: "LORA"``, ``r``, ``lora_alpha``,
+``target_modules``...) and ``adapter_model.safetensors`` with, for each adapted linear layer at module path P,
+``base_model.model.P.lora_A.weight`` (r, in) and ``base_model.model.P.lora_B.weight`` (out, r); the update is
+``(lora_alpha / r) * B A`` (``/ sqrt(r)`` with ``use_rslora``). Per-layer ranks and alphas go to
+``rank_pattern`` / ``alpha_pattern``. Export writes exactly that; import also accepts keys that keep an adapter
+name (``lora_A.default.weight``) or lack the ``base_model.model.`` prefix.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .adapters import layer_of
+from .errors import ConfigError
+
+__all__ = ["PEFT_CONFIG", "PEFT_WEIGHTS", "is_peft", "read_peft", "write_peft", "export_peft"]
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+
+
+def is_peft(path: Path) -> bool:
+    return (Path(path) / PEFT_CONFIG).is_file()
+
+
+def _pattern_value(patterns: dict, path: str, default):
+    for key, value in (patterns or {}).items():
+        if re.fullmatch(rf"(.*\.)?{key}", path):
+            return value
+    return default
+
+
+def read_peft(folder: Path) -> tuple[str, dict, dict[str, torch.Tensor]]:
+    """(name, points, tensors) of a PEFT LoRA folder, in tuneforge's own form (see ``plugins/lora.py``)."""
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / PEFT_CONFIG).read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"lora: {folder / PEFT_CONFIG}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    if str(config.get("peft_type", "")).upper() != "LORA":
+        raise ConfigError(f"lora: {folder} is a PEFT '{config.get('peft_type')}' adapter; only LoRA can be imported")
+    if config.get("use_dora"):
+        raise ConfigError(f"lora: {folder} is a DoRA adapter (use_dora=true); tuneforge imports plain LoRA only")
+    if config.get("bias", "none") != "none":
+        raise ConfigError(f"lora: {folder} trains biases (bias={config['bias']!r}); tuneforge imports bias='none' only")
+    weights = folder / PEFT_WEIGHTS
+    if not weights.is_file():
+        pickled = " (only adapter_model.bin, a pickle: convert it to safetensors first)" \
+            if (folder / "adapter_model.bin").is_file() else ""
+        raise ConfigError(f"lora: {folder} has no {PEFT_WEIGHTS}{pickled}")
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    with safe_open(str(weights), framework="pt") as fh:
+        for key in fh.keys():
+            m = _KEY.match(key)
+            if m is None:
+                raise ConfigError(f"lora: {weights} holds '{key}', which is not a LoRA A/B weight; tuneforge imports "
+                                  "LoRA weights only (no modules_to_save or embeddings)")
+            pairs.setdefault(m["path"], {})[m["ab"]] = fh.get_tensor(key)
+    alpha, rslora = float(config.get("lora_alpha", 8)), bool(config.get("use_rslora", False))
+    dropout = float(config.get("lora_dropout", 0.0) or 0.0)
+    points, tensors = {}, {}
+    for path, ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            raise ConfigError(f"lora: {weights}: {path} has lora_{'A' if 'A' in ab else 'B'} but not its pair")
+        a, b = ab["A"], ab["B"]
+        r = a.size(0)
+        if b.size(1) != r:
+            raise ConfigError(f"lora: {weights}: {path} has A of rank {r} and B of rank {b.size(1)}")
+        layer_alpha = float(_pattern_value(config.get("alpha_pattern"), path, alpha))
+        scaling = layer_alpha / (math.sqrt(r) if rslora else r)
+        points[path] = {"in": a.size(1), "out": b.size(0), "rank": r, "scaling": scaling, "dropout": dropout}
+        tensors[f"{path}.lora_a"], tensors[f"{path}.lora_b"] = a, b
+    if not points:
+        raise ConfigError(f"lora: {weights} holds no LoRA weights")
+    return folder.name, points, tensors
+
+
+def write_peft(points: dict, tensors: dict[str, torch.Tensor], out: Path, *, depth: int | None = None,
+               base_model_name_or_path: str | None = None) -> Path:
+    """Write a PEFT LoRA folder from tuneforge's (points, tensors); atomic like every tuneforge folder.
+
+    ``target_modules`` lists leaf names (``["q", "v"]``) when those leaves are adapted in every one of the
+    model's ``depth`` blocks, and full module paths otherwise (PEFT matches both; paths need no layer pattern).
+    """
+    out = Path(out)
+    ranks = {p: v["rank"] for p, v in points.items()}
+    alphas = {p: v["scaling"] * v["rank"] for p, v in points.items()}
+    common = lambda d: max(set(d.values()), key=list(d.values()).count)  # noqa: E731  the defaults: most common
+    r, alpha = common(ranks), common(alphas)
+    layers_of_leaf: dict[str, set] = {}
+    for path in points:
+        layers_of_leaf.setdefault(path.rpartition(".")[2], set()).add(layer_of(path))
+    every = set(range(depth)) if depth else None
+    by_leaf = every is not None and all(v == every for v in layers_of_leaf.values())
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "r": r, "lora_alpha": alpha, "lora_dropout": max((v.get("dropout", 0.0) for v in points.values()), default=0),
+        "target_modules": sorted(layers_of_leaf) if by_leaf else sorted(points),
+        "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+        "use_rslora": False, "use_dora": False, "modules_to_save": None,
+        "layers_to_transform": None, "layers_pattern": None,
+        "rank_pattern": {p: v for p, v in ranks.items() if v != r},
+        "alpha_pattern": {p: v for p, v in alphas.items() if v != alpha},
+    }
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weights = {}
+    for path in points:
+        weights[f"{_PREFIX}{path}.lora_A.weight"] = tensors[f"{path}.lora_a"].detach().cpu().contiguous()
+        weights[f"{_PREFIX}{path}.lora_B.weight"] = tensors[f"{path}.lora_b"].detach().cpu().contiguous()
+    save_file(weights, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
+    (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def export_peft(source, out: str | Path, *, name: str | None = None,
+                base_model_name_or_path: str | None = None) -> Path:
+    """Write LoRA ``name`` in PEFT's layout to folder ``out``.
+
+    ``source``: a model holding the LoRA, a saved LoRA folder (``lora/<name>``), or a checkpoint or run folder
+    (its ``lora/<name>``). ``name`` may be left out when there is only one.
+    """
+    from .adapter_files import read_part
+    from .lora import lora_layers
+
+    if isinstance(source, torch.nn.Module):
+        held = sorted({n for _, m in lora_layers(source) for n in m.task_names()})
+        name = _pick(name, held, "this model")
+        points, tensors = {}, {}
+        for path, m in lora_layers(source):
+            if name in m.lora_a:
+                points[path] = {"in": m.in_features, "out": m.out_features, "rank": m.lora_a[name].size(0),
+                                "scaling": m.scaling[name], "dropout": m.dropout[name]}
+                tensors[f"{path}.lora_a"], tensors[f"{path}.lora_b"] = m.lora_a[name], m.lora_b[name]
+        depth = len(source.blocks) if hasattr(source, "blocks") else None
+        return write_peft(points, tensors, Path(out), depth=depth, base_model_name_or_path=base_model_name_or_path)
+    folder = _lora_folder(Path(source), name)
+    manifest, tensors = read_part(folder, mechanism="lora")
+    depth = ((manifest.get("base") or {}).get("config") or {}).get("n_layers")
+    return write_peft(manifest["points"], tensors, Path(out), depth=depth,
+                      base_model_name_or_path=base_model_name_or_path)
+
+
+def _pick(name: str | None, held: list[str], where: str) -> str:
+    if name is None:
+        if len(held) != 1:
+            raise ConfigError(f"export: {where} holds LoRA {', '.join(held) or 'none'}; say which with --name")
+        return held[0]
+    if name not in held:
+        raise ConfigError(f"export: {where} holds no LoRA named '{name}'; it holds {', '.join(held) or 'none'}")
+    return name
+
+
+def _lora_folder(path: Path, name: str | None) -> Path:
+    from . import checkpoint as ckpt
+    from .adapter_files import is_part
+
+    if is_part(path):
+        return path
+    base = path / "lora" if (path / "lora").is_dir() else ckpt.resolve_checkpoint(path) / "lora"
+    held = sorted(p.name for p in base.iterdir() if is_part(p)) if base.is_dir() else []
+    return base / _pick(name, held, str(path))

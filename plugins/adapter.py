@@ -1,0 +1,117 @@
+"""``adapter``: bottleneck layers (down-projection, activation, up-projection) in a frozen model.
+
+``placement=serial`` puts each on a sub-layer's output before the residual add; ``placement=parallel`` beside the
+sub-layer, on its input, scaled by ``scale`` and added. ``positions=attn,mlp`` picks the sub-layers, ``layers=``
+the blocks, ``reduction=`` the ratio hidden / bottleneck (or ``size=`` the bottleneck itself). The up-projection
+starts at zero, so an untrained adapter is the identity. Several named adapters live on one model
+(``tasks=a,b``, ``load=``) and rows of a batch choose theirs with :func:`tuneforge.routing.rows`; each is saved as
+``adapters/<name>/`` in every checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Optional
+
+import torch
+
+from tuneforge.adapters import parse_layers
+from tuneforge.bottleneck import AdapterPoint, Bottleneck, adapter_points
+from tuneforge.errors import ConfigError
+from tuneforge.kernels import ACTIVATIONS
+from tuneforge.parts import PartMechanism, PartOptions, part_generator
+
+__all__ = ["Adapter", "insertion_points"]
+
+
+def insertion_points(model, positions: list[str], layers: list[int]) -> list[tuple[str, torch.nn.Module]]:
+    """(path, sub-layer) for each chosen position of each chosen block, e.g. ``blocks.0.attn``."""
+    out = []
+    for i in layers:
+        block = model.blocks[i]
+        for pos in positions:
+            sub = getattr(block, pos, None)
+            if not isinstance(sub, torch.nn.Module) or isinstance(sub, torch.nn.LayerNorm):
+                have = [n for n, m in block.named_children() if not isinstance(m, torch.nn.LayerNorm)]
+                raise ConfigError(f"adapter: positions={pos}: a block has no sub-layer of that name; it has "
+                                  f"{', '.join(have)}")
+            out.append((f"blocks.{i}.{pos}", sub))
+    return out
+
+
+class Adapter(PartMechanism):
+    """Bottleneck adapters, serial or parallel, at chosen positions; the base model stays frozen."""
+
+    mechanism = "adapter"
+    subdir = "adapters"
+
+    @dataclasses.dataclass
+    class Options(PartOptions):
+        placement: Literal["serial", "parallel"] = "serial"  # serial: on the output; parallel: beside, on the input
+        positions: list[str] = dataclasses.field(default_factory=lambda: ["attn", "mlp"])
+        reduction: int = 16  # hidden width / bottleneck width
+        size: Optional[int] = None  # the bottleneck width itself (overrides reduction)
+        activation: str = "gelu"
+        scale: float = 1.0  # multiplies the adapter's output (parallel adapters often use > 1)
+
+        def __post_init__(self):
+            super().__post_init__()
+            if self.reduction < 1:
+                raise ValueError(f"reduction must be at least 1, got {self.reduction}")
+            if self.size is not None and self.size < 1:
+                raise ValueError(f"size must be at least 1, got {self.size}")
+            if self.activation not in ACTIVATIONS:
+                raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+            if not self.positions:
+                raise ValueError("positions must name at least one sub-layer, e.g. positions=attn,mlp")
+
+    def part_modules(self, model):
+        return [m for _, m in adapter_points(model)]
+
+    def create(self, model, run, name):
+        o = self.options
+        d = model.config.d_model
+        size = o.size or max(1, d // o.reduction)
+        g = part_generator(run.seed, name)
+        device = model.tok_emb.weight.device
+        for _, sub in insertion_points(model, o.positions, parse_layers(o.layers, len(model.blocks), owner="adapter")):
+            AdapterPoint.on(sub)[name] = Bottleneck(d, size, placement=o.placement, activation=o.activation,
+                                                   scale=o.scale, generator=g).to(device)
+
+    def export(self, model, name):
+        tensors, points = {}, {}
+        for path, point in adapter_points(model):
+            if name in point:
+                a, sub = point[name], path.rpartition(".")[0]  # blocks.0.attn.adapters -> blocks.0.attn
+                for key, t in a.state_dict().items():
+                    tensors[f"{sub}.{key}"] = t
+                points[sub] = {"d_model": a.up.out_features, "size": a.size, "placement": a.placement,
+                               "activation": a.activation, "scale": a.scale}
+        return tensors, points
+
+    def install(self, model, name, manifest, tensors, where):
+        d = model.config.d_model
+        found = []
+        for sub_path, p in manifest["points"].items():
+            try:
+                sub = model.get_submodule(sub_path)
+            except AttributeError:
+                raise ConfigError(f"adapter '{name}' from {where} goes on {sub_path}, which this model does not have "
+                                  f"({len(model.blocks)} blocks): it was trained on another base") from None
+            if p["d_model"] != d:
+                raise ConfigError(f"adapter '{name}' from {where} is {p['d_model']} wide; this model's hidden width "
+                                  f"is {d}: it was trained on another base")
+            point = getattr(sub, "adapters", None)
+            if isinstance(point, AdapterPoint) and name in point:
+                raise ConfigError(f"adapter '{name}' from {where}: {sub_path} already has an adapter of that name")
+            state = {k[len(sub_path) + 1:]: t for k, t in tensors.items() if k.startswith(sub_path + ".")}
+            found.append((sub, p, state))
+        device = model.tok_emb.weight.device
+        for sub, p, state in found:
+            a = Bottleneck(p["d_model"], p["size"], placement=p["placement"], activation=p["activation"],
+                           scale=p["scale"])
+            try:
+                a.load_state_dict(state)
+            except RuntimeError as exc:
+                raise ConfigError(f"adapter '{name}' from {where}: its tensors do not match its manifest ({exc})") \
+                    from None
+            AdapterPoint.on(sub)[name] = a.to(device)

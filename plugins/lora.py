@@ -1,0 +1,126 @@
+"""``lora``: low-rank updates ``(alpha / rank) * B A`` beside chosen linear layers of a frozen model.
+
+``targets=`` picks layers by module path pattern (``q,v``; ``attn`` = q,k,v,o; ``mlp`` = up,down; ``all``; or
+patterns such as ``attn.*``), ``layers=`` the blocks. Several named LoRAs live on one model (``tasks=a,b`` trains
+them side by side on mixed data; ``load=`` brings saved ones, PEFT folders included); rows of a batch choose
+theirs with :func:`tuneforge.routing.rows`. Each LoRA is saved as ``lora/<name>/`` in every checkpoint, and
+:func:`tuneforge.peft_format.export_peft` writes PEFT's layout. :func:`tuneforge.lora.merge` folds one into the
+weights for serving.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from tuneforge.adapters import match_linears, parse_layers
+from tuneforge.errors import ConfigError
+from tuneforge.lora import LoRALinear, lora_layers
+from tuneforge.parts import PartMechanism, PartOptions, part_generator
+from tuneforge.peft_format import is_peft, read_peft
+
+__all__ = ["Lora", "ALIASES", "expand_targets"]
+
+#: Short names for groups of the embedded model's linear layers.
+ALIASES = {"attn": ["attn.q", "attn.k", "attn.v", "attn.o"], "mlp": ["mlp.up", "mlp.down"],
+           "all": ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.down"]}
+
+
+def expand_targets(targets: list[str]) -> list[str]:
+    out: list[str] = []
+    for t in targets:
+        for p in ALIASES.get(t, [t]):
+            if p not in out:
+                out.append(p)
+    return out
+
+
+def _set_module(model, path: str, module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+class Lora(PartMechanism):
+    """Low-rank adapters beside chosen linear layers; the base model stays frozen (see the module docstring)."""
+
+    mechanism = "lora"
+    subdir = "lora"
+
+    @dataclasses.dataclass
+    class Options(PartOptions):
+        targets: list[str] = dataclasses.field(default_factory=lambda: ["q", "v"])  # module path patterns
+        rank: int = 8  # r: the update's rank
+        alpha: float = 16.0  # the update is scaled by alpha / rank
+        dropout: float = 0.0  # dropout on the update's input while training
+
+        def __post_init__(self):
+            super().__post_init__()
+            if self.rank < 1:
+                raise ValueError(f"rank must be at least 1, got {self.rank}")
+            if not 0 <= self.dropout < 1:
+                raise ValueError(f"dropout must be within [0, 1), got {self.dropout}")
+            if not self.targets:
+                raise ValueError("targets must name at least one layer, e.g. targets=q,v")
+
+    def part_modules(self, model):
+        return [m for _, m in lora_layers(model)]
+
+    def create(self, model, run, name):
+        o = self.options
+        layers = parse_layers(o.layers, len(model.blocks), owner="lora")
+        found = match_linears(model, expand_targets(o.targets), layers, owner="lora")
+        g = part_generator(run.seed, name)
+        for path, linear in found:
+            wrapped = LoRALinear.wrap(linear)
+            if wrapped is not linear:
+                _set_module(model, path, wrapped)
+            wrapped.add(name, o.rank, o.alpha, o.dropout, generator=g)
+
+    def export(self, model, name):
+        tensors, points = {}, {}
+        for path, m in lora_layers(model):
+            if name in m.lora_a:
+                tensors[f"{path}.lora_a"] = m.lora_a[name]
+                tensors[f"{path}.lora_b"] = m.lora_b[name]
+                points[path] = {"in": m.in_features, "out": m.out_features, "rank": m.lora_a[name].size(0),
+                                "scaling": m.scaling[name], "dropout": m.dropout[name]}
+        return tensors, points
+
+    def install(self, model, name, manifest, tensors, where):
+        install_lora(model, name, manifest["points"], tensors, where)
+
+    def read_foreign(self, path: Path):
+        if not is_peft(path):
+            return None
+        name, points, tensors = read_peft(path)
+        manifest = {"name": name, "points": points, "mechanism": "lora"}
+        return [(name, manifest, tensors, path)]
+
+
+def install_lora(model, name: str, points: dict, tensors: dict[str, torch.Tensor], where) -> None:
+    """Add LoRA ``name`` (its points: path -> in/out/rank/scaling) to ``model``; every point is checked first."""
+    found = []
+    for path, p in points.items():
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            raise ConfigError(f"lora '{name}' from {where} goes on {path}, which this model does not have "
+                              f"({len(model.blocks)} blocks): it was trained on another base") from None
+        if not isinstance(module, torch.nn.Linear):
+            raise ConfigError(f"lora '{name}' from {where}: {path} is a {type(module).__name__} here, not a linear "
+                              "layer: it was trained on another base")
+        if (module.in_features, module.out_features) != (p["in"], p["out"]):
+            raise ConfigError(f"lora '{name}' from {where}: {path} is {module.in_features} -> {module.out_features} "
+                              f"here, but {p['in']} -> {p['out']} in the model it was trained on")
+        a, b = tensors.get(f"{path}.lora_a"), tensors.get(f"{path}.lora_b")
+        if a is None or b is None:
+            raise ConfigError(f"lora '{name}' from {where}: the tensors of {path} are missing")
+        if isinstance(module, LoRALinear) and name in module.lora_a:
+            raise ConfigError(f"lora '{name}' from {where}: {path} already has a LoRA of that name")
+        found.append((path, module, a, b, p))
+    for path, module, a, b, p in found:
+        wrapped = LoRALinear.wrap(module)
+        if wrapped is not module:
+            _set_module(model, path, wrapped)
+        wrapped.add(name, a.size(0), 0.0, float(p.get("dropout", 0.0)), a=a, b=b, scaling=float(p["scaling"]))
