@@ -121,25 +121,33 @@ class PartMechanism(DefaultObjective):
             out.append((manifest["name"], manifest, tensors, folder))
         return out
 
+    def load_into(self, model, spec: str, *, skip_held: bool = False, log=None) -> list[str]:
+        """Install the parts found at ``spec`` on ``model``; returns their names. A name the model already holds
+        is an error (or skipped with ``skip_held``); a part from a base of other shapes is noted via ``log``."""
+        loaded = []
+        for name, manifest, tensors, where in self._parts_in(spec):
+            if name in self.held(model):
+                if skip_held:
+                    continue
+                raise ConfigError(f"{self.mechanism}: two parts named '{name}' (from {where} and already on "
+                                  "the model); load only one of them")
+            self.install(model, name, manifest, tensors, where)
+            note = fingerprint_note(manifest, model, where)
+            if note and log is not None:
+                log(note)
+            loaded.append(name)
+        return loaded
+
     @hookimpl
     def tuneforge_modify_model(self, model, run):
         o = self.options
         if run.checkpoint is not None:  # resume / rebuild: the checkpoint's own parts, weights loaded after
             own = run.checkpoint / self.subdir
-            sources = [str(own)] if own.is_dir() else []
+            if own.is_dir():
+                self.load_into(model, str(own), skip_held=True)
         else:
-            sources = list(o.load)
-        for spec in sources:
-            for name, manifest, tensors, where in self._parts_in(spec):
-                if name in self.held(model):
-                    if run.checkpoint is not None:
-                        continue
-                    raise ConfigError(f"{self.mechanism}: two parts named '{name}' (from {where} and already on "
-                                      "the model); rename one folder's manifest name or load only one")
-                self.install(model, name, manifest, tensors, where)
-                note = fingerprint_note(manifest, model, where)
-                if note and run.checkpoint is None:
-                    run.log(note)
+            for spec in o.load:
+                self.load_into(model, spec, log=run.log)
         tasks = o.tasks if o.tasks is not None else ([] if o.load else ["default"])
         for name in tasks:
             if name not in self.held(model):

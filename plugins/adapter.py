@@ -10,6 +10,7 @@ starts at zero, so an untrained adapter is the identity. Several named adapters 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Literal, Optional
 
 import torch
@@ -20,7 +21,7 @@ from tuneforge.errors import ConfigError
 from tuneforge.kernels import ACTIVATIONS
 from tuneforge.parts import PartMechanism, PartOptions, part_generator
 
-__all__ = ["Adapter", "insertion_points"]
+__all__ = ["Adapter", "add_adapter", "load_adapters", "insertion_points"]
 
 
 def insertion_points(model, positions: list[str], layers: list[int]) -> list[tuple[str, torch.nn.Module]]:
@@ -36,6 +37,35 @@ def insertion_points(model, positions: list[str], layers: list[int]) -> list[tup
                                   f"{', '.join(have)}")
             out.append((f"blocks.{i}.{pos}", sub))
     return out
+
+
+def add_adapter(model, name: str = "default", *, placement: str = "serial", positions=("attn", "mlp"),
+                layers=("all",), reduction: int = 16, size: int | None = None, activation: str = "gelu",
+                scale: float = 1.0, seed: int = 0) -> list[str]:
+    """Add a new bottleneck adapter ``name`` (up = 0: the identity) at ``positions`` of the blocks ``layers``;
+    returns the sub-layer paths. Options as for ``adapter:`` runs."""
+    d = model.config.d_model
+    width = size or max(1, d // reduction)
+    g = part_generator(seed, name)
+    device = model.tok_emb.weight.device
+    points = insertion_points(model, list(positions), parse_layers(list(layers), len(model.blocks), owner="adapter"))
+    for _, sub in points:
+        AdapterPoint.on(sub)[name] = Bottleneck(d, width, placement=placement, activation=activation, scale=scale,
+                                               generator=g).to(device)
+    return [p for p, _ in points]
+
+
+def load_adapters(model, *specs: str) -> list[str]:
+    """Load saved adapters onto ``model`` (frozen): adapter folders, checkpoint or run folders. Returns their
+    names; route rows with :func:`tuneforge.routing.rows` or choose with :func:`tuneforge.adapters.set_active`."""
+    mech, names = Adapter(Adapter.Options()), []
+    for spec in specs:
+        names += mech.load_into(model, spec, log=lambda note: warnings.warn(note, stacklevel=3))
+    for m in mech.part_modules(model):  # loaded parts are frozen; the rest of the model as it was
+        for n in names:
+            for p in m.part_parameters(n) if n in m.task_names() else []:
+                p.requires_grad_(False)
+    return names
 
 
 class Adapter(PartMechanism):
@@ -69,13 +99,8 @@ class Adapter(PartMechanism):
 
     def create(self, model, run, name):
         o = self.options
-        d = model.config.d_model
-        size = o.size or max(1, d // o.reduction)
-        g = part_generator(run.seed, name)
-        device = model.tok_emb.weight.device
-        for _, sub in insertion_points(model, o.positions, parse_layers(o.layers, len(model.blocks), owner="adapter")):
-            AdapterPoint.on(sub)[name] = Bottleneck(d, size, placement=o.placement, activation=o.activation,
-                                                   scale=o.scale, generator=g).to(device)
+        add_adapter(model, name, placement=o.placement, positions=o.positions, layers=o.layers,
+                    reduction=o.reduction, size=o.size, activation=o.activation, scale=o.scale, seed=run.seed)
 
     def export(self, model, name):
         tensors, points = {}, {}

@@ -10,6 +10,7 @@ weights for serving.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ from tuneforge.lora import LoRALinear, lora_layers
 from tuneforge.parts import PartMechanism, PartOptions, part_generator
 from tuneforge.peft_format import is_peft, read_peft
 
-__all__ = ["Lora", "ALIASES", "expand_targets"]
+__all__ = ["Lora", "add_lora", "load_lora", "install_lora", "ALIASES", "expand_targets"]
 
 #: Short names for groups of the embedded model's linear layers.
 ALIASES = {"attn": ["attn.q", "attn.k", "attn.v", "attn.o"], "mlp": ["mlp.up", "mlp.down"],
@@ -68,14 +69,8 @@ class Lora(PartMechanism):
 
     def create(self, model, run, name):
         o = self.options
-        layers = parse_layers(o.layers, len(model.blocks), owner="lora")
-        found = match_linears(model, expand_targets(o.targets), layers, owner="lora")
-        g = part_generator(run.seed, name)
-        for path, linear in found:
-            wrapped = LoRALinear.wrap(linear)
-            if wrapped is not linear:
-                _set_module(model, path, wrapped)
-            wrapped.add(name, o.rank, o.alpha, o.dropout, generator=g)
+        add_lora(model, name, targets=o.targets, rank=o.rank, alpha=o.alpha, dropout=o.dropout, layers=o.layers,
+                 seed=run.seed)
 
     def export(self, model, name):
         tensors, points = {}, {}
@@ -96,6 +91,35 @@ class Lora(PartMechanism):
         name, points, tensors = read_peft(path)
         manifest = {"name": name, "points": points, "mechanism": "lora"}
         return [(name, manifest, tensors, path)]
+
+
+def add_lora(model, name: str = "default", *, targets=("q", "v"), rank: int = 8, alpha: float = 16.0,
+             dropout: float = 0.0, layers=("all",), seed: int = 0) -> list[str]:
+    """Add a new LoRA ``name`` (B = 0: the model's output is unchanged) to the linear layers ``targets`` of the
+    blocks ``layers``; returns the adapted module paths. Options as for ``lora:`` runs."""
+    found = match_linears(model, expand_targets(list(targets)),
+                          parse_layers(list(layers), len(model.blocks), owner="lora"), owner="lora")
+    g = part_generator(seed, name)
+    for path, linear in found:
+        wrapped = LoRALinear.wrap(linear)
+        if wrapped is not linear:
+            _set_module(model, path, wrapped)
+        wrapped.add(name, rank, alpha, dropout, generator=g)
+    return [p for p, _ in found]
+
+
+def load_lora(model, *specs: str) -> list[str]:
+    """Load saved LoRAs onto ``model`` (frozen): tuneforge LoRA folders, PEFT folders, checkpoint or run folders.
+    Returns their names; route rows to them with :func:`tuneforge.routing.rows` or choose with
+    :func:`tuneforge.adapters.set_active`."""
+    mech, names = Lora(Lora.Options()), []
+    for spec in specs:
+        names += mech.load_into(model, spec, log=lambda note: warnings.warn(note, stacklevel=3))
+    for m in mech.part_modules(model):  # loaded parts are frozen; the rest of the model as it was
+        for n in names:
+            for p in m.part_parameters(n) if n in m.task_names() else []:
+                p.requires_grad_(False)
+    return names
 
 
 def install_lora(model, name: str, points: dict, tensors: dict[str, torch.Tensor], where) -> None:
