@@ -55,10 +55,10 @@ class TaskModule:
         held = self.task_names()
         if len(held) <= 1:
             return tuple(held)
-        raise ValueError(
+        raise ConfigError(
             f"this model holds {self.kind} {', '.join(held)}: say which run, for every row with "
             "tuneforge.adapters.set_active(model, [...]), or per row with tuneforge.routing.rows([...]) around the "
-            "call (or a 'task' field in the data)"
+            "call (a 'task' field in the data; --task NAME for tuneforge generate)"
         )
 
     def selection(self, batch_size: int, device) -> routing.Selection:
@@ -91,7 +91,7 @@ def set_active(model: nn.Module, active: Sequence[str] | None) -> None:
         held = {n for m in modules for n in m.task_names()}
         missing = [n for n in active if n not in held]
         if missing:
-            raise ValueError(f"set_active: no part named {', '.join(map(repr, missing))} in this model; it holds "
+            raise ConfigError(f"set_active: no part named {', '.join(map(repr, missing))} in this model; it holds "
                              f"{', '.join(sorted(held)) or 'none'}")
     for m in modules:
         check = getattr(m, "check_active", None)

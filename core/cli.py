@@ -1,4 +1,4 @@
-"""The ``tuneforge`` command: train, generate, plugins, data, demo."""
+"""The ``tuneforge`` command: train, generate, plugins, data, export-peft, demo."""
 from __future__ import annotations
 
 import argparse
@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="cpu")
+    g.add_argument("--task", help="the soft prompt / adapter / LoRA to generate with, when the model holds several "
+                   "('' = the base model)")
 
     p = sub.add_parser("plugins", help="list installed plugins, their hooks and load status")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -83,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--split", default="train", choices=("train", "test"))
     d.add_argument("-n", "--head", type=int, default=3, help="records to print (default: 3)")
     d.add_argument("--export", metavar="FILE.jsonl", help="write every record of the split as JSON lines")
+
+    e = sub.add_parser("export-peft", help="write a trained LoRA in Hugging Face PEFT's layout",
+                       description="Write adapter_config.json + adapter_model.safetensors (PEFT's LoRA layout) from a "
+                       "LoRA saved by tuneforge. Import goes the other way with -m lora:load=PEFT_FOLDER.")
+    e.add_argument("source", help="a saved LoRA folder (.../lora/NAME), or a checkpoint or run folder")
+    e.add_argument("out", help="the folder to write (replaced if it exists)")
+    e.add_argument("--name", help="which LoRA, when the checkpoint holds several")
+    e.add_argument("--base-model", help="base_model_name_or_path to record in adapter_config.json")
 
     m = sub.add_parser("demo", help="the main job on the embedded default: every mechanism, one table",
                        description="Pretrain the tiny model on the embedded world and sample from it; writes "
@@ -117,6 +127,7 @@ def _train(args) -> int:
 def _generate(args) -> int:
     import torch
 
+    from . import routing
     from .engine import load_model
     from .tokenizer import ByteTokenizer
 
@@ -126,15 +137,18 @@ def _generate(args) -> int:
         raise ConfigError(f"{args.checkpoint} has a {model.lm_head.out_features}-class head instead of the LM head, so it "
                           "cannot generate text; predict labels with tuneforge.plugins.finetune.classify(model, texts)")
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
-    prompts = args.prompt or [""]
-    for prompt in prompts:
+    for prompt in args.prompt or [""]:
         ids = torch.tensor([tok.encode(prompt, bos=True)], device=args.device)
         room = model.config.max_seq_len - ids.size(1)
         if room <= 0:
             raise ConfigError(f"prompt {prompt[:30]!r}... is {ids.size(1)} tokens; the model's context is "
                               f"{model.config.max_seq_len}: shorten it to leave room for new tokens")
-        out = model.generate(ids, min(args.max_new_tokens, room), temperature=args.temperature, top_k=args.top_k,
-                             top_p=args.top_p, eos_id=tok.eos_id, generator=gen)
+        try:
+            with routing.rows([args.task] if args.task is not None else None):
+                out = model.generate(ids, min(args.max_new_tokens, room), temperature=args.temperature,
+                                     top_k=args.top_k, top_p=args.top_p, eos_id=tok.eos_id, generator=gen)
+        except ValueError as exc:  # several soft prompts / LoRAs and no --task, or a --task nothing holds
+            raise ConfigError(f"{args.checkpoint}: {exc}") from None
         print(prompt + tok.decode(out[0, ids.size(1):].tolist()))
     return 0
 
@@ -178,6 +192,14 @@ def _data(args) -> int:
     return 0
 
 
+def _export_peft(args) -> int:
+    from .peft_format import export_peft
+
+    out = export_peft(args.source, args.out, name=args.name, base_model_name_or_path=args.base_model)
+    print(f"wrote {out} (PEFT LoRA layout)", file=sys.stderr)
+    return 0
+
+
 def _demo(args) -> int:
     from .demo import run_demo
 
@@ -187,7 +209,8 @@ def _demo(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"train": _train, "generate": _generate, "plugins": _plugins, "data": _data, "demo": _demo}
+    handlers = {"train": _train, "generate": _generate, "plugins": _plugins, "data": _data,
+                "export-peft": _export_peft, "demo": _demo}
     try:
         return handlers[args.command](args)
     except TuneforgeError as exc:

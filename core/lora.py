@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from . import kernels, routing
 from .adapters import TaskModule, task_modules
+from .errors import ConfigError
 
 __all__ = ["LoRALinear", "lora_layers", "merge", "unmerge"]
 
@@ -57,7 +58,7 @@ class LoRALinear(nn.Linear, TaskModule):
             b: torch.Tensor | None = None, scaling: float | None = None) -> None:
         """Add adapter ``name``: given tensors, or A ~ U(+-1/sqrt(in)) (nn.Linear's own init) and B = 0."""
         if name in self.lora_a:
-            raise ValueError(f"a LoRA adapter named '{name}' is already on this layer")
+            raise ConfigError(f"a LoRA adapter named '{name}' is already on this layer")
         w = self.weight
         if a is None:
             bound = 1.0 / math.sqrt(self.in_features)
@@ -65,7 +66,7 @@ class LoRALinear(nn.Linear, TaskModule):
         if b is None:
             b = torch.zeros(self.out_features, rank)
         if tuple(a.shape) != (a.size(0), self.in_features) or tuple(b.shape) != (self.out_features, a.size(0)):
-            raise ValueError(f"LoRA tensors of shapes A {tuple(a.shape)}, B {tuple(b.shape)} do not fit a "
+            raise ConfigError(f"LoRA tensors of shapes A {tuple(a.shape)}, B {tuple(b.shape)} do not fit a "
                              f"{self.in_features} -> {self.out_features} layer (A: (r, in), B: (out, r))")
         self.lora_a[name] = nn.Parameter(a.detach().to(w.device, w.dtype).clone())
         self.lora_b[name] = nn.Parameter(b.detach().to(w.device, w.dtype).clone())
@@ -74,7 +75,7 @@ class LoRALinear(nn.Linear, TaskModule):
 
     def remove(self, name: str) -> None:
         if name in self.merged:
-            raise ValueError(f"LoRA adapter '{name}' is merged into the weight; unmerge it first")
+            raise ConfigError(f"LoRA adapter '{name}' is merged into the weight; unmerge it first")
         del self.lora_a[name], self.lora_b[name]
         self.scaling.pop(name), self.dropout.pop(name)
         if self.active is not None:
@@ -83,7 +84,7 @@ class LoRALinear(nn.Linear, TaskModule):
     def check_active(self, active) -> None:
         off = [n for n in self.merged if active is not None and n not in active]
         if off:
-            raise ValueError(f"LoRA adapter(s) {', '.join(off)} are merged into the weights and apply to every "
+            raise ConfigError(f"LoRA adapter(s) {', '.join(off)} are merged into the weights and apply to every "
                              "row; unmerge them first (tuneforge.lora.unmerge(model))")
 
     # -- forward --------------------------------------------------------------------------------------------
@@ -95,7 +96,7 @@ class LoRALinear(nn.Linear, TaskModule):
         if not self.lora_a:
             return F.linear(x, self.weight, self.bias)
         if self.merged and routing.current() is not None:
-            raise ValueError(f"LoRA adapter(s) {', '.join(self.merged)} are merged into the weights, so they apply "
+            raise ConfigError(f"LoRA adapter(s) {', '.join(self.merged)} are merged into the weights, so they apply "
                              "to every row: unmerge them (tuneforge.lora.unmerge(model)) before routing rows or "
                              "running the base model")
         sel = self.selection(x.size(0) if x.dim() > 1 else 1, x.device)
@@ -172,7 +173,7 @@ def _which(model, names) -> list[str]:
         return held
     missing = [n for n in names if n not in held]
     if missing:
-        raise ValueError(f"no LoRA adapter named {', '.join(missing)}; this model holds {', '.join(held) or 'none'}")
+        raise ConfigError(f"no LoRA adapter named {', '.join(missing)}; this model holds {', '.join(held) or 'none'}")
     return list(names)
 
 

@@ -153,8 +153,10 @@ class PartMechanism(DefaultObjective):
             if name not in self.held(model):
                 self.create(model, run, name)
         self.trained = list(tasks)
+        # One trained part runs on unrouted rows; with several (mixed data routes each row) or none (serving
+        # loaded parts), nothing is chosen, and a module holding several asks the caller to choose.
         for m in self.part_modules(model):
-            m.active = tuple(n for n in tasks if n in m.task_names()) if tasks else None
+            m.active = tuple(tasks) if len(tasks) == 1 else None
 
     @hookimpl
     def tuneforge_trainable_params(self, model):

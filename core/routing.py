@@ -13,7 +13,7 @@ and each such module asks :func:`select` during the forward. Three states:
 - ``rows([...])``: row ``i`` uses the parts named ``tasks[i]``; an empty name means none for that row. A module
   that holds no part of that name runs the row without one (a model may carry LoRA for some tasks and soft
   prompts for others), but a name that *no* module in the forward holds is a mistake (a typo), raised as a
-  ``ValueError`` when the block exits;
+  ``ConfigError`` (a ``ValueError``) when the block exits;
 - ``base()``: every per-task part is off, for every row: the base model (RLHF's frozen reference).
 """
 from __future__ import annotations
@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 
 import torch
+
+from .errors import ConfigError
 
 __all__ = ["rows", "base", "current", "select", "Selection"]
 
@@ -60,7 +62,7 @@ def rows(tasks: Sequence[str | None] | None):
     if route.consulted:
         for i, name in enumerate(route.names):
             if name and name not in route.claimed:
-                raise ValueError(
+                raise ConfigError(
                     f"routing: row {i} names task '{name}', which no soft prompt, adapter or LoRA in the model "
                     f"holds; known: {', '.join(sorted(route.known)) or 'none'} (an empty name runs the row "
                     "on the base model)"
@@ -117,7 +119,7 @@ def select(batch_size: int, known: Sequence[str], *, active: Sequence[str], owne
     if route.names is None:
         return Selection(())
     if len(route.names) != batch_size:
-        raise ValueError(f"{owner}: routing names {len(route.names)} rows, the batch has {batch_size}")
+        raise ConfigError(f"{owner}: routing names {len(route.names)} rows, the batch has {batch_size}")
     route.consulted = True
     route.known.update(known)
     ids = tuple(index.get(name, -1) for name in route.names)

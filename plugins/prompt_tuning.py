@@ -67,7 +67,7 @@ class SoftPrompts(nn.Module, TaskModule):
             if not sel.shared:
                 return None
             if len(sel.shared) > 1:
-                raise ValueError(f"soft prompts {', '.join(self.names[i] for i in sel.shared)} are all active; a row "
+                raise ConfigError(f"soft prompts {', '.join(self.names[i] for i in sel.shared)} are all active; a row "
                                  "takes one: route rows with tuneforge.routing.rows([...])")
             p = self.prompts[self.names[sel.shared[0]]]
             return Prefix(p.unsqueeze(0).expand(batch_size, *p.shape))  # (B, K, C)

@@ -141,3 +141,35 @@ def test_finetune_then_prompting_from_the_command_line(pretrained, tmp_path):
     bad = tf("train", "--init", str(pretrained), "-m", "prompting:template=no slot here", "--data",
              "builtin:sentiment", check=False)
     assert bad.returncode == 2 and "no {input} slot" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_lora_train_export_import_and_generate_from_the_command_line(pretrained, tmp_path):
+    run = tmp_path / "lora"
+    common = ["--data", "builtin:sentiment", "--steps", "3", "--batch-size", "8", "--eval-every", "0"]
+    # two LoRAs need rows that say which one they train: an unrouted batch is one clear error
+    bad = tf("train", "--init", str(pretrained), "-m", "lora:tasks=pos,neg", *common, check=False)
+    assert bad.returncode == 2 and "holds LoRA adapters pos, neg: say which" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join(json.dumps({"text": f"text {i}", "label": "ab"[i % 3 % 2], "task": ["pos", "neg"][i % 2]}) + "\n"
+                             for i in range(20)))
+    tf("train", "--init", str(pretrained), "-m", "lora:tasks=pos,neg,rank=2", *common, "--data", str(mixed),
+       "--out", str(run))
+    peft = tmp_path / "peft"
+    bad = tf("export-peft", str(run), str(peft), check=False)  # two LoRAs: which one?
+    assert bad.returncode == 2 and "holds LoRA neg, pos; say which with --name" in bad.stderr
+    tf("export-peft", str(run), str(peft), "--name", "pos", "--base-model", "tiny")
+    config = json.loads((peft / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == "tiny" and config["r"] == 2
+    assert "base_model.model.blocks.0.attn.q.lora_A.weight" in load_file(str(peft / "adapter_model.safetensors"))
+    # import: the PEFT folder as a frozen LoRA under a run with another objective
+    again = tmp_path / "again"
+    tf("train", "--init", str(pretrained), "-m", f"lora:load={peft},tasks=", "-m", "finetune:layers=0,head=classify",
+       *common, "--out", str(again))
+    summary = json.loads((again / "summary.json").read_text())
+    assert summary["trainable_by_plugin"] == {"lora": 0, "finetune": 66}
+    assert (again / "latest").read_text().strip()
+    # generation has to be told which LoRA when a model holds several
+    ambiguous = tf("generate", str(run), "-p", "the", "-n", "4", check=False)
+    assert ambiguous.returncode == 2 and "holds LoRA adapters neg, pos" in ambiguous.stderr
+    assert tf("generate", str(run), "-p", "the", "-n", "4", "--task", "pos").stdout.startswith("the")
