@@ -1,7 +1,7 @@
 """``tuneforge demo``: the main job on the embedded default, one stage per mechanism, one table at the end.
 
 pretrain (the tiny model on ``builtin:text``) -> fine-tune (classification head on the last 2 blocks, and all
-blocks for reference) -> prompt tuning on the bare input (two tasks, one frozen model, then both served in one
+blocks for reference) -> the head alone, and beside serial / parallel adapters and LoRA -> prompt tuning on the bare input (two tasks, one frozen model, then both served in one
 mixed batch) -> prompting (the bare input; the task's format zero-shot and 2-shot with right and wrong labels).
 Every row goes to the table and ``demo.json``; loss curves go to ``loss_curves.png`` when matplotlib is
 installed (``pip install tuneforge[plot]``).
@@ -79,6 +79,23 @@ def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0) -> list[dic
     rows.append(_row("finetune (all layers + head)", result, "sentiment accuracy", "eval/accuracy"))
     curves["finetune all"] = [h["loss"] for h in result.history]
 
+    # Adapters and LoRA train a few percent of the weights beside the same new head; the head alone (a linear
+    # probe of the frozen model) is the row that shows what they add.
+    folder = _stage(out, "head-only", "only the new head trains (a linear probe of the frozen model)")
+    result = train(mechanisms=["finetune:layers=0,head=classify"], steps=n(150, 10), lr=1e-3, out=str(folder), **ft)
+    rows.append(_row("finetune (head only)", result, "sentiment accuracy", "eval/accuracy"))
+    for name, label, mechanism in (
+            ("adapter-serial", "adapter (serial) + head", "adapter:placement=serial"),
+            ("adapter-parallel", "adapter (parallel) + head", "adapter:placement=parallel,scale=4"),
+            ("lora", "lora (rank 8 on q, v) + head", "lora:rank=8,targets=q,v")):
+        folder = _stage(out, name, f"{mechanism} beside a new head; the base model stays frozen")
+        result = train(mechanisms=[mechanism, "finetune:layers=0,head=classify"], steps=n(150, 10), lr=3e-3,
+                       out=str(folder), **ft)
+        rows.append(_row(label, result, "sentiment accuracy", "eval/accuracy"))
+        curves[label.split(" +")[0]] = [h["loss"] for h in result.history]
+        if name == "lora":
+            rows[-1]["merged_max_abs_diff"] = _merge_gap(result.model)
+
     # Soft prompts on the bare input ("{input} {label}"): without the task's own format the frozen model is at
     # chance (the prompting rows below show it), so what the 16 vectors learn is the whole difference.
     prompt_runs = {}
@@ -150,6 +167,22 @@ def _mixed_batch(out: Path, pre: Path, runs: dict[str, Path], base_params: int, 
             "seconds": round(seconds, 3), "metric": "accuracy, both tasks", "value": sum(right) / len(right),
             "max_abs_diff_vs_alone": gap, "soft_prompt_params": sum(p.numel() for p in model.prefix.parameters()),
             "soft_prompt_pct": 100.0 * sum(p.numel() for p in model.prefix.parameters()) / base_params}
+
+
+def _merge_gap(model) -> float:
+    """Largest output difference between the LoRA beside the weights and folded into them (then taken out)."""
+    from .lora import merge, unmerge
+
+    ids = torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model.eval()(ids)
+        merge(model)
+        merged = model(ids)
+        unmerge(model)
+        after = model(ids)
+    gap = max((merged - before).abs().max().item(), (after - before).abs().max().item())
+    print(f"lora merged into the weights and taken out again: largest output difference {gap:.2e}", file=sys.stderr)
+    return gap
 
 
 def _samples(model, seed: int) -> list[str]:

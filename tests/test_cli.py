@@ -110,11 +110,17 @@ def test_demo_quick_writes_demo_json(tmp_path):
                         for r in rows)
     assert rows[0]["mechanism"] == "pretrain" and rows[0]["trainable_pct"] == pytest.approx(100.0)
     names = [r["mechanism"] for r in rows]
-    for stage in ("finetune (last 2 blocks", "prompt-tuning (sentiment)", "prompt-tuning (topic)",
+    for stage in ("finetune (last 2 blocks", "head only", "adapter (serial)", "adapter (parallel)", "lora (rank 8",
+                  "prompt-tuning (sentiment)", "prompt-tuning (topic)",
                   "one mixed batch", "bare input", "task format", "right labels", "wrong labels"):
         assert any(stage in n for n in names), stage
     by_name = {r["mechanism"]: r for r in rows}
     assert by_name["prompt-tuning (sentiment)"]["trainable_pct"] < 1.0
+    for r in rows:
+        if r["mechanism"].startswith(("adapter", "lora")):
+            assert 0 < r["trainable_pct"] < 3.0, r
+    lora = next(r for r in rows if r["mechanism"].startswith("lora"))
+    assert lora["merged_max_abs_diff"] < 1e-4  # merged into the weights, the model computes the same
     mixed = next(r for r in rows if "mixed" in r["mechanism"])
     assert mixed["max_abs_diff_vs_alone"] < 1e-3  # a mixed batch scores each row as that row's task alone
     for r in rows:
