@@ -32,7 +32,8 @@ __all__ = ["PartOptions", "PartMechanism", "part_generator"]
 @dataclasses.dataclass
 class PartOptions(ObjectiveOptions):
     tasks: Optional[list[str]] = None  # parts to train (new, or loaded ones to continue); default 'default'
-    load: list[str] = dataclasses.field(default_factory=list)  # part folders, checkpoint or run folders
+    # saved part folders, checkpoint or run folders; PATH@NAME loads the one part at PATH under the name NAME
+    load: list[str] = dataclasses.field(default_factory=list)
     layers: list[str] = dataclasses.field(default_factory=lambda: ["all"])  # blocks: all, 0,2, 1-3, -1 (last)
 
     def __post_init__(self):
@@ -94,6 +95,20 @@ class PartMechanism(DefaultObjective):
         return out
 
     def _parts_in(self, spec: str) -> list[tuple[str, dict, dict, Path]]:
+        """The parts at ``spec``; ``PATH@NAME`` loads the one part there under the name NAME."""
+        rename = None
+        if "@" in spec and not Path(spec).exists():
+            spec, rename = spec.rsplit("@", 1)
+        found = self._parts_at(spec)
+        if rename is not None:
+            if len(found) != 1:
+                raise ConfigError(f"{self.mechanism}: {spec} holds {len(found)} parts "
+                                  f"({', '.join(f[0] for f in found)}); @{rename} can rename only one")
+            _, manifest, tensors, where = found[0]
+            found = [(rename, {**manifest, "name": rename}, tensors, where)]
+        return found
+
+    def _parts_at(self, spec: str) -> list[tuple[str, dict, dict, Path]]:
         path = Path(spec)
         foreign = self.read_foreign(path) if path.is_dir() else None
         if foreign is not None:

@@ -297,3 +297,16 @@ def test_bad_lora_options_fail_before_anything_is_written(tmp_path, pretrained):
     with pytest.raises(ConfigError, match="targets=nope match no linear layer"):
         _train(tmp_path, pretrained, "bad", ["lora:targets=nope"])
     assert not (tmp_path / "bad").exists()
+
+
+def test_two_saved_loras_of_one_name_load_under_new_names(tmp_path, pretrained):
+    for task in ("sentiment", "topic"):
+        _train(tmp_path, pretrained, task, ["lora:rank=2"], data=f"builtin:{task}", steps=2)
+    model = tuneforge.load_model(pretrained)
+    with pytest.raises(ConfigError, match="two parts named 'default'"):
+        load_lora(model, str(tmp_path / "sentiment"), str(tmp_path / "topic"))
+    model = tuneforge.load_model(pretrained)
+    assert load_lora(model, f"{tmp_path / 'sentiment'}@s", f"{tmp_path / 'topic'}@t") == ["s", "t"]
+    assert adapters.names(model) == {"LoRA adapters": ["s", "t"]}
+    with pytest.raises(ConfigError, match="neither a saved lora folder nor a checkpoint"):
+        load_lora(model, str(tmp_path / "nothing-here"))

@@ -43,3 +43,30 @@ def test_mixed_batch_example_runs(pretrained, tmp_path, monkeypatch):
     namespace = {"ids": torch.randint(0, 256, (3, 10))}
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["logits"].shape == (3, 10, 259)
+
+
+def test_adapters_and_lora_example_runs(pretrained, tmp_path, monkeypatch):
+    import shutil
+
+    import torch
+
+    text = README.read_text()
+    section = text[text.index("### Adapters and LoRA"):text.index("## Write your own mechanism")]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(pretrained, "runs/pre")
+    for task, out in (("sentiment", "runs/lora-s"), ("topic", "runs/lora-t")):
+        tuneforge.train(init="runs/pre", mechanisms=["lora:rank=2"], data=f"builtin:{task}", steps=2, batch_size=8,
+                        lr=0.05, eval_every=0, out=out)
+    ids = torch.randint(0, 256, (3, 10))
+    namespace = {"ids": ids}
+    exec(compile(code, "README.md", "exec"), namespace)
+    model = namespace["model"]
+    assert namespace["logits"].shape == (3, 10, 259)
+    assert [p for p, _ in namespace["lora"].lora_layers(model)][:2] == ["blocks.0.attn.q", "blocks.0.attn.v"]
+    assert model.get_submodule("blocks.0.attn.q").merged == ["s"]  # the example ends merged
+    base = tuneforge.load_model("runs/pre")
+    with torch.no_grad(), namespace["adapters"].using(model, ["s"]):  # merged s, and not t
+        merged = model(ids[:1])
+        torch.testing.assert_close(merged, tuneforge.load_model("runs/lora-s")(ids[:1]), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(merged, base(ids[:1]))
