@@ -137,6 +137,11 @@ def bench_lora_step(base: Transformer, x, repeats: int) -> dict:
             "loss_diff_step1": diffs[0], "loss_diff_step2": diffs[1]}
 
 
+def routing_base(model, x):
+    with routing.base():
+        return model(x)
+
+
 def bench_mixed(model: Transformer, names: list[str], x, repeats: int) -> dict:
     """One mixed batch routed per row against one ``using(model, [task])`` forward per task, scattered back."""
     rows = x.size(0)
@@ -192,11 +197,6 @@ def bench_mixed(model: Transformer, names: list[str], x, repeats: int) -> dict:
     for label, t in (("inference", ti), ("train", tt)):
         res[label] = {"mixed_ms": t["mixed"] * 1e3, "looped_ms": t["looped"] * 1e3, "ratio": t["looped"] / t["mixed"]}
     return res
-
-
-def routing_base(model, x):
-    with routing.base():
-        return model(x)
 
 
 def main():

@@ -120,9 +120,14 @@ class LoRALinear(nn.Linear, TaskModule):
 
     def _stacked(self, names: list[str]):
         """A (A, r, in), B (A, out, r) and scalings (A,) of every adapter, lower ranks zero-padded to the largest."""
-        r = max(self.lora_a[n].size(0) for n in names)
-        a = torch.stack([F.pad(self.lora_a[n], (0, 0, 0, r - self.lora_a[n].size(0))) for n in names])
-        b = torch.stack([F.pad(self.lora_b[n], (0, r - self.lora_b[n].size(1))) for n in names])
+        ranks = [self.lora_a[n].size(0) for n in names]
+        r = max(ranks)
+        if min(ranks) == r:  # the usual case: no padding copies
+            a = torch.stack([self.lora_a[n] for n in names])
+            b = torch.stack([self.lora_b[n] for n in names])
+        else:
+            a = torch.stack([F.pad(self.lora_a[n], (0, 0, 0, r - self.lora_a[n].size(0))) for n in names])
+            b = torch.stack([F.pad(self.lora_b[n], (0, r - self.lora_b[n].size(1))) for n in names])
         s = torch.tensor([self.scaling[n] for n in names], device=a.device, dtype=a.dtype)
         return a, b, s
 

@@ -47,11 +47,11 @@ def add_adapter(model, name: str = "default", *, placement: str = "serial", posi
     d = model.config.d_model
     width = size or max(1, d // reduction)
     g = part_generator(seed, name)
-    device = model.tok_emb.weight.device
+    w = model.tok_emb.weight  # adapters take the model's device and dtype (bf16 models get bf16 adapters)
     points = insertion_points(model, list(positions), parse_layers(list(layers), len(model.blocks), owner="adapter"))
     for _, sub in points:
         AdapterPoint.on(sub)[name] = Bottleneck(d, width, placement=placement, activation=activation, scale=scale,
-                                               generator=g).to(device)
+                                               generator=g).to(w.device, w.dtype)
     return [p for p, _ in points]
 
 
@@ -130,7 +130,7 @@ class Adapter(PartMechanism):
                 raise ConfigError(f"adapter '{name}' from {where}: {sub_path} already has an adapter of that name")
             state = {k[len(sub_path) + 1:]: t for k, t in tensors.items() if k.startswith(sub_path + ".")}
             found.append((sub, p, state))
-        device = model.tok_emb.weight.device
+        w = model.tok_emb.weight
         for sub, p, state in found:
             a = Bottleneck(p["d_model"], p["size"], placement=p["placement"], activation=p["activation"],
                            scale=p["scale"])
@@ -139,4 +139,4 @@ class Adapter(PartMechanism):
             except RuntimeError as exc:
                 raise ConfigError(f"adapter '{name}' from {where}: its tensors do not match its manifest ({exc})") \
                     from None
-            AdapterPoint.on(sub)[name] = a.to(device)
+            AdapterPoint.on(sub)[name] = a.to(w.device, w.dtype)

@@ -210,3 +210,15 @@ def test_an_adapter_point_knows_its_parts():
     point = model.blocks[0].attn.adapters
     assert isinstance(point, AdapterPoint) and point.task_names() == ["a", "b"]
     assert adapters.names(model) == {"adapters": ["a", "b"]}
+
+
+def test_adapters_and_lora_on_a_bfloat16_model():
+    model = _model().to(torch.bfloat16)
+    add_adapter(model, "a", placement="parallel")
+    add_lora(model, "a", rank=2)
+    point = model.blocks[0].mlp.adapters
+    assert point["a"].up.weight.dtype == torch.bfloat16
+    x = torch.randint(0, 256, (2, 6))
+    with torch.no_grad(), routing.rows(["a", ""]):
+        out = model(x)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
