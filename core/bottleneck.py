@@ -118,11 +118,13 @@ class AdapterPoint(nn.ModuleDict, TaskModule):
         """Each row's own adapter in one pass: weights gathered per row (bottlenecks zero-padded to the widest)."""
         used = {i for i in sel.row_ids if i >= 0}
         m = max(a.size for a in adapters)
-        if all(a.size == m for a in adapters):  # the usual case: no padding copies
-            pad = lambda a: (a.down.weight, a.down.bias, a.up.weight, a.up.bias)  # noqa: E731
-        else:
-            pad = lambda a: (F.pad(a.down.weight, (0, 0, 0, m - a.size)), F.pad(a.down.bias, (0, m - a.size)),  # noqa: E731
-                             F.pad(a.up.weight, (0, m - a.size)), a.up.bias)
+        def pad(a):  # narrower bottlenecks padded to m (no copies in the usual case of one width)
+            if a.size == m:
+                return a.down.weight, a.down.bias, a.up.weight, a.up.bias
+            extra = m - a.size
+            return (F.pad(a.down.weight, (0, 0, 0, extra)), F.pad(a.down.bias, (0, extra)),
+                    F.pad(a.up.weight, (0, extra)), a.up.bias)
+
         w_down, b_down, w_up, b_up = (torch.stack(t) for t in zip(*(pad(a) for a in adapters)))
         scales = torch.tensor([a.scale for a in adapters], device=out.device, dtype=out.dtype)
         placements = {adapters[i].placement for i in used}

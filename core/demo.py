@@ -1,8 +1,8 @@
 """``tuneforge demo``: the main job on the embedded default, one stage per mechanism, one table at the end.
 
 pretrain (the tiny model on ``builtin:text``) -> fine-tune (classification head on the last 2 blocks, and all
-blocks for reference) -> the head alone, and beside serial / parallel adapters and LoRA -> prompt tuning on the bare input (two tasks, one frozen model, then both served in one
-mixed batch) -> prompting (the bare input; the task's format zero-shot and 2-shot with right and wrong labels).
+blocks for reference) -> the head alone, and beside serial / parallel adapters and LoRA -> prompt tuning on the
+bare input (two tasks, one frozen model, then both served in one mixed batch) -> prompting (the bare input; the task's format zero-shot and 2-shot with right and wrong labels).
 Every row goes to the table and ``demo.json``; loss curves go to ``loss_curves.png`` when matplotlib is
 installed (``pip install tuneforge[plot]``).
 """

@@ -228,7 +228,8 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
         }
         last_ckpt = ckpt.save_checkpoint(
             out, run.step, model, optimizer, state,
-            write_plugins=lambda path: reg.hook.tuneforge_save(run=run, path=path, model=model), keep_last=cfg.keep_last,
+            write_plugins=lambda path: reg.hook.tuneforge_save(run=run, path=path, model=model),
+            keep_last=cfg.keep_last,
         )
         return last_ckpt
 

@@ -1,0 +1,20 @@
+"""The benchmark scripts run as a user runs them (a real subprocess, --quick sizes) and their checks hold.
+Timings are never asserted here; they go to benchmarks/RESULTS.md."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_adapters_benchmark_quick_agrees_with_its_baselines():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "adapters.py"), "--quick"], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["lora_step"]["loss_diff_step2"] < 1e-4  # the same numbers as the PEFT-style module
+    for key in ("multi_lora", "multi_adapter"):
+        assert report[key]["max_abs_diff"] < 1e-4 and report[key]["grad_max_abs_diff"] < 1e-4
+        assert report[key]["diff_from_base"] > 1e-3  # the adapters really change the output
+        assert report[key]["inference"]["mixed_ms"] > 0 and report[key]["train"]["looped_ms"] > 0
