@@ -20,7 +20,7 @@ from . import kernels, routing
 from .adapters import TaskModule, task_modules
 from .errors import ConfigError
 
-__all__ = ["LoRALinear", "lora_layers", "merge", "unmerge"]
+__all__ = ["LoRALinear", "lora_layers", "lora_state", "merge", "unmerge"]
 
 
 class LoRALinear(nn.Linear, TaskModule):
@@ -170,6 +170,18 @@ class LoRALinear(nn.Linear, TaskModule):
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     return [(p, m) for p, m in task_modules(model) if isinstance(m, LoRALinear)]
+
+
+def lora_state(model: nn.Module, name: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """LoRA ``name`` as (tensors ``<path>.lora_a`` / ``<path>.lora_b``, points: path -> in/out/rank/scaling/dropout),
+    the form its files are written from."""
+    tensors, points = {}, {}
+    for path, m in lora_layers(model):
+        if name in m.lora_a:
+            tensors[f"{path}.lora_a"], tensors[f"{path}.lora_b"] = m.lora_a[name], m.lora_b[name]
+            points[path] = {"in": m.in_features, "out": m.out_features, "rank": m.lora_a[name].size(0),
+                            "scaling": m.scaling[name], "dropout": m.dropout[name]}
+    return tensors, points
 
 
 def _which(model, names) -> list[str]:

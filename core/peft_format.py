@@ -137,17 +137,11 @@ def export_peft(source, out: str | Path, *, name: str | None = None,
     (its ``lora/<name>``). ``name`` may be left out when there is only one.
     """
     from .adapter_files import read_part
-    from .lora import lora_layers
+    from .lora import lora_layers, lora_state
 
     if isinstance(source, torch.nn.Module):
         held = sorted({n for _, m in lora_layers(source) for n in m.task_names()})
-        name = _pick(name, held, "this model")
-        points, tensors = {}, {}
-        for path, m in lora_layers(source):
-            if name in m.lora_a:
-                points[path] = {"in": m.in_features, "out": m.out_features, "rank": m.lora_a[name].size(0),
-                                "scaling": m.scaling[name], "dropout": m.dropout[name]}
-                tensors[f"{path}.lora_a"], tensors[f"{path}.lora_b"] = m.lora_a[name], m.lora_b[name]
+        tensors, points = lora_state(source, _pick(name, held, "this model"))
         depth = len(source.blocks) if hasattr(source, "blocks") else None
         return write_peft(points, tensors, Path(out), depth=depth, base_model_name_or_path=base_model_name_or_path)
     folder = _lora_folder(Path(source), name)

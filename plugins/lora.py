@@ -17,7 +17,7 @@ import torch
 
 from tuneforge.adapters import match_linears, parse_layers
 from tuneforge.errors import ConfigError
-from tuneforge.lora import LoRALinear, lora_layers
+from tuneforge.lora import LoRALinear, lora_layers, lora_state
 from tuneforge.parts import PartMechanism, PartOptions, part_generator
 from tuneforge.peft_format import is_peft, read_peft
 
@@ -73,14 +73,7 @@ class Lora(PartMechanism):
                  seed=run.seed)
 
     def export(self, model, name):
-        tensors, points = {}, {}
-        for path, m in lora_layers(model):
-            if name in m.lora_a:
-                tensors[f"{path}.lora_a"] = m.lora_a[name]
-                tensors[f"{path}.lora_b"] = m.lora_b[name]
-                points[path] = {"in": m.in_features, "out": m.out_features, "rank": m.lora_a[name].size(0),
-                                "scaling": m.scaling[name], "dropout": m.dropout[name]}
-        return tensors, points
+        return lora_state(model, name)
 
     def install(self, model, name, manifest, tensors, where):
         install_lora(model, name, manifest["points"], tensors, where)
