@@ -242,6 +242,10 @@ def main():
             for n in names:
                 m.lora_b[n].normal_(0.0, 0.02)
     lora_mixed = bench_mixed(multi_lora, names, x_mixed, args.repeats)
+    # memory to serve the tasks: one base with a LoRA each, against one fine-tuned copy of the model per task
+    mib = lambda m: sum(p.numel() * p.element_size() for p in m.parameters()) / 2**20  # noqa: E731
+    memory = {"shared_mib": mib(multi_lora), "copies_mib": args.tasks * mib(base)}
+    memory["ratio"] = memory["copies_mib"] / memory["shared_mib"]
 
     # 3. several serial bottleneck adapters, the same comparison; up non-zero
     adapter_mixed = None
@@ -283,6 +287,8 @@ def main():
             print(f"   {label:9s}  mixed batch {t['mixed_ms']:8.1f} ms   looped per task {t['looped_ms']:8.1f} ms   "
                   f"speed-up looped / mixed {t['ratio']:5.2f}x")
         print(f"   target once fused kernels land: >= {MIXED_TARGET}x")
+    print(f"\nmemory to serve {args.tasks} tasks: one model with {args.tasks} LoRAs {memory['shared_mib']:.2f} MiB, "
+          f"{args.tasks} fine-tuned copies {memory['copies_mib']:.2f} MiB ({memory['ratio']:.1f}x less)")
     if backends == ["reference"]:
         print("\nEvery op runs its pure-torch reference today, so these ratios measure the routing and bookkeeping "
               "around the same math; the targets are for the fused kernels.")
@@ -291,6 +297,7 @@ def main():
         "kernels": kernels.backend(), "model": args.model, "d_model": cfg.d_model, "n_layers": cfg.n_layers,
         "batch": args.batch, "rows": args.rows, "seq": args.seq, "tasks": args.tasks, "repeats": args.repeats,
         "quick": args.quick, "lora_step": lora_step, "multi_lora": lora_mixed, "multi_adapter": adapter_mixed,
+        "memory": memory,
     }))
 
 
