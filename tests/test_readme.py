@@ -27,16 +27,21 @@ def test_quickstart_has_exactly_the_two_commands():
     assert [c for c in commands if c] == ["make demo", "make test"]
 
 
-def test_mixed_batch_example_runs(pretrained, tmp_path, monkeypatch):
+def _python_block_after(heading: str, pretrained, tmp_path, monkeypatch) -> str:
+    """The first python block after ``heading``, with the working folder set up as the README assumes."""
     import shutil
 
-    import torch
-
     text = README.read_text()
-    section = text[text.index("Fine-tuning, soft prompts and prompting"):text.index("## Write your own mechanism")]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    section = text[text.index(heading):text.index("## Write your own mechanism")]
     monkeypatch.chdir(tmp_path)
     shutil.copytree(pretrained, "runs/pre")
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_mixed_batch_example_runs(pretrained, tmp_path, monkeypatch):
+    import torch
+
+    code = _python_block_after("Fine-tuning, soft prompts and prompting", pretrained, tmp_path, monkeypatch)
     for task, out in (("sentiment", "runs/pt-s"), ("topic", "runs/pt-t")):
         tuneforge.train(init="runs/pre", mechanisms=[f"prompt-tuning:tasks={task},tokens=4"], data=f"builtin:{task}",
                         steps=2, batch_size=8, eval_every=0, out=out)
@@ -46,15 +51,9 @@ def test_mixed_batch_example_runs(pretrained, tmp_path, monkeypatch):
 
 
 def test_adapters_and_lora_example_runs(pretrained, tmp_path, monkeypatch):
-    import shutil
-
     import torch
 
-    text = README.read_text()
-    section = text[text.index("### Adapters and LoRA"):text.index("## Write your own mechanism")]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    monkeypatch.chdir(tmp_path)
-    shutil.copytree(pretrained, "runs/pre")
+    code = _python_block_after("### Adapters and LoRA", pretrained, tmp_path, monkeypatch)
     for task, out in (("sentiment", "runs/lora-s"), ("topic", "runs/lora-t")):
         tuneforge.train(init="runs/pre", mechanisms=["lora:rank=2"], data=f"builtin:{task}", steps=2, batch_size=8,
                         lr=0.05, eval_every=0, out=out)
