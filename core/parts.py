@@ -174,6 +174,23 @@ class PartMechanism(DefaultObjective):
             m.active = tuple(tasks) if len(tasks) == 1 else None
 
     @hookimpl
+    def tuneforge_validate(self, run):
+        """Several parts trained by this mechanism's own objective need records that name their task; said now,
+        before anything is written, rather than at the first step."""
+        if len(self.trained) < 2 or not run.is_objective(self):
+            return
+        task = self.objective_task(run)
+        data = None
+        if hasattr(task, "read"):  # labelled records can name their task; plain text cannot
+            task.read(run)
+            data = task.train
+        if data is None or not data.mixed:
+            raise ConfigError(
+                f"{self.mechanism}: tasks={','.join(self.trained)} trains {len(self.trained)} parts, so each record of "
+                f"{run.config.data} must say which one it trains (a '{self.options.task_field}' field naming one of "
+                "them); train one part per run otherwise")
+
+    @hookimpl
     def tuneforge_trainable_params(self, model):
         return [p for m in self.part_modules(model) for n in self.trained if n in m.task_names()
                 for p in m.part_parameters(n)]
