@@ -169,10 +169,11 @@ def match_linears(model: nn.Module, patterns: Sequence[str], layers: Sequence[in
     """
     found = []
     wanted = set(layers)
+    inside = tuple(p + "." for p, m in task_modules(model) if p and not isinstance(m, nn.Linear))  # adapters
     for path, module in model.named_modules():
         if not isinstance(module, nn.Linear) or not path:
             continue
-        if any(path.startswith(p + ".") for p, m in task_modules(model) if p and not isinstance(m, nn.Linear)):
+        if inside and path.startswith(inside):
             continue  # a linear layer inside an adapter is not a target
         exact = any(fnmatch.fnmatchcase(path, pat) for pat in patterns)
         suffix = any(fnmatch.fnmatchcase(path, "*." + pat) for pat in patterns)

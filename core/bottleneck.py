@@ -71,7 +71,6 @@ class AdapterPoint(nn.ModuleDict, TaskModule):
     def __init__(self):
         super().__init__()
         self.active = None
-        self._handle = None
 
     @classmethod
     def on(cls, sublayer: nn.Module) -> "AdapterPoint":
@@ -83,7 +82,7 @@ class AdapterPoint(nn.ModuleDict, TaskModule):
             raise ValueError(f"{type(sublayer).__name__} already has an attribute 'adapters'")
         point = cls()
         sublayer.adapters = point
-        point._handle = sublayer.register_forward_hook(point._hook, with_kwargs=True)
+        sublayer.register_forward_hook(point._hook, with_kwargs=True)
         return point
 
     def task_names(self) -> list[str]:

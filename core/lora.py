@@ -73,14 +73,6 @@ class LoRALinear(nn.Linear, TaskModule):
         self.scaling[name] = float(alpha / a.size(0) if scaling is None else scaling)
         self.dropout[name] = float(dropout)
 
-    def remove(self, name: str) -> None:
-        if name in self.merged:
-            raise ConfigError(f"LoRA adapter '{name}' is merged into the weight; unmerge it first")
-        del self.lora_a[name], self.lora_b[name]
-        self.scaling.pop(name), self.dropout.pop(name)
-        if self.active is not None:
-            self.active = tuple(n for n in self.active if n != name)
-
     def check_active(self, active) -> None:
         off = [n for n in self.merged if active is not None and n not in active]
         if off:

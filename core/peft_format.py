@@ -20,8 +20,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import checkpoint as ckpt
+from .adapter_files import is_part, read_part
 from .adapters import layer_of
 from .errors import ConfigError
+from .lora import lora_layers, lora_state
 
 __all__ = ["PEFT_CONFIG", "PEFT_WEIGHTS", "is_peft", "read_peft", "write_peft", "export_peft"]
 
@@ -136,9 +139,6 @@ def export_peft(source, out: str | Path, *, name: str | None = None,
     ``source``: a model holding the LoRA, a saved LoRA folder (``lora/<name>``), or a checkpoint or run folder
     (its ``lora/<name>``). ``name`` may be left out when there is only one.
     """
-    from .adapter_files import read_part
-    from .lora import lora_layers, lora_state
-
     if isinstance(source, torch.nn.Module):
         held = sorted({n for _, m in lora_layers(source) for n in m.task_names()})
         tensors, points = lora_state(source, _pick(name, held, "this model"))
@@ -162,9 +162,6 @@ def _pick(name: str | None, held: list[str], where: str) -> str:
 
 
 def _lora_folder(path: Path, name: str | None) -> Path:
-    from . import checkpoint as ckpt
-    from .adapter_files import is_part
-
     if is_part(path):
         return path
     base = path / "lora" if (path / "lora").is_dir() else ckpt.resolve_checkpoint(path) / "lora"
