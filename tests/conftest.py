@@ -50,3 +50,40 @@ def pretrained(tmp_path_factory):
     finally:
         del os.environ["TUNEFORGE_LOAD_PLUGINS"]
     return out
+
+
+def task_model(seed=0):
+    """A fresh TASK_MODEL in eval mode, seeded: the base the adapter, LoRA and prompt tests put parts on."""
+    import torch
+
+    from tuneforge.model import Transformer, model_config
+
+    torch.manual_seed(seed)
+    return Transformer(model_config(TASK_MODEL)).eval()
+
+
+def check_mixed_equals_alone(model, tasks, x, params):
+    """One routed forward over rows of mixed tasks equals each task's rows run alone: outputs, and the gradients
+    of ``params()`` ((name, parameter) pairs) under the same loss. Returns the mixed batch's gradients."""
+    import torch
+
+    from tuneforge import routing
+
+    with routing.rows(tasks):
+        mixed = model(x)
+    mixed.pow(2).mean(-1).sum().backward()
+    grads = {n: p.grad.clone() for n, p in params()}
+    model.zero_grad()
+    alone = torch.empty_like(mixed)
+    total = 0
+    for task in dict.fromkeys(tasks):
+        rows = [i for i, t in enumerate(tasks) if t == task]
+        with routing.rows([task] * len(rows)):
+            out = model(x[rows])
+        alone[rows] = out.detach()
+        total = total + out.pow(2).mean(-1).sum()
+    total.backward()
+    torch.testing.assert_close(mixed.detach(), alone, rtol=1e-5, atol=1e-5)
+    for n, p in params():
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+    return grads

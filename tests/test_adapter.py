@@ -14,13 +14,8 @@ from tuneforge.plugins.adapter import add_adapter, load_adapters
 from tuneforge.plugins.lora import add_lora
 from tuneforge.plugins.prompt_tuning import SoftPrompts
 
-from conftest import TASK_MODEL
+from conftest import check_mixed_equals_alone, task_model
 from test_engine import SignalAt
-
-
-def _model(seed=0):
-    torch.manual_seed(seed)
-    return Transformer(model_config(TASK_MODEL)).eval()
 
 
 def _randomize(model, scale=0.3):
@@ -34,7 +29,7 @@ def _randomize(model, scale=0.3):
 
 @pytest.mark.parametrize("placement", ["serial", "parallel"])
 def test_a_new_adapter_is_the_identity(placement):
-    model = _model()
+    model = task_model()
     x = torch.randint(0, 256, (3, 12))
     before = model(x)
     paths = add_adapter(model, "a", placement=placement, reduction=8)
@@ -44,7 +39,7 @@ def test_a_new_adapter_is_the_identity(placement):
 
 
 def test_serial_reads_the_sublayer_output_and_parallel_its_input():
-    model = _model()
+    model = task_model()
     add_adapter(model, "s", placement="serial", positions=["mlp"], layers=["0"])
     add_adapter(model, "p", placement="parallel", positions=["mlp"], layers=["0"], scale=2.0)
     _randomize(model)
@@ -63,46 +58,25 @@ def test_serial_reads_the_sublayer_output_and_parallel_its_input():
 
 
 def test_only_the_chosen_positions_and_layers_get_adapters():
-    model = _model()
+    model = task_model()
     assert add_adapter(model, "a", positions=["mlp"], layers=["-1"]) == ["blocks.1.mlp"]
     with pytest.raises(ConfigError, match="no sub-layer of that name; it has attn, mlp"):
         add_adapter(model, "b", positions=["ffn"])
 
 
 def _mixed_model(placements=("serial", "parallel"), widths=(4, 8)):
-    model = _model().train()
+    model = task_model().train()
     for name, placement, size in zip("ab", placements, widths):
         add_adapter(model, name, placement=placement, size=size)
     _randomize(model)
     return model
 
 
-def _check_mixed_equals_alone(model, tasks, x, params):
-    with routing.rows(tasks):
-        mixed = model(x)
-    mixed.pow(2).mean(-1).sum().backward()
-    grads = {n: p.grad.clone() for n, p in params()}
-    model.zero_grad()
-    alone = torch.empty_like(mixed)
-    total = 0
-    for task in dict.fromkeys(tasks):
-        rows = [i for i, t in enumerate(tasks) if t == task]
-        with routing.rows([task] * len(rows)):
-            out = model(x[rows])
-        alone[rows] = out.detach()
-        total = total + out.pow(2).mean(-1).sum()
-    total.backward()
-    torch.testing.assert_close(mixed.detach(), alone, rtol=1e-5, atol=1e-5)
-    for n, p in params():
-        torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
-    return grads
-
-
 @pytest.mark.parametrize("placements", [("serial", "serial"), ("serial", "parallel")])
 def test_mixed_batch_equals_each_adapter_alone_forward_and_gradients(placements):
     model = _mixed_model(placements)
     params = lambda: [(n, p) for n, p in model.named_parameters() if ".adapters." in n]  # noqa: E731
-    grads = _check_mixed_equals_alone(model, ["a", "b", "", "b", "a"], torch.randint(0, 256, (5, 8)), params)
+    grads = check_mixed_equals_alone(model, ["a", "b", "", "b", "a"], torch.randint(0, 256, (5, 8)), params)
     assert all(g.abs().sum() > 0 for n, g in grads.items() if n.endswith("up.weight"))
 
 
@@ -119,7 +93,7 @@ def test_mixed_rows_route_soft_prompts_adapters_and_lora_together():
     model.prefix = sp
     params = lambda: [(n, p) for n, p in model.named_parameters() if "lora" in n or ".adapters." in n  # noqa: E731
                       or n.startswith("prefix.")]
-    _check_mixed_equals_alone(model, ["a", "c", "b", "a", "", "c"], torch.randint(0, 256, (6, 7)), params)
+    check_mixed_equals_alone(model, ["a", "c", "b", "a", "", "c"], torch.randint(0, 256, (6, 7)), params)
 
 
 def test_several_active_serial_adapters_stack():
@@ -161,7 +135,7 @@ def test_loading_onto_a_base_it_does_not_fit_is_refused(tmp_path, pretrained):
         load_adapters(shallow, str(folder))
     with pytest.raises(ConfigError, match="holds a 'adapter', not a lora"):
         from tuneforge.plugins.lora import load_lora
-        load_lora(_model(), str(folder))
+        load_lora(task_model(), str(folder))
 
 
 @pytest.mark.parametrize("placement", ["serial", "parallel"])
@@ -213,7 +187,7 @@ def test_an_adapter_point_knows_its_parts():
 
 
 def test_adapters_and_lora_on_a_bfloat16_model():
-    model = _model().to(torch.bfloat16)
+    model = task_model().to(torch.bfloat16)
     add_adapter(model, "a", placement="parallel")
     add_lora(model, "a", rank=2)
     point = model.blocks[0].mlp.adapters

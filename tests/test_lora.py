@@ -13,12 +13,7 @@ from tuneforge.model import Transformer, model_config
 from tuneforge.peft_format import PEFT_CONFIG, PEFT_WEIGHTS, export_peft
 from tuneforge.plugins.lora import add_lora, load_lora
 
-from conftest import TASK_MODEL
-
-
-def _model(seed=0):
-    torch.manual_seed(seed)
-    return Transformer(model_config(TASK_MODEL)).eval()
+from conftest import check_mixed_equals_alone, task_model
 
 
 def _randomize(model, scale=0.5):
@@ -31,7 +26,7 @@ def _randomize(model, scale=0.5):
 
 
 def test_a_new_lora_leaves_the_output_unchanged_and_keeps_parameter_names():
-    model = _model()
+    model = task_model()
     x = torch.randint(0, 256, (3, 12))
     before = model(x)
     names_before = set(model.state_dict())
@@ -45,7 +40,7 @@ def test_a_new_lora_leaves_the_output_unchanged_and_keeps_parameter_names():
 
 
 def test_targets_and_layers_select_modules():
-    model = _model()
+    model = task_model()
     assert add_lora(model, "a", targets=["v"], layers=["-1"]) == ["blocks.1.attn.v"]
     assert add_lora(model, "b", targets=["attn.*"], layers=["0"]) == [f"blocks.0.attn.{n}" for n in "qkvo"]
     with pytest.raises(ConfigError, match="match no linear layer.*block 0 has blocks.0.attn.q"):
@@ -55,7 +50,7 @@ def test_targets_and_layers_select_modules():
 
 
 def test_merge_and_unmerge_round_trip():
-    model = _model()
+    model = task_model()
     add_lora(model, "a", targets=["all"], rank=4)
     _randomize(model)
     x = torch.randint(0, 256, (2, 10))
@@ -80,7 +75,7 @@ def test_merge_and_unmerge_round_trip():
 
 
 def test_merged_model_runs_the_merged_weight_alone():
-    model = _model()
+    model = task_model()
     add_lora(model, "a", rank=2)
     _randomize(model)
     x = torch.randint(0, 256, (2, 6))
@@ -94,7 +89,7 @@ def test_merged_model_runs_the_merged_weight_alone():
 
 
 def _two_loras(rank_b=4):
-    model = _model().train()
+    model = task_model().train()
     add_lora(model, "a", targets=["q", "v", "mlp.up"], rank=4)
     add_lora(model, "b", targets=["q", "v", "mlp.up"], rank=rank_b, alpha=8)
     _randomize(model)
@@ -106,30 +101,14 @@ def test_mixed_batch_equals_each_lora_alone_forward_and_gradients(rank_b):
     model = _two_loras(rank_b)
     x = torch.randint(0, 256, (6, 9))
     tasks = ["a", "b", "", "b", "a", "a"]  # "" = the base model for that row
-    with routing.rows(tasks):
-        mixed = model(x)
-    mixed.pow(2).mean(-1).sum().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    alone = torch.empty_like(mixed)
-    total = 0
-    for task in ("a", "b", ""):
-        rows = [i for i, t in enumerate(tasks) if t == task]
-        with routing.rows([task] * len(rows)):
-            out = model(x[rows])
-        alone[rows] = out.detach()
-        total = total + out.pow(2).mean(-1).sum()
-    total.backward()
-    torch.testing.assert_close(mixed.detach(), alone, rtol=1e-5, atol=1e-5)
-    for n, p in model.named_parameters():
-        if n in grads:
-            torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+    params = lambda: [(n, p) for n, p in model.named_parameters() if p.grad is not None]  # noqa: E731
+    grads = check_mixed_equals_alone(model, tasks, x, params)
     assert any("lora_b.b" in n for n in grads) and any("lora_a.a" in n for n in grads)
 
 
 def test_base_rows_equal_the_model_without_lora():
     model = _two_loras()
-    plain = _model()
+    plain = task_model()
     x = torch.randint(0, 256, (2, 7))
     with torch.no_grad(), routing.base():
         torch.testing.assert_close(model.eval()(x), plain(x), rtol=1e-6, atol=1e-6)
@@ -182,7 +161,7 @@ def test_peft_export_writes_peft_names_and_shapes(tmp_path):
 
 def test_peft_import_round_trip_gives_the_same_outputs(tmp_path):
     model, out = _peft_folder(tmp_path)
-    fresh = _model()
+    fresh = task_model()
     assert load_lora(fresh, str(out)) == ["peft-a"]
     x = torch.randint(0, 256, (2, 8))
     with torch.no_grad(), routing.rows(["a", "a"]):
@@ -192,7 +171,7 @@ def test_peft_import_round_trip_gives_the_same_outputs(tmp_path):
 
 
 def test_peft_import_of_partial_layers_and_patterns(tmp_path):
-    model = _model()
+    model = task_model()
     add_lora(model, "a", targets=["q"], layers=["1"], rank=2, alpha=6)
     _randomize(model)
     out = export_peft(model, tmp_path / "p")
@@ -201,7 +180,7 @@ def test_peft_import_of_partial_layers_and_patterns(tmp_path):
     # a hand-edited alpha_pattern is honoured on import
     config["alpha_pattern"] = {"attn.q": 2}
     (out / PEFT_CONFIG).write_text(json.dumps(config))
-    fresh = _model()
+    fresh = task_model()
     load_lora(fresh, str(out))
     assert fresh.get_submodule("blocks.1.attn.q").scaling["p"] == pytest.approx(1.0)
 
@@ -211,10 +190,10 @@ def test_peft_import_refuses_what_it_cannot_represent(tmp_path):
     config = json.loads((out / PEFT_CONFIG).read_text())
     (out / PEFT_CONFIG).write_text(json.dumps({**config, "use_dora": True}))
     with pytest.raises(ConfigError, match="DoRA"):
-        load_lora(_model(), str(out))
+        load_lora(task_model(), str(out))
     (out / PEFT_CONFIG).write_text(json.dumps({**config, "peft_type": "IA3"}))
     with pytest.raises(ConfigError, match="only LoRA"):
-        load_lora(_model(), str(out))
+        load_lora(task_model(), str(out))
 
 
 def test_loading_onto_a_base_it_does_not_fit_is_refused_and_changes_nothing(tmp_path):
