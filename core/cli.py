@@ -1,4 +1,4 @@
-"""The ``tuneforge`` command: train, generate, plugins, data, export-peft, demo."""
+"""The ``tuneforge`` command: train, generate, plugins, data, export-peft, kernels, demo."""
 from __future__ import annotations
 
 import argparse
@@ -93,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("out", help="the folder to write (replaced if it exists)")
     e.add_argument("--name", help="which LoRA, when the checkpoint holds several")
     e.add_argument("--base-model", help="base_model_name_or_path to record in adapter_config.json")
+
+    k = sub.add_parser("kernels", help="which implementation each kernel op runs, and why",
+                       description="Status of tuneforge's ops: compiled (prebuilt tuneforge._C or JIT-compiled with "
+                       "ninja) or the pure-torch reference. TUNEFORGE_KERNELS=auto|cpp|reference chooses.")
+    k.add_argument("--json", action="store_true", help="machine-readable output")
 
     m = sub.add_parser("demo", help="the main job on the embedded default: every mechanism, one table",
                        description="Pretrain the tiny model on the embedded world and sample from it; writes "
@@ -200,6 +205,20 @@ def _export_peft(args) -> int:
     return 0
 
 
+def _kernels(args) -> int:
+    from .kernels import backend, native
+
+    state, ops = native.status(), backend()
+    if args.json:
+        print(json.dumps({"ops": ops, "mode": native.mode(), **state}, indent=2))
+        return 0
+    for op, impl in ops.items():
+        print(f"{op:<26} {impl}")
+    where = state["how"] if state["loaded"] else state["why"]
+    print(f"\nTUNEFORGE_KERNELS={native.mode()}; compiled kernels: {where}")
+    return 0
+
+
 def _demo(args) -> int:
     from .demo import run_demo
 
@@ -210,7 +229,7 @@ def _demo(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"train": _train, "generate": _generate, "plugins": _plugins, "data": _data,
-                "export-peft": _export_peft, "demo": _demo}
+                "export-peft": _export_peft, "kernels": _kernels, "demo": _demo}
     try:
         return handlers[args.command](args)
     except TuneforgeError as exc:

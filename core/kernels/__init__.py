@@ -1,9 +1,12 @@
 """The Python face of tuneforge's kernels: one function per op, dispatching to the best available backend.
 
-Today every op runs its pure-torch reference (``reference.py``). Compiled C++/CUDA backends plug in by
-changing ``_IMPLEMENTATIONS`` below, the one place that decides which code runs; ``backend()`` reports it.
+Each op runs its compiled C++/CUDA kernel (``torch.ops.tuneforge.*``, see ``native.py``) where one is built and
+loads, else its pure-torch reference (``reference.py``). ``_IMPLEMENTATIONS`` below is the one place that decides
+which code runs; ``backend()`` reports it.
 """
 from __future__ import annotations
+
+import torch
 
 from .reference import (
     ACTIVATIONS, attention_reference, bottleneck_adapter_reference, lora_linear_reference,
@@ -24,6 +27,20 @@ _IMPLEMENTATIONS = {
     "bottleneck_adapter": ("reference", bottleneck_adapter_reference),
     "multi_bottleneck_adapter": ("reference", multi_bottleneck_adapter_reference),
 }
+#: ops with a compiled kernel, by name (the rest run their reference wherever they are)
+COMPILED = ("lora_linear",)
+
+
+def _use_compiled() -> None:
+    from . import native
+
+    if not native.load():
+        return
+    for op in COMPILED:
+        _IMPLEMENTATIONS[op] = ("cpp", getattr(torch.ops.tuneforge, op))
+
+
+_use_compiled()
 
 
 def flash_attention(q, k, v, *, causal: bool = True, key_padding_mask=None, scale=None):

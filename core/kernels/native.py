@@ -1,0 +1,98 @@
+"""Loading the compiled kernels and giving their ops autograd and fake (meta) implementations.
+
+``load()`` finds the ops: the ahead-of-time extension ``tuneforge._C`` when installed, else a JIT build with
+ninja (cached), else nothing, with the reason kept for ``tuneforge kernels`` and said once. ``TUNEFORGE_KERNELS``
+chooses: ``auto`` (default: compiled where possible), ``cpp`` (compiled or an error), ``reference`` (pure torch).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+
+import torch
+
+__all__ = ["load", "status", "mode"]
+
+_STATE: dict = {"loaded": None, "how": "", "why": ""}
+
+
+def mode() -> str:
+    value = os.environ.get("TUNEFORGE_KERNELS", "auto").strip().lower() or "auto"
+    if value not in ("auto", "cpp", "reference"):
+        raise ValueError(f"TUNEFORGE_KERNELS={value!r}: use auto, cpp or reference")
+    return value
+
+
+def _load_library() -> str:
+    spec = importlib.util.find_spec("tuneforge._C")
+    if spec is not None and spec.origin:
+        torch.ops.load_library(spec.origin)
+        return f"prebuilt ({spec.origin})"
+    from .build import cache_dir, jit_load
+
+    jit_load()
+    return f"JIT-compiled (cache {cache_dir()})"
+
+
+def load() -> bool:
+    """True when the compiled ops are usable; the first call decides (and registers autograd and fake impls)."""
+    if _STATE["loaded"] is not None:
+        return _STATE["loaded"]
+    chosen = mode()
+    if chosen == "reference":
+        _STATE.update(loaded=False, why="TUNEFORGE_KERNELS=reference")
+        return False
+    try:
+        how = _load_library()
+        _register()
+    except Exception as exc:  # no compiler, a failed build, an ABI mismatch: fall back and say why, once
+        if chosen == "cpp":
+            raise RuntimeError(f"TUNEFORGE_KERNELS=cpp, but tuneforge's kernels could not be loaded: {exc}") from exc
+        reason = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
+        _STATE.update(loaded=False, why=f"compiled kernels unavailable ({reason}); running the pure-torch reference")
+        warnings.warn(f"tuneforge: {_STATE['why']}", RuntimeWarning, stacklevel=3)
+        return False
+    _STATE.update(loaded=True, how=how)
+    return True
+
+
+def status() -> dict:
+    load()
+    return dict(_STATE)
+
+
+# -- autograd and fake implementations of the compiled ops ------------------------------------------------------
+
+def _register() -> None:
+    lib = "tuneforge::lora_linear"
+
+    @torch.library.register_fake(lib)
+    def _lora_linear_fake(x, weight, bias, lora_a, lora_b, scaling):
+        return x.new_empty((*x.shape[:-1], lora_b.size(0)))
+
+    @torch.library.register_fake("tuneforge::lora_linear_backward")
+    def _lora_linear_backward_fake(grad, x, weight, lora_a, lora_b, scaling, needs):
+        e = x.new_empty(0)
+        return (x.new_empty(x.shape) if needs[0] else e,
+                weight.new_empty(weight.shape) if needs[1] and weight is not None else e,
+                grad.new_empty(grad.size(-1)) if needs[2] else e,
+                lora_a.new_empty(lora_a.shape) if needs[3] else e,
+                lora_b.new_empty(lora_b.shape) if needs[4] else e)
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, lora_a, lora_b, scaling = inputs
+        ctx.save_for_backward(x, weight, lora_a, lora_b)
+        ctx.scaling, ctx.has_bias = scaling, bias is not None
+
+    def backward(ctx, grad):
+        x, weight, lora_a, lora_b = ctx.saved_tensors
+        need = list(ctx.needs_input_grad[:5])
+        need[1] = need[1] and weight is not None
+        need[2] = need[2] and ctx.has_bias
+        dx, dw, db, da, dbb = torch.ops.tuneforge.lora_linear_backward(grad.contiguous(), x, weight, lora_a, lora_b,
+                                                                       ctx.scaling, need)
+        keep = lambda t, n: t if n else None  # noqa: E731
+        return keep(dx, need[0]), keep(dw, need[1]), keep(db, need[2]), keep(da, need[3]), keep(dbb, need[4]), None
+
+    torch.library.register_autograd(lib, backward, setup_context=setup_context)

@@ -1,0 +1,95 @@
+// tuneforge's CPU kernels, registered as torch.library ops in the namespace `tuneforge`.
+//
+// Every op has a pure-torch twin in core/kernels/reference.py (the fallback and the test oracle). Autograd and
+// the fake (meta) implementations are registered from Python (core/kernels/ops.py); this file declares the
+// schemas once and gives the CPU implementations. Shapes are written (rows, features) after flattening the
+// leading dimensions of x: M = tokens.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <tuple>
+#include <vector>
+
+namespace tuneforge {
+
+namespace {
+
+at::Tensor rows_of(const at::Tensor& x) {  // (..., in) -> (M, in), a view when x is contiguous
+  return x.reshape({-1, x.size(-1)});
+}
+
+std::vector<int64_t> out_shape(const at::Tensor& x, int64_t out_features) {
+  auto shape = x.sizes().vec();
+  shape.back() = out_features;
+  return shape;
+}
+
+}  // namespace
+
+// x W^T + b + s (x A^T) B^T, accumulated into one output buffer: the base product writes it, the rank-r update
+// is added by a second GEMM with alpha = s (no separate scale or add pass over the (M, out) output).
+at::Tensor lora_linear_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                           const c10::optional<at::Tensor>& bias, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                           double scaling) {
+  TORCH_CHECK(lora_a.dim() == 2 && lora_b.dim() == 2, "tuneforge::lora_linear: lora_a (r, in), lora_b (out, r)");
+  TORCH_CHECK(lora_a.size(1) == x.size(-1), "tuneforge::lora_linear: lora_a has ", lora_a.size(1),
+              " inputs, x has ", x.size(-1));
+  TORCH_CHECK(lora_b.size(1) == lora_a.size(0), "tuneforge::lora_linear: rank of lora_b (", lora_b.size(1),
+              ") != rank of lora_a (", lora_a.size(0), ")");
+  const auto x2 = rows_of(x);                     // (M, in)
+  const auto low = at::mm(x2, lora_a.t());        // (M, r)
+  at::Tensor out;                                 // (M, out)
+  if (weight.has_value()) {
+    const auto& w = *weight;
+    TORCH_CHECK(w.size(0) == lora_b.size(0) && w.size(1) == x.size(-1), "tuneforge::lora_linear: weight is ",
+                w.sizes(), ", lora_b is ", lora_b.sizes(), ", x has ", x.size(-1), " features");
+    out = bias.has_value() ? at::addmm(*bias, x2, w.t()) : at::mm(x2, w.t());
+    out.addmm_(low, lora_b.t(), /*beta=*/1, /*alpha=*/scaling);
+  } else {
+    out = at::mm(low.mul(scaling), lora_b.t());  // scale the small (M, r) side, not the (M, out) result
+  }
+  return out.view(out_shape(x, lora_b.size(0)));
+}
+
+// Gradients of lora_linear. grad: (..., out). Returns (dx, dweight, dbias, dA, dB); each is an empty tensor when
+// its `needs` flag is false (the frozen base weight of a LoRA run costs no (out, in) product).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const c10::optional<at::Tensor>& weight, const at::Tensor& lora_a,
+    const at::Tensor& lora_b, double scaling, c10::List<bool> needs_list) {
+  TORCH_CHECK(needs_list.size() == 5, "tuneforge::lora_linear_backward: needs five flags (x, weight, bias, a, b)");
+  bool needs[5];
+  for (size_t i = 0; i < 5; ++i) needs[i] = needs_list.get(i);
+  const auto g = rows_of(grad);                   // (M, out)
+  const auto x2 = rows_of(x);                     // (M, in)
+  at::Tensor dx, dw, db, da, dbb;
+  const bool want_low_grad = needs[0] || needs[3];
+  at::Tensor g_b;                                 // (M, r) = g B, shared by dx and dA
+  if (want_low_grad) g_b = at::mm(g, lora_b);
+  if (needs[0]) {
+    if (weight.has_value()) {
+      dx = at::mm(g, *weight);                    // (M, in)
+      dx.addmm_(g_b, lora_a, /*beta=*/1, /*alpha=*/scaling);
+    } else {
+      dx = at::mm(g_b.mul(scaling), lora_a);
+    }
+    dx = dx.view(x.sizes());
+  }
+  if (needs[1] && weight.has_value()) dw = at::mm(g.t(), x2);  // (out, in)
+  if (needs[2]) db = g.sum(0);
+  if (needs[3]) da = at::mm(g_b.t(), x2).mul_(scaling);        // (r, in)
+  if (needs[4]) dbb = at::mm(g.t(), at::mm(x2, lora_a.t())).mul_(scaling);  // (out, r)
+  return {dx, dw, db, da, dbb};
+}
+
+TORCH_LIBRARY(tuneforge, m) {
+  m.def("lora_linear(Tensor x, Tensor? weight, Tensor? bias, Tensor lora_a, Tensor lora_b, float scaling) -> Tensor");
+  m.def("lora_linear_backward(Tensor grad, Tensor x, Tensor? weight, Tensor lora_a, Tensor lora_b, float scaling, "
+        "bool[] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(tuneforge, CPU, m) {
+  m.impl("lora_linear", &lora_linear_cpu);
+  m.impl("lora_linear_backward", &lora_linear_backward_cpu);
+}
+
+}  // namespace tuneforge
