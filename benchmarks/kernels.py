@@ -3,8 +3,9 @@
     python benchmarks/kernels.py [--repeats 7] [--tokens 4096] [--d 1024] [--rank 16]
 
 Today: ``lora_linear`` forward + backward (x requires grad, the base weight is frozen as in a LoRA run) against
-eager PyTorch the PEFT way (``base(x) + lora_B(lora_A(x)) * scaling``). Interleaved repeats, median; the
-ratio is eager / tuneforge (> 1: tuneforge faster). The issue's target on this 2-core CPU is >= 1.3x.
+eager PyTorch the PEFT way (``base(x) + lora_B(lora_A(x)) * scaling``), target >= 1.3x; ``bottleneck_adapter``
+forward + backward against eager ``h + up(gelu(down(h)))``, target >= 1.5x. Interleaved repeats, median; the
+ratio is eager / tuneforge (> 1: tuneforge faster).
 """
 from __future__ import annotations
 
@@ -40,14 +41,15 @@ def bench_lora(tokens: int, d: int, r: int, repeats: int) -> dict:
     lora_b = torch.nn.Linear(r, d, bias=False)
     torch.nn.init.normal_(lora_b.weight, std=0.02)
     s = 2.0
+    g = torch.randn(tokens, d)  # the gradient a loss would send back (dense, like a real one)
 
     def eager():
         x.grad = lora_a.weight.grad = lora_b.weight.grad = None
-        (base(x) + lora_b(lora_a(x)) * s).sum().backward()
+        (base(x) + lora_b(lora_a(x)) * s).backward(g)
 
     def fused():
         x.grad = lora_a.weight.grad = lora_b.weight.grad = None
-        kernels.lora_linear(x, base.weight, base.bias, lora_a.weight, lora_b.weight, s).sum().backward()
+        kernels.lora_linear(x, base.weight, base.bias, lora_a.weight, lora_b.weight, s).backward(g)
 
     with torch.no_grad():
         gap = (kernels.lora_linear(x, base.weight, base.bias, lora_a.weight, lora_b.weight, s)
@@ -57,12 +59,40 @@ def bench_lora(tokens: int, d: int, r: int, repeats: int) -> dict:
             "ratio": t["eager"] / t["tuneforge"], "max_abs_diff": gap, "target": 1.3}
 
 
+def bench_bottleneck(tokens: int, d: int, m: int, repeats: int) -> dict:
+    torch.manual_seed(0)
+    h = torch.randn(tokens, d, requires_grad=True)
+    down, up = torch.nn.Linear(d, m), torch.nn.Linear(m, d)
+    torch.nn.init.normal_(up.weight, std=0.02)
+    params = [h, *down.parameters(), *up.parameters()]
+    g = torch.randn(tokens, d)
+
+    def eager():
+        for p in params:
+            p.grad = None
+        (h + up(torch.nn.functional.gelu(down(h)))).backward(g)
+
+    def fused():
+        for p in params:
+            p.grad = None
+        kernels.bottleneck_adapter(h, down.weight, down.bias, up.weight, up.bias, "gelu", True).backward(g)
+
+    with torch.no_grad():
+        gap = (kernels.bottleneck_adapter(h, down.weight, down.bias, up.weight, up.bias, "gelu", True)
+               - (h + up(torch.nn.functional.gelu(down(h))))).abs().max().item()
+    t = interleaved({"eager": eager, "tuneforge": fused}, repeats)
+    return {"tokens": tokens, "d": d, "bottleneck": m, "eager_ms": t["eager"] * 1e3,
+            "tuneforge_ms": t["tuneforge"] * 1e3, "ratio": t["eager"] / t["tuneforge"], "max_abs_diff": gap,
+            "target": 1.5}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--d", type=int, default=1024)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--bottleneck", type=int, default=64)
     args = ap.parse_args()
     state = native.status()
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
@@ -72,7 +102,12 @@ def main():
     print(f"lora_linear fwd+bwd, tokens {r['tokens']}, d {r['d']}, rank {r['rank']}: eager {r['eager_ms']:.1f} ms, "
           f"tuneforge {r['tuneforge_ms']:.1f} ms, ratio {r['ratio']:.2f}x (target >= {r['target']}x); "
           f"max |difference| {r['max_abs_diff']:.1e}")
-    print(json.dumps({"benchmark": "kernels", "backend": kernels.backend(), "lora_linear": r}))
+    a = bench_bottleneck(args.tokens, args.d, args.bottleneck, args.repeats)
+    print(f"bottleneck_adapter fwd+bwd, tokens {a['tokens']}, d {a['d']}, bottleneck {a['bottleneck']}: eager "
+          f"{a['eager_ms']:.1f} ms, tuneforge {a['tuneforge_ms']:.1f} ms, ratio {a['ratio']:.2f}x (target >= "
+          f"{a['target']}x); max |difference| {a['max_abs_diff']:.1e}")
+    print(json.dumps({"benchmark": "kernels", "backend": kernels.backend(), "lora_linear": r,
+                      "bottleneck_adapter": a}))
 
 
 if __name__ == "__main__":

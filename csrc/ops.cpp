@@ -81,15 +81,72 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
   return {dx, dw, db, da, dbb};
 }
 
+
+namespace {
+
+// The activation and its derivative, elementwise, by name ("gelu" is the exact erf form, as torch's default).
+at::Tensor activate(const at::Tensor& z, c10::string_view act) {
+  if (act == "gelu") return at::gelu(z);
+  if (act == "relu") return at::relu(z);
+  if (act == "silu") return at::silu(z);
+  TORCH_CHECK(false, "tuneforge::bottleneck_adapter: unknown activation '", std::string(act), "' (gelu, relu, silu)");
+}
+
+at::Tensor activation_backward(const at::Tensor& grad, const at::Tensor& z, c10::string_view act) {
+  if (act == "gelu") return at::gelu_backward(grad, z);
+  if (act == "relu") return grad * (z > 0).to(grad.scalar_type());
+  if (act == "silu") return at::silu_backward(grad, z);
+  TORCH_CHECK(false, "tuneforge::bottleneck_adapter: unknown activation '", std::string(act), "'");
+}
+
+}  // namespace
+
+// h + up(act(down(h))) with the residual and the up bias accumulated by the up GEMM itself (beta = 1 onto a
+// buffer that already holds h + b_up): one pass over the (M, C) output instead of three. Also returns
+// z = down(h), (M, m), small, which the backward needs (saved instead of recomputing a GEMM over h).
+std::tuple<at::Tensor, at::Tensor> bottleneck_adapter_cpu(const at::Tensor& h, const at::Tensor& w_down,
+                                                          const at::Tensor& b_down, const at::Tensor& w_up,
+                                                          const at::Tensor& b_up, c10::string_view activation,
+                                                          bool residual) {
+  TORCH_CHECK(w_down.dim() == 2 && w_up.dim() == 2 && w_down.size(1) == h.size(-1) && w_up.size(1) == w_down.size(0),
+              "tuneforge::bottleneck_adapter: w_down (m, C), w_up (C, m) with C = h's last dimension");
+  const auto h2 = rows_of(h);                                   // (M, C)
+  const auto z = at::addmm(b_down, h2, w_down.t());             // (M, m)
+  const auto a = activate(z, activation);                       // (M, m)
+  at::Tensor out = residual ? h2.add(b_up) : b_up.expand({h2.size(0), w_up.size(0)}).contiguous();  // (M, C)
+  out.addmm_(a, w_up.t());
+  return {out.view(h.sizes()), z.view(out_shape(h, z.size(1)))};
+}
+
+// Gradients: (dh, dw_down, db_down, dw_up, db_up), from z saved by the forward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bottleneck_adapter_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& h, const at::Tensor& z, const at::Tensor& w_down,
+    const at::Tensor& w_up, c10::string_view activation, bool residual) {
+  const auto g = rows_of(grad);                                 // (M, C)
+  const auto h2 = rows_of(h);
+  const auto z2 = rows_of(z);                                   // (M, m)
+  const auto a = activate(z2, activation);                      // cheap next to the GEMMs
+  const auto dz = activation_backward(at::mm(g, w_up), z2, activation);  // (M, m)
+  // the residual's gradient plus the adapter's, written in one GEMM (beta = 1 onto a copy of g)
+  at::Tensor dh = residual ? at::addmm(g, dz, w_down) : at::mm(dz, w_down);
+  return {dh.view(h.sizes()), at::mm(dz.t(), h2), dz.sum(0), at::mm(g.t(), a), g.sum(0)};
+}
+
 TORCH_LIBRARY(tuneforge, m) {
   m.def("lora_linear(Tensor x, Tensor? weight, Tensor? bias, Tensor lora_a, Tensor lora_b, float scaling) -> Tensor");
   m.def("lora_linear_backward(Tensor grad, Tensor x, Tensor? weight, Tensor lora_a, Tensor lora_b, float scaling, "
         "bool[] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("bottleneck_adapter(Tensor h, Tensor w_down, Tensor b_down, Tensor w_up, Tensor b_up, str activation, "
+        "bool residual) -> (Tensor, Tensor)");
+  m.def("bottleneck_adapter_backward(Tensor grad, Tensor h, Tensor z, Tensor w_down, Tensor w_up, "
+        "str activation, bool residual) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(tuneforge, CPU, m) {
   m.impl("lora_linear", &lora_linear_cpu);
   m.impl("lora_linear_backward", &lora_linear_backward_cpu);
+  m.impl("bottleneck_adapter", &bottleneck_adapter_cpu);
+  m.impl("bottleneck_adapter_backward", &bottleneck_adapter_backward_cpu);
 }
 
 }  // namespace tuneforge

@@ -55,3 +55,35 @@ def test_a_nan_input_is_not_hidden():
     x[0, 1] = float("nan")
     out = torch.ops.tuneforge.lora_linear(x, w, b, a, bb, 1.0)
     assert torch.isnan(out[0]).all() and torch.isfinite(out[1]).all()
+
+
+def _adapter_inputs(shape, C, m, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    make = lambda *s: torch.randn(*s, generator=g, dtype=dtype).requires_grad_()  # noqa: E731
+    return make(*shape, C), make(m, C), make(m), make(C, m), make(C)
+
+
+@pytest.mark.parametrize("shape,C,m", [((7,), 16, 4), ((3, 5), 33, 1), ((2, 1, 4), 8, 8)])
+@pytest.mark.parametrize("activation", ["gelu", "relu", "silu"])
+@pytest.mark.parametrize("residual", [True, False])
+def test_bottleneck_adapter_matches_the_reference_forward_and_gradients(shape, C, m, activation, residual):
+    from tuneforge.kernels.reference import bottleneck_adapter_reference
+
+    inputs = _adapter_inputs(shape, C, m)
+    twins = [t.detach().clone().requires_grad_() for t in inputs]
+    out = torch.ops.tuneforge.bottleneck_adapter(*inputs, activation, residual)[0]
+    want = bottleneck_adapter_reference(*twins, activation, residual)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(out)
+    out.backward(g)
+    want.backward(g)
+    for got, ref in zip(inputs, twins):
+        torch.testing.assert_close(got.grad, ref.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_bottleneck_adapter_gradcheck_and_opcheck():
+    inputs = _adapter_inputs((3, 2), 5, 3, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda *t: torch.ops.tuneforge.bottleneck_adapter(*t, "silu", True)[0], inputs)
+    for residual in (True, False):
+        torch.library.opcheck(torch.ops.tuneforge.bottleneck_adapter.default,
+                              (*_adapter_inputs((2, 3), 6, 2), "gelu", residual))

@@ -28,7 +28,7 @@ _IMPLEMENTATIONS = {
     "multi_bottleneck_adapter": ("reference", multi_bottleneck_adapter_reference),
 }
 #: ops with a compiled kernel, by name (the rest run their reference wherever they are)
-COMPILED = ("lora_linear",)
+COMPILED = ("lora_linear", "bottleneck_adapter")
 
 
 def _use_compiled() -> None:
@@ -36,8 +36,14 @@ def _use_compiled() -> None:
 
     if not native.load():
         return
+    ops = torch.ops.tuneforge
+    compiled = {
+        "lora_linear": ops.lora_linear,
+        # the op also returns z = down(h) for its backward; the face returns the output alone
+        "bottleneck_adapter": lambda *args: ops.bottleneck_adapter(*args)[0],
+    }
     for op in COMPILED:
-        _IMPLEMENTATIONS[op] = ("cpp", getattr(torch.ops.tuneforge, op))
+        _IMPLEMENTATIONS[op] = ("cpp", compiled[op])
 
 
 _use_compiled()

@@ -96,3 +96,32 @@ def _register() -> None:
         return keep(dx, need[0]), keep(dw, need[1]), keep(db, need[2]), keep(da, need[3]), keep(dbb, need[4]), None
 
     torch.library.register_autograd(lib, backward, setup_context=setup_context)
+
+    _register_bottleneck()
+
+
+def _register_bottleneck() -> None:
+    lib = "tuneforge::bottleneck_adapter"
+
+    @torch.library.register_fake(lib)
+    def _fake(h, w_down, b_down, w_up, b_up, activation, residual):
+        return h.new_empty(h.shape), h.new_empty((*h.shape[:-1], w_down.size(0)))
+
+    @torch.library.register_fake("tuneforge::bottleneck_adapter_backward")
+    def _fake_backward(grad, h, z, w_down, w_up, activation, residual):
+        return (h.new_empty(h.shape), w_down.new_empty(w_down.shape), w_down.new_empty(w_down.size(0)),
+                w_up.new_empty(w_up.shape), w_up.new_empty(w_up.size(0)))
+
+    def setup_context(ctx, inputs, output):
+        h, w_down, b_down, w_up, b_up, activation, residual = inputs
+        ctx.save_for_backward(h, output[1], w_down, w_up)
+        ctx.activation, ctx.residual = activation, residual
+        ctx.mark_non_differentiable(output[1])
+
+    def backward(ctx, grad, _grad_z):
+        h, z, w_down, w_up = ctx.saved_tensors
+        grads = torch.ops.tuneforge.bottleneck_adapter_backward(grad.contiguous(), h, z, w_down, w_up,
+                                                                ctx.activation, ctx.residual)
+        return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:5])), None, None)
+
+    torch.library.register_autograd(lib, backward, setup_context=setup_context)
