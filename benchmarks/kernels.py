@@ -86,6 +86,51 @@ def bench_bottleneck(tokens: int, d: int, m: int, repeats: int) -> dict:
             "target": 1.5}
 
 
+def bench_multi_lora(tokens: int, d: int, r: int, n_adapters: int, repeats: int, *, base: bool) -> dict:
+    """Rows (tokens) interleaved over the adapters (row i uses adapter i % A), with or without the base product."""
+    torch.manual_seed(0)
+    x = torch.randn(tokens, d, requires_grad=True)
+    w = torch.randn(d, d) * 0.02 if base else None
+    lora_a = (torch.randn(n_adapters, r, d) * 0.02).requires_grad_()
+    lora_b = (torch.randn(n_adapters, d, r) * 0.02).requires_grad_()
+    scalings = torch.full((n_adapters,), 2.0)
+    ids = torch.arange(tokens) % n_adapters
+    g = torch.randn(tokens, d)
+
+    def looped():  # what a user writes without the op: per adapter, gather its rows, two products, scatter-add
+        out = x @ w.T if base else torch.zeros(tokens, d)
+        for a in range(n_adapters):
+            rows = (ids == a).nonzero().squeeze(1)
+            xs = x.index_select(0, rows)
+            out = out.index_add(0, rows, (xs @ lora_a[a].T @ lora_b[a].T) * scalings[a])
+        return out
+
+    def fused():
+        return kernels.multi_lora_linear(x, w, None, lora_a, lora_b, scalings, ids)
+
+    def train(fn):
+        def run():
+            x.grad = lora_a.grad = lora_b.grad = None
+            fn().backward(g)
+        return run
+
+    def infer(fn):
+        def run():
+            with torch.no_grad():
+                fn()
+        return run
+
+    with torch.no_grad():
+        gap = (fused() - looped()).abs().max().item()
+    tf = interleaved({"looped": infer(looped), "tuneforge": infer(fused)}, repeats)
+    tb = interleaved({"looped": train(looped), "tuneforge": train(fused)}, repeats)
+    return {"tokens": tokens, "d": d, "rank": r, "adapters": n_adapters, "base_product": base, "max_abs_diff": gap,
+            "forward": {"looped_ms": tf["looped"] * 1e3, "tuneforge_ms": tf["tuneforge"] * 1e3,
+                        "ratio": tf["looped"] / tf["tuneforge"], "target": 4.0},
+            "forward_backward": {"looped_ms": tb["looped"] * 1e3, "tuneforge_ms": tb["tuneforge"] * 1e3,
+                                 "ratio": tb["looped"] / tb["tuneforge"], "target": 3.0}}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=7)
@@ -93,6 +138,7 @@ def main():
     ap.add_argument("--d", type=int, default=1024)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--bottleneck", type=int, default=64)
+    ap.add_argument("--adapters", type=int, default=16)
     args = ap.parse_args()
     state = native.status()
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
@@ -106,8 +152,18 @@ def main():
     print(f"bottleneck_adapter fwd+bwd, tokens {a['tokens']}, d {a['d']}, bottleneck {a['bottleneck']}: eager "
           f"{a['eager_ms']:.1f} ms, tuneforge {a['tuneforge_ms']:.1f} ms, ratio {a['ratio']:.2f}x (target >= "
           f"{a['target']}x); max |difference| {a['max_abs_diff']:.1e}")
+    multi = {}
+    for with_base in (True, False):
+        mr = bench_multi_lora(args.tokens, args.d, args.rank, args.adapters, args.repeats, base=with_base)
+        multi["with_base" if with_base else "update_only"] = mr
+        label = "with the base product" if with_base else "the updates alone (weight=None)"
+        print(f"multi_lora_linear, {args.adapters} adapters, {args.tokens} rows interleaved, d {args.d}, rank "
+              f"{args.rank}, {label}: forward looped {mr['forward']['looped_ms']:.1f} ms / tuneforge "
+              f"{mr['forward']['tuneforge_ms']:.1f} ms = {mr['forward']['ratio']:.2f}x (target >= 4x); fwd+bwd "
+              f"{mr['forward_backward']['looped_ms']:.1f} / {mr['forward_backward']['tuneforge_ms']:.1f} ms = "
+              f"{mr['forward_backward']['ratio']:.2f}x (target >= 3x); max |difference| {mr['max_abs_diff']:.1e}")
     print(json.dumps({"benchmark": "kernels", "backend": kernels.backend(), "lora_linear": r,
-                      "bottleneck_adapter": a}))
+                      "bottleneck_adapter": a, "multi_lora_linear": multi}))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,12 @@ at::Tensor rows_of(const at::Tensor& x) {  // (..., in) -> (M, in), a view when 
   return x.reshape({-1, x.size(-1)});
 }
 
+int64_t per_row(const at::Tensor& x) {  // tokens in each row: the product of the dimensions between the first and last
+  int64_t L = 1;
+  for (int64_t d = 1; d + 1 < x.dim(); ++d) L *= x.size(d);
+  return L;
+}
+
 std::vector<int64_t> out_shape(const at::Tensor& x, int64_t out_features) {
   auto shape = x.sizes().vec();
   shape.back() = out_features;
@@ -132,10 +138,116 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bottlenec
   return {dh.view(h.sizes()), at::mm(dz.t(), h2), dz.sum(0), at::mm(g.t(), a), g.sum(0)};
 }
 
+namespace {
+
+// The rows that have an adapter, grouped by adapter (one stable sort of the ids, no per-adapter search), and
+// each adapter's segment (adapter, start, count) in that order.
+struct Segments {
+  at::Tensor order;                                       // (R,) row indices, adapter by adapter
+  std::vector<std::tuple<int64_t, int64_t, int64_t>> spans;  // (adapter, start, count) into order
+};
+
+Segments segments(const at::Tensor& adapter_ids, int64_t n_adapters) {
+  TORCH_CHECK(adapter_ids.dim() == 1 && adapter_ids.scalar_type() == at::kLong,
+              "tuneforge::multi_lora_linear: adapter_ids must be (N,) int64");
+  Segments seg;
+  if (adapter_ids.numel() == 0) {
+    seg.order = adapter_ids.new_empty({0});
+    return seg;
+  }
+  const auto ids = adapter_ids.contiguous();
+  TORCH_CHECK(ids.max().item<int64_t>() < n_adapters, "tuneforge::multi_lora_linear: an adapter id is >= the ",
+              n_adapters, " adapters given");
+  const auto counts = at::bincount(ids + 1, {}, n_adapters + 1).contiguous();  // slot 0: rows without one
+  const int64_t* c = counts.data_ptr<int64_t>();
+  seg.order = at::argsort(ids, /*stable=*/true).slice(0, c[0]);  // drop the rows with id -1 (sorted first)
+  int64_t start = 0;
+  for (int64_t a = 0; a < n_adapters; ++a) {
+    if (c[a + 1] > 0) seg.spans.emplace_back(a, start, c[a + 1]);
+    start += c[a + 1];
+  }
+  return seg;
+}
+
+}  // namespace
+
+// Base product for every row, then per adapter: gather its rows, two products, add them back. Each segment's
+// buffers are small enough to stay in cache (gathering every row at once into one buffer measured slower).
+at::Tensor multi_lora_linear_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                                 const c10::optional<at::Tensor>& bias, const at::Tensor& lora_a,
+                                 const at::Tensor& lora_b, const at::Tensor& scalings, const at::Tensor& adapter_ids) {
+  TORCH_CHECK(lora_a.dim() == 3 && lora_b.dim() == 3 && lora_a.size(0) == lora_b.size(0),
+              "tuneforge::multi_lora_linear: lora_a (A, r, in), lora_b (A, out, r)");
+  TORCH_CHECK(adapter_ids.size(0) == x.size(0), "tuneforge::multi_lora_linear: ", adapter_ids.size(0),
+              " adapter ids for ", x.size(0), " rows");
+  const int64_t N = x.size(0), L = per_row(x), in = x.size(-1), out_f = lora_b.size(1);
+  const auto x3 = x.reshape({N, L, in});                        // (N, L, in)
+  const auto x2 = x3.reshape({N * L, in});
+  at::Tensor out = weight.has_value() ? (bias.has_value() ? at::addmm(*bias, x2, weight->t()) : at::mm(x2, weight->t()))
+                                      : at::zeros({N * L, out_f}, x.options());
+  auto out3 = out.view({N, L, out_f});
+  const auto s = scalings.to(at::kDouble).contiguous();
+  const auto seg = segments(adapter_ids, lora_a.size(0));
+  for (const auto& [a, start, n] : seg.spans) {
+    const auto rows = seg.order.narrow(0, start, n);
+    const auto xa = x3.index_select(0, rows).view({n * L, in});
+    const auto low = at::mm(xa, lora_a[a].t()).mul_(s.data_ptr<double>()[a]);  // (n L, r), scaled while small
+    out3.index_add_(0, rows, at::mm(low, lora_b[a].t()).view({n, L, out_f}));
+  }
+  return out.view(out_shape(x, out_f));
+}
+
+// Gradients (dx, dweight, dbias, dlora_a, dlora_b); `needs` as for lora_linear_backward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_lora_linear_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const c10::optional<at::Tensor>& weight, const at::Tensor& lora_a,
+    const at::Tensor& lora_b, const at::Tensor& scalings, const at::Tensor& adapter_ids, c10::List<bool> needs_list) {
+  bool needs[5];
+  for (size_t i = 0; i < 5; ++i) needs[i] = needs_list.get(i);
+  const int64_t N = x.size(0), L = per_row(x), in = x.size(-1), out_f = lora_b.size(1);
+  const auto x3 = x.reshape({N, L, in});
+  const auto g3 = grad.reshape({N, L, out_f});
+  const auto g2 = g3.reshape({N * L, out_f});
+  at::Tensor dx, dw, db, da, dbb;
+  if (needs[0]) dx = weight.has_value() ? at::mm(g2, *weight) : at::zeros({N * L, in}, x.options());
+  if (needs[1] && weight.has_value()) dw = at::mm(g2.t(), x3.reshape({N * L, in}));
+  if (needs[2]) db = g2.sum(0);
+  if (needs[3]) da = at::zeros_like(lora_a);
+  if (needs[4]) dbb = at::zeros_like(lora_b);
+  if (needs[0] || needs[3] || needs[4]) {
+    auto dx3 = needs[0] ? dx.view({N, L, in}) : at::Tensor();
+    const auto s = scalings.to(at::kDouble).contiguous();
+    const auto seg = segments(adapter_ids, lora_a.size(0));
+    for (const auto& [a, start, n] : seg.spans) {
+      const double sa = s.data_ptr<double>()[a];
+      const auto rows = seg.order.narrow(0, start, n);
+      const auto ga = g3.index_select(0, rows).view({n * L, out_f});  // (n L, out)
+      const auto gb = at::mm(ga, lora_b[a]).mul_(sa);                 // (n L, r)
+      if (needs[0]) dx3.index_add_(0, rows, at::mm(gb, lora_a[a]).view({n, L, in}));
+      if (needs[3] || needs[4]) {
+        const auto xa = x3.index_select(0, rows).view({n * L, in});
+        if (needs[3]) {
+          auto dst = da[a];
+          at::mm_out(dst, gb.t(), xa);
+        }
+        if (needs[4]) {
+          auto dst = dbb[a];
+          at::mm_out(dst, ga.t(), at::mm(xa, lora_a[a].t()).mul_(sa));
+        }
+      }
+    }
+  }
+  if (needs[0]) dx = dx.view(x.sizes());
+  return {dx, dw, db, da, dbb};
+}
+
 TORCH_LIBRARY(tuneforge, m) {
   m.def("lora_linear(Tensor x, Tensor? weight, Tensor? bias, Tensor lora_a, Tensor lora_b, float scaling) -> Tensor");
   m.def("lora_linear_backward(Tensor grad, Tensor x, Tensor? weight, Tensor lora_a, Tensor lora_b, float scaling, "
         "bool[] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("multi_lora_linear(Tensor x, Tensor? weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor scalings, "
+        "Tensor adapter_ids) -> Tensor");
+  m.def("multi_lora_linear_backward(Tensor grad, Tensor x, Tensor? weight, Tensor lora_a, Tensor lora_b, "
+        "Tensor scalings, Tensor adapter_ids, bool[] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("bottleneck_adapter(Tensor h, Tensor w_down, Tensor b_down, Tensor w_up, Tensor b_up, str activation, "
         "bool residual) -> (Tensor, Tensor)");
   m.def("bottleneck_adapter_backward(Tensor grad, Tensor h, Tensor z, Tensor w_down, Tensor w_up, "
@@ -145,6 +257,8 @@ TORCH_LIBRARY(tuneforge, m) {
 TORCH_LIBRARY_IMPL(tuneforge, CPU, m) {
   m.impl("lora_linear", &lora_linear_cpu);
   m.impl("lora_linear_backward", &lora_linear_backward_cpu);
+  m.impl("multi_lora_linear", &multi_lora_linear_cpu);
+  m.impl("multi_lora_linear_backward", &multi_lora_linear_backward_cpu);
   m.impl("bottleneck_adapter", &bottleneck_adapter_cpu);
   m.impl("bottleneck_adapter_backward", &bottleneck_adapter_backward_cpu);
 }

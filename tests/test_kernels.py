@@ -87,3 +87,43 @@ def test_bottleneck_adapter_gradcheck_and_opcheck():
     for residual in (True, False):
         torch.library.opcheck(torch.ops.tuneforge.bottleneck_adapter.default,
                               (*_adapter_inputs((2, 3), 6, 2), "gelu", residual))
+
+
+def _multi_inputs(shape, A, r, d_in, d_out, *, weight=True, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    make = lambda *s: torch.randn(*s, generator=g, dtype=dtype).requires_grad_()  # noqa: E731
+    ids = torch.randint(-1, A, (shape[0],), generator=g)
+    return (make(*shape, d_in), make(d_out, d_in) if weight else None, make(d_out) if weight else None,
+            make(A, r, d_in), make(A, d_out, r)), torch.rand(A, generator=g, dtype=dtype) + 0.5, ids
+
+
+@pytest.mark.parametrize("shape", [(9,), (6, 5), (4, 1, 3), (0, 3)])
+@pytest.mark.parametrize("weight", [True, False])
+def test_multi_lora_linear_matches_the_reference_forward_and_gradients(shape, weight):
+    from tuneforge.kernels.reference import multi_lora_linear_reference
+
+    inputs, scalings, ids = _multi_inputs(shape, 5, 3, 12, 7, weight=weight)
+    twins = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
+    out = torch.ops.tuneforge.multi_lora_linear(*inputs, scalings, ids)
+    want = multi_lora_linear_reference(*twins, scalings, ids)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    if out.numel():
+        g = torch.randn_like(out)
+        out.backward(g)
+        want.backward(g)
+        for got, ref in zip(inputs, twins):
+            if got is not None:
+                torch.testing.assert_close(got.grad, ref.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_multi_lora_linear_gradcheck_and_opcheck():
+    inputs, scalings, ids = _multi_inputs((5, 2), 3, 2, 4, 3, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda *t: torch.ops.tuneforge.multi_lora_linear(*t, scalings, ids), inputs)
+    inputs, scalings, ids = _multi_inputs((6, 2), 3, 2, 5, 4)
+    torch.library.opcheck(torch.ops.tuneforge.multi_lora_linear.default, (*inputs, scalings, ids))
+
+
+def test_multi_lora_linear_refuses_an_id_past_the_adapters():
+    inputs, scalings, _ = _multi_inputs((3,), 2, 2, 4, 3)
+    with pytest.raises(RuntimeError, match="adapter id is >= the 2 adapters"):
+        torch.ops.tuneforge.multi_lora_linear(*inputs, scalings, torch.tensor([0, 2, 1]))

@@ -28,7 +28,7 @@ _IMPLEMENTATIONS = {
     "multi_bottleneck_adapter": ("reference", multi_bottleneck_adapter_reference),
 }
 #: ops with a compiled kernel, by name (the rest run their reference wherever they are)
-COMPILED = ("lora_linear", "bottleneck_adapter")
+COMPILED = ("lora_linear", "multi_lora_linear", "bottleneck_adapter")
 
 
 def _use_compiled() -> None:
@@ -39,6 +39,7 @@ def _use_compiled() -> None:
     ops = torch.ops.tuneforge
     compiled = {
         "lora_linear": ops.lora_linear,
+        "multi_lora_linear": ops.multi_lora_linear,
         # the op also returns z = down(h) for its backward; the face returns the output alone
         "bottleneck_adapter": lambda *args: ops.bottleneck_adapter(*args)[0],
     }

@@ -97,7 +97,41 @@ def _register() -> None:
 
     torch.library.register_autograd(lib, backward, setup_context=setup_context)
 
+    _register_multi_lora()
     _register_bottleneck()
+
+
+def _register_multi_lora() -> None:
+    lib = "tuneforge::multi_lora_linear"
+
+    @torch.library.register_fake(lib)
+    def _fake(x, weight, bias, lora_a, lora_b, scalings, adapter_ids):
+        return x.new_empty((*x.shape[:-1], lora_b.size(1)))
+
+    @torch.library.register_fake("tuneforge::multi_lora_linear_backward")
+    def _fake_backward(grad, x, weight, lora_a, lora_b, scalings, adapter_ids, needs):
+        e = x.new_empty(0)
+        return (x.new_empty(x.shape) if needs[0] else e,
+                weight.new_empty(weight.shape) if needs[1] and weight is not None else e,
+                grad.new_empty(grad.size(-1)) if needs[2] else e,
+                lora_a.new_empty(lora_a.shape) if needs[3] else e,
+                lora_b.new_empty(lora_b.shape) if needs[4] else e)
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, lora_a, lora_b, scalings, adapter_ids = inputs
+        ctx.save_for_backward(x, weight, lora_a, lora_b, scalings, adapter_ids)
+        ctx.has_bias = bias is not None
+
+    def backward(ctx, grad):
+        x, weight, lora_a, lora_b, scalings, adapter_ids = ctx.saved_tensors
+        need = list(ctx.needs_input_grad[:5])
+        need[1] = need[1] and weight is not None
+        need[2] = need[2] and ctx.has_bias
+        grads = torch.ops.tuneforge.multi_lora_linear_backward(grad.contiguous(), x, weight, lora_a, lora_b,
+                                                               scalings, adapter_ids, need)
+        return (*(g if n else None for g, n in zip(grads, need)), None, None)
+
+    torch.library.register_autograd(lib, backward, setup_context=setup_context)
 
 
 def _register_bottleneck() -> None:
