@@ -127,3 +127,32 @@ def test_multi_lora_linear_refuses_an_id_past_the_adapters():
     inputs, scalings, _ = _multi_inputs((3,), 2, 2, 4, 3)
     with pytest.raises(RuntimeError, match="adapter id is >= the 2 adapters"):
         torch.ops.tuneforge.multi_lora_linear(*inputs, scalings, torch.tensor([0, 2, 1]))
+
+
+@pytest.mark.parametrize("Tq,Tk", [(37, 37), (5, 70), (130, 130), (1, 9)])
+@pytest.mark.parametrize("D", [16, 32, 64, 128])
+@pytest.mark.parametrize("causal", [True, False])
+def test_flash_attention_matches_the_reference_forward_and_gradients(Tq, Tk, D, causal):
+    from tuneforge.kernels.reference import attention_reference
+
+    g = torch.Generator().manual_seed(Tq * 1000 + D)
+    q, k, v = (torch.randn(2, 3, t, D, generator=g).requires_grad_() for t in (Tq, Tk, Tk))
+    mask = torch.rand(2, Tk, generator=g) > 0.3
+    mask[1] = False  # a row of the batch that sees no key at all: zeros out, zero gradients, never NaN
+    twins = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out, lse = torch.ops.tuneforge.flash_attention_forward(q, k, v, causal, mask, D ** -0.5)
+    want = attention_reference(*twins, causal=causal, key_padding_mask=mask)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=2e-6)
+    assert torch.isneginf(lse[1]).all() and (out[1] == 0).all()
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    want.backward(grad)
+    for got, ref in zip((q, k, v), twins):
+        assert torch.isfinite(got.grad).all()
+        torch.testing.assert_close(got.grad, ref.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_flash_attention_opcheck():
+    q, k, v = (torch.randn(1, 2, t, 16, requires_grad=True) for t in (7, 9, 9))
+    for causal, mask in ((True, None), (False, torch.tensor([[True] * 8 + [False]]))):
+        torch.library.opcheck(torch.ops.tuneforge.flash_attention_forward.default, (q, k, v, causal, mask, 0.25))

@@ -6,6 +6,8 @@ which code runs; ``backend()`` reports it.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .reference import (
@@ -28,7 +30,23 @@ _IMPLEMENTATIONS = {
     "multi_bottleneck_adapter": ("reference", multi_bottleneck_adapter_reference),
 }
 #: ops with a compiled kernel, by name (the rest run their reference wherever they are)
-COMPILED = ("lora_linear", "multi_lora_linear", "bottleneck_adapter")
+COMPILED = ("flash_attention", "lora_linear", "multi_lora_linear", "bottleneck_adapter")
+
+
+def _compiled_attention(q, k, v, *, causal=True, key_padding_mask=None, scale=None):
+    """The compiled kernel computes in float32 (and saves only the log-sum-exp); other dtypes convert around it."""
+    if q.device.type != "cpu" or k.size(-2) == 0 or q.dtype == torch.float64:  # float64: gradcheck's, reference
+        return attention_reference(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+    if causal and q.size(-2) > k.size(-2):
+        raise ValueError(f"causal attention needs Tq <= Tk (queries are the newest keys), got Tq={q.size(-2)}, "
+                         f"Tk={k.size(-2)}")
+    B, Tk = q.size(0), k.size(-2)
+    if key_padding_mask is not None and tuple(key_padding_mask.shape) != (B, Tk):
+        raise ValueError(f"key_padding_mask must be (B, Tk) = ({B}, {Tk}), got {tuple(key_padding_mask.shape)}")
+    s = 1.0 / math.sqrt(q.size(-1)) if scale is None else float(scale)
+    f32 = lambda t: t if t.dtype == torch.float32 else t.float()  # noqa: E731
+    out, _ = torch.ops.tuneforge.flash_attention_forward(f32(q), f32(k), f32(v), causal, key_padding_mask, s)
+    return out.to(q.dtype)
 
 
 def _use_compiled() -> None:
@@ -38,6 +56,7 @@ def _use_compiled() -> None:
         return
     ops = torch.ops.tuneforge
     compiled = {
+        "flash_attention": _compiled_attention,
         "lora_linear": ops.lora_linear,
         "multi_lora_linear": ops.multi_lora_linear,
         # the op also returns z = down(h) for its backward; the face returns the output alone

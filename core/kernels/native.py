@@ -99,6 +99,32 @@ def _register() -> None:
 
     _register_multi_lora()
     _register_bottleneck()
+    _register_attention()
+
+
+def _register_attention() -> None:
+    lib = "tuneforge::flash_attention_forward"
+
+    @torch.library.register_fake(lib)
+    def _fake(q, k, v, causal, key_padding_mask, scale):
+        return q.new_empty(q.shape), q.new_empty(q.shape[:-1])
+
+    @torch.library.register_fake("tuneforge::flash_attention_backward")
+    def _fake_backward(grad, q, k, v, out, lse, causal, key_padding_mask, scale):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, causal, mask, scale = inputs
+        ctx.save_for_backward(q, k, v, output[0], output[1], mask)
+        ctx.causal, ctx.scale = causal, scale
+        ctx.mark_non_differentiable(output[1])
+
+    def backward(ctx, grad, _grad_lse):
+        q, k, v, out, lse, mask = ctx.saved_tensors
+        dq, dk, dv = torch.ops.tuneforge.flash_attention_backward(grad, q, k, v, out, lse, ctx.causal, mask, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+    torch.library.register_autograd(lib, backward, setup_context=setup_context)
 
 
 def _register_multi_lora() -> None:

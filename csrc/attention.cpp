@@ -1,0 +1,223 @@
+// Flash attention on the CPU: tiled over queries, keys in chunks merged with an online softmax, only the
+// log-sum-exp saved for a backward that recomputes the scores. Never a (T, T) matrix: each thread holds one
+// (query tile x key chunk) block of scores.
+//
+// Layout: q (B, H, Tq, D), k and v (B, H, Tk, D), contiguous, float32 (other dtypes are converted by the caller).
+// causal is bottom-right aligned: query i (absolute position Tk - Tq + i) sees keys 0 .. Tk - Tq + i.
+// key_padding_mask (B, Tk) bool, true = a real key. A query that sees no key returns 0 and lse = -inf.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <tuple>
+
+namespace tuneforge {
+
+namespace {
+
+constexpr int64_t kQTile = 128;     // query rows per task
+constexpr int64_t kKChunk = 1024;  // keys per block of scores (merged across chunks by the online softmax)
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// exp(x) for x <= 0-ish, written so the compiler vectorizes the loops that call it (no libm call): Cody-Waite
+// range reduction x = n ln2 + r, a degree-6 polynomial for e^r (Cephes' coefficients, ~1 ulp), then 2^n through
+// the exponent bits. Below -87 (and -inf: a masked score) it is exactly 0.
+inline float exp_approx(float x) {
+  const float xc = std::max(x, -87.f);
+  const float n = std::nearbyint(xc * 1.44269504088896341f);
+  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < -87.f ? 0.f : p * scale;
+}
+
+float row_max(const float* row, int64_t n, float start) {
+  float mx = start;
+  for (int64_t j = 0; j < n; ++j) mx = row[j] > mx ? row[j] : mx;
+  return mx;
+}
+
+// row[j] = exp(row[j] - m); returns the sum.
+float exp_shift_sum(float* row, int64_t n, float m) {
+  for (int64_t j = 0; j < n; ++j) row[j] = exp_approx(row[j] - m);
+  float sum = 0.f;
+  for (int64_t j = 0; j < n; ++j) sum += row[j];
+  return sum;
+}
+
+// Set to -inf the scores a query may not see: causal band, then padding. s: (rows, cols) for queries
+// q0.. and keys k0.., row stride ld.
+void mask_block(float* s, int64_t rows, int64_t cols, int64_t ld, int64_t q0, int64_t k0, int64_t offset,
+                bool causal, const bool* pad) {
+  for (int64_t i = 0; i < rows; ++i) {
+    float* row = s + i * ld;
+    if (causal) {
+      const int64_t last = q0 + i + offset;  // the last key this query sees
+      for (int64_t j = std::max<int64_t>(0, last + 1 - k0); j < cols; ++j) row[j] = kNegInf;
+    }
+    if (pad != nullptr) {
+      for (int64_t j = 0; j < cols; ++j) {
+        if (!pad[k0 + j]) row[j] = kNegInf;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> flash_attention_forward_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                               const at::Tensor& v_in, bool causal,
+                                                               const c10::optional<at::Tensor>& key_padding_mask,
+                                                               double scale) {
+  TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4, "tuneforge::flash_attention: q, k, v (B, H, T, D)");
+  const auto q = q_in.detach().contiguous(), k = k_in.detach().contiguous(), v = v_in.detach().contiguous();
+  const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), D = q.size(3), Tk = k.size(2);
+  TORCH_CHECK(!causal || Tq <= Tk, "tuneforge::flash_attention: causal needs Tq <= Tk, got ", Tq, " > ", Tk);
+  const auto mask = key_padding_mask.has_value() ? key_padding_mask->to(at::kBool).contiguous() : at::Tensor();
+  auto out = at::zeros_like(q);
+  auto lse = at::full({B, H, Tq}, kNegInf, q.options());
+  const int64_t offset = Tk - Tq, n_tiles = (Tq + kQTile - 1) / kQTile;
+  at::parallel_for(0, B * H * n_tiles, 1, [&](int64_t begin, int64_t end) {
+    auto scores = at::empty({kQTile, std::min(Tk, kKChunk)}, q.options());  // this thread's block
+    auto acc = at::empty({kQTile, D}, q.options());
+    std::vector<float> m(kQTile), l(kQTile);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / n_tiles, q0 = (task % n_tiles) * kQTile, b = bh / H;
+      const int64_t rows = std::min(kQTile, Tq - q0);
+      const int64_t k_end = causal ? std::min(Tk, q0 + rows + offset) : Tk;
+      const auto qt = q[b][bh % H].narrow(0, q0, rows);  // (rows, D)
+      const auto kb = k[b][bh % H], vb = v[b][bh % H];
+      const bool* pad = mask.defined() ? mask[b].data_ptr<bool>() : nullptr;
+      std::fill(m.begin(), m.end(), kNegInf);
+      std::fill(l.begin(), l.end(), 0.f);
+      auto a = acc.narrow(0, 0, rows);
+      a.zero_();
+      for (int64_t k0 = 0; k0 < k_end; k0 += kKChunk) {
+        const int64_t cols = std::min(kKChunk, k_end - k0);
+        auto s = scores.narrow(0, 0, rows).narrow(1, 0, cols);
+        at::addmm_out(s, s, qt, kb.narrow(0, k0, cols).t(), /*beta=*/0, /*alpha=*/scale);  // (rows, cols)
+        float* sp = s.data_ptr<float>();
+        const int64_t ld = s.stride(0);
+        mask_block(sp, rows, cols, ld, q0, k0, offset, causal, pad);
+        float* ap = a.data_ptr<float>();
+        for (int64_t i = 0; i < rows; ++i) {                             // online softmax, row by row
+          float* row = sp + i * ld;
+          const float mx = row_max(row, cols, m[i]);
+          if (mx == kNegInf) {                                           // nothing visible yet in this row
+            std::fill(row, row + cols, 0.f);
+            continue;
+          }
+          const float correction = m[i] == kNegInf ? 0.f : std::exp(m[i] - mx);
+          l[i] = l[i] * correction + exp_shift_sum(row, cols, mx);
+          m[i] = mx;
+          if (correction != 1.f) {
+            for (int64_t d = 0; d < D; ++d) ap[i * D + d] *= correction;
+          }
+        }
+        a.addmm_(s, vb.narrow(0, k0, cols));                             // (rows, D) += P V
+      }
+      auto o = out[b][bh % H].narrow(0, q0, rows);
+      float* op = o.data_ptr<float>();
+      const float* ap = a.data_ptr<float>();
+      float* lp = lse[b][bh % H].data_ptr<float>() + q0;
+      for (int64_t i = 0; i < rows; ++i) {
+        if (l[i] == 0.f) continue;                                       // saw no key: zeros, lse = -inf
+        const float inv = 1.f / l[i];
+        for (int64_t d = 0; d < D; ++d) op[i * D + d] = ap[i * D + d] * inv;
+        lp[i] = m[i] + std::log(l[i]);
+      }
+    }
+  });
+  return {out, lse};
+}
+
+// dq, dk, dv from the scores recomputed block by block: P = exp(S - lse), dV += P^T dO, dP = dO V^T,
+// dS = P (dP - rowsum(dO * O)), dQ = scale dS K, dK += scale dS^T Q. Parallel over (b, h): the key-side
+// gradients of one head accumulate over its query tiles in one thread.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out_in, const at::Tensor& lse_in, bool causal, const c10::optional<at::Tensor>& key_padding_mask,
+    double scale) {
+  const auto q = q_in.detach().contiguous(), k = k_in.detach().contiguous(), v = v_in.detach().contiguous();
+  const auto g = grad_in.detach().contiguous(), o = out_in.detach().contiguous(), lse = lse_in.detach().contiguous();
+  const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), D = q.size(3), Tk = k.size(2);
+  const int64_t offset = Tk - Tq;
+  const auto mask = key_padding_mask.has_value() ? key_padding_mask->to(at::kBool).contiguous() : at::Tensor();
+  auto dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
+  const auto delta = (g * o).sum(-1);                                    // (B, H, Tq)
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    auto p_buf = at::empty({kQTile, std::min(Tk, kKChunk)}, q.options());
+    auto dp_buf = at::empty_like(p_buf);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      const auto kb = k[b][h], vb = v[b][h];
+      auto dkb = dk[b][h], dvb = dv[b][h];
+      const bool* pad = mask.defined() ? mask[b].data_ptr<bool>() : nullptr;
+      for (int64_t q0 = 0; q0 < Tq; q0 += kQTile) {
+        const int64_t rows = std::min(kQTile, Tq - q0);
+        const int64_t k_end = causal ? std::min(Tk, q0 + rows + offset) : Tk;
+        const auto qt = q[b][h].narrow(0, q0, rows), gt = g[b][h].narrow(0, q0, rows);
+        auto dqt = dq[b][h].narrow(0, q0, rows);
+        const float* lp = lse[b][h].data_ptr<float>() + q0;
+        const float* dl = delta[b][h].data_ptr<float>() + q0;
+        for (int64_t k0 = 0; k0 < k_end; k0 += kKChunk) {
+          const int64_t cols = std::min(kKChunk, k_end - k0);
+          auto p = p_buf.narrow(0, 0, rows).narrow(1, 0, cols);
+          auto dp = dp_buf.narrow(0, 0, rows).narrow(1, 0, cols);
+          at::addmm_out(p, p, qt, kb.narrow(0, k0, cols).t(), /*beta=*/0, /*alpha=*/scale);
+          float* pp = p.data_ptr<float>();
+          const int64_t ld = p.stride(0);
+          mask_block(pp, rows, cols, ld, q0, k0, offset, causal, pad);
+          for (int64_t i = 0; i < rows; ++i) {                           // P = exp(s - lse); masked: 0
+            float* row = pp + i * ld;
+            if (lp[i] == kNegInf) {
+              std::fill(row, row + cols, 0.f);
+            } else {
+              for (int64_t j = 0; j < cols; ++j) row[j] = exp_approx(row[j] - lp[i]);
+            }
+          }
+          auto dvs = dvb.narrow(0, k0, cols);
+          dvs.addmm_(p.t(), gt);                                         // dV += P^T dO
+          at::mm_out(dp, gt, vb.narrow(0, k0, cols).t());                // dP = dO V^T
+          float* dpp = dp.data_ptr<float>();
+          for (int64_t i = 0; i < rows; ++i) {                           // dS = P (dP - delta)
+            float* drow = dpp + i * ld;
+            const float* prow = pp + i * ld;
+            for (int64_t j = 0; j < cols; ++j) drow[j] = prow[j] * (drow[j] - dl[i]);
+          }
+          dqt.addmm_(dp, kb.narrow(0, k0, cols), 1, scale);              // dQ += scale dS K
+          auto dks = dkb.narrow(0, k0, cols);
+          dks.addmm_(dp.t(), qt, 1, scale);                              // dK += scale dS^T Q
+        }
+      }
+    }
+  });
+  return {dq, dk, dv};
+}
+
+TORCH_LIBRARY_FRAGMENT(tuneforge, m) {
+  m.def("flash_attention_forward(Tensor q, Tensor k, Tensor v, bool causal, Tensor? key_padding_mask, float scale) "
+        "-> (Tensor, Tensor)");
+  m.def("flash_attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, "
+        "Tensor? key_padding_mask, float scale) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(tuneforge, CPU, m) {
+  m.impl("flash_attention_forward", &flash_attention_forward_cpu);
+  m.impl("flash_attention_backward", &flash_attention_backward_cpu);
+}
+
+}  // namespace tuneforge
