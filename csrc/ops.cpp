@@ -240,6 +240,62 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_lor
   return {dx, dw, db, da, dbb};
 }
 
+// Each row's own adapter's scale * up(act(down(h))) (no residual), rows grouped by adapter like
+// multi_lora_linear. Also returns z = down(h) of every row (zeros where a row has none) for the backward.
+std::tuple<at::Tensor, at::Tensor> multi_bottleneck_adapter_cpu(
+    const at::Tensor& h, const at::Tensor& w_down, const at::Tensor& b_down, const at::Tensor& w_up,
+    const at::Tensor& b_up, const at::Tensor& scales, const at::Tensor& adapter_ids, c10::string_view activation) {
+  TORCH_CHECK(w_down.dim() == 3 && w_up.dim() == 3 && w_down.size(2) == h.size(-1) && w_up.size(2) == w_down.size(1),
+              "tuneforge::multi_bottleneck_adapter: w_down (A, m, C), w_up (A, C, m)");
+  TORCH_CHECK(adapter_ids.size(0) == h.size(0), "tuneforge::multi_bottleneck_adapter: ", adapter_ids.size(0),
+              " adapter ids for ", h.size(0), " rows");
+  const int64_t N = h.size(0), L = per_row(h), C = h.size(-1), m = w_down.size(1);
+  const auto h3 = h.reshape({N, L, C});
+  auto out = at::zeros({N, L, C}, h.options());
+  auto z = at::zeros({N, L, m}, h.options());
+  const auto s = scales.to(at::kDouble).contiguous();
+  const auto seg = segments(adapter_ids, w_down.size(0));
+  for (const auto& [a, start, n] : seg.spans) {
+    const auto rows = seg.order.narrow(0, start, n);
+    const auto hs = h3.index_select(0, rows).view({n * L, C});
+    const auto za = at::addmm(b_down[a], hs, w_down[a].t());            // (n L, m)
+    z.index_copy_(0, rows, za.view({n, L, m}));
+    const auto ya = at::addmm(b_up[a], activate(za, activation), w_up[a].t()).mul_(s.data_ptr<double>()[a]);
+    out.index_copy_(0, rows, ya.view({n, L, C}));
+  }
+  return {out.view(h.sizes()), z.view(out_shape(h, m))};
+}
+
+// Gradients (dh, dw_down, db_down, dw_up, db_up) from z saved by the forward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_bottleneck_adapter_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& h, const at::Tensor& z, const at::Tensor& w_down, const at::Tensor& w_up,
+    const at::Tensor& scales, const at::Tensor& adapter_ids, c10::string_view activation) {
+  const int64_t N = h.size(0), L = per_row(h), C = h.size(-1), m = w_down.size(1);
+  const auto h3 = h.reshape({N, L, C});
+  const auto g3 = grad.reshape({N, L, C});
+  const auto z3 = z.reshape({N, L, m});
+  auto dh = at::zeros({N, L, C}, h.options());
+  auto dwd = at::zeros_like(w_down), dbd = at::zeros({w_down.size(0), m}, h.options());
+  auto dwu = at::zeros_like(w_up), dbu = at::zeros({w_up.size(0), C}, h.options());
+  const auto s = scales.to(at::kDouble).contiguous();
+  const auto seg = segments(adapter_ids, w_down.size(0));
+  for (const auto& [a, start, n] : seg.spans) {
+    const auto rows = seg.order.narrow(0, start, n);
+    const auto ga = g3.index_select(0, rows).view({n * L, C}).mul(s.data_ptr<double>()[a]);  // scaled gradient
+    const auto za = z3.index_select(0, rows).view({n * L, m});
+    const auto ha = h3.index_select(0, rows).view({n * L, C});
+    const auto dz = activation_backward(at::mm(ga, w_up[a]), za, activation);  // (n L, m)
+    auto dst_wu = dwu[a];
+    at::mm_out(dst_wu, ga.t(), activate(za, activation));
+    dbu[a].copy_(ga.sum(0));
+    auto dst_wd = dwd[a];
+    at::mm_out(dst_wd, dz.t(), ha);
+    dbd[a].copy_(dz.sum(0));
+    dh.index_copy_(0, rows, at::mm(dz, w_down[a]).view({n, L, C}));
+  }
+  return {dh.view(h.sizes()), dwd, dbd, dwu, dbu};
+}
+
 TORCH_LIBRARY(tuneforge, m) {
   m.def("lora_linear(Tensor x, Tensor? weight, Tensor? bias, Tensor lora_a, Tensor lora_b, float scaling) -> Tensor");
   m.def("lora_linear_backward(Tensor grad, Tensor x, Tensor? weight, Tensor lora_a, Tensor lora_b, float scaling, "
@@ -248,6 +304,10 @@ TORCH_LIBRARY(tuneforge, m) {
         "Tensor adapter_ids) -> Tensor");
   m.def("multi_lora_linear_backward(Tensor grad, Tensor x, Tensor? weight, Tensor lora_a, Tensor lora_b, "
         "Tensor scalings, Tensor adapter_ids, bool[] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("multi_bottleneck_adapter(Tensor h, Tensor w_down, Tensor b_down, Tensor w_up, Tensor b_up, Tensor scales, "
+        "Tensor adapter_ids, str activation) -> (Tensor, Tensor)");
+  m.def("multi_bottleneck_adapter_backward(Tensor grad, Tensor h, Tensor z, Tensor w_down, Tensor w_up, "
+        "Tensor scales, Tensor adapter_ids, str activation) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("bottleneck_adapter(Tensor h, Tensor w_down, Tensor b_down, Tensor w_up, Tensor b_up, str activation, "
         "bool residual) -> (Tensor, Tensor)");
   m.def("bottleneck_adapter_backward(Tensor grad, Tensor h, Tensor z, Tensor w_down, Tensor w_up, "
@@ -259,6 +319,8 @@ TORCH_LIBRARY_IMPL(tuneforge, CPU, m) {
   m.impl("lora_linear_backward", &lora_linear_backward_cpu);
   m.impl("multi_lora_linear", &multi_lora_linear_cpu);
   m.impl("multi_lora_linear_backward", &multi_lora_linear_backward_cpu);
+  m.impl("multi_bottleneck_adapter", &multi_bottleneck_adapter_cpu);
+  m.impl("multi_bottleneck_adapter_backward", &multi_bottleneck_adapter_backward_cpu);
   m.impl("bottleneck_adapter", &bottleneck_adapter_cpu);
   m.impl("bottleneck_adapter_backward", &bottleneck_adapter_backward_cpu);
 }

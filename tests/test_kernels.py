@@ -156,3 +156,36 @@ def test_flash_attention_opcheck():
     q, k, v = (torch.randn(1, 2, t, 16, requires_grad=True) for t in (7, 9, 9))
     for causal, mask in ((True, None), (False, torch.tensor([[True] * 8 + [False]]))):
         torch.library.opcheck(torch.ops.tuneforge.flash_attention_forward.default, (q, k, v, causal, mask, 0.25))
+
+
+def _multi_adapter_inputs(shape, A, m, C, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    make = lambda *s: torch.randn(*s, generator=g, dtype=dtype).requires_grad_()  # noqa: E731
+    tensors = (make(*shape, C), make(A, m, C), make(A, m), make(A, C, m), make(A, C))
+    return tensors, torch.rand(A, generator=g, dtype=dtype) + 0.5, torch.randint(-1, A, (shape[0],), generator=g)
+
+
+@pytest.mark.parametrize("shape", [(9,), (6, 5), (4, 1, 3), (0, 3)])
+@pytest.mark.parametrize("activation", ["gelu", "relu", "silu"])
+def test_multi_bottleneck_adapter_matches_the_reference_forward_and_gradients(shape, activation):
+    from tuneforge.kernels.reference import multi_bottleneck_adapter_reference
+
+    tensors, scales, ids = _multi_adapter_inputs(shape, 4, 3, 10)
+    twins = [t.detach().clone().requires_grad_() for t in tensors]
+    out = torch.ops.tuneforge.multi_bottleneck_adapter(*tensors, scales, ids, activation)[0]
+    want = multi_bottleneck_adapter_reference(*twins, scales, ids, activation)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    if out.numel():
+        grad = torch.randn_like(out)
+        out.backward(grad)
+        want.backward(grad)
+        for got, ref in zip(tensors, twins):
+            torch.testing.assert_close(got.grad, ref.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_multi_bottleneck_adapter_gradcheck_and_opcheck():
+    tensors, scales, ids = _multi_adapter_inputs((5, 2), 3, 2, 4, dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda *t: torch.ops.tuneforge.multi_bottleneck_adapter(*t, scales, ids, "gelu")[0], tensors)
+    tensors, scales, ids = _multi_adapter_inputs((6, 2), 3, 2, 5)
+    torch.library.opcheck(torch.ops.tuneforge.multi_bottleneck_adapter.default, (*tensors, scales, ids, "silu"))

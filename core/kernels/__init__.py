@@ -30,7 +30,7 @@ _IMPLEMENTATIONS = {
     "multi_bottleneck_adapter": ("reference", multi_bottleneck_adapter_reference),
 }
 #: ops with a compiled kernel, by name (the rest run their reference wherever they are)
-COMPILED = ("flash_attention", "lora_linear", "multi_lora_linear", "bottleneck_adapter")
+COMPILED = ("flash_attention", "lora_linear", "multi_lora_linear", "bottleneck_adapter", "multi_bottleneck_adapter")
 
 
 def _compiled_attention(q, k, v, *, causal=True, key_padding_mask=None, scale=None):
@@ -61,6 +61,7 @@ def _use_compiled() -> None:
         "multi_lora_linear": ops.multi_lora_linear,
         # the op also returns z = down(h) for its backward; the face returns the output alone
         "bottleneck_adapter": lambda *args: ops.bottleneck_adapter(*args)[0],
+        "multi_bottleneck_adapter": lambda *args: ops.multi_bottleneck_adapter(*args)[0],
     }
     for op in COMPILED:
         _IMPLEMENTATIONS[op] = ("cpp", compiled[op])

@@ -100,6 +100,34 @@ def _register() -> None:
     _register_multi_lora()
     _register_bottleneck()
     _register_attention()
+    _register_multi_bottleneck()
+
+
+def _register_multi_bottleneck() -> None:
+    lib = "tuneforge::multi_bottleneck_adapter"
+
+    @torch.library.register_fake(lib)
+    def _fake(h, w_down, b_down, w_up, b_up, scales, adapter_ids, activation):
+        return h.new_empty(h.shape), h.new_empty((*h.shape[:-1], w_down.size(1)))
+
+    @torch.library.register_fake("tuneforge::multi_bottleneck_adapter_backward")
+    def _fake_backward(grad, h, z, w_down, w_up, scales, adapter_ids, activation):
+        return (h.new_empty(h.shape), w_down.new_empty(w_down.shape), w_down.new_empty(w_down.shape[:2]),
+                w_up.new_empty(w_up.shape), w_up.new_empty(w_up.shape[:2]))
+
+    def setup_context(ctx, inputs, output):
+        h, w_down, b_down, w_up, b_up, scales, adapter_ids, activation = inputs
+        ctx.save_for_backward(h, output[1], w_down, w_up, scales, adapter_ids)
+        ctx.activation = activation
+        ctx.mark_non_differentiable(output[1])
+
+    def backward(ctx, grad, _grad_z):
+        h, z, w_down, w_up, scales, adapter_ids = ctx.saved_tensors
+        grads = torch.ops.tuneforge.multi_bottleneck_adapter_backward(grad.contiguous(), h, z, w_down, w_up, scales,
+                                                                      adapter_ids, ctx.activation)
+        return (*(g if n else None for g, n in zip(grads, ctx.needs_input_grad[:5])), None, None, None)
+
+    torch.library.register_autograd(lib, backward, setup_context=setup_context)
 
 
 def _register_attention() -> None:
