@@ -9,6 +9,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <dlfcn.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -23,6 +25,33 @@ namespace {
 constexpr int64_t kQTile = 128;     // query rows per task
 constexpr int64_t kKChunk = 1024;  // keys per block of scores (merged across chunks by the online softmax)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Row-major C (m x n) = alpha op(A) op(B) + beta C on raw pointers. The tiles here are small (64..1024 wide), so
+// the per-call cost of at::mm through the dispatcher shows; the BLAS that torch itself links (its Fortran
+// sgemm_ entry point, found at run time) is called directly where it exists, at::addmm_out on views where not.
+using SgemmFn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                         const int*, const float*, const int*, const float*, float*, const int*);
+
+SgemmFn blas_sgemm() {
+  static const SgemmFn fn = reinterpret_cast<SgemmFn>(dlsym(RTLD_DEFAULT, "sgemm_"));
+  return fn;
+}
+
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+          const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (SgemmFn fn = blas_sgemm()) {  // column-major BLAS computes C^T = op(B)^T op(A)^T
+    const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
+    const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
+    const int LA = static_cast<int>(ldb), LB = static_cast<int>(lda), LC = static_cast<int>(ldc);
+    fn(&ta, &tb, &M, &N, &K, &alpha, b, &LA, a, &LB, &beta, c, &LC);
+    return;
+  }
+  const auto opts = at::TensorOptions().dtype(at::kFloat);
+  auto A = at::from_blob(const_cast<float*>(a), {trans_a ? k : m, trans_a ? m : k}, {lda, 1}, opts);
+  auto B = at::from_blob(const_cast<float*>(b), {trans_b ? n : k, trans_b ? k : n}, {ldb, 1}, opts);
+  auto C = at::from_blob(c, {m, n}, {ldc, 1}, opts);
+  at::addmm_out(C, C, trans_a ? A.t() : A, trans_b ? B.t() : B, beta, alpha);
+}
 
 // exp(x) for x <= 0-ish, written so the compiler vectorizes the loops that call it (no libm call): Cody-Waite
 // range reduction x = n ln2 + r, a degree-6 polynomial for e^r (Cephes' coefficients, ~1 ulp), then 2^n through
@@ -108,9 +137,10 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_forward_cpu(const at::Tensor&
       for (int64_t k0 = 0; k0 < k_end; k0 += kKChunk) {
         const int64_t cols = std::min(kKChunk, k_end - k0);
         auto s = scores.narrow(0, 0, rows).narrow(1, 0, cols);
-        at::addmm_out(s, s, qt, kb.narrow(0, k0, cols).t(), /*beta=*/0, /*alpha=*/scale);  // (rows, cols)
         float* sp = s.data_ptr<float>();
         const int64_t ld = s.stride(0);
+        gemm(false, true, rows, cols, D, scale, qt.data_ptr<float>(), D, kb.data_ptr<float>() + k0 * D, D, 0.f, sp,
+             ld);                                                        // S = scale Q K^T, (rows, cols)
         mask_block(sp, rows, cols, ld, q0, k0, offset, causal, pad);
         float* ap = a.data_ptr<float>();
         for (int64_t i = 0; i < rows; ++i) {                             // online softmax, row by row
@@ -127,7 +157,8 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_forward_cpu(const at::Tensor&
             for (int64_t d = 0; d < D; ++d) ap[i * D + d] *= correction;
           }
         }
-        a.addmm_(s, vb.narrow(0, k0, cols));                             // (rows, D) += P V
+        gemm(false, false, rows, D, cols, 1.f, sp, ld, vb.data_ptr<float>() + k0 * D, D, 1.f, a.data_ptr<float>(),
+             D);                                                         // (rows, D) += P V
       }
       auto o = out[b][bh % H].narrow(0, q0, rows);
       float* op = o.data_ptr<float>();
@@ -177,9 +208,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cpu(
           const int64_t cols = std::min(kKChunk, k_end - k0);
           auto p = p_buf.narrow(0, 0, rows).narrow(1, 0, cols);
           auto dp = dp_buf.narrow(0, 0, rows).narrow(1, 0, cols);
-          at::addmm_out(p, p, qt, kb.narrow(0, k0, cols).t(), /*beta=*/0, /*alpha=*/scale);
           float* pp = p.data_ptr<float>();
           const int64_t ld = p.stride(0);
+          const float* kp = kb.data_ptr<float>() + k0 * D;
+          const float* vp = vb.data_ptr<float>() + k0 * D;
+          gemm(false, true, rows, cols, D, scale, qt.data_ptr<float>(), D, kp, D, 0.f, pp, ld);  // S
           mask_block(pp, rows, cols, ld, q0, k0, offset, causal, pad);
           for (int64_t i = 0; i < rows; ++i) {                           // P = exp(s - lse); masked: 0
             float* row = pp + i * ld;
@@ -189,18 +222,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cpu(
               for (int64_t j = 0; j < cols; ++j) row[j] = exp_approx(row[j] - lp[i]);
             }
           }
-          auto dvs = dvb.narrow(0, k0, cols);
-          dvs.addmm_(p.t(), gt);                                         // dV += P^T dO
-          at::mm_out(dp, gt, vb.narrow(0, k0, cols).t());                // dP = dO V^T
+          gemm(true, false, cols, D, rows, 1.f, pp, ld, gt.data_ptr<float>(), D, 1.f,
+               dvb.data_ptr<float>() + k0 * D, D);                       // dV += P^T dO
           float* dpp = dp.data_ptr<float>();
+          gemm(false, true, rows, cols, D, 1.f, gt.data_ptr<float>(), D, vp, D, 0.f, dpp, ld);  // dP = dO V^T
           for (int64_t i = 0; i < rows; ++i) {                           // dS = P (dP - delta)
             float* drow = dpp + i * ld;
             const float* prow = pp + i * ld;
             for (int64_t j = 0; j < cols; ++j) drow[j] = prow[j] * (drow[j] - dl[i]);
           }
-          dqt.addmm_(dp, kb.narrow(0, k0, cols), 1, scale);              // dQ += scale dS K
-          auto dks = dkb.narrow(0, k0, cols);
-          dks.addmm_(dp.t(), qt, 1, scale);                              // dK += scale dS^T Q
+          gemm(false, false, rows, D, cols, scale, dpp, ld, kp, D, 1.f, dqt.data_ptr<float>(), D);  // dQ += s dS K
+          gemm(true, false, cols, D, rows, scale, dpp, ld, qt.data_ptr<float>(), D, 1.f,
+               dkb.data_ptr<float>() + k0 * D, D);                       // dK += scale dS^T Q
         }
       }
     }
