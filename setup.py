@@ -24,11 +24,12 @@ def _extensions():
     spec = importlib.util.spec_from_file_location("_tf_build", Path(__file__).parent / "core" / "kernels" / "build.py")
     build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build)
-    cuda = torch.version.cuda is not None and bool(build.CUDA_SOURCES)
+    cuda = build.with_cuda()
     root = Path(__file__).parent
     srcs = [os.path.relpath(s, root) for s in build.sources(cuda=cuda)]
     if cuda:
-        ext = CUDAExtension("tuneforge._C", srcs, extra_compile_args={"cxx": build.CXX_FLAGS, "nvcc": build.NVCC_FLAGS})
+        ext = CUDAExtension("tuneforge._C", srcs, include_dirs=build.include_dirs(),
+                            extra_compile_args={"cxx": build.CXX_FLAGS, "nvcc": build.NVCC_FLAGS})
     else:
         ext = CppExtension("tuneforge._C", srcs, extra_compile_args={"cxx": build.CXX_FLAGS})
     return {"build_ext": BuildExtension.with_options(use_ninja=True)}, [ext]

@@ -1,7 +1,7 @@
 // tuneforge's CPU kernels, registered as torch.library ops in the namespace `tuneforge`.
 //
 // Every op has a pure-torch twin in core/kernels/reference.py (the fallback and the test oracle). Autograd and
-// the fake (meta) implementations are registered from Python (core/kernels/ops.py); this file declares the
+// the fake (meta) implementations are registered from Python (core/kernels/native.py); this file declares the
 // schemas once and gives the CPU implementations. Shapes are written (rows, features) after flattening the
 // leading dimensions of x: M = tokens.
 #include <ATen/ATen.h>
@@ -158,7 +158,7 @@ Segments segments(const at::Tensor& adapter_ids, int64_t n_adapters) {
   const auto ids = adapter_ids.contiguous();
   TORCH_CHECK(ids.max().item<int64_t>() < n_adapters, "tuneforge::multi_lora_linear: an adapter id is >= the ",
               n_adapters, " adapters given");
-  const auto counts = at::bincount(ids + 1, {}, n_adapters + 1).contiguous();  // slot 0: rows without one
+  const auto counts = at::bincount(ids + 1, {}, n_adapters + 1).to(at::kCPU).contiguous();  // slot 0: rows without one
   const int64_t* c = counts.data_ptr<int64_t>();
   seg.order = at::argsort(ids, /*stable=*/true).slice(0, c[0]);  // drop the rows with id -1 (sorted first)
   int64_t start = 0;
@@ -186,7 +186,7 @@ at::Tensor multi_lora_linear_cpu(const at::Tensor& x, const c10::optional<at::Te
   at::Tensor out = weight.has_value() ? (bias.has_value() ? at::addmm(*bias, x2, weight->t()) : at::mm(x2, weight->t()))
                                       : at::zeros({N * L, out_f}, x.options());
   auto out3 = out.view({N, L, out_f});
-  const auto s = scalings.to(at::kDouble).contiguous();
+  const auto s = scalings.to(at::kCPU, at::kDouble).contiguous();  // read on the host
   const auto seg = segments(adapter_ids, lora_a.size(0));
   for (const auto& [a, start, n] : seg.spans) {
     const auto rows = seg.order.narrow(0, start, n);
@@ -215,7 +215,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_lor
   if (needs[4]) dbb = at::zeros_like(lora_b);
   if (needs[0] || needs[3] || needs[4]) {
     auto dx3 = needs[0] ? dx.view({N, L, in}) : at::Tensor();
-    const auto s = scalings.to(at::kDouble).contiguous();
+    const auto s = scalings.to(at::kCPU, at::kDouble).contiguous();  // read on the host
     const auto seg = segments(adapter_ids, lora_a.size(0));
     for (const auto& [a, start, n] : seg.spans) {
       const double sa = s.data_ptr<double>()[a];
@@ -253,7 +253,7 @@ std::tuple<at::Tensor, at::Tensor> multi_bottleneck_adapter_cpu(
   const auto h3 = h.reshape({N, L, C});
   auto out = at::zeros({N, L, C}, h.options());
   auto z = at::zeros({N, L, m}, h.options());
-  const auto s = scales.to(at::kDouble).contiguous();
+  const auto s = scales.to(at::kCPU, at::kDouble).contiguous();  // read on the host
   const auto seg = segments(adapter_ids, w_down.size(0));
   for (const auto& [a, start, n] : seg.spans) {
     const auto rows = seg.order.narrow(0, start, n);
@@ -277,7 +277,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_bot
   auto dh = at::zeros({N, L, C}, h.options());
   auto dwd = at::zeros_like(w_down), dbd = at::zeros({w_down.size(0), m}, h.options());
   auto dwu = at::zeros_like(w_up), dbu = at::zeros({w_up.size(0), C}, h.options());
-  const auto s = scales.to(at::kDouble).contiguous();
+  const auto s = scales.to(at::kCPU, at::kDouble).contiguous();  // read on the host
   const auto seg = segments(adapter_ids, w_down.size(0));
   for (const auto& [a, start, n] : seg.spans) {
     const auto rows = seg.order.narrow(0, start, n);
@@ -319,6 +319,17 @@ TORCH_LIBRARY_IMPL(tuneforge, CPU, m) {
   m.impl("lora_linear_backward", &lora_linear_backward_cpu);
   m.impl("multi_lora_linear", &multi_lora_linear_cpu);
   m.impl("multi_lora_linear_backward", &multi_lora_linear_backward_cpu);
+  m.impl("multi_bottleneck_adapter", &multi_bottleneck_adapter_cpu);
+  m.impl("multi_bottleneck_adapter_backward", &multi_bottleneck_adapter_backward_cpu);
+  m.impl("bottleneck_adapter", &bottleneck_adapter_cpu);
+  m.impl("bottleneck_adapter_backward", &bottleneck_adapter_backward_cpu);
+}
+
+// These compositions are ATen calls only, so they serve CUDA tensors as they are (their cost is the GEMMs, which
+// cuBLAS runs); flash attention and multi_lora_linear have CUDA kernels of their own (csrc/cuda/ops_cuda.cpp).
+TORCH_LIBRARY_IMPL(tuneforge, CUDA, m) {
+  m.impl("lora_linear", &lora_linear_cpu);
+  m.impl("lora_linear_backward", &lora_linear_backward_cpu);
   m.impl("multi_bottleneck_adapter", &multi_bottleneck_adapter_cpu);
   m.impl("multi_bottleneck_adapter_backward", &multi_bottleneck_adapter_backward_cpu);
   m.impl("bottleneck_adapter", &bottleneck_adapter_cpu);

@@ -189,3 +189,92 @@ def test_multi_bottleneck_adapter_gradcheck_and_opcheck():
         lambda *t: torch.ops.tuneforge.multi_bottleneck_adapter(*t, scales, ids, "gelu")[0], tensors)
     tensors, scales, ids = _multi_adapter_inputs((6, 2), 3, 2, 5)
     torch.library.opcheck(torch.ops.tuneforge.multi_bottleneck_adapter.default, (*tensors, scales, ids, "silu"))
+
+
+# ---- CUDA kernels (csrc/cuda): run where a GPU and a CUDA build are present, skipped elsewhere -------------------
+
+def _cuda_kernels() -> bool:
+    return torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "tuneforge::flash_attention_forward", "CUDA")
+
+
+cuda = pytest.mark.skipif(not _cuda_kernels(), reason="no CUDA device or no CUDA build of tuneforge's kernels")
+
+
+def _worst(got, truth):
+    return (got.double() - truth).abs().max().item()
+
+
+@cuda
+@pytest.mark.parametrize("Tq,Tk", [(37, 37), (5, 70), (130, 130), (1, 9), (200, 333)])
+@pytest.mark.parametrize("D", [16, 32, 64, 128])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_flash_attention_matches_the_reference(Tq, Tk, D, causal, dtype):
+    """Forward and gradients against the float64 reference; the error may be at most a small multiple of what
+    PyTorch's own attention makes in the same dtype (so bfloat16 is judged by bfloat16's precision)."""
+    from tuneforge.kernels.reference import attention_reference
+
+    g = torch.Generator().manual_seed(Tq * 1000 + D)
+    base = [torch.randn(2, 3, t, D, generator=g, dtype=torch.float64) for t in (Tq, Tk, Tk)]
+    mask = torch.rand(2, Tk, generator=g) > 0.3
+    mask[1] = False  # a batch row that sees no key: zeros, zero gradients, never NaN
+    grad = torch.randn(2, 3, Tq, D, generator=g, dtype=torch.float64)
+
+    def run(fn, dt, device):
+        ins = [t.to(device, dt).requires_grad_() for t in base]
+        out = fn(*ins, mask.to(device))
+        out.backward(grad.to(device, dt))
+        return [out.detach().double().cpu()] + [t.grad.double().cpu() for t in ins]
+
+    truth = run(lambda q, k, v, m: attention_reference(q, k, v, causal=causal, key_padding_mask=m), torch.float64,
+                "cpu")
+    ours = run(lambda q, k, v, m: torch.ops.tuneforge.flash_attention_forward(q, k, v, causal, m, D ** -0.5)[0],
+               dtype, "cuda")
+    theirs = run(lambda q, k, v, m: attention_reference(q, k, v, causal=causal, key_padding_mask=m), dtype, "cuda")
+    for got, pytorch, want in zip(ours, theirs, truth):
+        assert torch.isfinite(got).all()
+        assert _worst(got, want) <= 4 * _worst(pytorch, want) + 1e-5
+    assert (ours[0][1] == 0).all()
+
+
+@cuda
+def test_cuda_flash_attention_opcheck_and_face():
+    from tuneforge.kernels import flash_attention
+
+    q, k, v = (torch.randn(1, 2, t, 32, device="cuda", requires_grad=True) for t in (7, 9, 9))
+    for causal, mask in ((True, None), (False, torch.tensor([[True] * 8 + [False]], device="cuda"))):
+        torch.library.opcheck(torch.ops.tuneforge.flash_attention_forward.default, (q, k, v, causal, mask, 0.25))
+    out = flash_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert out.dtype == torch.bfloat16 and out.is_cuda
+
+
+@cuda
+@pytest.mark.parametrize("shape", [(9,), (6, 5), (33, 7)])
+@pytest.mark.parametrize("weight", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_multi_lora_linear_matches_the_reference(shape, weight, dtype):
+    from tuneforge.kernels.reference import multi_lora_linear_reference
+
+    inputs, scalings, ids = _multi_inputs(shape, 16, 8, 96, 72, weight=weight, dtype=torch.float64, seed=3)
+    grad = torch.randn(*shape, 72, dtype=torch.float64)
+
+    def run(fn, dt, device):
+        ins = [t.detach().to(device, dt).requires_grad_() if t is not None else None for t in inputs]
+        out = fn(*ins, scalings.to(device, dt), ids.to(device))
+        out.backward(grad.to(device, dt))
+        return [out.detach().double().cpu()] + [t.grad.double().cpu() for t in ins if t is not None]
+
+    truth = run(multi_lora_linear_reference, torch.float64, "cpu")
+    ours = run(torch.ops.tuneforge.multi_lora_linear, dtype, "cuda")
+    theirs = run(multi_lora_linear_reference, dtype, "cuda")
+    for got, pytorch, want in zip(ours, theirs, truth):
+        assert torch.isfinite(got).all()
+        assert _worst(got, want) <= 4 * _worst(pytorch, want) + 1e-4
+
+
+@cuda
+def test_cuda_multi_lora_linear_opcheck():
+    inputs, scalings, ids = _multi_inputs((6, 2), 3, 2, 5, 4)
+    moved = [t.detach().cuda().requires_grad_() for t in inputs]
+    torch.library.opcheck(torch.ops.tuneforge.multi_lora_linear.default, (*moved, scalings.cuda(), ids.cuda()))

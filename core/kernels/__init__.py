@@ -6,6 +6,7 @@ which code runs; ``backend()`` reports it.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -33,9 +34,19 @@ _IMPLEMENTATIONS = {
 COMPILED = ("flash_attention", "lora_linear", "multi_lora_linear", "bottleneck_adapter", "multi_bottleneck_adapter")
 
 
+@functools.lru_cache(maxsize=None)
+def _has_kernel(op: str, device_type: str) -> bool:
+    """Whether the loaded extension registered a kernel of ``tuneforge::op`` for this device type."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"tuneforge::{op}", key)
+
+
 def _compiled_attention(q, k, v, *, causal=True, key_padding_mask=None, scale=None):
-    """The compiled kernel computes in float32 (and saves only the log-sum-exp); other dtypes convert around it."""
-    if q.device.type != "cpu" or k.size(-2) == 0 or q.dtype == torch.float64:  # float64: gradcheck's, reference
+    """The kernels compute in float32 and save only the log-sum-exp. On the CPU they take float32 (other dtypes
+    convert around them); on CUDA float32 and bfloat16 as they are, head sizes 16/32/64/128."""
+    device, D = q.device.type, q.size(-1)
+    cuda_ok = device == "cuda" and _has_kernel("flash_attention_forward", "cuda") and D in (16, 32, 64, 128)
+    if (device != "cpu" and not cuda_ok) or k.size(-2) == 0 or q.dtype == torch.float64:  # float64: gradcheck's
         return attention_reference(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
     if causal and q.size(-2) > k.size(-2):
         raise ValueError(f"causal attention needs Tq <= Tk (queries are the newest keys), got Tq={q.size(-2)}, "
@@ -43,10 +54,23 @@ def _compiled_attention(q, k, v, *, causal=True, key_padding_mask=None, scale=No
     B, Tk = q.size(0), k.size(-2)
     if key_padding_mask is not None and tuple(key_padding_mask.shape) != (B, Tk):
         raise ValueError(f"key_padding_mask must be (B, Tk) = ({B}, {Tk}), got {tuple(key_padding_mask.shape)}")
-    s = 1.0 / math.sqrt(q.size(-1)) if scale is None else float(scale)
-    f32 = lambda t: t if t.dtype == torch.float32 else t.float()  # noqa: E731
-    out, _ = torch.ops.tuneforge.flash_attention_forward(f32(q), f32(k), f32(v), causal, key_padding_mask, s)
+    s = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    native_dtypes = (torch.float32, torch.bfloat16) if device == "cuda" else (torch.float32,)
+    cast = lambda t: t if t.dtype in native_dtypes else t.float()  # noqa: E731
+    out, _ = torch.ops.tuneforge.flash_attention_forward(cast(q), cast(k), cast(v), causal, key_padding_mask, s)
     return out.to(q.dtype)
+
+
+def _where_compiled(op: str, compiled, reference):
+    """The compiled op on the devices it has a kernel for, the reference elsewhere (and for float64, gradcheck's
+    dtype, which the kernels do not take)."""
+    def run(x, *args):
+        if x.dtype != torch.float64 and _has_kernel(op, x.device.type):
+            return compiled(x, *args)
+        return reference(x, *args)
+
+    run.__name__ = op
+    return run
 
 
 def _use_compiled() -> None:
@@ -57,11 +81,15 @@ def _use_compiled() -> None:
     ops = torch.ops.tuneforge
     compiled = {
         "flash_attention": _compiled_attention,
-        "lora_linear": ops.lora_linear,
-        "multi_lora_linear": ops.multi_lora_linear,
+        "lora_linear": _where_compiled("lora_linear", ops.lora_linear, lora_linear_reference),
+        "multi_lora_linear": _where_compiled("multi_lora_linear", ops.multi_lora_linear,
+                                             multi_lora_linear_reference),
         # the op also returns z = down(h) for its backward; the face returns the output alone
-        "bottleneck_adapter": lambda *args: ops.bottleneck_adapter(*args)[0],
-        "multi_bottleneck_adapter": lambda *args: ops.multi_bottleneck_adapter(*args)[0],
+        "bottleneck_adapter": _where_compiled("bottleneck_adapter", lambda *args: ops.bottleneck_adapter(*args)[0],
+                                              bottleneck_adapter_reference),
+        "multi_bottleneck_adapter": _where_compiled(
+            "multi_bottleneck_adapter", lambda *args: ops.multi_bottleneck_adapter(*args)[0],
+            multi_bottleneck_adapter_reference),
     }
     for op in COMPILED:
         _IMPLEMENTATIONS[op] = ("cpp", compiled[op])
@@ -105,5 +133,11 @@ def multi_bottleneck_adapter(h, w_down, b_down, w_up, b_up, scales, adapter_ids,
 
 
 def backend() -> dict[str, str]:
-    """Which implementation each op runs, e.g. ``{"flash_attention": "reference", ...}``."""
-    return {op: name for op, (name, _) in _IMPLEMENTATIONS.items()}
+    """Which implementation each op runs: ``"reference"`` (pure torch), ``"cpp"`` (compiled, CPU tensors) or
+    ``"cpp+cuda"`` (compiled for CPU and CUDA tensors), e.g. ``{"flash_attention": "cpp", ...}``."""
+    forward = {"flash_attention": "flash_attention_forward"}
+    cuda = torch.cuda.is_available()
+    report = {}
+    for op, (name, _) in _IMPLEMENTATIONS.items():
+        report[op] = name + ("+cuda" if name == "cpp" and cuda and _has_kernel(forward.get(op, op), "cuda") else "")
+    return report

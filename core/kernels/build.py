@@ -10,15 +10,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["SOURCES", "CUDA_SOURCES", "CXX_FLAGS", "NVCC_FLAGS", "csrc", "sources", "cache_dir", "jit_load"]
+__all__ = ["SOURCES", "CUDA_SOURCES", "CXX_FLAGS", "NVCC_FLAGS", "csrc", "sources", "include_dirs", "with_cuda",
+           "cache_dir", "jit_load"]
 
 SOURCES = ["ops.cpp", "attention.cpp"]  # CPU kernels and the op schemas (TORCH_LIBRARY)
-CUDA_SOURCES: list[str] = []  # added by the CUDA kernels
+# CUDA kernels (no torch headers, so nvcc checks them anywhere) and their torch bindings; built where torch has CUDA
+CUDA_SOURCES = ["cuda/kernels.cu", "cuda/ops_cuda.cpp"]
 # -march=native: the kernels are compiled on the machine that runs them (editable install or JIT). The math flags
 # let reductions and the exp loops vectorize; they keep inf and NaN semantics (no -ffinite-math-only).
 CXX_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
              "-fno-trapping-math"]
-NVCC_FLAGS = ["-O3", "--use_fast_math"]
+NVCC_FLAGS = ["-O3", "--use_fast_math", "-std=c++17"]
 
 
 def csrc() -> Path:
@@ -33,6 +35,18 @@ def csrc() -> Path:
 def sources(*, cuda: bool) -> list[str]:
     root = csrc()
     return [str(root / s) for s in SOURCES + (CUDA_SOURCES if cuda else [])]
+
+
+def include_dirs() -> list[str]:
+    return [str(csrc() / "cuda")]
+
+
+def with_cuda() -> bool:
+    """Build the CUDA units: torch has CUDA and a toolkit (nvcc) is found."""
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return torch.version.cuda is not None and CUDA_HOME is not None and bool(CUDA_SOURCES)
 
 
 def cache_dir() -> Path:
@@ -51,6 +65,7 @@ def jit_load() -> None:
     import torch
     from torch.utils.cpp_extension import load
 
-    cuda = torch.version.cuda is not None and bool(CUDA_SOURCES)
+    cuda = with_cuda()
     load(name="tuneforge_C", sources=sources(cuda=cuda), build_directory=str(cache_dir()),
-         extra_cflags=CXX_FLAGS, extra_cuda_cflags=NVCC_FLAGS, is_python_module=False, verbose=False)
+         extra_cflags=CXX_FLAGS, extra_cuda_cflags=NVCC_FLAGS, extra_include_paths=include_dirs(),
+         with_cuda=cuda, is_python_module=False, verbose=False)
