@@ -17,6 +17,7 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 
 namespace tuneforge {
 
@@ -24,31 +25,37 @@ namespace {
 
 constexpr int64_t kQTile = 128;     // query rows per task
 constexpr int64_t kKChunk = 1024;  // keys per block of scores (merged across chunks by the online softmax)
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+template <typename T>
+constexpr T neg_inf() { return -std::numeric_limits<T>::infinity(); }
 
 // Row-major C (m x n) = alpha op(A) op(B) + beta C on raw pointers. The tiles here are small (64..1024 wide), so
 // the per-call cost of at::mm through the dispatcher shows; the BLAS that torch itself links (its Fortran
-// sgemm_ entry point, found at run time) is called directly where it exists, at::addmm_out on views where not.
-using SgemmFn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
-                         const int*, const float*, const int*, const float*, float*, const int*);
+// sgemm_/dgemm_ entry points, found at run time) is called directly where it exists, at::addmm_out on views where
+// not. float64 is there for gradcheck.
+template <typename T>
+using GemmFn = void (*)(const char*, const char*, const int*, const int*, const int*, const T*, const T*, const int*,
+                        const T*, const int*, const T*, T*, const int*);
 
-SgemmFn blas_sgemm() {
-  static const SgemmFn fn = reinterpret_cast<SgemmFn>(dlsym(RTLD_DEFAULT, "sgemm_"));
+template <typename T>
+GemmFn<T> blas_gemm() {
+  static const GemmFn<T> fn =
+      reinterpret_cast<GemmFn<T>>(dlsym(RTLD_DEFAULT, std::is_same<T, float>::value ? "sgemm_" : "dgemm_"));
   return fn;
 }
 
-void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
-          const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  if (SgemmFn fn = blas_sgemm()) {  // column-major BLAS computes C^T = op(B)^T op(A)^T
+template <typename T>
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
+          int64_t ldb, T beta, T* c, int64_t ldc) {
+  if (GemmFn<T> fn = blas_gemm<T>()) {  // column-major BLAS computes C^T = op(B)^T op(A)^T
     const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
     const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
     const int LA = static_cast<int>(ldb), LB = static_cast<int>(lda), LC = static_cast<int>(ldc);
     fn(&ta, &tb, &M, &N, &K, &alpha, b, &LA, a, &LB, &beta, c, &LC);
     return;
   }
-  const auto opts = at::TensorOptions().dtype(at::kFloat);
-  auto A = at::from_blob(const_cast<float*>(a), {trans_a ? k : m, trans_a ? m : k}, {lda, 1}, opts);
-  auto B = at::from_blob(const_cast<float*>(b), {trans_b ? n : k, trans_b ? k : n}, {ldb, 1}, opts);
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  auto A = at::from_blob(const_cast<T*>(a), {trans_a ? k : m, trans_a ? m : k}, {lda, 1}, opts);
+  auto B = at::from_blob(const_cast<T*>(b), {trans_b ? n : k, trans_b ? k : n}, {ldb, 1}, opts);
   auto C = at::from_blob(c, {m, n}, {ldc, 1}, opts);
   at::addmm_out(C, C, trans_a ? A.t() : A, trans_b ? B.t() : B, beta, alpha);
 }
@@ -73,41 +80,45 @@ inline float exp_approx(float x) {
   return x < -87.f ? 0.f : p * scale;
 }
 
-float row_max(const float* row, int64_t n, float start) {
-  float mx = start;
+inline double exp_approx(double x) { return std::exp(x); }  // float64 is for gradcheck: exact, not fast
+
+template <typename T>
+T row_max(const T* row, int64_t n, T start) {
+  T mx = start;
   for (int64_t j = 0; j < n; ++j) mx = row[j] > mx ? row[j] : mx;
   return mx;
 }
 
 // row[j] = exp(row[j] - m); returns the sum.
-float exp_shift_sum(float* row, int64_t n, float m) {
+template <typename T>
+T exp_shift_sum(T* row, int64_t n, T m) {
   for (int64_t j = 0; j < n; ++j) row[j] = exp_approx(row[j] - m);
-  float sum = 0.f;
+  T sum = 0;
   for (int64_t j = 0; j < n; ++j) sum += row[j];
   return sum;
 }
 
 // Set to -inf the scores a query may not see: causal band, then padding. s: (rows, cols) for queries
 // q0.. and keys k0.., row stride ld.
-void mask_block(float* s, int64_t rows, int64_t cols, int64_t ld, int64_t q0, int64_t k0, int64_t offset,
+template <typename T>
+void mask_block(T* s, int64_t rows, int64_t cols, int64_t ld, int64_t q0, int64_t k0, int64_t offset,
                 bool causal, const bool* pad) {
   for (int64_t i = 0; i < rows; ++i) {
-    float* row = s + i * ld;
+    T* row = s + i * ld;
     if (causal) {
       const int64_t last = q0 + i + offset;  // the last key this query sees
-      for (int64_t j = std::max<int64_t>(0, last + 1 - k0); j < cols; ++j) row[j] = kNegInf;
+      for (int64_t j = std::max<int64_t>(0, last + 1 - k0); j < cols; ++j) row[j] = neg_inf<T>();
     }
     if (pad != nullptr) {
       for (int64_t j = 0; j < cols; ++j) {
-        if (!pad[k0 + j]) row[j] = kNegInf;
+        if (!pad[k0 + j]) row[j] = neg_inf<T>();
       }
     }
   }
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor> flash_attention_forward_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q_in, const at::Tensor& k_in,
                                                                const at::Tensor& v_in, bool causal,
                                                                const c10::optional<at::Tensor>& key_padding_mask,
                                                                double scale) {
@@ -117,12 +128,12 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_forward_cpu(const at::Tensor&
   TORCH_CHECK(!causal || Tq <= Tk, "tuneforge::flash_attention: causal needs Tq <= Tk, got ", Tq, " > ", Tk);
   const auto mask = key_padding_mask.has_value() ? key_padding_mask->to(at::kBool).contiguous() : at::Tensor();
   auto out = at::zeros_like(q);
-  auto lse = at::full({B, H, Tq}, kNegInf, q.options());
+  at::Tensor lse = at::full({B, H, Tq}, neg_inf<T>(), q.options());
   const int64_t offset = Tk - Tq, n_tiles = (Tq + kQTile - 1) / kQTile;
   at::parallel_for(0, B * H * n_tiles, 1, [&](int64_t begin, int64_t end) {
     auto scores = at::empty({kQTile, std::min(Tk, kKChunk)}, q.options());  // this thread's block
     auto acc = at::empty({kQTile, D}, q.options());
-    std::vector<float> m(kQTile), l(kQTile);
+    std::vector<T> m(kQTile), l(kQTile);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / n_tiles, q0 = (task % n_tiles) * kQTile, b = bh / H;
       const int64_t rows = std::min(kQTile, Tq - q0);
@@ -130,43 +141,43 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_forward_cpu(const at::Tensor&
       const auto qt = q[b][bh % H].narrow(0, q0, rows);  // (rows, D)
       const auto kb = k[b][bh % H], vb = v[b][bh % H];
       const bool* pad = mask.defined() ? mask[b].data_ptr<bool>() : nullptr;
-      std::fill(m.begin(), m.end(), kNegInf);
-      std::fill(l.begin(), l.end(), 0.f);
+      std::fill(m.begin(), m.end(), neg_inf<T>());
+      std::fill(l.begin(), l.end(), T(0));
       auto a = acc.narrow(0, 0, rows);
       a.zero_();
       for (int64_t k0 = 0; k0 < k_end; k0 += kKChunk) {
         const int64_t cols = std::min(kKChunk, k_end - k0);
         auto s = scores.narrow(0, 0, rows).narrow(1, 0, cols);
-        float* sp = s.data_ptr<float>();
+        T* sp = s.data_ptr<T>();
         const int64_t ld = s.stride(0);
-        gemm(false, true, rows, cols, D, scale, qt.data_ptr<float>(), D, kb.data_ptr<float>() + k0 * D, D, 0.f, sp,
+        gemm(false, true, rows, cols, D, T(scale), qt.data_ptr<T>(), D, kb.data_ptr<T>() + k0 * D, D, T(0), sp,
              ld);                                                        // S = scale Q K^T, (rows, cols)
         mask_block(sp, rows, cols, ld, q0, k0, offset, causal, pad);
-        float* ap = a.data_ptr<float>();
+        T* ap = a.data_ptr<T>();
         for (int64_t i = 0; i < rows; ++i) {                             // online softmax, row by row
-          float* row = sp + i * ld;
-          const float mx = row_max(row, cols, m[i]);
-          if (mx == kNegInf) {                                           // nothing visible yet in this row
-            std::fill(row, row + cols, 0.f);
+          T* row = sp + i * ld;
+          const T mx = row_max(row, cols, m[i]);
+          if (mx == neg_inf<T>()) {                                           // nothing visible yet in this row
+            std::fill(row, row + cols, T(0));
             continue;
           }
-          const float correction = m[i] == kNegInf ? 0.f : std::exp(m[i] - mx);
+          const T correction = m[i] == neg_inf<T>() ? T(0) : std::exp(m[i] - mx);
           l[i] = l[i] * correction + exp_shift_sum(row, cols, mx);
           m[i] = mx;
-          if (correction != 1.f) {
+          if (correction != T(1)) {
             for (int64_t d = 0; d < D; ++d) ap[i * D + d] *= correction;
           }
         }
-        gemm(false, false, rows, D, cols, 1.f, sp, ld, vb.data_ptr<float>() + k0 * D, D, 1.f, a.data_ptr<float>(),
+        gemm(false, false, rows, D, cols, T(1), sp, ld, vb.data_ptr<T>() + k0 * D, D, T(1), a.data_ptr<T>(),
              D);                                                         // (rows, D) += P V
       }
       auto o = out[b][bh % H].narrow(0, q0, rows);
-      float* op = o.data_ptr<float>();
-      const float* ap = a.data_ptr<float>();
-      float* lp = lse[b][bh % H].data_ptr<float>() + q0;
+      T* op = o.data_ptr<T>();
+      const T* ap = a.data_ptr<T>();
+      T* lp = lse[b][bh % H].data_ptr<T>() + q0;
       for (int64_t i = 0; i < rows; ++i) {
-        if (l[i] == 0.f) continue;                                       // saw no key: zeros, lse = -inf
-        const float inv = 1.f / l[i];
+        if (l[i] == T(0)) continue;                                       // saw no key: zeros, lse = -inf
+        const T inv = T(1) / l[i];
         for (int64_t d = 0; d < D; ++d) op[i * D + d] = ap[i * D + d] * inv;
         lp[i] = m[i] + std::log(l[i]);
       }
@@ -178,7 +189,8 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_forward_cpu(const at::Tensor&
 // dq, dk, dv from the scores recomputed block by block: P = exp(S - lse), dV += P^T dO, dP = dO V^T,
 // dS = P (dP - rowsum(dO * O)), dQ = scale dS K, dK += scale dS^T Q. Parallel over (b, h): the key-side
 // gradients of one head accumulate over its query tiles in one thread.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cpu(
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& grad_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse_in, bool causal, const c10::optional<at::Tensor>& key_padding_mask,
     double scale) {
@@ -202,43 +214,66 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cpu(
         const int64_t k_end = causal ? std::min(Tk, q0 + rows + offset) : Tk;
         const auto qt = q[b][h].narrow(0, q0, rows), gt = g[b][h].narrow(0, q0, rows);
         auto dqt = dq[b][h].narrow(0, q0, rows);
-        const float* lp = lse[b][h].data_ptr<float>() + q0;
-        const float* dl = delta[b][h].data_ptr<float>() + q0;
+        const T* lp = lse[b][h].data_ptr<T>() + q0;
+        const T* dl = delta[b][h].data_ptr<T>() + q0;
         for (int64_t k0 = 0; k0 < k_end; k0 += kKChunk) {
           const int64_t cols = std::min(kKChunk, k_end - k0);
           auto p = p_buf.narrow(0, 0, rows).narrow(1, 0, cols);
           auto dp = dp_buf.narrow(0, 0, rows).narrow(1, 0, cols);
-          float* pp = p.data_ptr<float>();
+          T* pp = p.data_ptr<T>();
           const int64_t ld = p.stride(0);
-          const float* kp = kb.data_ptr<float>() + k0 * D;
-          const float* vp = vb.data_ptr<float>() + k0 * D;
-          gemm(false, true, rows, cols, D, scale, qt.data_ptr<float>(), D, kp, D, 0.f, pp, ld);  // S
+          const T* kp = kb.data_ptr<T>() + k0 * D;
+          const T* vp = vb.data_ptr<T>() + k0 * D;
+          gemm(false, true, rows, cols, D, T(scale), qt.data_ptr<T>(), D, kp, D, T(0), pp, ld);  // S
           mask_block(pp, rows, cols, ld, q0, k0, offset, causal, pad);
           for (int64_t i = 0; i < rows; ++i) {                           // P = exp(s - lse); masked: 0
-            float* row = pp + i * ld;
-            if (lp[i] == kNegInf) {
-              std::fill(row, row + cols, 0.f);
+            T* row = pp + i * ld;
+            if (lp[i] == neg_inf<T>()) {
+              std::fill(row, row + cols, T(0));
             } else {
               for (int64_t j = 0; j < cols; ++j) row[j] = exp_approx(row[j] - lp[i]);
             }
           }
-          gemm(true, false, cols, D, rows, 1.f, pp, ld, gt.data_ptr<float>(), D, 1.f,
-               dvb.data_ptr<float>() + k0 * D, D);                       // dV += P^T dO
-          float* dpp = dp.data_ptr<float>();
-          gemm(false, true, rows, cols, D, 1.f, gt.data_ptr<float>(), D, vp, D, 0.f, dpp, ld);  // dP = dO V^T
+          gemm(true, false, cols, D, rows, T(1), pp, ld, gt.data_ptr<T>(), D, T(1),
+               dvb.data_ptr<T>() + k0 * D, D);                       // dV += P^T dO
+          T* dpp = dp.data_ptr<T>();
+          gemm(false, true, rows, cols, D, T(1), gt.data_ptr<T>(), D, vp, D, T(0), dpp, ld);  // dP = dO V^T
           for (int64_t i = 0; i < rows; ++i) {                           // dS = P (dP - delta)
-            float* drow = dpp + i * ld;
-            const float* prow = pp + i * ld;
+            T* drow = dpp + i * ld;
+            const T* prow = pp + i * ld;
             for (int64_t j = 0; j < cols; ++j) drow[j] = prow[j] * (drow[j] - dl[i]);
           }
-          gemm(false, false, rows, D, cols, scale, dpp, ld, kp, D, 1.f, dqt.data_ptr<float>(), D);  // dQ += s dS K
-          gemm(true, false, cols, D, rows, scale, dpp, ld, qt.data_ptr<float>(), D, 1.f,
-               dkb.data_ptr<float>() + k0 * D, D);                       // dK += scale dS^T Q
+          gemm(false, false, rows, D, cols, T(scale), dpp, ld, kp, D, T(1), dqt.data_ptr<T>(), D);  // dQ += s dS K
+          gemm(true, false, cols, D, rows, T(scale), dpp, ld, qt.data_ptr<T>(), D, T(1),
+               dkb.data_ptr<T>() + k0 * D, D);                       // dK += scale dS^T Q
         }
       }
     }
   });
   return {dq, dk, dv};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> flash_attention_forward_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                               const at::Tensor& v, bool causal,
+                                                               const c10::optional<at::Tensor>& key_padding_mask,
+                                                               double scale) {
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "tuneforge::flash_attention: q, k, v of one dtype");
+  if (q.scalar_type() == at::kDouble) return attention_forward<double>(q, k, v, causal, key_padding_mask, scale);
+  TORCH_CHECK(q.scalar_type() == at::kFloat, "tuneforge::flash_attention (CPU): float32 or float64, got ",
+              q.scalar_type(), " (the Python face converts other dtypes)");
+  return attention_forward<float>(q, k, v, causal, key_padding_mask, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, bool causal, const c10::optional<at::Tensor>& key_padding_mask, double scale) {
+  if (q.scalar_type() == at::kDouble) {
+    return attention_backward<double>(grad, q, k, v, out, lse, causal, key_padding_mask, scale);
+  }
+  return attention_backward<float>(grad, q, k, v, out, lse, causal, key_padding_mask, scale);
 }
 
 TORCH_LIBRARY_FRAGMENT(tuneforge, m) {

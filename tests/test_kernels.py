@@ -278,3 +278,13 @@ def test_cuda_multi_lora_linear_opcheck():
     inputs, scalings, ids = _multi_inputs((6, 2), 3, 2, 5, 4)
     moved = [t.detach().cuda().requires_grad_() for t in inputs]
     torch.library.opcheck(torch.ops.tuneforge.multi_lora_linear.default, (*moved, scalings.cuda(), ids.cuda()))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_flash_attention_gradcheck_float64(causal):
+    """The CPU kernel itself in float64 (its float32 code path with exact exp), not the reference."""
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 2, t, 16, generator=g, dtype=torch.float64).requires_grad_() for t in (5, 7, 7))
+    mask = torch.tensor([[True, True, False, True, True, True, False]])
+    op = torch.ops.tuneforge.flash_attention_forward
+    assert torch.autograd.gradcheck(lambda *t: op(*t, causal, mask, 0.3)[0], (q, k, v))

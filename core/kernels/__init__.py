@@ -42,11 +42,12 @@ def _has_kernel(op: str, device_type: str) -> bool:
 
 
 def _compiled_attention(q, k, v, *, causal=True, key_padding_mask=None, scale=None):
-    """The kernels compute in float32 and save only the log-sum-exp. On the CPU they take float32 (other dtypes
-    convert around them); on CUDA float32 and bfloat16 as they are, head sizes 16/32/64/128."""
+    """The kernels save only the log-sum-exp. On the CPU they take float32 and float64 (other dtypes convert to
+    float32 around them); on CUDA float32 and bfloat16 as they are, head sizes 16/32/64/128."""
     device, D = q.device.type, q.size(-1)
-    cuda_ok = device == "cuda" and _has_kernel("flash_attention_forward", "cuda") and D in (16, 32, 64, 128)
-    if (device != "cpu" and not cuda_ok) or k.size(-2) == 0 or q.dtype == torch.float64:  # float64: gradcheck's
+    cuda_ok = (device == "cuda" and _has_kernel("flash_attention_forward", "cuda") and D in (16, 32, 64, 128)
+               and q.dtype != torch.float64)
+    if (device != "cpu" and not cuda_ok) or k.size(-2) == 0:
         return attention_reference(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
     if causal and q.size(-2) > k.size(-2):
         raise ValueError(f"causal attention needs Tq <= Tk (queries are the newest keys), got Tq={q.size(-2)}, "
@@ -55,17 +56,17 @@ def _compiled_attention(q, k, v, *, causal=True, key_padding_mask=None, scale=No
     if key_padding_mask is not None and tuple(key_padding_mask.shape) != (B, Tk):
         raise ValueError(f"key_padding_mask must be (B, Tk) = ({B}, {Tk}), got {tuple(key_padding_mask.shape)}")
     s = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    native_dtypes = (torch.float32, torch.bfloat16) if device == "cuda" else (torch.float32,)
+    native_dtypes = (torch.float32, torch.bfloat16) if device == "cuda" else (torch.float32, torch.float64)
     cast = lambda t: t if t.dtype in native_dtypes else t.float()  # noqa: E731
     out, _ = torch.ops.tuneforge.flash_attention_forward(cast(q), cast(k), cast(v), causal, key_padding_mask, s)
     return out.to(q.dtype)
 
 
 def _where_compiled(op: str, compiled, reference):
-    """The compiled op on the devices it has a kernel for, the reference elsewhere (and for float64, gradcheck's
-    dtype, which the kernels do not take)."""
+    """The compiled op on the devices it has a kernel for, the reference elsewhere. CUDA kernels take float32 and
+    bfloat16; the CPU ops are ATen compositions that take any floating dtype."""
     def run(x, *args):
-        if x.dtype != torch.float64 and _has_kernel(op, x.device.type):
+        if _has_kernel(op, x.device.type) and (x.device.type == "cpu" or x.dtype in (torch.float32, torch.bfloat16)):
             return compiled(x, *args)
         return reference(x, *args)
 

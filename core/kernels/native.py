@@ -135,7 +135,8 @@ def _register_attention() -> None:
 
     @torch.library.register_fake(lib)
     def _fake(q, k, v, causal, key_padding_mask, scale):
-        return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)  # lse: float32 always
+        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32  # float32 unless float64 in
+        return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=lse_dtype)
 
     @torch.library.register_fake("tuneforge::flash_attention_backward")
     def _fake_backward(grad, q, k, v, out, lse, causal, key_padding_mask, scale):
