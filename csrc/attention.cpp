@@ -119,9 +119,8 @@ void mask_block(T* s, int64_t rows, int64_t cols, int64_t ld, int64_t q0, int64_
 
 template <typename T>
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                               const at::Tensor& v_in, bool causal,
-                                                               const c10::optional<at::Tensor>& key_padding_mask,
-                                                               double scale) {
+                                                     const at::Tensor& v_in, bool causal,
+                                                     const c10::optional<at::Tensor>& key_padding_mask, double scale) {
   TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4, "tuneforge::flash_attention: q, k, v (B, H, T, D)");
   const auto q = q_in.detach().contiguous(), k = k_in.detach().contiguous(), v = v_in.detach().contiguous();
   const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), D = q.size(3), Tk = k.size(2);
@@ -129,35 +128,34 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q_in, con
   const auto mask = key_padding_mask.has_value() ? key_padding_mask->to(at::kBool).contiguous() : at::Tensor();
   auto out = at::zeros_like(q);
   at::Tensor lse = at::full({B, H, Tq}, neg_inf<T>(), q.options());
-  const int64_t offset = Tk - Tq, n_tiles = (Tq + kQTile - 1) / kQTile;
+  // Raw pointers, not tensor indexing, inside the loop: at small sizes (the tiny model's T = 128) the per-task
+  // cost of creating views showed next to the arithmetic.
+  const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
+  T *outp = out.data_ptr<T>(), *lsep = lse.data_ptr<T>();
+  const bool* maskp = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+  const int64_t offset = Tk - Tq, n_tiles = (Tq + kQTile - 1) / kQTile, width = std::min(Tk, kKChunk);
   at::parallel_for(0, B * H * n_tiles, 1, [&](int64_t begin, int64_t end) {
-    auto scores = at::empty({kQTile, std::min(Tk, kKChunk)}, q.options());  // this thread's block
-    auto acc = at::empty({kQTile, D}, q.options());
-    std::vector<T> m(kQTile), l(kQTile);
+    std::vector<T> scores(kQTile * width), acc(kQTile * D), m(kQTile), l(kQTile);  // this thread's block
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / n_tiles, q0 = (task % n_tiles) * kQTile, b = bh / H;
       const int64_t rows = std::min(kQTile, Tq - q0);
       const int64_t k_end = causal ? std::min(Tk, q0 + rows + offset) : Tk;
-      const auto qt = q[b][bh % H].narrow(0, q0, rows);  // (rows, D)
-      const auto kb = k[b][bh % H], vb = v[b][bh % H];
-      const bool* pad = mask.defined() ? mask[b].data_ptr<bool>() : nullptr;
+      const T* qt = qp + (bh * Tq + q0) * D;                             // (rows, D)
+      const T *kb = kp + bh * Tk * D, *vb = vp + bh * Tk * D;            // (Tk, D)
+      const bool* pad = maskp != nullptr ? maskp + b * Tk : nullptr;
       std::fill(m.begin(), m.end(), neg_inf<T>());
       std::fill(l.begin(), l.end(), T(0));
-      auto a = acc.narrow(0, 0, rows);
-      a.zero_();
+      T* ap = acc.data();
+      std::fill(ap, ap + rows * D, T(0));
       for (int64_t k0 = 0; k0 < k_end; k0 += kKChunk) {
-        const int64_t cols = std::min(kKChunk, k_end - k0);
-        auto s = scores.narrow(0, 0, rows).narrow(1, 0, cols);
-        T* sp = s.data_ptr<T>();
-        const int64_t ld = s.stride(0);
-        gemm(false, true, rows, cols, D, T(scale), qt.data_ptr<T>(), D, kb.data_ptr<T>() + k0 * D, D, T(0), sp,
-             ld);                                                        // S = scale Q K^T, (rows, cols)
+        const int64_t cols = std::min(kKChunk, k_end - k0), ld = width;
+        T* sp = scores.data();
+        gemm(false, true, rows, cols, D, T(scale), qt, D, kb + k0 * D, D, T(0), sp, ld);  // S = scale Q K^T
         mask_block(sp, rows, cols, ld, q0, k0, offset, causal, pad);
-        T* ap = a.data_ptr<T>();
         for (int64_t i = 0; i < rows; ++i) {                             // online softmax, row by row
           T* row = sp + i * ld;
           const T mx = row_max(row, cols, m[i]);
-          if (mx == neg_inf<T>()) {                                           // nothing visible yet in this row
+          if (mx == neg_inf<T>()) {                                      // nothing visible yet in this row
             std::fill(row, row + cols, T(0));
             continue;
           }
@@ -168,15 +166,12 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q_in, con
             for (int64_t d = 0; d < D; ++d) ap[i * D + d] *= correction;
           }
         }
-        gemm(false, false, rows, D, cols, T(1), sp, ld, vb.data_ptr<T>() + k0 * D, D, T(1), a.data_ptr<T>(),
-             D);                                                         // (rows, D) += P V
+        gemm(false, false, rows, D, cols, T(1), sp, ld, vb + k0 * D, D, T(1), ap, D);  // (rows, D) += P V
       }
-      auto o = out[b][bh % H].narrow(0, q0, rows);
-      T* op = o.data_ptr<T>();
-      const T* ap = a.data_ptr<T>();
-      T* lp = lse[b][bh % H].data_ptr<T>() + q0;
+      T* op = outp + (bh * Tq + q0) * D;
+      T* lp = lsep + bh * Tq + q0;
       for (int64_t i = 0; i < rows; ++i) {
-        if (l[i] == T(0)) continue;                                       // saw no key: zeros, lse = -inf
+        if (l[i] == T(0)) continue;                                      // saw no key: zeros, lse = -inf
         const T inv = T(1) / l[i];
         for (int64_t d = 0; d < D; ++d) op[i * D + d] = ap[i * D + d] * inv;
         lp[i] = m[i] + std::log(l[i]);
@@ -197,34 +192,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   const auto q = q_in.detach().contiguous(), k = k_in.detach().contiguous(), v = v_in.detach().contiguous();
   const auto g = grad_in.detach().contiguous(), o = out_in.detach().contiguous(), lse = lse_in.detach().contiguous();
   const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), D = q.size(3), Tk = k.size(2);
-  const int64_t offset = Tk - Tq;
+  const int64_t offset = Tk - Tq, width = std::min(Tk, kKChunk);
   const auto mask = key_padding_mask.has_value() ? key_padding_mask->to(at::kBool).contiguous() : at::Tensor();
   auto dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
-  const auto delta = (g * o).sum(-1);                                    // (B, H, Tq)
+  const auto delta = (g * o).sum(-1).contiguous();                       // (B, H, Tq)
+  const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>(), *gp = g.data_ptr<T>();
+  const T *lsep = lse.data_ptr<T>(), *deltap = delta.data_ptr<T>();
+  T *dqp = dq.data_ptr<T>(), *dkp = dk.data_ptr<T>(), *dvp = dv.data_ptr<T>();
+  const bool* maskp = mask.defined() ? mask.data_ptr<bool>() : nullptr;
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    auto p_buf = at::empty({kQTile, std::min(Tk, kKChunk)}, q.options());
-    auto dp_buf = at::empty_like(p_buf);
+    std::vector<T> p_buf(kQTile * width), dp_buf(kQTile * width);
     for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H, h = bh % H;
-      const auto kb = k[b][h], vb = v[b][h];
-      auto dkb = dk[b][h], dvb = dv[b][h];
-      const bool* pad = mask.defined() ? mask[b].data_ptr<bool>() : nullptr;
+      const int64_t b = bh / H;
+      const T *kb = kp + bh * Tk * D, *vb = vp + bh * Tk * D;
+      T *dkb = dkp + bh * Tk * D, *dvb = dvp + bh * Tk * D;
+      const bool* pad = maskp != nullptr ? maskp + b * Tk : nullptr;
       for (int64_t q0 = 0; q0 < Tq; q0 += kQTile) {
         const int64_t rows = std::min(kQTile, Tq - q0);
         const int64_t k_end = causal ? std::min(Tk, q0 + rows + offset) : Tk;
-        const auto qt = q[b][h].narrow(0, q0, rows), gt = g[b][h].narrow(0, q0, rows);
-        auto dqt = dq[b][h].narrow(0, q0, rows);
-        const T* lp = lse[b][h].data_ptr<T>() + q0;
-        const T* dl = delta[b][h].data_ptr<T>() + q0;
+        const T *qt = qp + (bh * Tq + q0) * D, *gt = gp + (bh * Tq + q0) * D;  // (rows, D)
+        T* dqt = dqp + (bh * Tq + q0) * D;
+        const T *lp = lsep + bh * Tq + q0, *dl = deltap + bh * Tq + q0;
         for (int64_t k0 = 0; k0 < k_end; k0 += kKChunk) {
-          const int64_t cols = std::min(kKChunk, k_end - k0);
-          auto p = p_buf.narrow(0, 0, rows).narrow(1, 0, cols);
-          auto dp = dp_buf.narrow(0, 0, rows).narrow(1, 0, cols);
-          T* pp = p.data_ptr<T>();
-          const int64_t ld = p.stride(0);
-          const T* kp = kb.data_ptr<T>() + k0 * D;
-          const T* vp = vb.data_ptr<T>() + k0 * D;
-          gemm(false, true, rows, cols, D, T(scale), qt.data_ptr<T>(), D, kp, D, T(0), pp, ld);  // S
+          const int64_t cols = std::min(kKChunk, k_end - k0), ld = width;
+          T *pp = p_buf.data(), *dpp = dp_buf.data();
+          const T *kc = kb + k0 * D, *vc = vb + k0 * D;
+          gemm(false, true, rows, cols, D, T(scale), qt, D, kc, D, T(0), pp, ld);  // S
           mask_block(pp, rows, cols, ld, q0, k0, offset, causal, pad);
           for (int64_t i = 0; i < rows; ++i) {                           // P = exp(s - lse); masked: 0
             T* row = pp + i * ld;
@@ -234,18 +227,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
               for (int64_t j = 0; j < cols; ++j) row[j] = exp_approx(row[j] - lp[i]);
             }
           }
-          gemm(true, false, cols, D, rows, T(1), pp, ld, gt.data_ptr<T>(), D, T(1),
-               dvb.data_ptr<T>() + k0 * D, D);                       // dV += P^T dO
-          T* dpp = dp.data_ptr<T>();
-          gemm(false, true, rows, cols, D, T(1), gt.data_ptr<T>(), D, vp, D, T(0), dpp, ld);  // dP = dO V^T
+          gemm(true, false, cols, D, rows, T(1), pp, ld, gt, D, T(1), dvb + k0 * D, D);  // dV += P^T dO
+          gemm(false, true, rows, cols, D, T(1), gt, D, vc, D, T(0), dpp, ld);           // dP = dO V^T
           for (int64_t i = 0; i < rows; ++i) {                           // dS = P (dP - delta)
             T* drow = dpp + i * ld;
             const T* prow = pp + i * ld;
             for (int64_t j = 0; j < cols; ++j) drow[j] = prow[j] * (drow[j] - dl[i]);
           }
-          gemm(false, false, rows, D, cols, T(scale), dpp, ld, kp, D, T(1), dqt.data_ptr<T>(), D);  // dQ += s dS K
-          gemm(true, false, cols, D, rows, T(scale), dpp, ld, qt.data_ptr<T>(), D, T(1),
-               dkb.data_ptr<T>() + k0 * D, D);                       // dK += scale dS^T Q
+          gemm(false, false, rows, D, cols, T(scale), dpp, ld, kc, D, T(1), dqt, D);     // dQ += scale dS K
+          gemm(true, false, cols, D, rows, T(scale), dpp, ld, qt, D, T(1), dkb + k0 * D, D);  // dK += scale dS^T Q
         }
       }
     }

@@ -6,6 +6,7 @@ which code runs; ``backend()`` reports it.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -18,18 +19,19 @@ from .reference import (
 
 __all__ = [
     "flash_attention", "lora_linear", "multi_lora_linear", "bottleneck_adapter", "multi_bottleneck_adapter",
-    "backend", "ACTIVATIONS", "attention_reference",
+    "backend", "reference_only", "ACTIVATIONS", "attention_reference",
 ]
 
+_REFERENCES = {
+    "flash_attention": attention_reference,
+    "lora_linear": lora_linear_reference,
+    "multi_lora_linear": multi_lora_linear_reference,
+    "bottleneck_adapter": bottleneck_adapter_reference,
+    "multi_bottleneck_adapter": multi_bottleneck_adapter_reference,
+}
 # op name -> (backend name, callable). The only dispatch table: models and mechanisms call the functions below,
 # never a backend.
-_IMPLEMENTATIONS = {
-    "flash_attention": ("reference", attention_reference),
-    "lora_linear": ("reference", lora_linear_reference),
-    "multi_lora_linear": ("reference", multi_lora_linear_reference),
-    "bottleneck_adapter": ("reference", bottleneck_adapter_reference),
-    "multi_bottleneck_adapter": ("reference", multi_bottleneck_adapter_reference),
-}
+_IMPLEMENTATIONS = {op: ("reference", fn) for op, fn in _REFERENCES.items()}
 #: ops with a compiled kernel, by name (the rest run their reference wherever they are)
 COMPILED = ("flash_attention", "lora_linear", "multi_lora_linear", "bottleneck_adapter", "multi_bottleneck_adapter")
 
@@ -62,9 +64,11 @@ def _compiled_attention(q, k, v, *, causal=True, key_padding_mask=None, scale=No
     return out.to(q.dtype)
 
 
-def _where_compiled(op: str, compiled, reference):
+def _where_compiled(op: str, compiled):
     """The compiled op on the devices it has a kernel for, the reference elsewhere. CUDA kernels take float32 and
     bfloat16; the CPU ops are ATen compositions that take any floating dtype."""
+    reference = _REFERENCES[op]
+
     def run(x, *args):
         if _has_kernel(op, x.device.type) and (x.device.type == "cpu" or x.dtype in (torch.float32, torch.bfloat16)):
             return compiled(x, *args)
@@ -82,15 +86,12 @@ def _use_compiled() -> None:
     ops = torch.ops.tuneforge
     compiled = {
         "flash_attention": _compiled_attention,
-        "lora_linear": _where_compiled("lora_linear", ops.lora_linear, lora_linear_reference),
-        "multi_lora_linear": _where_compiled("multi_lora_linear", ops.multi_lora_linear,
-                                             multi_lora_linear_reference),
+        "lora_linear": _where_compiled("lora_linear", ops.lora_linear),
+        "multi_lora_linear": _where_compiled("multi_lora_linear", ops.multi_lora_linear),
         # the op also returns z = down(h) for its backward; the face returns the output alone
-        "bottleneck_adapter": _where_compiled("bottleneck_adapter", lambda *args: ops.bottleneck_adapter(*args)[0],
-                                              bottleneck_adapter_reference),
-        "multi_bottleneck_adapter": _where_compiled(
-            "multi_bottleneck_adapter", lambda *args: ops.multi_bottleneck_adapter(*args)[0],
-            multi_bottleneck_adapter_reference),
+        "bottleneck_adapter": _where_compiled("bottleneck_adapter", lambda *args: ops.bottleneck_adapter(*args)[0]),
+        "multi_bottleneck_adapter": _where_compiled("multi_bottleneck_adapter",
+                                                    lambda *args: ops.multi_bottleneck_adapter(*args)[0]),
     }
     for op in COMPILED:
         _IMPLEMENTATIONS[op] = ("cpp", compiled[op])
@@ -142,3 +143,16 @@ def backend() -> dict[str, str]:
     for op, (name, _) in _IMPLEMENTATIONS.items():
         report[op] = name + ("+cuda" if name == "cpp" and cuda and _has_kernel(forward.get(op, op), "cuda") else "")
     return report
+
+
+@contextlib.contextmanager
+def reference_only():
+    """Run every op's pure-torch reference inside the block, whatever is compiled: to compare the two paths in
+    one process (benchmarks), or to rule the kernels out while debugging. Not thread-safe: it swaps the table."""
+    saved = dict(_IMPLEMENTATIONS)
+    _IMPLEMENTATIONS.update({op: ("reference", fn) for op, fn in _REFERENCES.items()})
+    try:
+        yield
+    finally:
+        _IMPLEMENTATIONS.clear()
+        _IMPLEMENTATIONS.update(saved)
