@@ -213,14 +213,18 @@ def main():
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--bottleneck", type=int, default=64)
     ap.add_argument("--adapters", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=1024, help="attention sequence length T")
+    ap.add_argument("--quick", action="store_true", help="small sizes, 2 repeats: checks the script, not the speed")
     args = ap.parse_args()
+    if args.quick:
+        args.repeats, args.tokens, args.d, args.rank, args.bottleneck, args.adapters, args.seq = 2, 256, 128, 4, 16, 4, 96
     state = native.status()
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}; lora_linear runs: {kernels.backend()['lora_linear']} "
           f"({state['how'] or state['why']})")
-    at = bench_attention(2, 8, 1024, 64, args.repeats)
+    at = bench_attention(2, 8, args.seq, 64, args.repeats)
     f, fb = at["forward_ms"], at["forward_backward_ms"]
-    print(f"flash_attention B=2 H=8 T=1024 D=64 causal fp32: forward tuneforge {f['tuneforge']:.1f} ms, SDPA "
+    print(f"flash_attention B=2 H=8 T={args.seq} D=64 causal fp32: forward tuneforge {f['tuneforge']:.1f} ms, SDPA "
           f"{f['sdpa']:.1f} ms ({at['forward_vs_sdpa']:.2f}x, target >= 1.0x), eager {f['eager']:.1f} ms "
           f"({at['forward_vs_eager']:.1f}x, target >= 5x); {at['forward_gflops']:.0f} GFLOP/s")
     print(f"flash_attention fwd+bwd: tuneforge {fb['tuneforge']:.1f} ms, SDPA {fb['sdpa']:.1f} ms "
@@ -244,7 +248,7 @@ def main():
               f"{mr['forward']['tuneforge_ms']:.1f} ms = {mr['forward']['ratio']:.2f}x (target >= 4x); fwd+bwd "
               f"{mr['forward_backward']['looped_ms']:.1f} / {mr['forward_backward']['tuneforge_ms']:.1f} ms = "
               f"{mr['forward_backward']['ratio']:.2f}x (target >= 3x); max |difference| {mr['max_abs_diff']:.1e}")
-    ps = bench_pretrain_step(args.repeats)
+    ps = bench_pretrain_step(args.repeats, batch=2 if args.quick else 16)
     print(f"tiny pretrain step (batch {ps['batch']} x {ps['seq_len']}): kernels {ps['kernels_ms']:.1f} ms, reference "
           f"path {ps['reference_ms']:.1f} ms, ratio {ps['ratio']:.2f}x")
     print(json.dumps({"benchmark": "kernels", "backend": kernels.backend(), "flash_attention": at, "lora_linear": r,

@@ -93,3 +93,16 @@ def test_scale_and_backend_report():
 
     compiled = "cpp" if native.load() else "reference"
     assert report["flash_attention"] == report["lora_linear"] == compiled
+
+
+def test_reference_only_swaps_every_op_for_its_reference_and_restores_the_table():
+    from tuneforge import kernels
+
+    before = backend()
+    q, k, v = (torch.randn(1, 2, 9, 16) for _ in range(3))
+    with pytest.raises(KeyError):
+        with kernels.reference_only():
+            assert set(backend().values()) == {"reference"}
+            torch.testing.assert_close(flash_attention(q, k, v), kernels.attention_reference(q, k, v), rtol=0, atol=0)
+            raise KeyError("leaves the block by an exception")
+    assert backend() == before

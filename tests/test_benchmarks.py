@@ -18,3 +18,16 @@ def test_adapters_benchmark_quick_agrees_with_its_baselines():
         assert report[key]["max_abs_diff"] < 1e-4 and report[key]["grad_max_abs_diff"] < 1e-4
         assert report[key]["diff_from_base"] > 1e-3  # the adapters really change the output
         assert report[key]["inference"]["mixed_ms"] > 0 and report[key]["train"]["looped_ms"] > 0
+
+
+def test_kernels_benchmark_quick_agrees_with_its_baselines():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels.py"), "--quick"], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["flash_attention"]["max_abs_diff_vs_sdpa"] < 1e-4  # the same attention as PyTorch's
+    assert report["lora_linear"]["max_abs_diff"] < 1e-4 and report["bottleneck_adapter"]["max_abs_diff"] < 1e-4
+    for variant in report["multi_lora_linear"].values():
+        assert variant["max_abs_diff"] < 1e-4 and variant["forward"]["tuneforge_ms"] > 0
+    step = report["pretrain_step"]
+    assert step["kernels_ms"] > 0 and step["reference_ms"] > 0
