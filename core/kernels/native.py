@@ -64,6 +64,16 @@ def status() -> dict:
 
 # -- autograd and fake implementations of the compiled ops ------------------------------------------------------
 
+def _linear_grads_fake(grad, x, weight, lora_a, lora_b, needs):
+    """(dx, dweight, dbias, dA, dB) of the LoRA ops' backward: each like its input, or empty where not needed."""
+    e = x.new_empty(0)
+    return (x.new_empty(x.shape) if needs[0] else e,
+            weight.new_empty(weight.shape) if needs[1] and weight is not None else e,
+            grad.new_empty(grad.size(-1)) if needs[2] else e,
+            lora_a.new_empty(lora_a.shape) if needs[3] else e,
+            lora_b.new_empty(lora_b.shape) if needs[4] else e)
+
+
 def _register() -> None:
     lib = "tuneforge::lora_linear"
 
@@ -73,12 +83,7 @@ def _register() -> None:
 
     @torch.library.register_fake("tuneforge::lora_linear_backward")
     def _lora_linear_backward_fake(grad, x, weight, lora_a, lora_b, scaling, needs):
-        e = x.new_empty(0)
-        return (x.new_empty(x.shape) if needs[0] else e,
-                weight.new_empty(weight.shape) if needs[1] and weight is not None else e,
-                grad.new_empty(grad.size(-1)) if needs[2] else e,
-                lora_a.new_empty(lora_a.shape) if needs[3] else e,
-                lora_b.new_empty(lora_b.shape) if needs[4] else e)
+        return _linear_grads_fake(grad, x, weight, lora_a, lora_b, needs)
 
     def setup_context(ctx, inputs, output):
         x, weight, bias, lora_a, lora_b, scaling = inputs
@@ -165,12 +170,7 @@ def _register_multi_lora() -> None:
 
     @torch.library.register_fake("tuneforge::multi_lora_linear_backward")
     def _fake_backward(grad, x, weight, lora_a, lora_b, scalings, adapter_ids, needs):
-        e = x.new_empty(0)
-        return (x.new_empty(x.shape) if needs[0] else e,
-                weight.new_empty(weight.shape) if needs[1] and weight is not None else e,
-                grad.new_empty(grad.size(-1)) if needs[2] else e,
-                lora_a.new_empty(lora_a.shape) if needs[3] else e,
-                lora_b.new_empty(lora_b.shape) if needs[4] else e)
+        return _linear_grads_fake(grad, x, weight, lora_a, lora_b, needs)
 
     def setup_context(ctx, inputs, output):
         x, weight, bias, lora_a, lora_b, scalings, adapter_ids = inputs
