@@ -9,6 +9,17 @@ from tuneforge.kernels.reference import lora_linear_reference
 pytestmark = pytest.mark.skipif(not native.load(), reason=f"compiled kernels unavailable: {native.status()['why']}")
 
 
+def _same_gradients(out, want, inputs, twins):
+    """Send one random gradient back through the op's output and through the reference's; each input's gradient
+    (None inputs skipped) must match its twin's."""
+    g = torch.randn_like(out)
+    out.backward(g)
+    want.backward(g)
+    for got, ref in zip(inputs, twins):
+        if got is not None:
+            torch.testing.assert_close(got.grad, ref.grad, rtol=1e-4, atol=1e-5)
+
+
 def _lora_inputs(shape, d_in, d_out, r, *, bias=True, weight=True, dtype=torch.float32, seed=0, grad=True):
     g = torch.Generator().manual_seed(seed)
     make = lambda *s: torch.randn(*s, generator=g, dtype=dtype).requires_grad_(grad)  # noqa: E731
@@ -24,12 +35,7 @@ def test_lora_linear_matches_the_reference_forward_and_gradients(shape, d_in, d_
     out = torch.ops.tuneforge.lora_linear(*inputs, 0.7)
     want = lora_linear_reference(*twins, 0.7)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
-    g = torch.randn_like(out)
-    out.backward(g)
-    want.backward(g)
-    for got, ref in zip(inputs, twins):
-        if got is not None:
-            torch.testing.assert_close(got.grad, ref.grad, rtol=1e-4, atol=1e-5)
+    _same_gradients(out, want, inputs, twins)
 
 
 def test_lora_linear_gradcheck_float64():
@@ -74,11 +80,7 @@ def test_bottleneck_adapter_matches_the_reference_forward_and_gradients(shape, C
     out = torch.ops.tuneforge.bottleneck_adapter(*inputs, activation, residual)[0]
     want = bottleneck_adapter_reference(*twins, activation, residual)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
-    g = torch.randn_like(out)
-    out.backward(g)
-    want.backward(g)
-    for got, ref in zip(inputs, twins):
-        torch.testing.assert_close(got.grad, ref.grad, rtol=1e-4, atol=1e-5)
+    _same_gradients(out, want, inputs, twins)
 
 
 def test_bottleneck_adapter_gradcheck_and_opcheck():
@@ -108,12 +110,7 @@ def test_multi_lora_linear_matches_the_reference_forward_and_gradients(shape, we
     want = multi_lora_linear_reference(*twins, scalings, ids)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     if out.numel():
-        g = torch.randn_like(out)
-        out.backward(g)
-        want.backward(g)
-        for got, ref in zip(inputs, twins):
-            if got is not None:
-                torch.testing.assert_close(got.grad, ref.grad, rtol=1e-4, atol=1e-5)
+        _same_gradients(out, want, inputs, twins)
 
 
 def test_multi_lora_linear_gradcheck_and_opcheck():
@@ -144,12 +141,8 @@ def test_flash_attention_matches_the_reference_forward_and_gradients(Tq, Tk, D, 
     want = attention_reference(*twins, causal=causal, key_padding_mask=mask)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=2e-6)
     assert torch.isneginf(lse[1]).all() and (out[1] == 0).all()
-    grad = torch.randn_like(out)
-    out.backward(grad)
-    want.backward(grad)
-    for got, ref in zip((q, k, v), twins):
-        assert torch.isfinite(got.grad).all()
-        torch.testing.assert_close(got.grad, ref.grad, rtol=1e-4, atol=1e-5)
+    _same_gradients(out, want, (q, k, v), twins)
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
 def test_flash_attention_opcheck():
@@ -176,11 +169,7 @@ def test_multi_bottleneck_adapter_matches_the_reference_forward_and_gradients(sh
     want = multi_bottleneck_adapter_reference(*twins, scales, ids, activation)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     if out.numel():
-        grad = torch.randn_like(out)
-        out.backward(grad)
-        want.backward(grad)
-        for got, ref in zip(tensors, twins):
-            torch.testing.assert_close(got.grad, ref.grad, rtol=1e-4, atol=1e-5)
+        _same_gradients(out, want, tensors, twins)
 
 
 def test_multi_bottleneck_adapter_gradcheck_and_opcheck():
