@@ -90,12 +90,12 @@ def _optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.opti
 class _Batches:
     """Micro-batches across epochs, resumable at (epoch, batch_in_epoch)."""
 
-    def __init__(self, run: Run, data_fn):
-        self.run, self.data_fn = run, data_fn
+    def __init__(self, run: Run, data_fn, model):
+        self.run, self.data_fn, self.model = run, data_fn, model
         self.it = self._open()
 
     def _open(self):
-        batches = call_impl(self.data_fn, run=self.run)
+        batches = call_impl(self.data_fn, run=self.run, model=self.model)
         if batches is None:
             raise DataError("the objective's tuneforge_data returned None: it produced no batches")
         return itertools.islice(iter(batches), self.run.batch_in_epoch, None)
@@ -193,7 +193,7 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
             "it, or choose another --out. Nothing was changed."
         )
     # Reads and validates the data before anything is written.
-    batches = _Batches(run, reg.objective_impl("tuneforge_data")) if params else None
+    batches = _Batches(run, reg.objective_impl("tuneforge_data"), model) if params else None
     loss_fn = reg.objective_impl("tuneforge_loss")
     frozen = frozen_named(model) if cfg.verify_frozen else []
     frozen_before = weights_digest(frozen) if frozen else None

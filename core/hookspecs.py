@@ -100,11 +100,16 @@ def tuneforge_run_start(run, model):
 
 
 @hookspec(firstresult=True)
-def tuneforge_data(run):
+def tuneforge_data(run, model):
     """Provide the objective's training batches for one epoch.
 
     :param run: the run; ``run.epoch`` is the epoch to produce and ``run.seed`` its seed. The batches must be a
-        deterministic function of those two, so that a resumed run sees the same data in the same order.
+        deterministic function of those two (and, for objectives that generate their data, of the model),
+        so that a resumed run sees the same data in the same order.
+    :param model: the model being trained, as it is when the epoch's batches are drawn. Objectives that make
+        their data from the model itself use it: RLHF's rollouts sample responses from the policy, so a
+        ``ppo`` epoch is one rollout batch. Iterables are consumed lazily, so a generator sees the weights of
+        the step it is drawn at.
     :return: an iterable of micro-batches (any object ``tuneforge_loss`` understands, usually a dict of
         tensors on CPU; the engine moves tensors in dicts to ``run.device``), or ``None``.
 

@@ -118,8 +118,11 @@ def topic_of(text: str) -> str | None:
 
 
 def parse_ranking(ranking: str) -> list[list[int]]:
-    """``"C > B = D > A"`` -> tiers of response indices, best first: ``[[2], [1, 3], [0]]``."""
-    return [[ord(x.strip()) - ord("A") for x in tier.split("=")] for tier in ranking.split(">")]
+    """``"C > B = D > A"`` -> tiers of response indices, best first: ``[[2], [1, 3], [0]]`` (validated by
+    :func:`tuneforge.rankings.parse_ranking`, which the objectives use)."""
+    from .rankings import parse_ranking as parse
+
+    return parse(ranking, len(re.findall(r"[A-Z]", ranking)))
 
 
 class World:

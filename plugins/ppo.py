@@ -1,0 +1,276 @@
+"""``ppo``: RLHF with proximal policy optimisation against a trained reward model, on a KL leash.
+
+One data epoch is one **rollout**: ``rollouts=`` prompts are drawn from the data, the policy answers each by
+sampling with the KV cache, and every response gets
+
+- the reward model's score (``reward=``, a run trained with ``-m reward-model``) at its last token, minus
+- a per-token KL penalty ``β (log π - log π_ref)`` to the frozen reference policy, with ``β = kl_coef`` fixed
+  or adapted towards ``kl_target`` nats per token (Ziegler et al., 2019);
+
+a value head on the policy's hidden states estimates returns, GAE turns rewards into advantages (whitened per
+rollout), and the rollout is trained for ``ppo_epochs`` passes in minibatches of ``--batch-size`` responses
+with the clipped policy loss and a clipped value loss. ``--steps`` counts optimizer steps, so a rollout lasts
+``ppo_epochs * rollouts / batch-size`` of them.
+
+The policy is any parameterisation: with ``lora``/``adapter``/``prompt-tuning`` in the run only those parts
+(and the value head) train and the reference is the same model with them switched off, no second copy in
+memory; alone (``layers=auto`` -> all) or with ``layers=N`` the reference is the starting model, loaded once and
+frozen. Evaluation samples the policy and the reference on held-out prompts and reports the policy's win rate
+judged by ``judge=`` (``world``: the embedded world's hidden preference, default on ``builtin:rankings``;
+``reward``: the reward model) and the KL per token.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from tuneforge import hookimpl, load_model
+from tuneforge.data import read_records
+from tuneforge.errors import ConfigError
+from tuneforge.lm import epoch_generator
+from tuneforge.plugins.reward_model import ScalarHead, score
+from tuneforge.policy import Reference, block_parameters, check_layers, resolve_layers, token_logprobs, untie_head
+from tuneforge.rollout import compare, gae, masked_mean, sample, whiten
+
+__all__ = ["PPO", "ValueHead", "judge_for"]
+
+STATE = "ppo.json"
+ROLLOUT = "ppo_rollout.safetensors"
+
+
+class ValueHead(nn.Linear):
+    """Beside the LM head: the value of each position's state, (..., C) -> (..., 1); starts at zero."""
+
+    def __init__(self, d_model: int):
+        super().__init__(d_model, 1)
+        nn.init.zeros_(self.weight)
+        nn.init.zeros_(self.bias)
+
+
+def judge_for(kind: str, data: str, reward_model=None):
+    """``judge(prompts, responses) -> scores`` for evaluation: ``world`` (the hidden preference of the embedded
+    world), ``reward`` (the reward model), ``auto`` (world on builtin:rankings, else reward), ``none``."""
+    if kind == "auto":
+        kind = "world" if data.startswith("builtin:rankings") else ("reward" if reward_model is not None else "none")
+    if kind == "world":
+        from tuneforge.world import preference
+
+        return lambda prompts, texts: [float(preference(p, t)) for p, t in zip(prompts, texts)]
+    if kind == "reward":
+        if reward_model is None:
+            raise ConfigError("judge=reward needs a reward model (reward=RUN)")
+        return lambda prompts, texts: score(reward_model, prompts, texts).tolist()
+    return None
+
+
+class PPO:
+    """RLHF: PPO on rewards from a trained reward model minus a KL penalty to the frozen reference policy."""
+
+    @dataclasses.dataclass
+    class Options:
+        reward: str = ""  # the reward model: a checkpoint or run folder trained with -m reward-model
+        layers: str = "auto"  # policy weights that train: all, N (last N blocks), 0, auto (all, or none beside lora)
+        rollouts: int = 64  # prompts answered per rollout (a multiple of --batch-size)
+        ppo_epochs: int = 4  # passes over each rollout
+        max_new_tokens: int = 64  # the longest response
+        temperature: float = 1.0  # sampling temperature of rollouts and evaluation
+        kl_coef: float = 0.05  # β: weight of the per-token KL penalty (the starting value when adaptive)
+        kl_target: Optional[float] = None  # nats per token; set to adapt β towards it (None: β stays fixed)
+        kl_horizon: int = 10000  # responses over which the adaptive β may move by ~20%
+        clip: float = 0.2  # ε of the clipped policy ratio
+        value_clip: float = 0.2  # how far a value may move from its rollout estimate per update
+        value_coef: float = 0.5  # weight of the value loss
+        gamma: float = 1.0
+        lam: float = 0.95  # GAE's λ
+        prompt_field: str = "prompt"
+        judge: Literal["auto", "world", "reward", "none"] = "auto"
+        eval_prompts: int = 128  # held-out prompts per evaluation
+        holdout: float = 0.1  # share of a file's prompts held out when there is no --eval-data
+
+        def __post_init__(self):
+            check_layers(self.layers)
+            for name in ("rollouts", "ppo_epochs", "max_new_tokens", "eval_prompts", "kl_horizon"):
+                if getattr(self, name) < 1:
+                    raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+            if self.temperature <= 0:
+                raise ValueError(f"temperature must be positive (PPO needs the sampling distribution), got "
+                                 f"{self.temperature}")
+            if self.kl_coef < 0 or (self.kl_target is not None and self.kl_target <= 0):
+                raise ValueError("kl_coef must be >= 0 and kl_target > 0")
+
+    def __init__(self, options: Options):
+        self.options = options
+        self.kl_coef = options.kl_coef
+        self.prompts = self.held_out = None
+        self.reward_model = self.reference = None
+        self.resumed: dict | None = None  # the rollout a checkpoint was taken in, replayed on resume
+
+    # -- setup -------------------------------------------------------------------------------------------------
+
+    def _read(self, run) -> None:
+        if self.prompts is not None:
+            return
+        cfg, field = run.config, {self.options.prompt_field: str}
+        self.prompts = [r[self.options.prompt_field] for r in read_records(cfg.data, split="train", fields=field)]
+        held_spec = cfg.eval_data or (cfg.data if cfg.data.startswith("builtin:") else None)
+        if held_spec is not None:
+            split = "test" if held_spec.startswith("builtin:") else "train"
+            self.held_out = [r[self.options.prompt_field] for r in read_records(held_spec, split=split, fields=field)]
+        else:
+            cut = len(self.prompts) - max(1, int(len(self.prompts) * self.options.holdout))
+            self.prompts, self.held_out = self.prompts[:cut], self.prompts[cut:]
+        self.held_out = self.held_out[: self.options.eval_prompts]
+
+    def _setup(self, run, model) -> None:
+        if self.reference is None:
+            self.reference = Reference(model, run, own=model.value_head.parameters())
+            run.log(f"ppo: the reference policy is {self.reference.note}")
+        if self.reward_model is None:
+            self.reward_model = load_model(self.options.reward, device=str(run.device)).requires_grad_(False)
+            if not isinstance(self.reward_model.lm_head, ScalarHead):
+                raise ConfigError(f"ppo: reward={self.options.reward} is not a reward model (no scalar head); train "
+                                  "one with -m reward-model on rankings")
+
+    # -- hooks -------------------------------------------------------------------------------------------------
+
+    @hookimpl
+    def tuneforge_modify_model(self, model, run):
+        if not self.options.reward and run.checkpoint is None:
+            raise ConfigError("ppo: reward= is required: a checkpoint or run folder of a reward model (train one "
+                              "with -m reward-model --data builtin:rankings)")
+        layers = resolve_layers(self.options.layers, run, self)
+        if layers not in ("all", "0"):
+            untie_head(model)  # the head trains with the last blocks; the input embedding stays frozen
+        if not isinstance(getattr(model, "value_head", None), ValueHead):
+            model.value_head = ValueHead(model.config.d_model).to(model.tok_emb.weight.device)
+
+    @hookimpl
+    def tuneforge_trainable_params(self, model, run):
+        layers = resolve_layers(self.options.layers, run, self)
+        policy = block_parameters(model, layers) if layers != "0" else []
+        return policy + [p for p in model.value_head.parameters() if all(p is not q for q in policy)]
+
+    @hookimpl
+    def tuneforge_validate(self, run):
+        if self.options.rollouts % run.config.batch_size:
+            raise ConfigError(f"ppo: rollouts={self.options.rollouts} must be a multiple of --batch-size "
+                              f"({run.config.batch_size}): each rollout is cut into minibatches of that size")
+
+    @hookimpl
+    def tuneforge_data(self, run, model):
+        self._read(run)
+        return self._epoch(run, model)
+
+    def _epoch(self, run, model):
+        self._setup(run, model)
+        if self.resumed is not None and self.resumed["epoch"] == run.epoch:
+            buffer, stats = self.resumed["buffer"], self.resumed["stats"]
+        else:
+            buffer, stats = self._rollout(run, model)
+        self.resumed = {"epoch": run.epoch, "buffer": buffer, "stats": stats}  # what a checkpoint now saves
+        g = epoch_generator(run.seed, run.epoch, salt=3)
+        bs, n = run.config.batch_size, buffer["input"].size(0)
+        for _ in range(self.options.ppo_epochs):
+            order = torch.randperm(n, generator=g).to(buffer["input"].device)
+            for b in range(n // bs):
+                idx = order[b * bs:(b + 1) * bs]
+                width = int(buffer["last"][idx].max()) + 1  # drop columns that are padding in every chosen row
+                yield {**{k: (v[idx, :width] if v.dim() == 2 and k == "input" else
+                              v[idx, :width - 1] if v.dim() == 2 else v[idx]) for k, v in buffer.items()}, **stats}
+
+    @torch.no_grad()
+    def _rollout(self, run, model) -> tuple[dict, dict]:
+        o, tok = self.options, run.tokenizer
+        g = epoch_generator(run.seed, run.epoch, salt=4)
+        prompts = [self.prompts[i] for i in torch.randint(len(self.prompts), (o.rollouts,), generator=g).tolist()]
+        was_training = model.training
+        model.eval()
+        try:
+            s = sample(model.generate, tok, prompts, max_new_tokens=o.max_new_tokens, temperature=o.temperature,
+                       generator=torch.Generator(device=run.device).manual_seed(int(torch.randint(2**62, (1,), generator=g))),
+                       device=run.device)
+            hidden = model.forward_hidden(s.input)  # (R, T, C)
+            logp = token_logprobs(model.lm_head(hidden).float() / o.temperature, s.input)  # (R, T-1)
+            values = model.value_head(hidden).squeeze(-1)[:, :-1].float()  # (R, T-1): the state before each token
+            ref_logp = token_logprobs(self.reference(s.input).float() / o.temperature, s.input)
+        finally:
+            model.train(was_training)
+        mask = s.mask.float()  # (R, T-1)
+        scores = score(self.reward_model, prompts, s.texts)  # (R,)
+        kl = (logp - ref_logp) * mask  # (R, T-1): log π - log π_ref on each response token
+        rewards = -self.kl_coef * kl
+        rewards[torch.arange(len(prompts), device=run.device), s.last - 1] += scores  # at the last response token
+        adv, returns = gae(rewards, values, mask, gamma=o.gamma, lam=o.lam)
+        kl_token = float(kl.sum() / mask.sum())
+        stats = {"reward": float(scores.mean()), "kl": kl_token, "kl_coef": self.kl_coef,
+                 "response_tokens": float(mask.sum(-1).mean()), "stopped": float(s.stopped.float().mean())}
+        judge = judge_for(o.judge, run.config.data, self.reward_model)
+        if judge is not None and o.judge != "reward":
+            stats["judge_score"] = sum(judge(prompts, s.texts)) / len(prompts)
+        if o.kl_target is not None:  # proportional controller on the measured KL, clipped to ±20% per horizon
+            error = max(-0.2, min(0.2, kl_token / o.kl_target - 1))
+            self.kl_coef *= 1 + error * o.rollouts / o.kl_horizon
+        buffer = {"input": s.input, "start": s.start, "last": s.last, "logp": logp, "values": values,
+                  "advantages": whiten(adv, mask), "returns": returns, "mask": mask}
+        return buffer, stats
+
+    @hookimpl
+    def tuneforge_loss(self, model, batch):
+        o = self.options
+        ids, mask = batch["input"], batch["mask"]
+        hidden = model.forward_hidden(ids)  # (B, T, C)
+        logp = token_logprobs(model.lm_head(hidden).float() / o.temperature, ids)  # (B, T-1)
+        values = model.value_head(hidden).squeeze(-1)[:, :-1].float()  # (B, T-1)
+        ratio = torch.exp(logp - batch["logp"])
+        adv = batch["advantages"]
+        policy_loss = masked_mean(torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - o.clip, 1 + o.clip)), mask)
+        clipped = batch["values"] + (values - batch["values"]).clamp(-o.value_clip, o.value_clip)
+        value_loss = 0.5 * masked_mean(torch.maximum((values - batch["returns"]) ** 2,
+                                                     (clipped - batch["returns"]) ** 2), mask)
+        with torch.no_grad():
+            clipfrac = masked_mean(((ratio - 1).abs() > o.clip).float(), mask)
+            approx_kl = masked_mean(0.5 * (logp - batch["logp"]) ** 2, mask)
+        metrics = {k: batch[k] for k in ("reward", "kl", "kl_coef", "response_tokens", "stopped", "judge_score")
+                   if k in batch}
+        metrics.update(policy_loss=float(policy_loss.detach()), value_loss=float(value_loss.detach()), clipfrac=float(clipfrac),
+                       approx_kl=float(approx_kl), tokens=float(mask.sum()))
+        return policy_loss + o.value_coef * value_loss, metrics
+
+    @hookimpl
+    def tuneforge_evaluate(self, model, run):
+        self._read(run)
+        self._setup(run, model)
+        judge = judge_for(self.options.judge, run.config.data, self.reward_model)
+        if judge is None:
+            return None
+        return compare(model, self.reference, run.tokenizer, self.held_out, judge=judge,
+                       max_new_tokens=self.options.max_new_tokens, temperature=self.options.temperature,
+                       seed=run.seed, device=run.device)
+
+    # -- state -------------------------------------------------------------------------------------------------
+
+    @hookimpl
+    def tuneforge_save(self, run, path):
+        state = {"kl_coef": self.kl_coef}
+        if self.resumed is not None:  # the rollout being trained on, so a resume continues it exactly
+            state["rollout_epoch"] = self.resumed["epoch"]
+            state["stats"] = self.resumed["stats"]
+            save_file({k: v.contiguous().cpu() for k, v in self.resumed["buffer"].items()}, str(Path(path) / ROLLOUT))
+        (Path(path) / STATE).write_text(json.dumps(state, indent=2))
+
+    @hookimpl
+    def tuneforge_load(self, run, path):
+        state_file = Path(path) / STATE
+        if not state_file.is_file():
+            return
+        state = json.loads(state_file.read_text())
+        self.kl_coef = float(state["kl_coef"])
+        if "rollout_epoch" in state and (Path(path) / ROLLOUT).is_file():
+            buffer = {k: v.to(run.device) for k, v in load_file(str(Path(path) / ROLLOUT)).items()}
+            self.resumed = {"epoch": int(state["rollout_epoch"]), "buffer": buffer, "stats": state["stats"]}

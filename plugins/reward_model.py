@@ -1,0 +1,185 @@
+"""``reward-model``: learn a scalar score of (prompt, response) from human rankings with ties.
+
+A :class:`ScalarHead` replaces the LM head and reads the hidden state at each response's last token (its
+``eos``). One batch element is one whole ranking: all its responses are scored in one forward pass and every
+pair the ranking implies enters the loss, weighted ``1 / (pairs of the ranking)`` so long rankings do not
+dominate (see :mod:`tuneforge.rankings`). Pairs in different tiers and tied pairs are both scored by the tie
+model named by ``ties=`` (``davidson``, default, or ``rao-kupper``, whose tie parameter is learned with the
+scores); ``ties=ignore`` drops tied pairs and uses plain Bradley–Terry, for comparison. Formulas: docs/rlhf.md.
+
+Evaluation on held-out rankings: ``pairwise_accuracy`` (strict pairs the scores order as the labellers did;
+equal scores count half) and, with a tie model, tie calibration: ``tie_rate`` (share of held-out pairs that are
+ties), ``tie_prob`` (the mean predicted tie probability over all pairs: calibrated when close to tie_rate),
+``tie_prob_on_ties`` / ``tie_prob_on_strict`` (it should be higher on the real ties) and ``nll`` per pair.
+
+Any parameterisation works: ``layers=all|N|auto`` (auto: everything, or only the head when ``lora``/``adapter``
+say what trains). The trained model scores text with :func:`score` (``ppo`` uses it as its reward).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Literal, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tuneforge import hookimpl
+from tuneforge.classify import fit_context, pad_right
+from tuneforge.errors import ConfigError
+from tuneforge.policy import block_parameters, check_layers, resolve_layers
+from tuneforge.preference import TIE_MODELS, outcome_logprobs, pair_nll
+from tuneforge.rankings import Ranking, ranking_batch, ranking_epoch, ranking_text, read_rankings
+from tuneforge.tokenizer import ByteTokenizer
+
+__all__ = ["RewardModel", "ScalarHead", "rewards", "score", "split_rankings"]
+
+
+class ScalarHead(nn.Module):
+    """In place of the LM head: one score per position, (..., C) -> (..., 1); plus the tie model's parameter."""
+
+    def __init__(self, d_model: int, ties: str = "davidson"):
+        super().__init__()
+        self.proj = nn.Linear(d_model, 1)
+        nn.init.normal_(self.proj.weight, std=0.02)
+        nn.init.zeros_(self.proj.bias)
+        self.ties = ties
+        # davidson: log ν (0: ν = 1, a tie at equal scores has probability 1/3); rao-kupper: log θ = softplus(raw)
+        self.tie_raw = nn.Parameter(torch.zeros(()))
+
+    def forward(self, h):
+        return self.proj(h)  # (..., 1)
+
+    def tie(self) -> torch.Tensor | None:
+        """The tie parameter the formulas take (log ν or log θ), or None with ``ties=ignore``."""
+        if self.ties == "davidson":
+            return self.tie_raw
+        if self.ties == "rao-kupper":
+            return F.softplus(self.tie_raw) + 1e-4  # log θ > 0: θ = 1 would leave no room for a tie
+        return None
+
+
+def rewards(model, idx: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """Score of each row of ``idx`` (N, T), read at position ``last`` (N,): (N,) float32."""
+    hidden = model.forward_hidden(idx)  # (N, T, C)
+    at_last = hidden[torch.arange(idx.size(0), device=idx.device), last]  # (N, C)
+    return model.lm_head(at_last).squeeze(-1).float()  # (N,)
+
+
+@torch.no_grad()
+def score(model, prompts: Sequence[str], responses: Sequence[str], *, batch_size: int = 64) -> torch.Tensor:
+    """Reward of each (prompt, response) under a trained reward model (``tuneforge.load_model(run)``): (N,) on
+    the model's device. Rows are laid out as in training (``bos prompt ␣ response eos``)."""
+    if not isinstance(model.lm_head, ScalarHead):
+        raise ConfigError("score: this model has no scalar head; train it with -m reward-model")
+    tok, device = ByteTokenizer(), model.tok_emb.weight.device
+    out = []
+    for b in range(0, len(prompts), batch_size):
+        rows = [fit_context(tok.encode(ranking_text(p, r), bos=True, eos=True), model.config.max_seq_len)[0]
+                for p, r in zip(prompts[b:b + batch_size], responses[b:b + batch_size])]
+        last = torch.tensor([len(r) - 1 for r in rows], device=device)
+        out.append(rewards(model, pad_right(rows, tok.pad_id).to(device), last))
+    return torch.cat(out) if out else torch.zeros(0, device=device)
+
+
+def split_rankings(run, fields: dict, holdout: float) -> tuple[list[Ranking], list[Ranking]]:
+    """Training and held-out rankings: --eval-data, else the builtin test split, else the file's last
+    ``holdout`` share (which then never trains)."""
+    cfg = run.config
+    train = read_rankings(cfg.data, split="train", **fields)
+    held_spec = cfg.eval_data or (cfg.data if cfg.data.startswith("builtin:") else None)
+    if held_spec is not None:
+        return train, read_rankings(held_spec, split="test" if held_spec.startswith("builtin:") else "train", **fields)
+    cut = len(train) - max(1, int(len(train) * holdout)) if holdout > 0 and len(train) > 1 else len(train)
+    return train[:cut], train[cut:]
+
+
+class RewardModel:
+    """A scalar head trained on human rankings, ties included (Davidson or Rao–Kupper), for RLHF's reward."""
+
+    @dataclasses.dataclass
+    class Options:
+        layers: str = "auto"  # all, N (last N blocks + norm + head), 0 (head only), auto (all, or head beside lora)
+        ties: Literal["davidson", "rao-kupper", "ignore"] = "davidson"  # how tied pairs are modelled
+        prompt_field: str = "prompt"
+        responses_field: str = "responses"
+        ranking_field: str = "ranking"
+        holdout: float = 0.1  # share of a file held out when there is no --eval-data
+        eval_limit: Optional[int] = None  # held-out rankings per evaluation (None: all)
+
+        def __post_init__(self):
+            check_layers(self.layers)
+            if self.ties not in TIE_MODELS:
+                raise ValueError(f"ties must be one of {', '.join(TIE_MODELS)}, got {self.ties!r}")
+            if not 0 <= self.holdout < 0.5:
+                raise ValueError(f"holdout must be within [0, 0.5), got {self.holdout}")
+
+    def __init__(self, options: Options):
+        self.options = options
+        self.train = self.held_out = None
+
+    def _fields(self) -> dict:
+        o = self.options
+        return dict(prompt_field=o.prompt_field, responses_field=o.responses_field, ranking_field=o.ranking_field)
+
+    def _read(self, run) -> None:
+        if self.train is None:
+            self.train, self.held_out = split_rankings(run, self._fields(), self.options.holdout)
+            if len(self.train) < run.config.batch_size:
+                raise ConfigError(f"reward-model: {run.config.data} has {len(self.train)} training rankings, fewer "
+                                  f"than one batch of {run.config.batch_size}; lower --batch-size or add rankings")
+
+    @hookimpl
+    def tuneforge_modify_model(self, model, run):
+        head = model.lm_head
+        if not (isinstance(head, ScalarHead) and head.ties == self.options.ties):  # else: keep training that head
+            model.lm_head = ScalarHead(model.config.d_model, self.options.ties).to(model.tok_emb.weight.device)
+
+    @hookimpl
+    def tuneforge_trainable_params(self, model, run):
+        layers = resolve_layers(self.options.layers, run, self)
+        return block_parameters(model, layers) if layers != "0" else list(model.lm_head.parameters())
+
+    @hookimpl
+    def tuneforge_data(self, run):
+        self._read(run)
+        return ranking_epoch(self.train, run, run.tokenizer, run.model_config.max_seq_len,
+                             with_ties=self.options.ties != "ignore")
+
+    @hookimpl
+    def tuneforge_loss(self, model, batch):
+        s = rewards(model, batch["input"], batch["last"])  # (N,)
+        margin = s[batch["better"]] - s[batch["worse"]]  # (P,)
+        nll = pair_nll(margin, batch["tie"], model.lm_head.tie(), self.options.ties)
+        loss = (nll * batch["weight"]).sum() + 0.0 * s.sum()  # + 0 * s: a batch of only dropped ties still backprops
+        strict = ~batch["tie"]
+        right = ((margin > 0).float() + 0.5 * (margin == 0).float())[strict]
+        return loss, {"pair_accuracy": float(right.mean()) if right.numel() else float("nan"),
+                      "tokens": float(batch["input"].numel())}
+
+    @hookimpl
+    def tuneforge_evaluate(self, model, run):
+        self._read(run)
+        held = self.held_out[: self.options.eval_limit] if self.options.eval_limit else self.held_out
+        if not held:
+            return None
+        margins, ties = [], []
+        for b in range(0, len(held), 64):
+            batch = ranking_batch(held[b:b + 64], run.tokenizer, run.model_config.max_seq_len)
+            s = rewards(model, batch["input"].to(run.device), batch["last"].to(run.device))
+            margins.append(s[batch["better"].to(run.device)] - s[batch["worse"].to(run.device)])
+            ties.append(batch["tie"].to(run.device))
+        margin, tie = torch.cat(margins), torch.cat(ties)
+        strict = margin[~tie]
+        out = {"pairwise_accuracy": float(((strict > 0).float() + 0.5 * (strict == 0).float()).mean()),
+               "pairs": float(margin.numel()), "tie_rate": float(tie.float().mean())}
+        head = model.lm_head
+        if head.ties != "ignore":
+            _, log_tie, _ = outcome_logprobs(margin, head.tie(), head.ties)
+            p_tie = log_tie.exp()
+            out.update(tie_prob=float(p_tie.mean()),
+                       tie_prob_on_ties=float(p_tie[tie].mean()) if bool(tie.any()) else float("nan"),
+                       tie_prob_on_strict=float(p_tie[~tie].mean()),
+                       nll=float(pair_nll(margin, tie, head.tie(), head.ties).mean()))
+        return out
