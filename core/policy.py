@@ -7,8 +7,10 @@ objective's own new modules (a scalar or value head) when one does (``lora``, ``
 so ``-m lora -m dpo`` trains the LoRA and ``-m dpo`` alone trains the whole model.
 
 **The reference.** RLHF keeps the policy close to where it started. When only per-task parts train (LoRA,
-adapters, soft prompts, all starting as the identity), the reference is the same model with every such part
-switched off (:func:`tuneforge.routing.base`): no second copy in memory. When base weights train, it is the
+adapters, soft prompts), the reference is the same model with every such part switched off
+(:func:`tuneforge.routing.base`): no second copy in memory. New LoRA and adapters start as the identity, so
+policy and reference agree at step 0; a new soft prompt prepends tokens and does not, so a soft-prompt policy
+starts a little away from its reference (the KL penalty then measures and holds that too). When base weights train, it is the
 model the run started from (``--init`` rebuilt, or the seeded fresh init), loaded once and frozen.
 """
 from __future__ import annotations

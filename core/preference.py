@@ -34,15 +34,15 @@ def outcome_logprobs(margin: torch.Tensor, tie: torch.Tensor | None, model: str
     ``model``: ``davidson`` (``tie`` = log ν), ``rao-kupper`` (``tie`` = log θ, > 0) or ``ignore``
     (Bradley–Terry; the tie log-probability is -inf).
     """
-    d = margin.float()
+    d = margin.to(torch.promote_types(margin.dtype, torch.float32))  # float32 at least; float64 stays (gradcheck)
     if model == "ignore":
         return F.logsigmoid(d), torch.full_like(d, float("-inf")), F.logsigmoid(-d)
     if model == "davidson":
-        log_nu = tie.float().expand_as(d)
+        log_nu = tie.to(d.dtype).expand_as(d)
         log_z = torch.logsumexp(torch.stack([d / 2, -d / 2, log_nu]), dim=0)
         return d / 2 - log_z, log_nu - log_z, -d / 2 - log_z
     if model == "rao-kupper":
-        log_theta = tie.float()
+        log_theta = tie.to(d.dtype)
         win, lose = F.logsigmoid(d - log_theta), F.logsigmoid(-d - log_theta)
         # P(tie) = (θ² - 1) e^d / ((e^d + θ)(1 + θ e^d)), in logs so large |d| stays finite
         tied = (torch.log(torch.expm1(2 * log_theta)) + d - torch.logaddexp(d, log_theta.expand_as(d))

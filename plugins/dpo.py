@@ -133,9 +133,10 @@ class DPO:
         ref = batch["ref_logp"]
         b, w = batch["better"], batch["worse"]
         loss, margin = dpo_loss(logp[b], logp[w], ref[b], ref[w], self.options.beta)
+        margin, shift = margin.detach(), (logp[b] - ref[b]).detach()
         return (loss * batch["weight"]).sum(), {
             "pair_accuracy": float((margin > 0).float().mean()), "margin": float(margin.mean()),
-            "chosen_logp_shift": float((logp[b] - ref[b]).mean()), "tokens": float(ids.numel())}
+            "chosen_logp_shift": float(shift.mean()), "tokens": float(ids.numel())}
 
     @hookimpl
     def tuneforge_evaluate(self, model, run):
