@@ -2,7 +2,9 @@
 
 pretrain (the tiny model on ``builtin:text``) -> fine-tune (classification head on the last 2 blocks, and all
 blocks for reference) -> the head alone, and beside serial / parallel adapters and LoRA -> prompt tuning on the
-bare input (two tasks, one frozen model, then both served in one mixed batch) -> prompting (the bare input; the task's format zero-shot and 2-shot with right and wrong labels).
+bare input (two tasks, one frozen model, then both served in one mixed batch) -> prompting (the bare input; the
+task's format zero-shot and 2-shot with right and wrong labels) -> RLHF on ``builtin:rankings``: a reward model
+(ties modelled and ignored), PPO with a LoRA policy against it, DPO (win rates judged by the hidden preference).
 Every row goes to the table and ``demo.json``; loss curves go to ``loss_curves.png`` when matplotlib is
 installed (``pip install tuneforge[plot]``).
 """
@@ -122,11 +124,68 @@ def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0) -> list[dic
                        ("2-shot, wrong labels", "eval/accuracy_wrong_labels")):
         rows.append(_row(f"prompting ({label})", result, "sentiment accuracy", key))
 
+    rows += _rlhf(out, pre, n, common, curves, samples)
+
     (out / "demo.json").write_text(json.dumps(rows, indent=2))
     plotted = _plot(curves, out / "loss_curves.png")
     (out / "samples.txt").write_text("\n".join(samples) + "\n")
     _report(rows, samples, out, plotted)
     return rows
+
+
+def _rlhf(out: Path, pre: Path, n, common: dict, curves: dict, samples: list[str]) -> list[dict]:
+    """Rankings -> a reward model (ties modelled, and ignored for comparison) -> PPO against it with a LoRA
+    policy; DPO straight from the rankings. Policies are judged by the world's hidden preference, never by the
+    reward model they were trained on."""
+    rows: list[dict] = []
+    rl = dict(init=str(pre), data="builtin:rankings", batch_size=n(16, 8), warmup=n(10, 2), **common)
+    models = {}
+    for ties, label in (("davidson", "ties modelled (Davidson)"), ("ignore", "ties ignored")):
+        folder = _stage(out, f"reward-model-{ties}", f"a scalar head on the whole model, builtin:rankings, {label}")
+        result = train(mechanisms=[f"reward-model:ties={ties}"], steps=n(300, 10), lr=1e-3, out=str(folder), **rl)
+        row = _row(f"reward model, {label}", result, "held-out pairwise accuracy", "eval/pairwise_accuracy")
+        row.update({k[5:]: float(v) for k, v in result.metrics.items() if k.startswith("eval/tie")})
+        rows.append(row)
+        curves[f"reward model ({ties})"] = [h["loss"] for h in result.history]
+        models[ties] = folder
+    policy = "lora:rank=8,targets=attn"
+    judged = dict(eval_prompts=n(128, 16), max_new_tokens=n(64, 24))
+    evaluation = ",".join(f"{k}={v}" for k, v in judged.items())
+    folder = _stage(out, "ppo", f"{policy} as the policy, rewarded by the Davidson reward model, KL-penalised")
+    result = train(mechanisms=[policy, f"ppo:reward={models['davidson']},rollouts={n(64, 16)},{evaluation}"],
+                   steps=n(400, 8), lr=3e-3, out=str(folder), **rl)
+    rows += _policy_rows("ppo (lora policy)", result)
+    curves["ppo reward"] = [h["reward"] for h in result.history]
+    samples += _policy_samples(result, "ppo")
+    folder = _stage(out, "dpo", f"{policy} as the policy, the DPO loss on the rankings' pairs")
+    result = train(mechanisms=[policy, f"dpo:beta=0.5,{evaluation}"], steps=n(200, 8), lr=2e-3, out=str(folder), **rl)
+    rows += _policy_rows("dpo (lora policy)", result)
+    curves["dpo"] = [h["loss"] for h in result.history]
+    return rows
+
+
+def _policy_rows(name: str, result) -> list[dict]:
+    """Two rows per policy: its win rate over the reference, and how far it went (KL per token)."""
+    win = _row(name, result, "win rate vs reference (hidden preference)", "eval/win_rate")
+    win.update(kl_per_token=float(result.metrics["eval/kl_per_token"]), score=float(result.metrics["eval/score"]),
+               score_reference=float(result.metrics["eval/score_reference"]))
+    return [win, _row(name, result, "KL per token to the reference", "eval/kl_per_token")]
+
+
+def _policy_samples(result, name: str, k: int = 3) -> list[str]:
+    """A few held-out prompts answered by the reference and by the tuned policy (same seed)."""
+    from .rollout import sample
+    from .world import builtin, preference
+
+    plugin = result.run.plugins[name]
+    model = result.model.eval()
+    prompts = [r["prompt"] for r in builtin("rankings", "test")[:k]]
+    lines = []
+    for who, gen in (("reference", plugin.reference.generate), (name, model.generate)):
+        s = sample(gen, ByteTokenizer(), prompts, max_new_tokens=64, generator=torch.Generator().manual_seed(0),
+                   device=model.tok_emb.weight.device)
+        lines += [f"[{who}, hidden score {preference(p, t):+d}] {p} {t}" for p, t in zip(prompts, s.texts)]
+    return lines
 
 
 def _mixed_batch(out: Path, pre: Path, runs: dict[str, Path], base_params: int, limit: int) -> dict:
@@ -225,8 +284,11 @@ def _report(rows: list[dict], samples: list[str], out: Path, plotted: bool) -> N
     unigram = unigram_entropy(held_out.tokens) / math.log(2)
     print("\n" + format_table(rows))
     print(f"\n(pretrain: the unigram baseline is {unigram:.3f} bits/token; a model that learned nothing scores about "
-          "that. Accuracies are on held-out records; prompt-tuning % is of the base model.)")
-    print("\nsamples of the pretrained model (temperature 0.7, top-k 40):")
+          "that. Accuracies are on held-out records; prompt-tuning % is of the base model. Win rates: the policy's "
+          "response beats the reference's on held-out prompts by the world's hidden preference, ties count half; "
+          "0.5 = no better.)")
+    print("\nsamples of the pretrained model (temperature 0.7, top-k 40), then held-out ranking prompts answered by the "
+          "reference and the PPO policy (temperature 1, same seed):")
     for text in samples:
         print("  " + text.replace("\n", " | "))
     curves = f"loss curves in {out / 'loss_curves.png'}" if plotted else \

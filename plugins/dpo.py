@@ -135,7 +135,8 @@ class DPO:
         loss, margin = dpo_loss(logp[b], logp[w], ref[b], ref[w], self.options.beta)
         margin, shift = margin.detach(), (logp[b] - ref[b]).detach()
         return (loss * batch["weight"]).sum(), {
-            "pair_accuracy": float((margin > 0).float().mean()), "margin": float(margin.mean()),
+            "pair_accuracy": float(((margin > 0).float() + 0.5 * (margin == 0).float()).mean()),
+            "margin": float(margin.mean()),
             "chosen_logp_shift": float(shift.mean()), "tokens": float(ids.numel())}
 
     @hookimpl
