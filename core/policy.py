@@ -109,13 +109,6 @@ class Reference:
                 return self.model.generate(idx, max_new_tokens, **kwargs)
         return self.model.generate(idx, max_new_tokens, **kwargs)
 
-    def parameters(self) -> list[nn.Parameter]:
-        """The tensors the reference reads (for proving they stayed frozen)."""
-        if not self.shared:
-            return list(self.model.parameters())
-        parts = {id(p) for _, m in task_modules(self.model) for p in m.all_part_parameters()}
-        return [p for p in self.model.parameters() if id(p) not in parts]
-
 
 def token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """log p(ids[:, t+1] | ids[:, :t+1]) for every t: (B, T-1), float32, from logits (B, T, V)."""

@@ -28,8 +28,8 @@ from .data import read_records
 from .errors import DataError
 from .lm import epoch_generator
 
-__all__ = ["Ranking", "parse_ranking", "format_ranking", "ranking_pairs", "read_rankings", "ranking_text",
-           "ranking_batch", "ranking_epoch"]
+__all__ = ["Ranking", "parse_ranking", "format_ranking", "ranking_pairs", "read_rankings", "split_rankings",
+           "ranking_text", "ranking_batch", "ranking_epoch"]
 
 LETTERS = string.ascii_uppercase
 
@@ -167,6 +167,18 @@ def read_rankings(spec: str, *, split: str = "train", prompt_field: str = "promp
         tiers = parse_ranking(item[ranking_field], len(responses), where=where)
         out.append(Ranking(item[prompt_field], list(responses), tiers, where, task))
     return out
+
+
+def split_rankings(run, fields: dict, holdout: float) -> tuple[list[Ranking], list[Ranking]]:
+    """Training and held-out rankings: --eval-data, else the builtin test split, else the file's last
+    ``holdout`` share (which then never trains)."""
+    cfg = run.config
+    train = read_rankings(cfg.data, split="train", **fields)
+    held_spec = cfg.eval_data or (cfg.data if cfg.data.startswith("builtin:") else None)
+    if held_spec is not None:
+        return train, read_rankings(held_spec, split="test" if held_spec.startswith("builtin:") else "train", **fields)
+    cut = len(train) - max(1, int(len(train) * holdout)) if holdout > 0 and len(train) > 1 else len(train)
+    return train[:cut], train[cut:]
 
 
 def ranking_text(prompt: str, response: str) -> str:

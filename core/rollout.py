@@ -13,10 +13,11 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .classify import pad_right
+from .errors import ConfigError
 from .policy import response_mask, token_logprobs
 from .rankings import ranking_text
 
-__all__ = ["Samples", "sample", "masked_mean", "whiten", "gae", "compare"]
+__all__ = ["Samples", "sample", "masked_mean", "whiten", "gae", "judge_for", "compare"]
 
 NEWLINE = ord("\n")
 
@@ -107,8 +108,28 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
     return adv, (adv + values) * m
 
 
+Judge = Callable[[list[str], list[str]], list[float]]
+
+
+def judge_for(kind: str, data: str, reward: Judge | None = None) -> Judge | None:
+    """What scores responses in evaluation, ``judge(prompts, responses) -> scores``: ``world`` (the embedded world's
+    hidden preference), ``reward`` (``reward``, e.g. a reward model), ``auto`` (world on ``builtin:rankings``,
+    else ``reward`` when given), or ``none`` (None)."""
+    if kind == "auto":
+        kind = "world" if data.startswith("builtin:rankings") else ("reward" if reward is not None else "none")
+    if kind == "world":
+        from .world import preference
+
+        return lambda prompts, texts: [float(preference(p, t)) for p, t in zip(prompts, texts)]
+    if kind == "reward":
+        if reward is None:
+            raise ConfigError("judge=reward needs a reward model (ppo:reward=RUN)")
+        return reward
+    return None
+
+
 @torch.no_grad()
-def compare(policy, reference, tokenizer, prompts: Sequence[str], *, judge: Callable[[list[str], list[str]], list[float]],
+def compare(policy, reference, tokenizer, prompts: Sequence[str], *, judge: Judge,
             max_new_tokens: int, temperature: float = 1.0, seed: int = 0, batch_size: int = 64, device=None) -> dict:
     """The policy against its reference on ``prompts``: each writes one response per prompt (sampled with the
     same seed, so identical policies write identical responses and tie), ``judge(prompts, responses)`` scores

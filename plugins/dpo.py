@@ -26,12 +26,10 @@ from safetensors.torch import load_file, save_file
 
 from tuneforge import hookimpl
 from tuneforge.errors import ConfigError
-from tuneforge.plugins.ppo import judge_for
-from tuneforge.plugins.reward_model import split_rankings
 from tuneforge.policy import Reference, block_parameters, check_layers, resolve_layers, response_logprobs, untie_head
 from tuneforge.preference import dpo_loss
-from tuneforge.rankings import ranking_batch, ranking_epoch
-from tuneforge.rollout import compare
+from tuneforge.rankings import ranking_batch, ranking_epoch, split_rankings
+from tuneforge.rollout import compare, judge_for
 
 __all__ = ["DPO"]
 

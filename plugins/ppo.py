@@ -36,9 +36,9 @@ from tuneforge.errors import ConfigError
 from tuneforge.lm import epoch_generator
 from tuneforge.plugins.reward_model import ScalarHead, score
 from tuneforge.policy import Reference, block_parameters, check_layers, resolve_layers, token_logprobs, untie_head
-from tuneforge.rollout import compare, gae, masked_mean, sample, whiten
+from tuneforge.rollout import compare, gae, judge_for, masked_mean, sample, whiten
 
-__all__ = ["PPO", "ValueHead", "judge_for"]
+__all__ = ["PPO", "ValueHead"]
 
 STATE = "ppo.json"
 ROLLOUT = "ppo_rollout.safetensors"
@@ -53,20 +53,16 @@ class ValueHead(nn.Linear):
         nn.init.zeros_(self.bias)
 
 
-def judge_for(kind: str, data: str, reward_model=None):
-    """``judge(prompts, responses) -> scores`` for evaluation: ``world`` (the hidden preference of the embedded
-    world), ``reward`` (the reward model), ``auto`` (world on builtin:rankings, else reward), ``none``."""
-    if kind == "auto":
-        kind = "world" if data.startswith("builtin:rankings") else ("reward" if reward_model is not None else "none")
-    if kind == "world":
-        from tuneforge.world import preference
-
-        return lambda prompts, texts: [float(preference(p, t)) for p, t in zip(prompts, texts)]
-    if kind == "reward":
-        if reward_model is None:
-            raise ConfigError("judge=reward needs a reward model (reward=RUN)")
-        return lambda prompts, texts: score(reward_model, prompts, texts).tolist()
-    return None
+def _minibatch(buffer: dict, idx: torch.Tensor) -> dict:
+    """Rows ``idx`` of a rollout, without the columns that are padding in all of them."""
+    width = int(buffer["last"][idx].max()) + 1
+    out = {}
+    for key, value in buffer.items():
+        value = value[idx]
+        if value.dim() == 2:  # "input" is (n, T); the per-token tensors are (n, T-1), one per predicted token
+            value = value[:, :width] if key == "input" else value[:, :width - 1]
+        out[key] = value
+    return out
 
 
 class PPO:
@@ -137,6 +133,9 @@ class PPO:
                 raise ConfigError(f"ppo: reward={self.options.reward} is not a reward model (no scalar head); train "
                                   "one with -m reward-model on rankings")
 
+    def _reward(self, prompts: list[str], texts: list[str]) -> list[float]:
+        return score(self.reward_model, prompts, texts).tolist()
+
     # -- hooks -------------------------------------------------------------------------------------------------
 
     @hookimpl
@@ -179,10 +178,7 @@ class PPO:
         for _ in range(self.options.ppo_epochs):
             order = torch.randperm(n, generator=g).to(buffer["input"].device)
             for b in range(n // bs):
-                idx = order[b * bs:(b + 1) * bs]
-                width = int(buffer["last"][idx].max()) + 1  # drop columns that are padding in every chosen row
-                yield {**{k: (v[idx, :width] if v.dim() == 2 and k == "input" else
-                              v[idx, :width - 1] if v.dim() == 2 else v[idx]) for k, v in buffer.items()}, **stats}
+                yield {**_minibatch(buffer, order[b * bs:(b + 1) * bs]), **stats}
 
     @torch.no_grad()
     def _rollout(self, run, model) -> tuple[dict, dict]:
@@ -210,7 +206,7 @@ class PPO:
         kl_token = float(kl.sum() / mask.sum())
         stats = {"reward": float(scores.mean()), "kl": kl_token, "kl_coef": self.kl_coef,
                  "response_tokens": float(mask.sum(-1).mean()), "stopped": float(s.stopped.float().mean())}
-        judge = judge_for(o.judge, run.config.data, self.reward_model)
+        judge = judge_for(o.judge, run.config.data, self._reward)
         if judge is not None and o.judge != "reward":
             stats["judge_score"] = sum(judge(prompts, s.texts)) / len(prompts)
         if o.kl_target is not None:  # proportional controller on the measured KL, clipped to ±20% per horizon
@@ -246,7 +242,7 @@ class PPO:
     def tuneforge_evaluate(self, model, run):
         self._read(run)
         self._setup(run, model)
-        judge = judge_for(self.options.judge, run.config.data, self.reward_model)
+        judge = judge_for(self.options.judge, run.config.data, self._reward)
         if judge is None:
             return None
         return compare(model, self.reference, run.tokenizer, self.held_out, judge=judge,

@@ -30,10 +30,10 @@ from tuneforge.classify import fit_context, pad_right
 from tuneforge.errors import ConfigError
 from tuneforge.policy import block_parameters, check_layers, resolve_layers
 from tuneforge.preference import TIE_MODELS, outcome_logprobs, pair_nll
-from tuneforge.rankings import Ranking, ranking_batch, ranking_epoch, ranking_text, read_rankings
+from tuneforge.rankings import ranking_batch, ranking_epoch, ranking_text, split_rankings
 from tuneforge.tokenizer import ByteTokenizer
 
-__all__ = ["RewardModel", "ScalarHead", "rewards", "score", "split_rankings"]
+__all__ = ["RewardModel", "ScalarHead", "rewards", "score"]
 
 
 class ScalarHead(nn.Module):
@@ -81,18 +81,6 @@ def score(model, prompts: Sequence[str], responses: Sequence[str], *, batch_size
         last = torch.tensor([len(r) - 1 for r in rows], device=device)
         out.append(rewards(model, pad_right(rows, tok.pad_id).to(device), last))
     return torch.cat(out) if out else torch.zeros(0, device=device)
-
-
-def split_rankings(run, fields: dict, holdout: float) -> tuple[list[Ranking], list[Ranking]]:
-    """Training and held-out rankings: --eval-data, else the builtin test split, else the file's last
-    ``holdout`` share (which then never trains)."""
-    cfg = run.config
-    train = read_rankings(cfg.data, split="train", **fields)
-    held_spec = cfg.eval_data or (cfg.data if cfg.data.startswith("builtin:") else None)
-    if held_spec is not None:
-        return train, read_rankings(held_spec, split="test" if held_spec.startswith("builtin:") else "train", **fields)
-    cut = len(train) - max(1, int(len(train) * holdout)) if holdout > 0 and len(train) > 1 else len(train)
-    return train[:cut], train[cut:]
 
 
 class RewardModel:
