@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 
 import torch
 import torch.nn as nn
@@ -299,16 +300,24 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, *, temperature: float = 1.0, top_k=None, top_p=None, eos_id=None,
-                 generator=None, key_padding_mask=None, use_cache: bool = True):
+                 pad_id: int | None = None, generator=None, key_padding_mask=None, use_cache: bool = True):
         """Continue ``idx`` (B, T) by ``max_new_tokens``; returns (B, T + new). temperature 0 = greedy.
 
         Prompts of different lengths are left-padded with ``key_padding_mask`` False on the padding; each row's
         positions then count from 0 at its first real token, so a row generates what its prompt would alone.
-        A row that produced ``eos_id`` keeps producing it, and generation stops early once every row has. The
-        output may then be shorter than T + max_new_tokens. ``use_cache=False`` recomputes the whole prefix
-        every step (same result, for tests and benchmarks). Call ``.eval()`` first when dropout > 0.
+
+        ``eos_id`` is one stop token id or a sequence of them (e.g. ``[newline_id, eos_id]``). A row that
+        produced any of them is done: its later positions hold ``pad_id`` when one is given, else the stop token
+        it produced (so with one ``eos_id`` and no ``pad_id`` a finished row keeps producing eos). Generation stops
+        early once every row is done, so the output may be shorter than T + max_new_tokens. Done rows are still
+        sampled (and overwritten), so each row's tokens do not depend on when the others finish.
+
+        ``use_cache=False`` recomputes the whole prefix every step (same tokens, for tests and benchmarks).
+        Call ``.eval()`` first when dropout > 0.
         """
         B, T = idx.shape
+        if T == 0:
+            raise ValueError("generate needs at least one prompt token per row (e.g. the tokenizer's bos_id)")
         if key_padding_mask is not None and tuple(key_padding_mask.shape) != (B, T):
             raise ValueError(f"key_padding_mask must be (B, T) = ({B}, {T}) like the prompt, "
                              f"got {tuple(key_padding_mask.shape)}")
@@ -322,28 +331,56 @@ class Transformer(nn.Module):
             )
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if key_padding_mask is None:
-            mask = torch.ones(B, T, dtype=torch.bool, device=idx.device)  # (B, T): every prompt token is real
-        else:
-            mask = key_padding_mask.to(device=idx.device, dtype=torch.bool)
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T): real tokens count from 0 in each row
-        cache = self.new_cache(B, K + T + max_new_tokens) if use_cache else None
-        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        step_in, step_pos = idx, positions
-        for _ in range(max_new_tokens):
-            if use_cache:
-                logits = self(step_in, key_padding_mask=mask, positions=step_pos, cache=cache)
-            else:
-                logits = self(idx, key_padding_mask=mask, positions=positions)
-            nxt = sample_next(logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-            if eos_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-                done |= nxt == eos_id
-            new_pos = positions[:, -1:] + 1  # (B, 1)
-            idx = torch.cat([idx, nxt[:, None]], dim=1)
-            mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.bool, device=idx.device)], dim=1)
-            positions = torch.cat([positions, new_pos], dim=1)
-            step_in, step_pos = nxt[:, None], new_pos
-            if eos_id is not None and bool(done.all()):
-                break
-        return idx
+        stops = _stop_ids(eos_id, idx.device)  # (S,) or None
+        stop = int(stops[0]) if stops is not None and len(stops) == 1 else None  # one id: a plain comparison
+        total, device = T + max_new_tokens, idx.device
+        # The loop runs in inference mode (no autograd bookkeeping on any tensor: about 10% of a small model's
+        # decode step); the clone at the end hands back an ordinary tensor, which may then enter autograd.
+        with torch.inference_mode():
+            # Preallocated for the whole call: step t writes column t of `out` and nothing is concatenated. A
+            # generated token is always real, and its position is one past its row's last, so the mask and the
+            # positions of every column are known up front (cumsum(mask) - 1 counts each row's real tokens from 0).
+            out = idx.new_empty(B, total)
+            out[:, :T] = idx
+            mask = torch.ones(B, total, dtype=torch.bool, device=device)  # (B, T + new), True = real token
+            if key_padding_mask is not None:
+                mask[:, :T] = key_padding_mask.to(device=device, dtype=torch.bool)
+            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T + new)
+            # Without padding the mask is all True: pass none, and attention skips reading it.
+            padded = key_padding_mask is not None and not bool(mask.all())
+            cache = self.new_cache(B, K + total) if use_cache else None
+            done = torch.zeros(B, dtype=torch.bool, device=device) if stops is not None else None
+            fill = None if pad_id is None else torch.full((B,), int(pad_id), dtype=out.dtype, device=device)
+            t = T
+            while t < total:
+                # With a cache the first step feeds the prompt, and every later one only the token sampled last.
+                start = t - 1 if use_cache and t > T else 0
+                logits = self(out[:, start:t], key_padding_mask=mask[:, :t] if padded else None,
+                              positions=positions[:, start:t], cache=cache)  # (B, t - start, V)
+                nxt = sample_next(logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p,
+                                  generator=generator)  # (B,)
+                if stops is not None:
+                    if fill is not None:  # done rows: pad_id, or (no pad_id) the stop token the row produced
+                        nxt = torch.where(done, fill, nxt)
+                    if pad_id is None:
+                        fill = nxt  # last step's token: for a done row, the stop token it produced
+                    done |= (nxt == stop) if stop is not None else torch.isin(nxt, stops)
+                out[:, t] = nxt
+                t += 1
+                if done is not None and bool(done.all()):
+                    break
+        return (out if t == total else out[:, :t]).clone()
+
+
+def _stop_ids(eos_id, device) -> torch.Tensor | None:
+    """``eos_id`` (None, an int, or a sequence of ints) as a (S,) long tensor, or None when nothing stops."""
+    if eos_id is None:
+        return None
+    try:
+        ids = [operator.index(eos_id)]  # one id (an int, a 0-d integer tensor or array)
+    except TypeError:
+        try:
+            ids = [operator.index(i) for i in eos_id]
+        except TypeError:
+            raise ValueError(f"eos_id must be a token id or a sequence of token ids, got {eos_id!r}") from None
+    return torch.tensor(ids, dtype=torch.long, device=device) if ids else None

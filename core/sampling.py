@@ -33,5 +33,8 @@ def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | 
     """One token id per row of ``logits`` (B, V) -> (B,). temperature 0 is greedy (argmax; top_k/top_p moot)."""
     if temperature <= 0:
         return logits.argmax(-1)
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)  # float32: bf16 logits sample badly
+    logits = logits.float()  # float32: bf16 logits sample badly
+    if temperature != 1.0:  # (x / 1 is x: one op less per decode step at the usual rollout temperature)
+        logits = logits / temperature
+    logits = filter_logits(logits, top_k, top_p)
     return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
