@@ -112,7 +112,8 @@ def test_demo_quick_writes_demo_json(tmp_path):
     names = [r["mechanism"] for r in rows]
     for stage in ("finetune (last 2 blocks", "head only", "adapter (serial)", "adapter (parallel)", "lora (rank 8",
                   "prompt-tuning (sentiment)", "prompt-tuning (topic)",
-                  "one mixed batch", "bare input", "task format", "right labels", "wrong labels"):
+                  "one mixed batch", "bare input", "task format", "right labels", "wrong labels",
+                  "reward model, ties modelled", "reward model, ties ignored", "ppo (lora", "dpo (lora"):
         assert any(stage in n for n in names), stage
     by_name = {r["mechanism"]: r for r in rows}
     assert by_name["prompt-tuning (sentiment)"]["trainable_pct"] < 1.0
@@ -126,6 +127,12 @@ def test_demo_quick_writes_demo_json(tmp_path):
     for r in rows:
         if r["mechanism"].startswith("prompting"):
             assert r["trainable_params"] == 0
+    rlhf = [r for r in rows if r["mechanism"].startswith(("ppo", "dpo"))]
+    assert [r["metric"].split()[0] for r in rlhf] == ["win", "KL"] * 2  # each policy: its win rate, its KL
+    assert all(0 <= r["value"] <= 1 for r in rlhf if r["metric"].startswith("win"))
+    modelled = next(r for r in rows if r["mechanism"].startswith("reward model, ties modelled"))
+    assert 0 < modelled["tie_prob"] < 1 and 0 < modelled["tie_rate"] < 1  # tie calibration goes into demo.json
+    assert "[ppo, hidden score" in (out / "samples.txt").read_text()
     if importlib.util.find_spec("matplotlib"):  # the optional extra draws the curves; the demo runs without
         assert (out / "loss_curves.png").stat().st_size > 1000
     else:
