@@ -24,6 +24,7 @@ from tuneforge.classify import HeadTask, VerbalizedTask, fit_context, pad_right
 from tuneforge.labelled import has_labels
 from tuneforge.errors import ConfigError
 from tuneforge.lm import TextTask
+from tuneforge.policy import block_parameters, check_layers, untie_head
 from tuneforge.tokenizer import ByteTokenizer
 
 __all__ = ["Finetune", "ClassifierHead", "classify"]
@@ -57,8 +58,7 @@ class Finetune:
         eval_batches: int = 8  # head=lm on text: held-out batches per evaluation
 
         def __post_init__(self):
-            if self.layers != "all" and not (self.layers.isdigit()):
-                raise ValueError(f"layers must be a number of blocks (0, 1, 2, ...) or 'all', got {self.layers!r}")
+            check_layers(self.layers, allow_auto=False)
             if self.classes is not None and self.classes < 2:
                 raise ValueError(f"classes must be at least 2, got {self.classes}")
             if self.classes is not None and self.head != "classify":
@@ -105,18 +105,12 @@ class Finetune:
             head = model.lm_head
             if not (isinstance(head, ClassifierHead) and head.labels == o.labels):  # else: keep training that head
                 model.lm_head = ClassifierHead(model.config.d_model, o.labels).to(model.tok_emb.weight.device)
-        elif o.layers != "all" and model.lm_head.weight is model.tok_emb.weight:
-            untied = nn.Linear(model.config.d_model, model.config.vocab_size, bias=False)
-            untied.weight = nn.Parameter(model.lm_head.weight.detach().clone())
-            model.lm_head = untied
+        elif o.layers != "all":
+            untie_head(model)  # the head trains, the input embedding it was tied to stays frozen
 
     @hookimpl
     def tuneforge_trainable_params(self, model):
-        if self.options.layers == "all":
-            return list(model.parameters())
-        n = int(self.options.layers)
-        modules = list(model.blocks[len(model.blocks) - n:]) + ([model.ln_f] if n else []) + [model.lm_head]
-        return [p for m in modules for p in m.parameters()]
+        return block_parameters(model, self.options.layers)
 
     @hookimpl
     def tuneforge_data(self, run):
