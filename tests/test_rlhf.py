@@ -186,6 +186,9 @@ def test_ppo_adapts_the_kl_coefficient_towards_its_target(reward_run, pretrained
 def test_ppo_needs_a_reward_model(pretrained):
     with pytest.raises(ConfigError, match="reward= is required"):
         tuneforge.train(init=str(pretrained), mechanisms=["ppo"], data="builtin:rankings", steps=1)
+    with pytest.raises(ConfigError, match=r"longest prompt \(\d+ tokens\) \+ max_new_tokens=250 exceed"):
+        tuneforge.train(init=str(pretrained), mechanisms=[f"ppo:reward={pretrained},rollouts=8,max_new_tokens=250"],
+                        data="builtin:rankings", steps=1, batch_size=8)
     with pytest.raises(ConfigError, match="not a reward model"):
         tuneforge.train(init=str(pretrained), mechanisms=[f"ppo:reward={pretrained},rollouts=8"],
                         data="builtin:rankings", steps=1, batch_size=8)
