@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import routing
+from .data import held_out_source, holdout_cut
 from .errors import ConfigError, DataError
 from .labelled import Labelled, Template, default_template, read_labelled, resolve_labels, verbalizer
 from .lm import epoch_generator, next_token_loss
@@ -47,10 +48,10 @@ def _split(run, fields: dict, holdout: float) -> tuple[Labelled, Labelled]:
     ``holdout`` share (which then never trains)."""
     cfg = run.config
     train = read_labelled(cfg.data, split="train", **fields)
-    held_spec = cfg.eval_data or (cfg.data if cfg.data.startswith("builtin:") else None)
-    if held_spec is not None:
-        return train, read_labelled(held_spec, split="test" if held_spec.startswith("builtin:") else "train", **fields)
-    cut = len(train) - max(1, int(len(train) * holdout)) if holdout > 0 and len(train) > 1 else len(train)
+    source = held_out_source(cfg)
+    if source is not None:
+        return train, read_labelled(source[0], split=source[1], **fields)
+    cut = holdout_cut(len(train), holdout)
 
     def part(a: int, b: int) -> Labelled:
         return Labelled(train.texts[a:b], train.labels[a:b], train.tasks[a:b], train.where[a:b], train.source)

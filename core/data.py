@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .errors import DataError
 
-__all__ = ["Records", "read_records", "BUILTIN_PREFIX"]
+__all__ = ["Records", "read_records", "held_out_source", "holdout_cut", "BUILTIN_PREFIX"]
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -90,6 +90,21 @@ def read_records(spec: str, *, split: str = "train", fields: dict[str, type | tu
     if not items:
         raise DataError(f"{spec}: no records")
     return Records(items, where, spec)
+
+
+def held_out_source(config) -> tuple[str, str] | None:
+    """Where an objective's held-out records come from, as ``(spec, split)``: ``--eval-data`` when given, else the
+    builtin dataset's test split; None when the objective must hold out the tail of its training file."""
+    spec = config.eval_data or (config.data if config.data.startswith(BUILTIN_PREFIX) else None)
+    if spec is None:
+        return None
+    return spec, "test" if spec.startswith(BUILTIN_PREFIX) else "train"
+
+
+def holdout_cut(n: int, holdout: float) -> int:
+    """How many of a file's ``n`` records train when its last ``holdout`` share is held out (at least one is held
+    out when ``holdout > 0`` and there are two or more)."""
+    return n - max(1, int(n * holdout)) if holdout > 0 and n > 1 else n
 
 
 def _as_tuple(tp) -> tuple:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from .data import read_records
+from .data import held_out_source, read_records
 from .errors import ConfigError
 
 __all__ = ["TokenWindows", "TextTask", "next_token_loss", "epoch_generator", "unigram_entropy"]
@@ -115,10 +115,9 @@ class TextTask:
         fields = {self.field: str}
         texts = [r[self.field] for r in read_records(cfg.data, split="train", fields=fields)]
         self.train = TokenWindows(texts, run.tokenizer, seq_len)
-        held_spec = cfg.eval_data or (cfg.data if cfg.data.startswith("builtin:") else None)
-        if held_spec is not None:
-            split = "test" if held_spec.startswith("builtin:") else "train"
-            held = [r[self.field] for r in read_records(held_spec, split=split, fields=fields)]
+        source = held_out_source(cfg)
+        if source is not None:
+            held = [r[self.field] for r in read_records(source[0], split=source[1], fields=fields)]
             self.held_out = TokenWindows(held, run.tokenizer, seq_len)
         else:  # one file: hold out its last windows, which then never train
             self.held_out = self.train.split_tail(int(len(self.train) * self.holdout))

@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from .classify import fit_context, pad_right
-from .data import read_records
+from .data import held_out_source, holdout_cut, read_records
 from .errors import DataError
 from .lm import epoch_generator
 
@@ -174,10 +174,10 @@ def split_rankings(run, fields: dict, holdout: float) -> tuple[list[Ranking], li
     ``holdout`` share (which then never trains)."""
     cfg = run.config
     train = read_rankings(cfg.data, split="train", **fields)
-    held_spec = cfg.eval_data or (cfg.data if cfg.data.startswith("builtin:") else None)
-    if held_spec is not None:
-        return train, read_rankings(held_spec, split="test" if held_spec.startswith("builtin:") else "train", **fields)
-    cut = len(train) - max(1, int(len(train) * holdout)) if holdout > 0 and len(train) > 1 else len(train)
+    source = held_out_source(cfg)
+    if source is not None:
+        return train, read_rankings(source[0], split=source[1], **fields)
+    cut = holdout_cut(len(train), holdout)
     return train[:cut], train[cut:]
 
 

@@ -31,7 +31,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from tuneforge import hookimpl, load_model
-from tuneforge.data import read_records
+from tuneforge.data import held_out_source, holdout_cut, read_records
 from tuneforge.errors import ConfigError
 from tuneforge.lm import epoch_generator
 from tuneforge.plugins.reward_model import ScalarHead, score
@@ -115,12 +115,11 @@ class PPO:
             return
         cfg, field = run.config, {self.options.prompt_field: str}
         self.prompts = [r[self.options.prompt_field] for r in read_records(cfg.data, split="train", fields=field)]
-        held_spec = cfg.eval_data or (cfg.data if cfg.data.startswith("builtin:") else None)
-        if held_spec is not None:
-            split = "test" if held_spec.startswith("builtin:") else "train"
-            self.held_out = [r[self.options.prompt_field] for r in read_records(held_spec, split=split, fields=field)]
+        source = held_out_source(cfg)
+        if source is not None:
+            self.held_out = [r[self.options.prompt_field] for r in read_records(source[0], split=source[1], fields=field)]
         else:
-            cut = len(self.prompts) - max(1, int(len(self.prompts) * self.options.holdout))
+            cut = holdout_cut(len(self.prompts), self.options.holdout)
             self.prompts, self.held_out = self.prompts[:cut], self.prompts[cut:]
         self.held_out = self.held_out[: self.options.eval_prompts]
 
