@@ -186,3 +186,30 @@ def test_lora_train_export_import_and_generate_from_the_command_line(pretrained,
     ambiguous = tf("generate", str(run), "-p", "the", "-n", "4", check=False)
     assert ambiguous.returncode == 2 and "holds LoRA adapters neg, pos" in ambiguous.stderr
     assert tf("generate", str(run), "-p", "the", "-n", "4", "--task", "pos").stdout.startswith("the")
+
+
+def test_rlhf_from_the_command_line(pretrained, tmp_path):
+    bad_file = tmp_path / "bad.jsonl"
+    bad_file.write_text(json.dumps({"prompt": "p", "responses": ["a.", "b.", "c."], "ranking": "A > D > B"}) + "\n")
+    bad = tf("train", "--init", str(pretrained), "-m", "reward-model", "--data", str(bad_file), "--out",
+             str(tmp_path / "bad"), check=False)
+    assert bad.returncode == 2 and f"{bad_file}:1" in bad.stderr and "names response D" in bad.stderr
+    assert "Traceback" not in bad.stderr and not (tmp_path / "bad").exists()  # refused before anything was written
+
+    common = ["--data", "builtin:rankings", "--batch-size", "4", "--eval-every", "0"]
+    rm = tmp_path / "rm"
+    tf("train", "--init", str(pretrained), "-m", "reward-model:eval_limit=20", "--steps", "3", *common, "--out", str(rm))
+    assert "eval/pairwise_accuracy" in json.loads((rm / "summary.json").read_text())["eval"]
+    ppo = tmp_path / "ppo"
+    tf("train", "--init", str(pretrained), "-m", "lora:rank=2", "-m",
+       f"ppo:reward={rm},rollouts=8,max_new_tokens=12,eval_prompts=4", "--steps", "2", *common, "--out", str(ppo))
+    summary = json.loads((ppo / "summary.json").read_text())
+    assert summary["objective"] == "ppo" and summary["frozen_weights"]["unchanged"] is True
+    assert "eval/win_rate" in summary["eval"] and "eval/kl_per_token" in summary["eval"]
+    # the policy comes back with its LoRA (and value head) rebuilt, and samples
+    out = tf("generate", str(ppo), "-p", "describe the lake.", "--max-new-tokens", "8").stdout
+    assert out.startswith("describe the lake.")
+    dpo = tmp_path / "dpo"
+    tf("train", "--init", str(pretrained), "-m", "lora:rank=2", "-m", "dpo:judge=none,eval_limit=8", "--steps", "2",
+       *common, "--out", str(dpo))
+    assert (dpo / "latest").exists() and list(dpo.glob("step-*/dpo_reference.safetensors"))
