@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import routing
-from .data import held_out_source, holdout_cut
+from .data import split_held_out
 from .errors import ConfigError, DataError
 from .labelled import Labelled, Template, default_template, read_labelled, resolve_labels, verbalizer
 from .lm import epoch_generator, next_token_loss
@@ -46,17 +46,7 @@ def fit_context(ids: list[int], room: int) -> tuple[list[int], bool]:
 def _split(run, fields: dict, holdout: float) -> tuple[Labelled, Labelled]:
     """Training and held-out records: --eval-data, else the builtin test split, else the file's last
     ``holdout`` share (which then never trains)."""
-    cfg = run.config
-    train = read_labelled(cfg.data, split="train", **fields)
-    source = held_out_source(cfg)
-    if source is not None:
-        return train, read_labelled(source[0], split=source[1], **fields)
-    cut = holdout_cut(len(train), holdout)
-
-    def part(a: int, b: int) -> Labelled:
-        return Labelled(train.texts[a:b], train.labels[a:b], train.tasks[a:b], train.where[a:b], train.source)
-
-    return part(0, cut), part(cut, len(train))
+    return split_held_out(run.config, lambda spec, split: read_labelled(spec, split=split, **fields), holdout)
 
 
 def _epoch_rows(n: int, run) -> Iterator[torch.Tensor]:

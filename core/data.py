@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .errors import DataError
 
-__all__ = ["Records", "read_records", "held_out_source", "holdout_cut", "BUILTIN_PREFIX"]
+__all__ = ["Records", "read_records", "held_out_source", "holdout_cut", "split_held_out", "BUILTIN_PREFIX"]
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -105,6 +105,18 @@ def holdout_cut(n: int, holdout: float) -> int:
     """How many of a file's ``n`` records train when its last ``holdout`` share is held out (at least one is held
     out when ``holdout > 0`` and there are two or more)."""
     return n - max(1, int(n * holdout)) if holdout > 0 and n > 1 else n
+
+
+def split_held_out(config, read, holdout: float):
+    """(training, held-out) records of a run: ``read(spec, split)`` returns sliceable records; held out are
+    ``--eval-data``, else the builtin test split, else the training file's last ``holdout`` share (which then
+    never trains)."""
+    train = read(config.data, "train")
+    source = held_out_source(config)
+    if source is not None:
+        return train, read(*source)
+    cut = holdout_cut(len(train), holdout)
+    return train[:cut], train[cut:]
 
 
 def _as_tuple(tp) -> tuple:

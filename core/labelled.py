@@ -37,6 +37,10 @@ class Labelled:
     def __len__(self) -> int:
         return len(self.texts)
 
+    def __getitem__(self, rows: slice) -> "Labelled":
+        """The records ``rows`` (a slice), e.g. a file's tail held out for evaluation."""
+        return Labelled(self.texts[rows], self.labels[rows], self.tasks[rows], self.where[rows], self.source)
+
     @property
     def mixed(self) -> bool:
         return any(self.tasks)

@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from .classify import fit_context, pad_right
-from .data import held_out_source, holdout_cut, read_records
+from .data import read_records, split_held_out
 from .errors import DataError
 from .lm import epoch_generator
 
@@ -172,13 +172,7 @@ def read_rankings(spec: str, *, split: str = "train", prompt_field: str = "promp
 def split_rankings(run, fields: dict, holdout: float) -> tuple[list[Ranking], list[Ranking]]:
     """Training and held-out rankings: --eval-data, else the builtin test split, else the file's last
     ``holdout`` share (which then never trains)."""
-    cfg = run.config
-    train = read_rankings(cfg.data, split="train", **fields)
-    source = held_out_source(cfg)
-    if source is not None:
-        return train, read_rankings(source[0], split=source[1], **fields)
-    cut = holdout_cut(len(train), holdout)
-    return train[:cut], train[cut:]
+    return split_held_out(run.config, lambda spec, split: read_rankings(spec, split=split, **fields), holdout)
 
 
 def ranking_text(prompt: str, response: str) -> str:
