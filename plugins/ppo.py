@@ -31,7 +31,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from tuneforge import hookimpl, load_model
-from tuneforge.data import held_out_source, holdout_cut, read_records
+from tuneforge.data import read_records, split_held_out
 from tuneforge.errors import ConfigError
 from tuneforge.lm import epoch_generator
 from tuneforge.plugins.reward_model import ScalarHead, score
@@ -106,22 +106,18 @@ class PPO:
         self.kl_coef = options.kl_coef
         self.prompts = self.held_out = None
         self.reward_model = self.reference = None
-        self.resumed: dict | None = None  # the rollout a checkpoint was taken in, replayed on resume
+        # The rollout being trained on: {"epoch", "buffer", "stats"}. Checkpoints save it; a resumed run replays it.
+        self.current: dict | None = None
 
     # -- setup -------------------------------------------------------------------------------------------------
 
     def _read(self, run) -> None:
         if self.prompts is not None:
             return
-        cfg, field = run.config, {self.options.prompt_field: str}
-        self.prompts = [r[self.options.prompt_field] for r in read_records(cfg.data, split="train", fields=field)]
-        source = held_out_source(cfg)
-        if source is not None:
-            self.held_out = [r[self.options.prompt_field] for r in read_records(source[0], split=source[1], fields=field)]
-        else:
-            cut = holdout_cut(len(self.prompts), self.options.holdout)
-            self.prompts, self.held_out = self.prompts[:cut], self.prompts[cut:]
-        self.held_out = self.held_out[: self.options.eval_prompts]
+        name = self.options.prompt_field
+        read = lambda spec, split: [r[name] for r in read_records(spec, split=split, fields={name: str})]  # noqa: E731
+        self.prompts, held_out = split_held_out(run.config, read, self.options.holdout)
+        self.held_out = held_out[: self.options.eval_prompts]
 
     def _setup(self, run, model) -> None:
         if self.reference is None:
@@ -175,11 +171,11 @@ class PPO:
 
     def _epoch(self, run, model):
         self._setup(run, model)
-        if self.resumed is not None and self.resumed["epoch"] == run.epoch:
-            buffer, stats = self.resumed["buffer"], self.resumed["stats"]
+        if self.current is not None and self.current["epoch"] == run.epoch:  # resumed inside this rollout
+            buffer, stats = self.current["buffer"], self.current["stats"]
         else:
             buffer, stats = self._rollout(run, model)
-        self.resumed = {"epoch": run.epoch, "buffer": buffer, "stats": stats}  # what a checkpoint now saves
+        self.current = {"epoch": run.epoch, "buffer": buffer, "stats": stats}
         g = epoch_generator(run.seed, run.epoch, salt=3)
         bs, n = run.config.batch_size, buffer["input"].size(0)
         for _ in range(self.options.ppo_epochs):
@@ -261,10 +257,10 @@ class PPO:
     @hookimpl
     def tuneforge_save(self, run, path):
         state = {"kl_coef": self.kl_coef}
-        if self.resumed is not None:  # the rollout being trained on, so a resume continues it exactly
-            state["rollout_epoch"] = self.resumed["epoch"]
-            state["stats"] = self.resumed["stats"]
-            save_file({k: v.contiguous().cpu() for k, v in self.resumed["buffer"].items()}, str(Path(path) / ROLLOUT))
+        if self.current is not None:  # the rollout being trained on, so a resume continues it exactly
+            state["rollout_epoch"] = self.current["epoch"]
+            state["stats"] = self.current["stats"]
+            save_file({k: v.contiguous().cpu() for k, v in self.current["buffer"].items()}, str(Path(path) / ROLLOUT))
         (Path(path) / STATE).write_text(json.dumps(state, indent=2))
 
     @hookimpl
@@ -276,4 +272,4 @@ class PPO:
         self.kl_coef = float(state["kl_coef"])
         if "rollout_epoch" in state and (Path(path) / ROLLOUT).is_file():
             buffer = {k: v.to(run.device) for k, v in load_file(str(Path(path) / ROLLOUT)).items()}
-            self.resumed = {"epoch": int(state["rollout_epoch"]), "buffer": buffer, "stats": state["stats"]}
+            self.current = {"epoch": int(state["rollout_epoch"]), "buffer": buffer, "stats": state["stats"]}
