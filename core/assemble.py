@@ -15,10 +15,11 @@ import torch
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .errors import CheckpointError, ConfigError, TuneforgeError
+from .hf import is_hf_spec, parse_hf_spec
 from .model import ModelConfig, Transformer, model_config
 from .registry import Registered, build_manager, call_impl, objectives_installed
 from .run import Run
-from .tokenizer import ByteTokenizer
+from .tokenizer import tokenizer_of
 
 __all__ = ["Assembled", "assemble", "build_model", "load_model", "device_of", "lineage_entry"]
 
@@ -68,14 +69,14 @@ def _modify(reg: Registered, model: torch.nn.Module, run: Run) -> torch.nn.Modul
 def _rebuild(found: Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
     """The model saved in checkpoint ``found``: base, its lineage's changes replayed, weights loaded strictly."""
     state = ckpt.read_state(found)
-    mcfg = ModelConfig.from_dict(state["model_config"])
     train_values = {k: v for k, v in state.get("train", {}).items() if k != "mechanisms"}
     try:
         cfg = TrainConfig.build(train_values, source=str(found / ckpt.STATE_FILE))
     except TuneforgeError:
         cfg = TrainConfig()
     torch.manual_seed(cfg.seed)
-    model = Transformer(mcfg)
+    model = _base_from_saved(state["model_config"])
+    mcfg = model.config
     for entry in state.get("lineage", []):
         try:
             reg = build_manager(list(entry.items()), autoload=False)
@@ -83,30 +84,50 @@ def _rebuild(found: Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
             raise CheckpointError(
                 f"{found}: its model was shaped by {', '.join(entry)}; rebuilding it failed: {exc}"
             ) from None
-        run = Run(cfg, mcfg, ByteTokenizer(), device, reg.plugins, reg.hook, objective=reg.objective,
+        run = Run(cfg, mcfg, tokenizer_of(model), device, reg.plugins, reg.hook, objective=reg.objective,
                   checkpoint=found)
         model = _modify(reg, model, run)
     ckpt.load_weights(found, model)
     return model, state
 
 
+def _base_from_saved(d: dict) -> torch.nn.Module:
+    """A fresh base of the architecture a checkpoint's ``model_config`` records (its weights come after)."""
+    if "hf" in d:
+        from . import hf
+        return hf.from_saved_config(d)
+    return Transformer(ModelConfig.from_dict(d))
+
+
+def _same_base(spec: str, saved: dict) -> bool:
+    if is_hf_spec(spec):
+        return "hf" in saved and Path(parse_hf_spec(spec)[0]).expanduser().resolve() == Path(saved["hf"])
+    return "hf" not in saved and model_config(spec) == ModelConfig.from_dict(saved)
+
+
 def build_model(cfg: TrainConfig, device: torch.device | None = None) -> tuple[torch.nn.Module, ModelConfig, list]:
     """The base model: ``--init``'s model as it was saved (heads, prompts... included), else a fresh preset
     (seeded random init). Returns (model, its config, its lineage)."""
+    if not cfg.init and is_hf_spec(cfg.model):
+        from . import hf
+        path, options = parse_hf_spec(cfg.model)
+        model = hf.load(path, seed=cfg.seed, **options)
+        torch.manual_seed(cfg.seed)
+        return model, model.config, []
     if not cfg.init:
         mcfg = model_config(cfg.model or "tiny")
         torch.manual_seed(cfg.seed)
         return Transformer(mcfg), mcfg, []
     init = ckpt.resolve_checkpoint(cfg.init)
-    mcfg = ModelConfig.from_dict(ckpt.read_state(init)["model_config"])
-    if cfg.model and model_config(cfg.model) != mcfg:
+    saved = ckpt.read_state(init)["model_config"]
+    if cfg.model and not _same_base(cfg.model, saved):
         raise ConfigError(
             f"--model {cfg.model} differs from the architecture of --init {init}; drop --model "
             "(the checkpoint's architecture is used) or start from a matching checkpoint"
         )
     model, state = _rebuild(init, device or torch.device("cpu"))
     torch.manual_seed(cfg.seed)  # the run's own new modules start from its seed, whatever --init was
-    return model, mcfg, list(state.get("lineage", []))
+    return model, model.config, list(state.get("lineage", []))
 
 
 def load_model(path: str | Path, *, device: str = "cpu") -> torch.nn.Module:
@@ -124,9 +145,10 @@ def assemble(cfg: TrainConfig, *, out: Path | None = None, resume: Path | None =
     reg = build_manager(cfg.mechanisms)
     device = device_of(cfg.device)
     model, mcfg, lineage = build_model(cfg, device)
-    run = Run(cfg, mcfg, ByteTokenizer(), device, reg.plugins, reg.hook, out=out, objective=reg.objective,
+    run = Run(cfg, mcfg, tokenizer_of(model), device, reg.plugins, reg.hook, out=out, objective=reg.objective,
               checkpoint=resume)
     model = _modify(reg, model, run)
+    run.model_config, run.tokenizer = model.config, tokenizer_of(model)  # a plugin may have replaced the model
     model.to(device)
 
     chosen: set[int] = set()

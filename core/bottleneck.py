@@ -92,7 +92,8 @@ class AdapterPoint(nn.ModuleDict, TaskModule):
         return list(self[name].parameters())
 
     def _hook(self, module, args, kwargs, output):
-        x = args[0] if args else next(iter(kwargs.values()))  # the sub-layer's input
+        # the sub-layer's input: positional, or (transformers' Llama-style layers) the keyword hidden_states
+        x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values())))
         out = output[0] if isinstance(output, tuple) else output
         out = self.apply_to(x, out)
         return (out, *output[1:]) if isinstance(output, tuple) else out

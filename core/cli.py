@@ -134,10 +134,10 @@ def _generate(args) -> int:
 
     from . import routing
     from .engine import load_model
-    from .tokenizer import ByteTokenizer
+    from .tokenizer import tokenizer_of
 
     model = load_model(args.checkpoint, device=args.device)
-    tok = ByteTokenizer()
+    tok = tokenizer_of(model)
     if model.lm_head.out_features != model.config.vocab_size:
         raise ConfigError(f"{args.checkpoint} has a {model.lm_head.out_features}-class head instead of the LM head, so it "
                           "cannot generate text; predict labels with tuneforge.plugins.finetune.classify(model, texts)")

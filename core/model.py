@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import operator
 
 import torch
 import torch.nn as nn
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from .errors import ConfigError
 from .kernels import flash_attention
 from .options import build_options, parse_spec, suggest
-from .sampling import sample_next
+from .generation import Generates, plan_input
 
 __all__ = ["ModelConfig", "PRESETS", "model_config", "Transformer", "KVCache", "Prefix"]
 
@@ -196,7 +195,7 @@ class KVCache:
         self._pending = 0
 
 
-class Transformer(nn.Module):
+class Transformer(Generates, nn.Module):
     """tokens (B, T) -> embeddings + positions -> n_layers Blocks -> final LayerNorm -> logits (B, T, V).
 
     ``forward_hidden`` stops before the output head (classification heads read it); ``forward`` adds the head.
@@ -251,136 +250,20 @@ class Transformer(nn.Module):
             each row's positions are shifted by its real prefix tokens.
         cache: a ``KVCache`` from ``new_cache``; this call appends the T new tokens (and the prefix, first) to it.
         """
-        B, T = idx.shape
-        if cache is not None and cache.length > 0:
-            pre, fresh = cache.prefix, False  # the prefix went into the cache with the first tokens
-        else:
-            pre = self.prefix(B) if self.prefix is not None else None
-            fresh = pre is not None
-            if cache is not None:
-                cache.prefix = pre
-        K = pre.length if pre is not None else 0
-        past = cache.length - K if cache is not None and cache.length > 0 else 0
-        if K + past + T > self.config.max_seq_len:
-            extra = f" (a prefix of {K} + the input)" if K else ""
-            raise ValueError(
-                f"{K + past + T} tokens{extra} exceed the model's context of {self.config.max_seq_len}; "
-                "shorten the input"
-            )
-        if key_padding_mask is not None and tuple(key_padding_mask.shape) != (B, past + T):
-            raise ValueError(
-                f"key_padding_mask must be (batch, cached + new tokens) = ({B}, {past + T}), "
-                f"got {tuple(key_padding_mask.shape)}; with a cache it covers the cached tokens too"
-            )
-        if positions is None:
-            positions = torch.arange(past, past + T, device=idx.device).expand(B, T)  # (B, T)
-        if pre is not None:
-            count = pre.count()
-            positions = positions + (count[:, None] if torch.is_tensor(count) else count)  # after the prefix
-            if pre.mask is not None or key_padding_mask is not None:
-                pm = pre.mask if pre.mask is not None else torch.ones(B, K, dtype=torch.bool, device=idx.device)
-                um = key_padding_mask if key_padding_mask is not None else \
-                    torch.ones(B, past + T, dtype=torch.bool, device=idx.device)
-                key_padding_mask = torch.cat([pm, um.to(torch.bool)], dim=1)  # (B, K + past + T)
+        plan = plan_input(self, idx, key_padding_mask, positions, cache)
+        pre, K, key_padding_mask, positions = plan.prefix, plan.length, plan.key_padding_mask, plan.positions
         x = self.tok_emb(idx) + self.pos_emb(positions)  # (B, T, C)
-        if fresh:
+        if plan.fresh:
             x = torch.cat([pre.emb.to(x.dtype) + self.pos_emb(pre.positions()), x], dim=1)  # (B, K + T, C)
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, key_padding_mask=key_padding_mask, cache=cache)
         if cache is not None:
             cache.advance()
-        if fresh:
+        if plan.fresh:
             x = x[:, K:]  # (B, T, C): the caller's tokens only
         return self.ln_f(x)  # (B, T, C)
 
     def forward(self, idx, **kwargs):
         """Next-token logits (B, T, V); keyword arguments as in :meth:`forward_hidden`."""
         return self.lm_head(self.forward_hidden(idx, **kwargs))
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens: int, *, temperature: float = 1.0, top_k=None, top_p=None, eos_id=None,
-                 pad_id: int | None = None, generator=None, key_padding_mask=None, use_cache: bool = True):
-        """Continue ``idx`` (B, T) by ``max_new_tokens``; returns (B, T + new). temperature 0 = greedy.
-
-        Prompts of different lengths are left-padded with ``key_padding_mask`` False on the padding; each row's
-        positions then count from 0 at its first real token, so a row generates what its prompt would alone.
-
-        ``eos_id`` is one stop token id or a sequence of them (e.g. ``[newline_id, eos_id]``). A row that
-        produced any of them is done: its later positions hold ``pad_id`` when one is given, else the stop token
-        it produced (so with one ``eos_id`` and no ``pad_id`` a finished row keeps producing eos). Generation stops
-        early once every row is done, so the output may be shorter than T + max_new_tokens. Done rows are still
-        sampled (and overwritten), so each row's tokens do not depend on when the others finish.
-
-        ``use_cache=False`` recomputes the whole prefix every step (same tokens, for tests and benchmarks).
-        Call ``.eval()`` first when dropout > 0.
-        """
-        B, T = idx.shape
-        if T == 0:
-            raise ValueError("generate needs at least one prompt token per row (e.g. the tokenizer's bos_id)")
-        if key_padding_mask is not None and tuple(key_padding_mask.shape) != (B, T):
-            raise ValueError(f"key_padding_mask must be (B, T) = ({B}, {T}) like the prompt, "
-                             f"got {tuple(key_padding_mask.shape)}")
-        pre = self.prefix(B) if self.prefix is not None else None
-        K = pre.length if pre is not None else 0  # soft-prompt tokens the model prepends
-        if K + T + max(max_new_tokens, 0) > self.config.max_seq_len:
-            with_prefix = f"a prefix of {K} + " if K else ""
-            raise ValueError(
-                f"{with_prefix}prompt of {T} tokens + {max_new_tokens} new exceeds the context of "
-                f"{self.config.max_seq_len}; at most {max(0, self.config.max_seq_len - T - K)} new tokens fit"
-            )
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        stops = _stop_ids(eos_id, idx.device)  # (S,) or None
-        stop = int(stops[0]) if stops is not None and len(stops) == 1 else None  # one id: a plain comparison
-        total, device = T + max_new_tokens, idx.device
-        # The loop runs in inference mode (no autograd bookkeeping on any tensor: about 10% of a small model's
-        # decode step); the clone at the end hands back an ordinary tensor, which may then enter autograd.
-        with torch.inference_mode():
-            # Preallocated for the whole call: step t writes column t of `out` and nothing is concatenated. A
-            # generated token is always real, and its position is one past its row's last, so the mask and the
-            # positions of every column are known up front (cumsum(mask) - 1 counts each row's real tokens from 0).
-            out = idx.new_empty(B, total)
-            out[:, :T] = idx
-            mask = torch.ones(B, total, dtype=torch.bool, device=device)  # (B, T + new), True = real token
-            if key_padding_mask is not None:
-                mask[:, :T] = key_padding_mask.to(device=device, dtype=torch.bool)
-            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T + new)
-            # Without padding the mask is all True: pass none, and attention skips reading it.
-            padded = key_padding_mask is not None and not bool(mask.all())
-            cache = self.new_cache(B, K + total) if use_cache else None
-            done = torch.zeros(B, dtype=torch.bool, device=device) if stops is not None else None
-            fill = None if pad_id is None else torch.full((B,), int(pad_id), dtype=out.dtype, device=device)
-            t = T
-            while t < total:
-                # With a cache the first step feeds the prompt, and every later one only the token sampled last.
-                start = t - 1 if use_cache and t > T else 0
-                logits = self(out[:, start:t], key_padding_mask=mask[:, :t] if padded else None,
-                              positions=positions[:, start:t], cache=cache)  # (B, t - start, V)
-                nxt = sample_next(logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p,
-                                  generator=generator)  # (B,)
-                if stops is not None:
-                    if fill is not None:  # done rows: pad_id, or (no pad_id) the stop token the row produced
-                        nxt = torch.where(done, fill, nxt)
-                    if pad_id is None:
-                        fill = nxt  # last step's token: for a done row, the stop token it produced
-                    done |= (nxt == stop) if stop is not None else torch.isin(nxt, stops)
-                out[:, t] = nxt
-                t += 1
-                if done is not None and bool(done.all()):
-                    break
-        return (out if t == total else out[:, :t]).clone()
-
-
-def _stop_ids(eos_id, device) -> torch.Tensor | None:
-    """``eos_id`` (None, an int, or a sequence of ints) as a (S,) long tensor, or None when nothing stops."""
-    if eos_id is None:
-        return None
-    try:
-        ids = [operator.index(eos_id)]  # one id (an int, a 0-d integer tensor or array)
-    except TypeError:
-        try:
-            ids = [operator.index(i) for i in eos_id]
-        except TypeError:
-            raise ValueError(f"eos_id must be a token id or a sequence of token ids, got {eos_id!r}") from None
-    return torch.tensor(ids, dtype=torch.long, device=device) if ids else None

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-__all__ = ["ByteTokenizer"]
+__all__ = ["ByteTokenizer", "tokenizer_of"]
 
 
 class ByteTokenizer:
@@ -33,3 +33,8 @@ class ByteTokenizer:
                 out += {self.bos_id: b"<bos>", self.eos_id: b"<eos>", self.pad_id: b"<pad>"}.get(i, b"<?>")
         # A sampled sequence can cut a multi-byte character in half: show a replacement char, never raise.
         return out.decode("utf-8", errors="replace")
+
+
+def tokenizer_of(model) -> "ByteTokenizer":
+    """The tokenizer a model reads: the one it carries (a Hugging Face model's), else the embedded bytes."""
+    return getattr(model, "tokenizer", None) or ByteTokenizer()

@@ -18,6 +18,7 @@ import torch
 from tuneforge.adapters import parse_layers
 from tuneforge.bottleneck import AdapterPoint, Bottleneck, adapter_points
 from tuneforge.errors import ConfigError
+from tuneforge.families import family_of
 from tuneforge.kernels import ACTIVATIONS
 from tuneforge.parts import PartMechanism, PartOptions, part_generator
 
@@ -25,17 +26,24 @@ __all__ = ["Adapter", "add_adapter", "load_adapters", "insertion_points"]
 
 
 def insertion_points(model, positions: list[str], layers: list[int]) -> list[tuple[str, torch.nn.Module]]:
-    """(path, sub-layer) for each chosen position of each chosen block, e.g. ``blocks.0.attn``."""
+    """(path, sub-layer) for each chosen position of each chosen block, e.g. ``blocks.0.attn`` or (Llama)
+    ``model.layers.0.self_attn``. A position is a role (``attn``, ``mlp``) the model's family maps onto its
+    sub-layers, or a sub-layer's own path inside a block (``self_attn``, ``mlp.act``)."""
+    family = family_of(model)
     out = []
     for i in layers:
         block = model.blocks[i]
         for pos in positions:
-            sub = getattr(block, pos, None)
-            if not isinstance(sub, torch.nn.Module) or isinstance(sub, torch.nn.LayerNorm):
-                have = [n for n, m in block.named_children() if not isinstance(m, torch.nn.LayerNorm)]
-                raise ConfigError(f"adapter: positions={pos}: a block has no sub-layer of that name; it has "
-                                  f"{', '.join(have)}")
-            out.append((f"blocks.{i}.{pos}", sub))
+            name = family.sublayer(pos)
+            try:
+                sub = block.get_submodule(name)
+            except AttributeError:
+                sub = None
+            if not isinstance(sub, torch.nn.Module) or isinstance(sub, (torch.nn.LayerNorm, torch.nn.ModuleList)):
+                have = [n for n, m in block.named_children() if "norm" not in type(m).__name__.lower()]
+                raise ConfigError(f"adapter: positions={pos}: a block of this {family.name} model has no sub-layer "
+                                  f"of that name; it has {', '.join(have)} (roles: {', '.join(family.positions)})")
+            out.append((f"{family.blocks}.{i}.{name}", sub))
     return out
 
 

@@ -25,7 +25,7 @@ from tuneforge.labelled import has_labels
 from tuneforge.errors import ConfigError
 from tuneforge.lm import TextTask
 from tuneforge.policy import block_parameters, check_layers, untie_head
-from tuneforge.tokenizer import ByteTokenizer
+from tuneforge.tokenizer import tokenizer_of
 
 __all__ = ["Finetune", "ClassifierHead", "classify"]
 
@@ -131,7 +131,7 @@ def classify(model, texts: list[str], *, tasks: list[str] | None = None, batch_s
     head = model.lm_head
     if not isinstance(head, ClassifierHead):
         raise ConfigError("classify: this model has no classification head (train with finetune:head=classify)")
-    tok, device = ByteTokenizer(), model.tok_emb.weight.device
+    tok, device = tokenizer_of(model), model.tok_emb.weight.device
     out: list[str] = []
     for b in range(0, len(texts), batch_size):
         rows = [fit_context(tok.encode(t, bos=True, eos=True), model.config.max_seq_len)[0]

@@ -1,7 +1,8 @@
 """``lora``: low-rank updates ``(alpha / rank) * B A`` beside chosen linear layers of a frozen model.
 
-``targets=`` picks layers by module path pattern (``q,v``; ``attn`` = q,k,v,o; ``mlp`` = up,down; ``all``; or
-patterns such as ``attn.*``), ``layers=`` the blocks. Several named LoRAs live on one model (``tasks=a,b`` trains
+``targets=`` picks layers by role (``q,v``; ``attn`` = q,k,v,o; ``mlp`` = the MLP's layers; ``all``), which each
+architecture family maps onto its own layers (:mod:`tuneforge.families`: GPT-2's fused ``c_attn`` for q/k/v,
+Llama's ``q_proj``...), or by module path pattern (``self_attn.q_proj``, ``attn.*``); ``layers=`` the blocks. Several named LoRAs live on one model (``tasks=a,b`` trains
 them side by side on mixed data; ``load=`` brings saved ones, PEFT folders included); rows of a batch choose
 theirs with :func:`tuneforge.routing.rows`. Each LoRA is saved as ``lora/<name>/`` in every checkpoint, and
 :func:`tuneforge.peft_format.export_peft` writes PEFT's layout. :func:`tuneforge.lora.merge` folds one into the
@@ -17,24 +18,12 @@ import torch
 
 from tuneforge.adapters import match_linears, parse_layers
 from tuneforge.errors import ConfigError
+from tuneforge.families import expand_targets, family_of
 from tuneforge.lora import LoRALinear, lora_layers, lora_state
 from tuneforge.parts import PartMechanism, PartOptions, part_generator
 from tuneforge.peft_format import is_peft, read_peft
 
-__all__ = ["Lora", "add_lora", "load_lora", "install_lora", "ALIASES", "expand_targets"]
-
-#: Short names for groups of the embedded model's linear layers.
-ALIASES = {"attn": ["attn.q", "attn.k", "attn.v", "attn.o"], "mlp": ["mlp.up", "mlp.down"],
-           "all": ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.down"]}
-
-
-def expand_targets(targets: list[str]) -> list[str]:
-    out: list[str] = []
-    for t in targets:
-        for p in ALIASES.get(t, [t]):
-            if p not in out:
-                out.append(p)
-    return out
+__all__ = ["Lora", "add_lora", "load_lora", "install_lora"]
 
 
 def _set_module(model, path: str, module) -> None:
@@ -90,7 +79,7 @@ def add_lora(model, name: str = "default", *, targets=("q", "v"), rank: int = 8,
              dropout: float = 0.0, layers=("all",), seed: int = 0) -> list[str]:
     """Add a new LoRA ``name`` (B = 0: the model's output is unchanged) to the linear layers ``targets`` of the
     blocks ``layers``; returns the adapted module paths. Options as for ``lora:`` runs."""
-    found = match_linears(model, expand_targets(list(targets)),
+    found = match_linears(model, expand_targets(list(targets), family_of(model)),
                           parse_layers(list(layers), len(model.blocks), owner="lora"), owner="lora")
     g = part_generator(seed, name)
     for path, linear in found:

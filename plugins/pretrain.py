@@ -1,4 +1,7 @@
-"""``pretrain``: next-token cross-entropy from random initialisation; every weight trains."""
+"""``pretrain``: next-token cross-entropy from random initialisation; every weight trains.
+
+On a Hugging Face model (``--model hf:PATH``) the architecture, config and tokenizer are the folder's and the
+weights start from transformers' random init; ``--init`` continues from a checkpoint's weights instead."""
 from __future__ import annotations
 
 import dataclasses
@@ -28,6 +31,15 @@ class Pretrain:
         self.options = options
         self.task = TextTask("pretrain", field=options.field, holdout=options.holdout,
                              eval_batches=options.eval_batches)
+
+    @hookimpl
+    def tuneforge_modify_model(self, model, run):
+        # A model that arrived with trained weights (a Hugging Face folder) starts again from its config's random
+        # init; the embedded model is random already, and --init asks to go on from a checkpoint's weights.
+        from_scratch = getattr(model, "from_scratch", None)
+        if from_scratch is not None and not run.config.init:
+            return from_scratch(run.seed)
+        return None
 
     @hookimpl
     def tuneforge_trainable_params(self, model):

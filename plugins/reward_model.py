@@ -31,7 +31,7 @@ from tuneforge.errors import ConfigError
 from tuneforge.policy import block_parameters, check_layers, resolve_layers
 from tuneforge.preference import TIE_MODELS, outcome_logprobs, pair_nll
 from tuneforge.rankings import ranking_batch, ranking_epoch, ranking_text, split_rankings
-from tuneforge.tokenizer import ByteTokenizer
+from tuneforge.tokenizer import tokenizer_of
 
 __all__ = ["RewardModel", "ScalarHead", "rewards", "score"]
 
@@ -73,7 +73,7 @@ def score(model, prompts: Sequence[str], responses: Sequence[str], *, batch_size
     the model's device. Rows are laid out as in training (``bos prompt ␣ response eos``)."""
     if not isinstance(model.lm_head, ScalarHead):
         raise ConfigError("score: this model has no scalar head; train it with -m reward-model")
-    tok, device = ByteTokenizer(), model.tok_emb.weight.device
+    tok, device = tokenizer_of(model), model.tok_emb.weight.device
     out = []
     for b in range(0, len(prompts), batch_size):
         rows = [fit_context(tok.encode(ranking_text(p, r), bos=True, eos=True), model.config.max_seq_len)[0]
