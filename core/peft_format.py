@@ -24,6 +24,7 @@ from . import checkpoint as ckpt
 from .adapter_files import is_part, read_part
 from .adapters import layer_of
 from .errors import ConfigError
+from .families import FAMILIES
 from .lora import lora_layers, lora_state
 
 __all__ = ["PEFT_CONFIG", "PEFT_WEIGHTS", "is_peft", "read_peft", "write_peft", "export_peft"]
@@ -91,11 +92,18 @@ def read_peft(folder: Path) -> tuple[str, dict, dict[str, torch.Tensor]]:
 
 
 def write_peft(points: dict, tensors: dict[str, torch.Tensor], out: Path, *, depth: int | None = None,
-               base_model_name_or_path: str | None = None) -> Path:
+               base_model_name_or_path: str | None = None, fan_in_fan_out: bool = False) -> Path:
     """Write a PEFT LoRA folder from tuneforge's (points, tensors); atomic like every tuneforge folder.
 
-    ``target_modules`` lists leaf names (``["q", "v"]``) when those leaves are adapted in every one of the
-    model's ``depth`` blocks, and full module paths otherwise (PEFT matches both; paths need no layer pattern).
+    Module paths are the model's own, so a LoRA trained on a Hugging Face model gets the tensor names PEFT
+    writes for that architecture (``base_model.model.transformer.h.0.attn.c_attn.lora_A.weight`` for GPT-2).
+    ``fan_in_fan_out`` is PEFT's flag for layers stored (in, out), GPT-2's ``Conv1D``: the LoRA tensors are the
+    same either way (A (r, in), B (out, r)); PEFT needs the flag to merge them into such a weight.
+
+    ``target_modules`` lists paths inside a block (``["attn.q", "attn.v"]``) when those are adapted in every one of
+    the model's ``depth`` blocks, and full module paths otherwise. PEFT matches a target as a suffix of a module
+    path; a bare leaf name would be too wide where two sub-layers share it (GPT-2's ``attn.c_proj`` and
+    ``mlp.c_proj``).
     """
     out = Path(out)
     ranks = {p: v["rank"] for p, v in points.items()}
@@ -104,14 +112,14 @@ def write_peft(points: dict, tensors: dict[str, torch.Tensor], out: Path, *, dep
     r, alpha = common(ranks), common(alphas)
     layers_of_leaf: dict[str, set] = {}
     for path in points:
-        layers_of_leaf.setdefault(path.rpartition(".")[2], set()).add(layer_of(path))
+        layers_of_leaf.setdefault(".".join(path.split(".")[-2:]), set()).add(layer_of(path))
     every = set(range(depth)) if depth else None
     by_leaf = every is not None and all(v == every for v in layers_of_leaf.values())
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
         "r": r, "lora_alpha": alpha, "lora_dropout": max((v.get("dropout", 0.0) for v in points.values()), default=0),
         "target_modules": sorted(layers_of_leaf) if by_leaf else sorted(points),
-        "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+        "bias": "none", "fan_in_fan_out": bool(fan_in_fan_out), "inference_mode": True, "init_lora_weights": True,
         "use_rslora": False, "use_dora": False, "modules_to_save": None,
         "layers_to_transform": None, "layers_pattern": None,
         "rank_pattern": {p: v for p, v in ranks.items() if v != r},
@@ -143,12 +151,16 @@ def export_peft(source, out: str | Path, *, name: str | None = None,
         held = sorted({n for _, m in lora_layers(source) for n in m.task_names()})
         tensors, points = lora_state(source, _pick(name, held, "this model"))
         depth = len(source.blocks) if hasattr(source, "blocks") else None
-        return write_peft(points, tensors, Path(out), depth=depth, base_model_name_or_path=base_model_name_or_path)
-    folder = _lora_folder(Path(source), name)
-    manifest, tensors = read_part(folder, mechanism="lora")
-    depth = ((manifest.get("base") or {}).get("config") or {}).get("n_layers")
-    return write_peft(manifest["points"], tensors, Path(out), depth=depth,
-                      base_model_name_or_path=base_model_name_or_path)
+        config = source.config.to_dict() if hasattr(getattr(source, "config", None), "to_dict") else {}
+    else:
+        folder = _lora_folder(Path(source), name)
+        manifest, tensors = read_part(folder, mechanism="lora")
+        points = manifest["points"]
+        config = (manifest.get("base") or {}).get("config") or {}
+        depth = config.get("n_layers")
+    family = FAMILIES.get(config.get("model_type", ""))
+    return write_peft(points, tensors, Path(out), depth=depth, fan_in_fan_out=bool(family and family.fan_in_fan_out),
+                      base_model_name_or_path=base_model_name_or_path or config.get("hf"))
 
 
 def _pick(name: str | None, held: list[str], where: str) -> str:

@@ -149,7 +149,7 @@ def test_peft_export_writes_peft_names_and_shapes(tmp_path):
     model, out = _peft_folder(tmp_path)
     config = json.loads((out / PEFT_CONFIG).read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 16
-    assert config["target_modules"] == ["q", "up", "v"]  # leaf names: adapted in every block
+    assert config["target_modules"] == ["attn.q", "attn.v", "mlp.up"]  # paths in a block: adapted in every block
     weights = load_file(str(out / PEFT_WEIGHTS))
     assert set(weights) == {f"base_model.model.blocks.{i}.{m}.lora_{ab}.weight"
                             for i in range(2) for m in ("attn.q", "attn.v", "mlp.up") for ab in "AB"}
