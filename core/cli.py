@@ -1,4 +1,4 @@
-"""The ``tuneforge`` command: train, generate, plugins, data, export-peft, kernels, demo."""
+"""The ``tuneforge`` command: train, generate, plugins, data, export-peft, kernels, hf-tiny, demo."""
 from __future__ import annotations
 
 import argparse
@@ -99,12 +99,28 @@ def build_parser() -> argparse.ArgumentParser:
                        "ninja) or the pure-torch reference. TUNEFORGE_KERNELS=auto|cpp|reference chooses.")
     k.add_argument("--json", action="store_true", help="machine-readable output")
 
+    h = sub.add_parser("hf-tiny", help="write a tiny random Hugging Face model folder (GPT-2, Llama or Qwen2 style) "
+                       "to try --model hf:PATH offline",
+                       description="A random model and a BPE tokenizer trained on the embedded world's text, saved "
+                       "as transformers saves a real one (config.json, model.safetensors, tokenizer.json). Needs "
+                       "pip install 'tuneforge[hf]'.")
+    h.add_argument("out", help="the folder to write")
+    h.add_argument("--family", default="gpt2", choices=("gpt2", "llama", "qwen2"))
+    h.add_argument("--d-model", type=int, default=64)
+    h.add_argument("--layers", type=int, default=2)
+    h.add_argument("--heads", type=int, default=4)
+    h.add_argument("--context", type=int, default=256)
+    h.add_argument("--vocab", type=int, default=512, help="tokenizer vocabulary (default: 512)")
+
     m = sub.add_parser("demo", help="the main job on the embedded default: every mechanism, one table",
                        description="Pretrain the tiny model on the embedded world and sample from it; writes "
                        "demo.json (one row per stage) in --out.")
     m.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     m.add_argument("--quick", action="store_true", help="a short version for smoke tests")
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--model", metavar="hf:PATH", help="tell the same story on a local Hugging Face model folder: "
+                   "it goes on pretraining its own weights on the world's text first (default: the embedded tiny "
+                   "model, pretrained from scratch)")
     return parser
 
 
@@ -219,17 +235,30 @@ def _kernels(args) -> int:
     return 0
 
 
+def _hf_tiny(args) -> int:
+    from .hf_tiny import make_tiny
+
+    folder = make_tiny(args.out, args.family, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
+                       context=args.context, vocab_size=args.vocab)
+    print(f"wrote a random {args.family} model to {folder}; try: tuneforge demo --model hf:{folder} --quick")
+    return 0
+
+
 def _demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, quick=args.quick, seed=args.seed)
+    if args.model is not None and not args.model.startswith("hf:"):
+        raise ConfigError(f"demo --model {args.model}: give a Hugging Face model folder as hf:PATH (the embedded "
+                          "tiny model is the default)")
+    run_demo(args.out, quick=args.quick, seed=args.seed, model=args.model)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"train": _train, "generate": _generate, "plugins": _plugins, "data": _data,
-                "export-peft": _export_peft, "kernels": _kernels, "demo": _demo}
+                "export-peft": _export_peft, "kernels": _kernels, "demo": _demo,
+                "hf-tiny": _hf_tiny}
     try:
         return handlers[args.command](args)
     except TuneforgeError as exc:

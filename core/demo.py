@@ -21,7 +21,8 @@ import torch
 
 from .engine import train
 from .lm import TokenWindows, unigram_entropy
-from .tokenizer import ByteTokenizer
+from .hf import is_hf_spec
+from .tokenizer import tokenizer_of
 
 __all__ = ["run_demo", "format_table"]
 
@@ -53,8 +54,12 @@ def _stage(out: Path, name: str, note: str) -> Path:
     return folder
 
 
-def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0) -> list[dict]:
-    """Run every stage, print the table, write ``demo.json``; return its rows. Overwrites its own stage folders."""
+def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0, model: str | None = None) -> list[dict]:
+    """Run every stage, print the table, write ``demo.json``; return its rows. Overwrites its own stage folders.
+
+    ``model="hf:PATH"`` tells the same story on a Hugging Face model: its first stage goes on pretraining the
+    model's own weights on the world's text (every weight, a gentle learning rate), and every later stage starts
+    from that, as they start from the pretrained tiny model by default."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     n = (lambda full, short: short if quick else full)  # noqa: E731
@@ -63,10 +68,16 @@ def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0) -> list[dic
     curves: dict[str, list[float]] = {}
 
     steps = n(2000, 40)
-    pre = _stage(out, "pretrain", f"the tiny model, {steps} steps on builtin:text (the embedded world)")
-    result = train(model=MODEL, mechanisms=["pretrain"], data="builtin:text", steps=steps, batch_size=8, lr=5e-3,
-                   warmup=min(30, steps // 4), out=str(pre), **common)
-    rows.append(_row("pretrain", result, "held-out bits/token", "eval/bits_per_token"))
+    if is_hf_spec(model):
+        pre = _stage(out, "pretrain", f"{model}: its own weights, {steps} more steps on builtin:text (the world)")
+        result = train(model=model, mechanisms=["finetune:layers=all"], data="builtin:text", steps=steps,
+                       batch_size=8, lr=2e-4, warmup=min(30, steps // 4), out=str(pre), **common)
+        rows.append(_row("continued pretraining (all layers)", result, "held-out bits/token", "eval/bits_per_token"))
+    else:
+        pre = _stage(out, "pretrain", f"the tiny model, {steps} steps on builtin:text (the embedded world)")
+        result = train(model=model or MODEL, mechanisms=["pretrain"], data="builtin:text", steps=steps, batch_size=8,
+                       lr=5e-3, warmup=min(30, steps // 4), out=str(pre), **common)
+        rows.append(_row("pretrain", result, "held-out bits/token", "eval/bits_per_token"))
     curves["pretrain"] = [h["loss"] for h in result.history]
     base_params = result.summary["total_params"]
     samples = _samples(result.model.eval(), seed)
@@ -129,7 +140,7 @@ def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0) -> list[dic
     (out / "demo.json").write_text(json.dumps(rows, indent=2))
     plotted = _plot(curves, out / "loss_curves.png")
     (out / "samples.txt").write_text("\n".join(samples) + "\n")
-    _report(rows, samples, out, plotted)
+    _report(rows, samples, out, plotted, tokenizer_of(result.model))
     return rows
 
 
@@ -182,7 +193,7 @@ def _policy_samples(result, name: str, k: int = 3) -> list[str]:
     prompts = [r["prompt"] for r in builtin("rankings", "test")[:k]]
     lines = []
     for who, gen in (("reference", plugin.reference.generate), (name, model.generate)):
-        s = sample(gen, ByteTokenizer(), prompts, max_new_tokens=64, generator=torch.Generator().manual_seed(0),
+        s = sample(gen, tokenizer_of(model), prompts, max_new_tokens=64, generator=torch.Generator().manual_seed(0),
                    device=model.tok_emb.weight.device)
         lines += [f"[{who}, hidden score {preference(p, t):+d}] {p} {t}" for p, t in zip(prompts, s.texts)]
     return lines
@@ -199,8 +210,8 @@ def _mixed_batch(out: Path, pre: Path, runs: dict[str, Path], base_params: int, 
 
     _stage(out, "mixed-batch", "both soft prompts loaded on one model, rows of both tasks in one batch")
     started = time.perf_counter()
-    tok = ByteTokenizer()
     model = load_model(pre)
+    tok = tokenizer_of(model)
     add_prompts(model, *map(str, runs.values()))
     rows = []  # (task, prompt ids, candidate ids, label index)
     for task in runs:
@@ -232,7 +243,8 @@ def _merge_gap(model) -> float:
     """Largest output difference between the LoRA beside the weights and folded into them (then taken out)."""
     from .lora import merge, unmerge
 
-    ids = torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, min(256, model.config.vocab_size), (8, min(64, model.config.max_seq_len)),
+                        generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = model.eval()(ids)
         merge(model)
@@ -245,7 +257,7 @@ def _merge_gap(model) -> float:
 
 
 def _samples(model, seed: int) -> list[str]:
-    tok = ByteTokenizer()
+    tok = tokenizer_of(model)
     device = model.lm_head.weight.device
     gen = torch.Generator(device=device).manual_seed(seed)
     out = []
@@ -277,10 +289,10 @@ def _plot(curves: dict[str, list[float]], path: Path) -> bool:
     return True
 
 
-def _report(rows: list[dict], samples: list[str], out: Path, plotted: bool) -> None:
+def _report(rows: list[dict], samples: list[str], out: Path, plotted: bool, tokenizer) -> None:
     from .world import builtin
 
-    held_out = TokenWindows([r["text"] for r in builtin("text", split="test")], ByteTokenizer(), seq_len=2)
+    held_out = TokenWindows([r["text"] for r in builtin("text", split="test")], tokenizer, seq_len=2)
     unigram = unigram_entropy(held_out.tokens) / math.log(2)
     print("\n" + format_table(rows))
     print(f"\n(pretrain: the unigram baseline is {unigram:.3f} bits/token; a model that learned nothing scores about "

@@ -15,6 +15,7 @@ op (``attn_implementation="tuneforge"``, see :mod:`tuneforge.hf_attention`) unle
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import re
@@ -229,6 +230,28 @@ class HFCausalLM(Generates, nn.Module):
         return load(self.config.hf, weights="random", attn=self.config.attn, dtype=self.config.dtype, seed=seed)
 
 
+@contextlib.contextmanager
+def _quiet(transformers):
+    """No "Loading weights" bar of transformers' own in the middle of tuneforge's output."""
+    logging = transformers.utils.logging
+    shown = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            logging.enable_progress_bar()
+
+
+def _build(transformers, folder: Path, hf_config, weights: str, attn: str, dtype: torch.dtype, seed: int):
+    auto = transformers.AutoModelForCausalLM
+    if weights == "pretrained":
+        return auto.from_pretrained(str(folder), local_files_only=True, attn_implementation=attn, dtype=dtype)
+    with torch.random.fork_rng(devices=[]):  # seeded, without disturbing the caller's random stream
+        torch.manual_seed(seed)
+        return auto.from_config(hf_config, attn_implementation=attn, dtype=dtype)
+
+
 def load(path: str | Path, *, weights: str = "pretrained", attn: str = "tuneforge", dtype: str = "float32",
          seed: int = 0, device: str | torch.device | None = None) -> HFCausalLM:
     """A local Hugging Face model folder as a tuneforge model (the Python face of ``--model hf:PATH``).
@@ -244,14 +267,8 @@ def load(path: str | Path, *, weights: str = "pretrained", attn: str = "tuneforg
     folder = _folder(path)
     torch_dtype = _dtype(dtype)
     hf_config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
-    if weights == "random":
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            causal_lm = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn,
-                                                                      dtype=torch_dtype)
-    else:
-        causal_lm = transformers.AutoModelForCausalLM.from_pretrained(
-            str(folder), local_files_only=True, attn_implementation=attn, dtype=torch_dtype)
+    with _quiet(transformers):
+        causal_lm = _build(transformers, folder, hf_config, weights, attn, torch_dtype, seed)
     _linearize(causal_lm)
     c = causal_lm.config
     n_layers = int(c.num_hidden_layers)

@@ -70,5 +70,7 @@ def make_tiny(folder: str | Path, family: str = "gpt2", *, d_model: int = 64, n_
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = transformers.AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(str(folder))
+    from .hf import _quiet
+    with _quiet(transformers):
+        model.save_pretrained(str(folder))
     return folder

@@ -18,7 +18,7 @@ from tuneforge.errors import ConfigError  # noqa: E402
 from tuneforge.hf_tiny import make_tiny  # noqa: E402
 
 FAMILIES = ["gpt2", "llama"]
-SMALL = dict(d_model=32, n_layers=2, n_heads=4, context=192, vocab_size=320)
+SMALL = dict(d_model=32, n_layers=2, n_heads=4, context=256, vocab_size=320)
 
 
 @pytest.fixture(scope="session")
@@ -300,3 +300,20 @@ def test_cli_trains_lora_on_an_hf_model_and_generates(folders, tmp_path):
     assert done.stdout.startswith("review: the")
     done = _cli("train", "--model", "hf:gpt2", "--mechanism", "pretrain", cwd=tmp_path)
     assert done.returncode != 0 and "never downloads" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_demo_tells_the_same_story_on_an_hf_model(folders, tmp_path):
+    done = _cli("demo", "--model", f"hf:{folders['gpt2']}", "--quick", "--out", str(tmp_path / "demo"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    names = [r["mechanism"] for r in rows]
+    assert names[0] == "continued pretraining (all layers)"
+    for stage in ("head only", "adapter (serial)", "lora (rank 8", "prompt-tuning (sentiment)", "one mixed batch",
+                  "right labels", "reward model, ties modelled", "ppo (lora", "dpo (lora"):
+        assert any(stage in n for n in names), stage
+    lora = next(r for r in rows if r["mechanism"].startswith("lora"))
+    assert lora["merged_max_abs_diff"] < 1e-4
+    mixed = next(r for r in rows if "mixed" in r["mechanism"])
+    assert mixed["max_abs_diff_vs_alone"] < 1e-3
+    recorded = json.loads((tmp_path / "demo" / "pretrain" / "config.json").read_text())["model_config"]
+    assert recorded["hf"] == str(folders["gpt2"])
