@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--heads", type=int, default=4)
     h.add_argument("--context", type=int, default=256)
     h.add_argument("--vocab", type=int, default=512, help="tokenizer vocabulary (default: 512)")
+    h.add_argument("--train-steps", type=int, default=300,
+                   help="next-token steps on the world's text before saving, so the model has learned something "
+                   "(default: 300; 0 = random weights)")
 
     m = sub.add_parser("demo", help="the main job on the embedded default: every mechanism, one table",
                        description="Pretrain the tiny model on the embedded world and sample from it; writes "
@@ -239,8 +242,9 @@ def _hf_tiny(args) -> int:
     from .hf_tiny import make_tiny
 
     folder = make_tiny(args.out, args.family, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
-                       context=args.context, vocab_size=args.vocab)
-    print(f"wrote a random {args.family} model to {folder}; try: tuneforge demo --model hf:{folder} --quick")
+                       context=args.context, vocab_size=args.vocab, train_steps=args.train_steps)
+    trained = f"trained {args.train_steps} steps" if args.train_steps else "random"
+    print(f"wrote a {args.family} model ({trained}) to {folder}; try: tuneforge demo --model hf:{folder} --quick")
     return 0
 
 

@@ -49,10 +49,32 @@ def _config(family: str, vocab_size: int, d_model: int, n_layers: int, n_heads: 
 FAMILY_CONFIGS = ("gpt2", "llama", "qwen2")
 
 
+def _pretrain(model, tok, steps: int, context: int, seed: int) -> None:
+    """A few hundred plain next-token steps on the world's text, so the folder holds a model that has learned
+    something (adapters, LoRA and soft prompts then have features to work with, as on a real model)."""
+    from .world import builtin
+    stream = [i for r in builtin("text", split="train", seed=seed)[:2000] for i in tok.encode(r["text"]).ids]
+    data = torch.tensor(stream)
+    T = min(64, context)
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    model.train()
+    for _ in range(steps):
+        starts = torch.randint(0, len(data) - T, (16,), generator=g)
+        ids = torch.stack([data[s:s + T] for s in starts])  # (16, T)
+        logits = model(input_ids=ids).logits[:, :-1]  # (16, T-1, V): each position predicts the next token
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
 def make_tiny(folder: str | Path, family: str = "gpt2", *, d_model: int = 64, n_layers: int = 2, n_heads: int = 4,
-              context: int = 128, vocab_size: int = 512, seed: int = 0) -> Path:
-    """Write a random ``family`` model (gpt2, llama: grouped-query attention, qwen2: tied embeddings) and its
-    tokenizer to ``folder``; returns the folder. Nothing is downloaded."""
+              context: int = 128, vocab_size: int = 512, train_steps: int = 0, seed: int = 0) -> Path:
+    """Write a ``family`` model (gpt2, llama: grouped-query attention, qwen2: tied embeddings) and its tokenizer to
+    ``folder``; returns the folder. The weights are random, then trained ``train_steps`` next-token steps on the
+    embedded world's text. Nothing is downloaded."""
     if family not in FAMILY_CONFIGS:
         raise ConfigError(f"family {family!r}: make_tiny writes {', '.join(FAMILY_CONFIGS)}")
     try:
@@ -70,6 +92,8 @@ def make_tiny(folder: str | Path, family: str = "gpt2", *, d_model: int = 64, n_
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = transformers.AutoModelForCausalLM.from_config(config)
+        if train_steps:
+            _pretrain(model, tok, train_steps, context, seed)
     from .hf import _quiet
     with _quiet(transformers):
         model.save_pretrained(str(folder))

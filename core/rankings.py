@@ -29,7 +29,7 @@ from .errors import DataError
 from .lm import epoch_generator
 
 __all__ = ["Ranking", "parse_ranking", "format_ranking", "ranking_pairs", "read_rankings", "split_rankings",
-           "ranking_text", "ranking_batch", "ranking_epoch"]
+           "ranking_text", "ranking_ids", "ranking_batch", "ranking_epoch"]
 
 LETTERS = string.ascii_uppercase
 
@@ -181,6 +181,15 @@ def ranking_text(prompt: str, response: str) -> str:
     return f"{prompt} {response}"
 
 
+def ranking_ids(tokenizer, prompt: str, response: str) -> tuple[list[int], int]:
+    """(ids of ``bos prompt ␣ response eos``, tokens before the response). The prompt's part and the response's
+    are encoded apart and joined, as a policy's rollout joins them (it writes after the encoded prompt): with a
+    subword tokenizer, encoding the text whole would merge the space into the response's first token, and the
+    response would start one token earlier than a rollout's. With bytes both ways are the same."""
+    head = tokenizer.encode(ranking_text(prompt, ""), bos=True)  # bos prompt ␣
+    return head + tokenizer.encode(response, eos=True), len(head)
+
+
 def ranking_batch(records: Sequence[Ranking], tokenizer, context: int, *, with_ties: bool = True) -> dict:
     """One micro-batch of whole rankings: every response of every record is a row.
 
@@ -201,13 +210,12 @@ def ranking_batch(records: Sequence[Ranking], tokenizer, context: int, *, with_t
     better, worse, tie, per_record = [], [], [], []
     for r, rec in enumerate(records):
         first = len(rows)
-        prompt_ids = tokenizer.encode(ranking_text(rec.prompt, ""), bos=True)  # "bos prompt ␣"
         for k, text in enumerate(rec.responses):
-            full = tokenizer.encode(ranking_text(rec.prompt, text), bos=True, eos=True)
+            full, head = ranking_ids(tokenizer, rec.prompt, text)
             ids, _ = fit_context(full, context)
             rows.append(ids)
             last.append(len(ids) - 1)
-            start.append(max(1, len(prompt_ids) - (len(full) - len(ids))))  # shifted by what was cut
+            start.append(max(1, head - (len(full) - len(ids))))  # shifted by what was cut
             record.append(r)
             response.append(k)
         strict, ties = rec.pairs()

@@ -24,7 +24,7 @@ from tuneforge.classify import HeadTask, VerbalizedTask, fit_context, pad_right
 from tuneforge.labelled import has_labels
 from tuneforge.errors import ConfigError
 from tuneforge.lm import TextTask
-from tuneforge.policy import block_parameters, check_layers, untie_head
+from tuneforge.policy import block_parameters, check_layers, others_choose_params, resolve_layers, untie_head
 from tuneforge.tokenizer import tokenizer_of
 
 __all__ = ["Finetune", "ClassifierHead", "classify"]
@@ -45,7 +45,9 @@ class Finetune:
 
     @dataclasses.dataclass
     class Options:
-        layers: str = "all"  # N = the last N blocks + final norm + head train; 0 = only the head; all = everything
+        # N = the last N blocks + final norm + head train; 0 = only the head; all = everything; auto = all alone, and
+        # beside LoRA / adapters / soft prompts only a new classification head (the parts are what train)
+        layers: str = "auto"
         head: Literal["lm", "classify"] = "lm"  # classify = a new N-class head in place of the LM head
         classes: Optional[int] = None  # the head's outputs; default: the number of labels in the data
         labels: list[str] = dataclasses.field(default_factory=list)  # class order; default: the data's, sorted
@@ -58,7 +60,7 @@ class Finetune:
         eval_batches: int = 8  # head=lm on text: held-out batches per evaluation
 
         def __post_init__(self):
-            check_layers(self.layers, allow_auto=False)
+            check_layers(self.layers)
             if self.classes is not None and self.classes < 2:
                 raise ValueError(f"classes must be at least 2, got {self.classes}")
             if self.classes is not None and self.head != "classify":
@@ -85,13 +87,21 @@ class Finetune:
                 self.task = TextTask("finetune", field=o.text_field, holdout=o.holdout, eval_batches=o.eval_batches)
         return self.task
 
+    def _layers(self, run) -> tuple[str, bool]:
+        """(blocks that train, whether the head trains) once ``auto`` is resolved against the run's plugins."""
+        o = self.options
+        if o.layers == "auto" and others_choose_params(run, self):
+            return "0", o.head == "classify"  # the parts train; a new head must learn with them, the LM head not
+        return resolve_layers(o.layers, run, self), True
+
     # -- hooks -------------------------------------------------------------------------------------------------
 
     @hookimpl
     def tuneforge_modify_model(self, model, run):
         o = self.options
         depth = len(model.blocks)
-        if o.layers != "all" and int(o.layers) > depth:
+        layers, head_trains = self._layers(run)
+        if layers != "all" and int(layers) > depth:
             raise ConfigError(f"finetune: layers={o.layers}, but the model has {depth} blocks; use layers=0..{depth} "
                               "or layers=all")
         if o.head == "classify":
@@ -105,12 +115,13 @@ class Finetune:
             head = model.lm_head
             if not (isinstance(head, ClassifierHead) and head.labels == o.labels):  # else: keep training that head
                 model.lm_head = ClassifierHead(model.config.d_model, o.labels).to(model.tok_emb.weight.device)
-        elif o.layers != "all":
+        elif layers != "all" and head_trains:
             untie_head(model)  # the head trains, the input embedding it was tied to stays frozen
 
     @hookimpl
-    def tuneforge_trainable_params(self, model):
-        return block_parameters(model, self.options.layers)
+    def tuneforge_trainable_params(self, model, run):
+        layers, head_trains = self._layers(run)
+        return block_parameters(model, layers, head=head_trains)
 
     @hookimpl
     def tuneforge_data(self, run):

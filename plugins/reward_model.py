@@ -30,7 +30,7 @@ from tuneforge.classify import fit_context, pad_right
 from tuneforge.errors import ConfigError
 from tuneforge.policy import block_parameters, check_layers, resolve_layers
 from tuneforge.preference import TIE_MODELS, outcome_logprobs, pair_nll
-from tuneforge.rankings import ranking_batch, ranking_epoch, ranking_text, split_rankings
+from tuneforge.rankings import ranking_batch, ranking_epoch, ranking_ids, split_rankings
 from tuneforge.tokenizer import tokenizer_of
 
 __all__ = ["RewardModel", "ScalarHead", "rewards", "score"]
@@ -76,7 +76,7 @@ def score(model, prompts: Sequence[str], responses: Sequence[str], *, batch_size
     tok, device = tokenizer_of(model), model.tok_emb.weight.device
     out = []
     for b in range(0, len(prompts), batch_size):
-        rows = [fit_context(tok.encode(ranking_text(p, r), bos=True, eos=True), model.config.max_seq_len)[0]
+        rows = [fit_context(ranking_ids(tok, p, r)[0], model.config.max_seq_len)[0]
                 for p, r in zip(prompts[b:b + batch_size], responses[b:b + batch_size])]
         last = torch.tensor([len(r) - 1 for r in rows], device=device)
         out.append(rewards(model, pad_right(rows, tok.pad_id).to(device), last))

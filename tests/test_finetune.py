@@ -65,7 +65,10 @@ def test_head_survives_save_and_load_with_the_same_predictions(pretrained, tmp_p
     ids = torch.tensor([[256, 104, 105, 257]])
     torch.testing.assert_close(loaded.forward_hidden(ids), result.model.forward_hidden(ids), rtol=0, atol=0)
     state = json.loads((result.checkpoint / "state.json").read_text())
-    assert state["lineage"] == [{"finetune": state["mechanisms"]["finetune"]}]
+    # pretrain is in the lineage too (it implements tuneforge_modify_model: a Hugging Face model restarts from
+    # random weights), then this run's finetune with the labels it resolved
+    assert [list(e) for e in state["lineage"]] == [["pretrain"], ["finetune"]]
+    assert state["lineage"][-1] == {"finetune": state["mechanisms"]["finetune"]}
     assert state["mechanisms"]["finetune"]["labels"] == ["negative", "positive"]
 
 

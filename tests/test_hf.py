@@ -24,7 +24,8 @@ SMALL = dict(d_model=32, n_layers=2, n_heads=4, context=256, vocab_size=320)
 @pytest.fixture(scope="session")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
-    return {f: make_tiny(root / f, f, **SMALL) for f in FAMILIES + ["qwen2"]}
+    # briefly trained, as a downloaded model would be: parts on a frozen model need features to work with
+    return {f: make_tiny(root / f, f, train_steps=60, **SMALL) for f in FAMILIES + ["qwen2"]}
 
 
 def _eager(folder):
@@ -129,9 +130,9 @@ RUNS = {  # mechanisms, data, lr, steps
     "pretrain": (["pretrain"], "builtin:text", 1e-2, 24),
     "finetune": (["finetune:layers=1"], "builtin:text", 1e-2, 24),
     "finetune-head": (["finetune:layers=all,head=classify"], "builtin:sentiment", 3e-3, 40),
-    "adapter": (["adapter:placement=parallel,scale=2", "finetune:layers=0"], "builtin:text", 1e-2, 24),
-    "lora": (["lora:targets=attn", "finetune:layers=0"], "builtin:text", 1e-2, 24),
-    "prompt-tuning": (["prompt-tuning:tokens=8", "finetune:layers=0"], "builtin:text", 1e-2, 24),
+    "adapter": (["adapter:placement=parallel,scale=2", "finetune"], "builtin:text", 1e-2, 24),
+    "lora": (["lora:targets=attn", "finetune"], "builtin:text", 1e-2, 24),
+    "prompt-tuning": (["prompt-tuning:tokens=8", "finetune"], "builtin:text", 1e-2, 24),
     "reward-model": (["reward-model"], "builtin:rankings", 1e-2, 24),
     "dpo": (["lora:targets=all,rank=8", "dpo:beta=0.5"], "builtin:rankings", 3e-3, 24),
 }
@@ -159,6 +160,8 @@ def test_mechanism_trains_and_round_trips(folders, tmp_path, family, name):
     ids, _ = _ids(loaded, TEXTS[:1])
     with torch.no_grad():
         assert torch.allclose(loaded(ids), trained(ids), atol=1e-6)
+    if name in ("adapter", "lora", "prompt-tuning"):  # beside a part, finetune (layers=auto) trains nothing itself
+        assert result.summary["trainable_by_plugin"]["finetune"] == 0
     if name not in ("pretrain", "finetune", "finetune-head", "reward-model"):  # frozen base: the folder's weights
         base = dict(_eager(folders[family]).named_parameters())
         ours = dict(loaded.named_parameters())
@@ -281,6 +284,43 @@ def test_lora_exports_to_and_imports_from_peft(folders, tmp_path, family):
         assert torch.allclose(ours(ids), made.eval()(ids).logits, atol=2e-5), names
 
 
+def test_ranking_rows_start_the_response_where_a_rollout_does(folders):
+    from tuneforge.rankings import ranking_batch, read_rankings
+    from tuneforge.rollout import sample
+
+    model = hf.load(folders["gpt2"])
+    tok = model.tokenizer
+    records = read_rankings("builtin:rankings")[:3]
+    batch = ranking_batch(records, tok, model.config.max_seq_len)
+    row = 0
+    for rec in records:
+        for text in rec.responses:
+            ids = batch["input"][row, : batch["last"][row] + 1].tolist()
+            start = int(batch["start"][row])
+            assert tok.decode(ids[start:]) == text  # the response's tokens exactly, no space merged into the prompt
+            assert ids[:start] == tok.encode(f"{rec.prompt} ", bos=True)  # what a rollout is sampled after
+            row += 1
+    s = sample(model.generate, tok, [records[0].prompt], max_new_tokens=4, generator=torch.Generator().manual_seed(0))
+    assert s.input[0, : int(s.start[0])].tolist() == tok.encode(f"{records[0].prompt} ", bos=True)
+
+
+@pytest.mark.parametrize("name", ["lora", "adapter", "prompt-tuning"])
+def test_saved_parts_load_onto_a_fresh_hf_base(folders, tmp_path, name):
+    from tuneforge.plugins.adapter import load_adapters
+    from tuneforge.plugins.lora import load_lora
+    from tuneforge.plugins.prompt_tuning import add_prompts
+
+    mechanisms, data, lr, _ = RUNS[name]
+    result = tuneforge.train(model=f"hf:{folders['llama']}", mechanisms=mechanisms, data=data, steps=6,
+                             batch_size=8, seq_len=48, lr=lr, eval_every=0, out=str(tmp_path / "run"))
+    fresh = hf.load(folders["llama"])
+    {"lora": load_lora, "adapter": load_adapters, "prompt-tuning": add_prompts}[name](fresh, str(tmp_path / "run"))
+    ids, _ = _ids(fresh, TEXTS[:1])
+    with torch.no_grad():
+        assert torch.allclose(fresh(ids), result.model.eval()(ids), atol=1e-6)
+        assert not torch.allclose(fresh(ids), hf.load(folders["llama"])(ids), atol=1e-4)  # the part did something
+
+
 # -- the command line ---------------------------------------------------------------------------------------------
 
 def _cli(*args, cwd):
@@ -291,7 +331,7 @@ def _cli(*args, cwd):
 
 def test_cli_trains_lora_on_an_hf_model_and_generates(folders, tmp_path):
     done = _cli("train", "--model", f"hf:{folders['gpt2']}", "--mechanism", "lora", "--mechanism",
-                "finetune:layers=0", "--data", "builtin:text", "--steps", "6", "--batch-size", "4", "--seq-len", "32",
+                "finetune", "--data", "builtin:text", "--steps", "6", "--batch-size", "4", "--seq-len", "32",
                 "--out", str(tmp_path / "run"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     done = _cli("generate", str(tmp_path / "run"), "--prompt", "review: the", "--max-new-tokens", "8",
