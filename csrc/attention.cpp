@@ -23,7 +23,7 @@ namespace tuneforge {
 
 namespace {
 
-constexpr int64_t kQTile = 128;     // query rows per task
+constexpr int64_t kQTile = 64;      // query rows per task
 constexpr int64_t kKChunk = 1024;  // keys per block of scores (merged across chunks by the online softmax)
 template <typename T>
 constexpr T neg_inf() { return -std::numeric_limits<T>::infinity(); }
