@@ -75,7 +75,7 @@ def _rebuild(found: Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
     except TuneforgeError:
         cfg = TrainConfig()
     torch.manual_seed(cfg.seed)
-    model = _base_from_saved(state["model_config"])
+    model = _base_from_saved(state["model_config"], pretrained=bool(state.get("folder_weights")))
     mcfg = model.config
     for entry in state.get("lineage", []):
         try:
@@ -91,11 +91,12 @@ def _rebuild(found: Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
     return model, state
 
 
-def _base_from_saved(d: dict) -> torch.nn.Module:
-    """A fresh base of the architecture a checkpoint's ``model_config`` records (its weights come after)."""
+def _base_from_saved(d: dict, *, pretrained: bool = False) -> torch.nn.Module:
+    """A fresh base of the architecture a checkpoint's ``model_config`` records (its weights come after;
+    ``pretrained``: a Hugging Face base with its folder's weights, which the checkpoint left there)."""
     if "hf" in d:
         from . import hf
-        return hf.from_saved_config(d)
+        return hf.from_saved_config(d, pretrained=pretrained)
     return Transformer(ModelConfig.from_dict(d))
 
 

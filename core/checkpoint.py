@@ -7,7 +7,9 @@ So a kill at any moment leaves either the old latest checkpoint or the new one, 
 Layout of one checkpoint::
 
     step-00000300/
-        model.safetensors      the model's weights (tied weights stored once)
+        model.safetensors      the model's weights (tied weights stored once); weights that are still exactly
+                               those of a Hugging Face model folder are left out and named in state.json
+                               (``folder_weights``), so a LoRA checkpoint of a 7B model holds the LoRA, not 7B
         optimizer.safetensors  optimizer tensors (AdamW moments...), plus the torch RNG state
         state.json             step, epoch, position in the epoch, optimizer scalars, configs
         <plugin files>         whatever the plugins wrote in tuneforge_save
@@ -112,7 +114,7 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        save_model(model, str(tmp / MODEL_FILE))
+        state = {**state, **_save_weights(model, tmp / MODEL_FILE)}
         tensors = {"rng.torch": torch.get_rng_state()}
         meta = {}
         if optimizer is not None:
@@ -140,6 +142,27 @@ def save_checkpoint(
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _save_weights(model: torch.nn.Module, path: Path) -> dict:
+    """Write the model's weights; those it says are still its source folder's (``model.folder_weights()``, a
+    Hugging Face model's frozen base) are left out and recorded instead. Returns what goes into state.json."""
+    folder_weights = getattr(model, "folder_weights", None)
+    skip, source = folder_weights() if folder_weights is not None else (set(), None)
+    if not skip:
+        save_model(model, str(path))
+        return {}
+    tensors, seen = {}, set()
+    for name, t in model.state_dict().items():
+        if name in skip:
+            continue
+        key = (t.data_ptr(), t.dtype, tuple(t.shape))
+        if key in seen:  # a tied tensor: stored under its first name, as save_model does
+            continue
+        seen.add(key)
+        tensors[name] = t.detach().contiguous()
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return {"folder_weights": {**source, "names": sorted(skip)}}
 
 
 def list_checkpoints(out: Path) -> list[Path]:
@@ -190,9 +213,14 @@ def read_state(ckpt: Path) -> dict:
 
 
 def load_weights(ckpt: Path, model: torch.nn.Module, *, strict: bool = True) -> None:
-    """Load ``model.safetensors`` into ``model``; a mismatch says which tensors differ."""
+    """Load ``model.safetensors`` into ``model``; a mismatch says which tensors differ. Weights the checkpoint
+    left to the model's folder must already be the folder's in ``model`` (checked against the folder's files)."""
+    referenced = read_state(ckpt).get("folder_weights")
     try:
-        missing, unexpected = load_model(model, str(ckpt / MODEL_FILE), strict=False)
+        if referenced:
+            missing, unexpected = _load_beside_folder(ckpt, model, referenced)
+        else:
+            missing, unexpected = load_model(model, str(ckpt / MODEL_FILE), strict=False)
     except RuntimeError as exc:  # shape mismatch
         raise CheckpointError(f"{ckpt / MODEL_FILE} does not fit this model: {str(exc).splitlines()[0]}") from None
     if strict and (missing or unexpected):
@@ -200,6 +228,22 @@ def load_weights(ckpt: Path, model: torch.nn.Module, *, strict: bool = True) -> 
             f"{ckpt / MODEL_FILE} does not fit this model: missing {sorted(missing)[:5]}, unexpected "
             f"{sorted(unexpected)[:5]}. Were the same mechanisms (and options) used when it was saved?"
         )
+
+
+def _load_beside_folder(ckpt: Path, model: torch.nn.Module, referenced: dict) -> tuple[list, list]:
+    check = getattr(model, "check_folder_weights", None)
+    if check is None:
+        raise CheckpointError(f"{ckpt} keeps its base weights in the model folder {referenced.get('folder')}; load it "
+                              "with tuneforge.load_model, which builds the model from that folder")
+    check(referenced, where=str(ckpt))  # the folder's files as they were, and these weights still the folder's
+    loaded = load_file(str(ckpt / MODEL_FILE))
+    result = model.load_state_dict(loaded, strict=False)
+    model.loaded_over_folder(loaded)  # these now hold the checkpoint's values, not the folder's
+    by_storage = {}  # tied names: one stored, the others share its tensor
+    for name, t in model.state_dict().items():
+        by_storage.setdefault(t.data_ptr(), []).append(name)
+    covered = set(referenced["names"]) | {n for names in by_storage.values() if set(names) & loaded.keys() for n in names}
+    return [n for n in result.missing_keys if n not in covered], list(result.unexpected_keys)
 
 
 def load_training_state(ckpt: Path, model, optimizer) -> dict:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import inspect
 import re
 from pathlib import Path
@@ -167,6 +168,9 @@ class HFCausalLM(Generates, nn.Module):
         self.tokenizer = tokenizer
         # Kept for its config and for users; not a submodule, since its parameters are already registered above.
         object.__setattr__(self, "hf_model", causal_lm)
+        # Parameters still holding the folder's weights (none for a random init): checkpoints leave them out.
+        self._folder_ids: set[int] = set()
+        self._folder_source: dict = {"folder": config.hf}
         accepted = inspect.signature(self.base.forward).parameters
         self._cache_arg = "cache" if "cache" in accepted else "past_key_values"  # renamed in transformers 5
 
@@ -223,6 +227,33 @@ class HFCausalLM(Generates, nn.Module):
         """Next-token logits (B, T, V); keyword arguments as in :meth:`forward_hidden`."""
         return self.lm_head(self.forward_hidden(idx, **kwargs))
 
+    # -- weights that stay in the folder (see tuneforge.checkpoint) ------------------------------------------------
+
+    def folder_weights(self) -> tuple[set[str], dict]:
+        """(names of the frozen parameters that still hold the folder's values, the folder's identity): what a
+        checkpoint need not store. Trained parameters, new modules and anything a checkpoint overwrote are not."""
+        names = {n for n, p in self.named_parameters(remove_duplicate=False)
+                 if id(p) in self._folder_ids and not p.requires_grad}
+        return names, self._folder_source
+
+    def check_folder_weights(self, referenced: dict, *, where: str) -> None:
+        """Refuse a checkpoint whose left-out weights this model does not hold as they were saved."""
+        from .errors import CheckpointError
+        if referenced.get("files") != self._folder_source.get("files"):
+            raise CheckpointError(
+                f"{where} keeps its base weights in {referenced.get('folder')}, whose weight files have changed since "
+                "(other sizes or contents): put back the model it was trained on")
+        held = {n for n, p in self.named_parameters(remove_duplicate=False) if id(p) in self._folder_ids}
+        lacking = sorted(set(referenced["names"]) - held)
+        if lacking:
+            raise CheckpointError(f"{where} expects {lacking[:3]} to be the folder's weights, but this model's are not "
+                                  "(it was not built from the folder); load it with tuneforge.load_model")
+
+    def loaded_over_folder(self, loaded) -> None:
+        """The tensors named in ``loaded`` now hold a checkpoint's values, no longer the folder's."""
+        current = dict(self.named_parameters(remove_duplicate=False))
+        self._folder_ids -= {id(current[n]) for n in loaded if n in current}
+
     def from_scratch(self, seed: int) -> "HFCausalLM":
         """The same architecture and tokenizer with random weights (transformers' own init), seeded."""
         if self.config.weights == "random":
@@ -278,17 +309,32 @@ def load(path: str | Path, *, weights: str = "pretrained", attn: str = "tuneforg
                       max_seq_len=int(getattr(c, "max_position_embeddings", 0) or getattr(c, "n_positions")),
                       weights=weights, attn=attn, dtype=dtype)
     model = HFCausalLM(causal_lm, config, family, HFTokenizer(folder, c.to_dict()))
+    if weights == "pretrained":
+        model._folder_ids = {id(p) for p in model.parameters()}
+        model._folder_source = {"folder": str(folder), "files": _fingerprint(folder)}
     if device is not None:
         model.to(device)
     return model.train(False)
 
 
-def from_saved_config(d: dict) -> HFCausalLM:
-    """The base model of a checkpoint whose ``model_config`` is an :class:`HFConfig`: built from the folder's
-    config only (the checkpoint holds every weight), so the folder must still be there."""
+def _fingerprint(folder: Path) -> list:
+    """Name, size and a hash of the first MiB (the safetensors header: every tensor's name, shape and offset) of
+    each weight file: cheap, and it changes when the folder holds another model."""
+    out = []
+    for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        with open(f, "rb") as fh:
+            out.append([f.name, f.stat().st_size, hashlib.sha256(fh.read(1 << 20)).hexdigest()[:16]])
+    return out
+
+
+def from_saved_config(d: dict, *, pretrained: bool = False) -> HFCausalLM:
+    """The base model of a checkpoint whose ``model_config`` is an :class:`HFConfig`, so the folder must still be
+    there. ``pretrained``: with the folder's weights (the checkpoint left some of them there), else from its
+    config only (the checkpoint holds every weight)."""
     if not Path(d["hf"]).is_dir():
         raise ConfigError(f"this checkpoint was trained on the Hugging Face model in {d['hf']}, which is gone; "
                           "put the model folder back there (its config.json and tokenizer.json are needed)")
-    model = load(d["hf"], weights="random", attn=d.get("attn", "tuneforge"), dtype=d.get("dtype", "float32"))
+    model = load(d["hf"], weights="pretrained" if pretrained else "random", attn=d.get("attn", "tuneforge"),
+                 dtype=d.get("dtype", "float32"))
     model.config = dataclasses.replace(model.config, weights=d.get("weights", "pretrained"))  # as it was recorded
     return model

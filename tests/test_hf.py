@@ -321,6 +321,50 @@ def test_saved_parts_load_onto_a_fresh_hf_base(folders, tmp_path, name):
         assert not torch.allclose(fresh(ids), hf.load(folders["llama"])(ids), atol=1e-4)  # the part did something
 
 
+def test_checkpoints_leave_the_folders_weights_in_the_folder(folders, tmp_path):
+    import shutil
+
+    from safetensors import safe_open
+
+    from tuneforge.errors import CheckpointError
+
+    copy = shutil.copytree(folders["llama"], tmp_path / "model")  # this test changes it at the end
+    common = dict(model=f"hf:{copy}", data="builtin:text", batch_size=4, seq_len=32, eval_every=0)
+    lora = tuneforge.train(mechanisms=["lora:targets=q,v", "finetune"], steps=4, out=str(tmp_path / "lora"), **common)
+    with safe_open(str(lora.checkpoint / "model.safetensors"), "pt") as fh:
+        stored = set(fh.keys())
+    assert stored and all(".lora_" in k for k in stored)  # the LoRA only: the frozen base stays in the folder
+    state = json.loads((lora.checkpoint / "state.json").read_text())
+    assert "model.layers.0.mlp.up_proj.weight" in state["folder_weights"]["names"]
+    assert state["folder_weights"]["folder"] == str(copy)
+
+    # finetune of the last block: that block, the final norm and the head are stored; the rest is the folder's
+    last = tuneforge.train(mechanisms=["finetune:layers=1"], steps=3, out=str(tmp_path / "last"), **common)
+    with safe_open(str(last.checkpoint / "model.safetensors"), "pt") as fh:
+        stored = set(fh.keys())
+    assert "model.layers.1.mlp.up_proj.weight" in stored and "model.layers.0.mlp.up_proj.weight" not in stored
+    ids, _ = _ids(last.model, TEXTS[:1])
+    with torch.no_grad():
+        assert torch.allclose(tuneforge.load_model(tmp_path / "last")(ids), last.model.eval()(ids), atol=1e-6)
+
+    # killed after step 2 and resumed: the same weights as the uninterrupted run
+    tuneforge.train(mechanisms=["lora:targets=q,v", "finetune"], steps=4, save_every=2, out=str(tmp_path / "again"),
+                    **common)
+    resumed = tuneforge.train(mechanisms=["lora:targets=q,v", "finetune"], steps=4, out=str(tmp_path / "again"),
+                              resume=str(tmp_path / "again" / "step-00000002"), **common)
+    for (n, a), (_, b) in zip(lora.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), n
+
+    # the folder now holds other weights: the checkpoint refuses to pretend they are its base
+    other = transformers.AutoModelForCausalLM.from_pretrained(str(copy))
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.01)
+    other.save_pretrained(str(copy))
+    with pytest.raises(CheckpointError, match="have changed since"):
+        tuneforge.load_model(tmp_path / "lora")
+
+
 # -- the command line ---------------------------------------------------------------------------------------------
 
 def _cli(*args, cwd):
