@@ -12,7 +12,8 @@ __all__ = ["main", "build_parser"]
 
 # Help for each TrainConfig field, which becomes a --flag of `tuneforge train` (one source of truth for names).
 TRAIN_HELP = {
-    "model": "model preset with optional overrides, e.g. tiny, small, 'tiny:n_layers=2,d_model=64' "
+    "model": "model preset with optional overrides, e.g. tiny, small, 'tiny:n_layers=2,d_model=64', or a local "
+             "Hugging Face folder hf:PATH (options: 'hf:PATH?attn=sdpa&dtype=bfloat16'; never downloaded) "
              "(default: tiny, or the architecture of --init)",
     "data": "builtin:NAME (text, sentiment, topic, rankings), a .txt file or a .jsonl file (default: builtin:text)",
     "eval_data": "held-out data (default: the builtin test split, or the last part of a file)",

@@ -36,7 +36,7 @@ __all__ = ["TrainConfig", "load_config"]
 class TrainConfig:
     """Everything the loop needs; mechanisms bring their own options."""
 
-    model: Optional[str] = None  # preset[:overrides], e.g. "tiny" or "tiny:n_layers=2"; default tiny, or --init's
+    model: Optional[str] = None  # preset[:overrides] ("tiny", "tiny:n_layers=2") or "hf:PATH"; default tiny or --init's
     mechanisms: list = dataclasses.field(default_factory=list)  # "NAME:k=v" strings, (name, dict) or objects
     data: str = "builtin:text"  # builtin:NAME, a .txt or a .jsonl file
     eval_data: Optional[str] = None  # held-out data; default: the builtin test split, or the objective's own
