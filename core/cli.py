@@ -1,4 +1,4 @@
-"""The ``tuneforge`` command: train, generate, plugins, data, export-peft, kernels, hf-tiny, demo."""
+"""The ``tuneforge`` command: train, generate, plugins, data, export-peft, export-hf, kernels, hf-tiny, demo."""
 from __future__ import annotations
 
 import argparse
@@ -94,6 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("out", help="the folder to write (replaced if it exists)")
     e.add_argument("--name", help="which LoRA, when the checkpoint holds several")
     e.add_argument("--base-model", help="base_model_name_or_path to record in adapter_config.json")
+
+    x = sub.add_parser("export-hf", help="write a model trained on --model hf:PATH as a Hugging Face folder, its "
+                       "LoRA folded into the weights",
+                       description="What save_pretrained writes (config, safetensors, the source folder's tokenizer "
+                       "files): transformers loads it like the original. Adapters, soft prompts and replaced heads "
+                       "cannot go into a plain causal LM and are refused.")
+    x.add_argument("source", help="a checkpoint or run folder of a run on --model hf:PATH")
+    x.add_argument("out", help="the folder to write (replaced if it exists)")
+    x.add_argument("--lora", help="which LoRA to fold in, when the model holds several")
 
     k = sub.add_parser("kernels", help="which implementation each kernel op runs, and why",
                        description="Status of tuneforge's ops: compiled (prebuilt tuneforge._C or JIT-compiled with "
@@ -225,6 +234,14 @@ def _export_peft(args) -> int:
     return 0
 
 
+def _export_hf(args) -> int:
+    from .hf_export import export_hf
+
+    out = export_hf(args.source, args.out, lora=args.lora)
+    print(f"wrote {out} (a Hugging Face model folder: AutoModelForCausalLM.from_pretrained loads it)", file=sys.stderr)
+    return 0
+
+
 def _kernels(args) -> int:
     from .kernels import backend, native
 
@@ -262,7 +279,7 @@ def _demo(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"train": _train, "generate": _generate, "plugins": _plugins, "data": _data,
-                "export-peft": _export_peft, "kernels": _kernels, "demo": _demo,
+                "export-peft": _export_peft, "export-hf": _export_hf, "kernels": _kernels, "demo": _demo,
                 "hf-tiny": _hf_tiny}
     try:
         return handlers[args.command](args)

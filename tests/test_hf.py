@@ -365,6 +365,39 @@ def test_checkpoints_leave_the_folders_weights_in_the_folder(folders, tmp_path):
         tuneforge.load_model(tmp_path / "lora")
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_hf_writes_a_folder_transformers_loads(folders, tmp_path, family):
+    from tuneforge.hf_export import export_hf
+
+    run = tmp_path / "run"
+    result = tuneforge.train(model=f"hf:{folders[family]}", mechanisms=["lora:targets=all", "finetune:layers=1"],
+                             data="builtin:text", steps=6, batch_size=4, seq_len=32, lr=1e-2, eval_every=0,
+                             out=str(run))
+    out = export_hf(run, tmp_path / "exported")
+    assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(out), attn_implementation="eager").eval()
+    ids, _ = _ids(result.model, TEXTS)
+    with torch.no_grad():  # the LoRA folded in, the trained last block as trained; GPT-2 back in Conv1D layout
+        assert torch.allclose(theirs(ids).logits, result.model.eval()(ids), atol=1e-5)
+        assert not torch.allclose(theirs(ids).logits, _eager(folders[family])(ids).logits, atol=1e-3)
+
+
+def test_export_hf_refuses_what_a_causal_lm_cannot_hold(folders, tmp_path):
+    from tuneforge.hf_export import export_hf
+
+    for mechanisms, data, says in ((["adapter", "finetune"], "builtin:text", "holds adapters"),
+                                   (["finetune:layers=1,head=classify"], "builtin:sentiment", "ClassifierHead")):
+        run = tmp_path / mechanisms[0]
+        tuneforge.train(model=f"hf:{folders['gpt2']}", mechanisms=mechanisms, data=data, steps=1, batch_size=4,
+                        eval_every=0, out=str(run))
+        with pytest.raises(ConfigError, match=says):
+            export_hf(run, tmp_path / "nope")
+        assert not (tmp_path / "nope").exists()
+    with pytest.raises(ConfigError, match="not trained on a Hugging Face model"):
+        export_hf(tuneforge.train(model="tiny:n_layers=1,d_model=32,n_heads=2", mechanisms=["pretrain"], steps=1,
+                                  batch_size=2).model, tmp_path / "nope")
+
+
 # -- the command line ---------------------------------------------------------------------------------------------
 
 def _cli(*args, cwd):
@@ -382,6 +415,9 @@ def test_cli_trains_lora_on_an_hf_model_and_generates(folders, tmp_path):
                 cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("review: the")
+    done = _cli("export-hf", str(tmp_path / "run"), str(tmp_path / "hf-out"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf-out")).config.model_type == "gpt2"
     done = _cli("train", "--model", "hf:gpt2", "--mechanism", "pretrain", cwd=tmp_path)
     assert done.returncode != 0 and "never downloads" in done.stderr and "Traceback" not in done.stderr
 
