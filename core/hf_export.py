@@ -68,7 +68,8 @@ def export_hf(source, out: str | Path, *, lora: str | None = None) -> Path:
         config.tie_word_embeddings = False
     target = transformers.AutoModelForCausalLM.from_config(config)  # the original layer types
     conv1d = {p for p, m in target.named_modules() if isinstance(m, transformers.pytorch_utils.Conv1D)}
-    merge(model, folded) if folded else None
+    if folded:
+        merge(model, folded)
     try:
         ours = {n: t for n, t in model.state_dict().items()}
         state = {}
