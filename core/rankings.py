@@ -29,7 +29,7 @@ from .errors import DataError
 from .lm import epoch_generator
 
 __all__ = ["Ranking", "parse_ranking", "format_ranking", "ranking_pairs", "read_rankings", "split_rankings",
-           "ranking_text", "ranking_ids", "ranking_batch", "ranking_epoch"]
+           "ranking_text", "prompt_ids", "ranking_ids", "ranking_batch", "ranking_epoch"]
 
 LETTERS = string.ascii_uppercase
 
@@ -181,12 +181,17 @@ def ranking_text(prompt: str, response: str) -> str:
     return f"{prompt} {response}"
 
 
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """``bos prompt ␣``: what a response follows, in ranking rows and in a policy's rollouts alike."""
+    return tokenizer.encode(ranking_text(prompt, ""), bos=True)
+
+
 def ranking_ids(tokenizer, prompt: str, response: str) -> tuple[list[int], int]:
     """(ids of ``bos prompt ␣ response eos``, tokens before the response). The prompt's part and the response's
     are encoded apart and joined, as a policy's rollout joins them (it writes after the encoded prompt): with a
     subword tokenizer, encoding the text whole would merge the space into the response's first token, and the
     response would start one token earlier than a rollout's. With bytes both ways are the same."""
-    head = tokenizer.encode(ranking_text(prompt, ""), bos=True)  # bos prompt ␣
+    head = prompt_ids(tokenizer, prompt)
     return head + tokenizer.encode(response, eos=True), len(head)
 
 

@@ -15,7 +15,7 @@ import torch
 from .classify import pad_right
 from .errors import ConfigError
 from .policy import response_mask, token_logprobs
-from .rankings import ranking_text
+from .rankings import prompt_ids
 
 __all__ = ["Samples", "sample", "masked_mean", "whiten", "gae", "judge_for", "compare"]
 
@@ -48,7 +48,7 @@ def sample(generate: Callable, tokenizer, prompts: Sequence[str], *, max_new_tok
     """One response per prompt from ``generate`` (``model.generate`` or a reference's), with the KV cache."""
     tok = tokenizer
     stops = (NEWLINE, tok.eos_id)
-    heads = [tok.encode(ranking_text(p, ""), bos=True) for p in prompts]  # bos prompt ␣
+    heads = [prompt_ids(tok, p) for p in prompts]  # bos prompt ␣
     width = max(len(h) for h in heads)
     left = torch.full((len(heads), width), tok.pad_id, dtype=torch.long)  # (B, Tp), left-padded
     mask = torch.zeros(len(heads), width, dtype=torch.bool)

@@ -36,7 +36,7 @@ from tuneforge.errors import ConfigError
 from tuneforge.lm import epoch_generator
 from tuneforge.plugins.reward_model import ScalarHead, score
 from tuneforge.policy import Reference, block_parameters, check_layers, resolve_layers, token_logprobs, untie_head
-from tuneforge.rankings import ranking_text
+from tuneforge.rankings import prompt_ids
 from tuneforge.rollout import compare, gae, judge_for, masked_mean, sample, whiten
 
 __all__ = ["PPO", "ValueHead"]
@@ -158,7 +158,7 @@ class PPO:
             raise ConfigError(f"ppo: rollouts={o.rollouts} must be a multiple of --batch-size "
                               f"({run.config.batch_size}): each rollout is cut into minibatches of that size")
         self._read(run)
-        longest = max(len(run.tokenizer.encode(ranking_text(p, ""), bos=True)) for p in self.prompts + self.held_out)
+        longest = max(len(prompt_ids(run.tokenizer, p)) for p in self.prompts + self.held_out)
         if longest + o.max_new_tokens > run.model_config.max_seq_len:
             raise ConfigError(f"ppo: the longest prompt ({longest} tokens) + max_new_tokens={o.max_new_tokens} exceed "
                               f"the model's context of {run.model_config.max_seq_len}; lower max_new_tokens to at most "
