@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .families import FAMILIES, Family, family_for
 from .generation import Generates, plan_input
 from .hf_tokenizer import HFTokenizer
@@ -149,8 +149,8 @@ def _detect_family(model_type: str, causal_lm: nn.Module, n_layers: int) -> Fami
     names = [n for n, _ in block.named_children()]
     attn = next((n for n in names if "attn" in n or "attention" in n), "attn")
     mlp = next((n for n in names if "mlp" in n or "feed_forward" in n or "ffn" in n), "mlp")
-    return Family(model_type, lists[0], {"attn": attn, "mlp": mlp}, {"attn": [f"{attn}.*"], "mlp": [f"{mlp}.*"],
-                                                                     "all": [f"{attn}.*", f"{mlp}.*"]})
+    aliases = {"attn": [f"{attn}.*"], "mlp": [f"{mlp}.*"], "all": [f"{attn}.*", f"{mlp}.*"]}
+    return Family(model_type, lists[0], {"attn": attn, "mlp": mlp}, aliases)
 
 
 class HFCausalLM(Generates, nn.Module):
@@ -204,7 +204,7 @@ class HFCausalLM(Generates, nn.Module):
     def forward_hidden(self, idx, *, key_padding_mask=None, positions=None, cache=None):
         """Final-normed hidden states (B, T, C); arguments as for ``Transformer.forward_hidden``."""
         plan = plan_input(self, idx, key_padding_mask, positions, cache)
-        B, T = idx.shape
+        B = idx.size(0)
         x = self.tok_emb(idx)  # (B, T, C)
         pos = plan.positions  # (B, T)
         if plan.fresh:
@@ -238,7 +238,6 @@ class HFCausalLM(Generates, nn.Module):
 
     def check_folder_weights(self, referenced: dict, *, where: str) -> None:
         """Refuse a checkpoint whose left-out weights this model does not hold as they were saved."""
-        from .errors import CheckpointError
         if referenced.get("files") != self._folder_source.get("files"):
             raise CheckpointError(
                 f"{where} keeps its base weights in {referenced.get('folder')}, whose weight files have changed since "

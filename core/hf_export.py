@@ -39,8 +39,7 @@ def _check_exportable(model, lora: str | None) -> list[str]:
             raise ConfigError(f"export-hf: the model holds {kind} {', '.join(held[kind])}, modules a plain "
                               f"transformers model has no place for; keep them as tuneforge parts (load_model, "
                               f"or their folders in the checkpoint)")
-    if not isinstance(model.lm_head, torch.nn.Linear) or model.lm_head.out_features != model.config.vocab_size \
-            or type(model.lm_head) is not torch.nn.Linear:
+    if type(model.lm_head) is not torch.nn.Linear or model.lm_head.out_features != model.config.vocab_size:
         raise ConfigError(f"export-hf: the model's head is a {type(model.lm_head).__name__}, not the language-model "
                           "head, so it is no longer a causal LM; use the checkpoint with tuneforge.load_model")
     loras = sorted({n for _, m in lora_layers(model) for n in m.task_names()})
