@@ -28,20 +28,20 @@ def gpt2(**kw):
     return transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg)).eval()
 
 
-def llama():
+def _llama_like(config_cls, model_cls, kv_heads: int):
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   bos_token_id=None, eos_token_id=None, pad_token_id=0)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    cfg = config_cls(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64,
+                     bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    return model_cls(cfg).eval()
 
 
-def qwen2():
-    torch.manual_seed(0)
-    cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=64,
-                                   bos_token_id=None, eos_token_id=None, pad_token_id=0)
-    return transformers.Qwen2ForCausalLM(cfg).eval()
+def llama():  # grouped-query attention: 4 query heads share 2 key/value heads
+    return _llama_like(transformers.LlamaConfig, transformers.LlamaForCausalLM, kv_heads=2)
+
+
+def qwen2():  # one key/value head for all 4 query heads
+    return _llama_like(transformers.Qwen2Config, transformers.Qwen2ForCausalLM, kv_heads=1)
 
 
 FAMILIES = {"gpt2": gpt2, "llama": llama, "qwen2": qwen2}
