@@ -49,6 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train or steer a language model; every mechanism (pretrain, lora, ...) is a plugin.",
         epilog="Start with 'tuneforge demo', then 'tuneforge train --help'.",
     )
+    plugins = parser.add_argument_group("plugin loading (for every command; also TUNEFORGE_LOAD_PLUGINS and "
+                                        "TUNEFORGE_STRICT_PLUGINS)")
+    plugins.add_argument("--no-plugins", action="store_true",
+                         help="load only tuneforge's built-in plugins: no installed third-party package is imported")
+    plugins.add_argument("--plugins", metavar="NAME,...",
+                         help="load only these third-party plugins (an allowlist; built-ins always load)")
+    plugins.add_argument("--strict-plugins", action="store_true",
+                         help="fail when any installed plugin cannot be imported, instead of skipping it")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser(
@@ -124,6 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--train-steps", type=int, default=300,
                    help="next-token steps on the world's text before saving, so the model has learned something "
                    "(default: 300; 0 = random weights)")
+
+    n = sub.add_parser("new-plugin", help="scaffold a pip-installable package for your own mechanism",
+                       description="Write a package with a mechanism skeleton, its entry point in the group "
+                       "'tuneforge' and a test that trains a few steps; its tests pass as generated. Then: "
+                       "pip install -e DIR && pytest DIR.")
+    n.add_argument("name", help="the mechanism's name, as -m NAME will use it (e.g. my-lora)")
+    n.add_argument("--dir", help="where to write the package (default: ./tuneforge-NAME)")
+    n.add_argument("--force", action="store_true", help="write into an existing non-empty folder")
 
     m = sub.add_parser("demo", help="the main job on the embedded default: every mechanism, one table",
                        description="Pretrain the tiny model on the embedded world and sample from it; writes "
@@ -266,6 +282,28 @@ def _hf_tiny(args) -> int:
     return 0
 
 
+def _new_plugin(args) -> int:
+    from .scaffold import new_plugin
+
+    folder = new_plugin(args.name, args.dir, force=args.force)
+    print(f"wrote {folder}; next: pip install -e {folder} && pytest {folder}", file=sys.stderr)
+    return 0
+
+
+def _plugin_loading(args) -> None:
+    """The plugin flags become the environment discovery reads, so torchrun's worker processes inherit them."""
+    import os
+
+    if args.no_plugins and args.plugins is not None:
+        raise ConfigError("--no-plugins and --plugins contradict each other; give one")
+    if args.no_plugins:
+        os.environ["TUNEFORGE_LOAD_PLUGINS"] = ""
+    elif args.plugins is not None:
+        os.environ["TUNEFORGE_LOAD_PLUGINS"] = args.plugins
+    if args.strict_plugins:
+        os.environ["TUNEFORGE_STRICT_PLUGINS"] = "1"
+
+
 def _demo(args) -> int:
     from .demo import run_demo
 
@@ -280,8 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"train": _train, "generate": _generate, "plugins": _plugins, "data": _data,
                 "export-peft": _export_peft, "export-hf": _export_hf, "kernels": _kernels, "demo": _demo,
-                "hf-tiny": _hf_tiny}
+                "hf-tiny": _hf_tiny, "new-plugin": _new_plugin}
     try:
+        _plugin_loading(args)
         return handlers[args.command](args)
     except TuneforgeError as exc:
         print(f"tuneforge: error: {exc}", file=sys.stderr)

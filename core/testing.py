@@ -1,0 +1,171 @@
+"""Testing a mechanism: a tiny model, tiny data, and a short real run with your plugin in it.
+
+Everything here runs in seconds on a laptop CPU and touches nothing outside the folders it is given. Use the
+functions directly, or load the pytest fixtures with one line in your ``conftest.py``::
+
+    pytest_plugins = ["tuneforge.testing"]
+
+    def test_my_mechanism_trains(train_tiny):
+        result = train_tiny("my-mechanism:rank=2")          # + pretrain, since my-mechanism is no objective
+        assert result.summary["trainable_params"] > 0
+        assert result.summary["frozen_weights"]["unchanged"]
+
+A run names mechanisms exactly as ``tuneforge train -m`` does: an installed plugin by its entry-point name
+(``"ia3:targets=k,v"``), or a plugin object (``MyPlugin(MyPlugin.Options(...))``) to test one before it is
+installed. A run must have one objective: :func:`train_tiny` adds ``pretrain`` when none of the named
+mechanisms brings one, so a parameterisation (LoRA-like) plugin can be tested on its own.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+try:  # the fixtures need pytest; the functions do not
+    import pytest
+except ImportError:  # pragma: no cover
+    pytest = None
+
+__all__ = [
+    "TINY", "tiny_model", "tiny_dataset", "pretrained_tiny", "train_tiny", "check_plugin", "snapshot", "changed",
+    "needs_objective",
+]
+
+#: A one-block model with a 64-token context: a step takes milliseconds on one CPU core.
+TINY = "tiny:n_layers=1,d_model=32,n_heads=2,max_seq_len=64"
+
+# The settings of every tiny run unless the caller overrides them: short, no evaluation in between.
+_RUN_DEFAULTS = dict(data="builtin:text", steps=4, batch_size=4, seq_len=32, warmup=1, lr=3e-3, eval_every=0)
+
+
+def tiny_model(seed: int = 0, *, spec: str = TINY) -> torch.nn.Module:
+    """A fresh, randomly initialised model of ``spec`` (default :data:`TINY`), seeded, in eval mode."""
+    from .model import Transformer, model_config
+
+    torch.manual_seed(seed)
+    return Transformer(model_config(spec)).eval()
+
+
+def tiny_dataset(folder: str | Path, kind: str = "text", *, n: int = 64) -> Path:
+    """Write ``n`` records of the embedded world as a JSON-lines file in ``folder`` and return its path.
+
+    :param kind: ``text`` (``{"text"}``), ``sentiment`` or ``topic`` (``{"text", "label"}``), or ``rankings``
+        (``{"prompt", "responses", "ranking"}``): the shapes the built-in objectives read.
+    """
+    from .world import builtin
+
+    records = builtin(kind, split="train")[:n]
+    path = Path(folder) / f"tiny-{kind}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def pretrained_tiny(folder: str | Path, *, steps: int = 30, seed: int = 0) -> Path:
+    """Pretrain :data:`TINY` for ``steps`` steps into ``folder`` and return the run folder: the ``init`` of runs
+    that adapt a model rather than start from noise."""
+    from .engine import train
+
+    out = Path(folder)
+    train(model=TINY, mechanisms=["pretrain"], out=str(out), seed=seed, **{**_RUN_DEFAULTS, "steps": steps})
+    return out
+
+
+def needs_objective(mechanisms: list) -> bool:
+    """Whether none of ``mechanisms`` (names with options, or plugin objects) implements the objective hooks."""
+    from .hookspecs import OBJECTIVE_HOOKS
+    from .options import parse_spec
+    from .registry import discover, plugin_hooks
+
+    available = None
+    for m in mechanisms:
+        if isinstance(m, str) or isinstance(m, tuple):
+            name = parse_spec(m)[0] if isinstance(m, str) else m[0]
+            available = discover() if available is None else available
+            info = available.get(name)
+            hooks = plugin_hooks(info.obj) if info is not None and info.loaded else []
+        else:
+            hooks = plugin_hooks(m)
+        if all(h in hooks for h in OBJECTIVE_HOOKS):
+            return False
+    return True
+
+
+def train_tiny(*mechanisms, out: str | Path | None = None, objective: str | None = "pretrain", **config: Any):
+    """Train :data:`TINY` (or ``config["model"]`` / ``config["init"]``'s model) for a few steps with
+    ``mechanisms`` and return the :class:`tuneforge.TrainResult`.
+
+    :param mechanisms: ``"NAME:key=value"`` strings, ``(name, options_dict)`` pairs or plugin objects, in
+        registration order.
+    :param out: run folder (checkpoints, summary.json); None writes nothing.
+    :param objective: appended when no named mechanism implements ``tuneforge_data`` and ``tuneforge_loss``
+        (None: never).
+    :param config: any :class:`tuneforge.TrainConfig` field, e.g. ``steps=10``, ``init=path``, ``data=path``.
+    """
+    from .engine import train
+
+    mechanisms = list(mechanisms)
+    if objective is not None and needs_objective(mechanisms):
+        mechanisms.append(objective)
+    values = {**_RUN_DEFAULTS, **config}
+    if "model" not in values and "init" not in values:
+        values["model"] = TINY
+    return train(mechanisms=mechanisms, out=str(out) if out is not None else None, **values)
+
+
+def check_plugin(plugin_cls, name: str | None = None) -> list[str]:
+    """Check a plugin class as discovery does (every hookimpl is a hook of the spec and takes only its
+    arguments; ``Options`` builds from defaults) and return the hooks it implements, in lifecycle order.
+
+    :raises tuneforge.PluginError: a hook name or argument the spec does not have, with the fix.
+    """
+    from .registry import _check_hooks, _instantiate, plugin_hooks
+
+    name = name or plugin_cls.__name__.lower()
+    _check_hooks(plugin_cls, name)
+    _instantiate(plugin_cls, name, None)
+    return plugin_hooks(plugin_cls)
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every parameter, by name: compare later with :func:`changed`."""
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def changed(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> set[str]:
+    """Names of parameters whose values differ from ``before`` (new parameters count as changed)."""
+    now = dict(model.named_parameters())
+    return {n for n, p in now.items() if n not in before or not torch.equal(p.detach(), before[n])}
+
+
+# -- pytest fixtures (pytest_plugins = ["tuneforge.testing"]) ----------------------------------------------------
+
+if pytest is not None:
+
+    @pytest.fixture(name="tiny_model")
+    def _tiny_model_fixture():
+        """A fresh :data:`TINY` model (seed 0, eval mode)."""
+        return tiny_model()
+
+
+    @pytest.fixture(name="tiny_data")
+    def _tiny_data_fixture(tmp_path):
+        """A 64-record text JSON-lines file in the test's temporary folder."""
+        return tiny_dataset(tmp_path, "text")
+
+
+    @pytest.fixture(name="tiny_pretrained", scope="session")
+    def _tiny_pretrained_fixture(tmp_path_factory):
+        """A :data:`TINY` run pretrained for 30 steps, once per test session: pass it as ``init=``."""
+        return pretrained_tiny(tmp_path_factory.mktemp("tuneforge-pretrained") / "run")
+
+
+    @pytest.fixture(name="train_tiny")
+    def _train_tiny_fixture(tmp_path):
+        """:func:`train_tiny` writing into the test's temporary folder (``out=None`` to write nothing)."""
+        def run(*mechanisms, out: str | Path | None = tmp_path / "run", **config):
+            return train_tiny(*mechanisms, out=out, **config)
+
+        return run
