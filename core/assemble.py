@@ -138,16 +138,18 @@ def load_model(path: str | Path, *, device: str = "cpu") -> torch.nn.Module:
     return model.to(device_of(device)).eval()
 
 
-def assemble(cfg: TrainConfig, *, out: Path | None = None, resume: Path | None = None) -> Assembled:
+def assemble(cfg: TrainConfig, *, out: Path | None = None, resume: Path | None = None, parallel=None) -> Assembled:
     """Register the run's plugins, build the model, let each plugin change it, and decide what trains.
+
+    :param parallel: this process's :class:`tuneforge.distributed.Parallel` (its device and rank), under torchrun.
 
     Nothing is read from the data or written here; ``tuneforge_validate`` runs last so a plugin can refuse.
     """
     reg = build_manager(cfg.mechanisms)
-    device = device_of(cfg.device)
+    device = parallel.device if parallel is not None else device_of(cfg.device)
     model, mcfg, lineage = build_model(cfg, device)
     run = Run(cfg, mcfg, tokenizer_of(model), device, reg.plugins, reg.hook, out=out, objective=reg.objective,
-              checkpoint=resume)
+              checkpoint=resume, rank=getattr(parallel, "rank", 0), world_size=getattr(parallel, "world_size", 1))
     model = _modify(reg, model, run)
     run.model_config, run.tokenizer = model.config, tokenizer_of(model)  # a plugin may have replaced the model
     model.to(device)

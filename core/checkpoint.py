@@ -67,9 +67,9 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _optimizer_split(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+def _optimizer_split(optimizer: torch.optim.Optimizer | dict) -> tuple[dict[str, torch.Tensor], dict]:
     """Optimizer state as flat tensors (``state.<param>.<key>``) plus JSON-able rest, so no pickle is needed."""
-    sd = optimizer.state_dict()
+    sd = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     tensors, scalars = {}, {}
     for pid, entry in sd["state"].items():
         for key, value in entry.items():
@@ -95,16 +95,23 @@ def save_checkpoint(
     out: Path,
     step: int,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | None,
+    optimizer: torch.optim.Optimizer | dict | None,
     state: dict,
     write_plugins: Callable[[Path], None] | None = None,
     keep_last: int | None = None,
+    *,
+    weights: tuple[dict[str, torch.Tensor], dict] | None = None,
+    rng: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``out/step-{step:08d}/`` atomically and point ``out/latest`` at it.
 
+    :param optimizer: the optimizer, or its ``state_dict()`` (full tensors: FSDP gathers them first).
     :param state: JSON-able engine state (step, epoch, configs...).
     :param write_plugins: called with the temporary folder so plugins can add their files.
     :param keep_last: delete older ``step-*`` folders beyond this many, once the new one is in place.
+    :param weights: ``(tensors, state entries)`` to write instead of ``model``'s weights (FSDP gathers them from
+        the shards, folder weights left out and recorded as :func:`_save_weights` does).
+    :param rng: RNG states to store (default: this process's torch RNG as ``rng.torch``).
     :return: the final folder.
     """
     out.mkdir(parents=True, exist_ok=True)
@@ -114,8 +121,13 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        state = {**state, **_save_weights(model, tmp / MODEL_FILE)}
-        tensors = {"rng.torch": torch.get_rng_state()}
+        if weights is not None:
+            tensors, record = weights
+            save_file(_dedup(tensors), str(tmp / MODEL_FILE), metadata={"format": "pt"})
+            state = {**state, **record}
+        else:
+            state = {**state, **_save_weights(model, tmp / MODEL_FILE)}
+        tensors = dict(rng) if rng is not None else {"rng.torch": torch.get_rng_state()}
         meta = {}
         if optimizer is not None:
             opt_tensors, meta = _optimizer_split(optimizer)
@@ -152,17 +164,14 @@ def _save_weights(model: torch.nn.Module, path: Path) -> dict:
     if not skip:
         save_model(model, str(path))
         return {}
-    tensors, seen = {}, set()
-    for name, t in model.state_dict().items():
-        if name in skip:
-            continue
-        key = (t.data_ptr(), t.dtype, tuple(t.shape))
-        if key in seen:  # a tied tensor: stored under its first name, as save_model does
-            continue
-        seen.add(key)
-        tensors[name] = t.detach().contiguous()
+    tensors = _dedup({name: t.detach() for name, t in model.state_dict().items() if name not in skip})
     save_file(tensors, str(path), metadata={"format": "pt"})
-    return {"folder_weights": {**source, "names": sorted(skip)}}
+    return folder_record(skip, source)
+
+
+def folder_record(skip: set[str], source: dict | None) -> dict:
+    """The state.json entry naming the weights a checkpoint left in the model's folder (nothing when none)."""
+    return {"folder_weights": {**source, "names": sorted(skip)}} if skip else {}
 
 
 def list_checkpoints(out: Path) -> list[Path]:
@@ -246,12 +255,22 @@ def _load_beside_folder(ckpt: Path, model: torch.nn.Module, referenced: dict) ->
     return [n for n in result.missing_keys if n not in covered], list(result.unexpected_keys)
 
 
-def load_training_state(ckpt: Path, model, optimizer) -> dict:
-    """Restore weights, optimizer and RNG for ``--resume``; return the engine state from ``state.json``."""
+def load_training_state(ckpt: Path) -> tuple[dict, dict | None, dict[str, torch.Tensor]]:
+    """What ``--resume`` restores besides the weights: (the engine state from ``state.json``, the optimizer's
+    state_dict or None, the RNG states by name)."""
     state = read_state(ckpt)
-    load_weights(ckpt, model)
     tensors = load_file(str(ckpt / OPTIM_FILE))
-    torch.set_rng_state(tensors.pop("rng.torch"))
-    if optimizer is not None and state.get("optimizer"):
-        optimizer.load_state_dict(_optimizer_join(tensors, state["optimizer"]))
-    return state
+    rng = {k: tensors.pop(k) for k in list(tensors) if k.startswith("rng.")}
+    optimizer = _optimizer_join(tensors, state["optimizer"]) if state.get("optimizer") else None
+    return state, optimizer, rng
+
+
+def _dedup(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One name per shared tensor, as safetensors' save_model stores tied weights."""
+    out, seen = {}, set()
+    for name, t in tensors.items():
+        key = (t.data_ptr(), t.dtype, tuple(t.shape))
+        if key not in seen:
+            seen.add(key)
+            out[name] = t.contiguous()
+    return out

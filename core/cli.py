@@ -19,7 +19,7 @@ TRAIN_HELP = {
     "eval_data": "held-out data (default: the builtin test split, or the last part of a file)",
     "out": "run folder for checkpoints, metrics.jsonl, summary.json (default: write nothing)",
     "steps": "optimizer steps (default: 300)",
-    "batch_size": "sequences per micro-batch (default: 16)",
+    "batch_size": "sequences per micro-batch, per process (default: 16); N processes train on N micro-batches at once",
     "seq_len": "tokens per sequence (default: the model's context length)",
     "grad_accum": "micro-batches per optimizer step (default: 1)",
     "lr": "peak learning rate of AdamW (default: 3e-3)",
@@ -35,7 +35,10 @@ TRAIN_HELP = {
     "resume": "'auto' (latest checkpoint in --out, or a fresh start if none) or a checkpoint/run folder",
     "init": "start from the weights of this checkpoint or run folder (fresh optimizer)",
     "seed": "seed of initialisation and data order (default: 0)",
-    "device": "auto, cpu, cuda, cuda:1 ... (default: auto)",
+    "device": "auto, cpu, cuda, cuda:1 ... (default: auto; under torchrun auto/cuda is each process's GPU)",
+    "strategy": "how processes started by torchrun or --nproc-per-node share the work: ddp (every process holds the "
+                "model, gradients are averaged) or fsdp (FSDP2: parameters, gradients and optimizer state are "
+                "sharded over the processes) (default: ddp)",
     "max_nonfinite": "stop after this many non-finite losses in a row (default: 10)",
     "log_every": "steps between log lines when stderr is not a terminal (default: 50)",
     "verify_frozen": "hash every frozen weight before and after the run and record in summary.json that none "
@@ -71,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     for field in TrainConfig.fields():
         if field != "mechanisms":
             t.add_argument(f"--{field.replace('_', '-')}", dest=field, metavar=field.upper(), help=TRAIN_HELP[field])
+    t.add_argument("--nproc-per-node", metavar="N",
+                   help="train on N processes of this machine, launched by torchrun (python -m torch.distributed.run "
+                   "--standalone); N may be a number, 'gpu' or 'cpu'. Across machines, run torchrun yourself: "
+                   "torchrun --nnodes ... -m tuneforge train ...")
 
     g = sub.add_parser("generate", help="sample text from a trained checkpoint",
                        description="Continue prompts with a trained model (KV-cache sampling).")
@@ -153,8 +160,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _launch(nproc: str, argv: list[str]) -> int:
+    """Become torchrun running this same command, minus --nproc-per-node, on ``nproc`` processes."""
+    import os
+
+    from .distributed import launched, torchrun_command
+
+    if launched():
+        raise ConfigError("--nproc-per-node given inside a torchrun job: torchrun already started the processes; "
+                          "drop --nproc-per-node")
+    if not (nproc.isdigit() and int(nproc) >= 1) and nproc not in ("gpu", "cpu", "auto"):
+        raise ConfigError(f"--nproc-per-node {nproc!r}: give a number of processes, or gpu, cpu or auto")
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc-per-node":
+            skip = True
+        elif not a.startswith("--nproc-per-node="):
+            rest.append(a)
+    command = torchrun_command(nproc, rest)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # exec, not a child: signals (Ctrl-C, a scheduler's SIGTERM) reach torchrun, which passes them to the ranks
+    os.execv(command[0], command)
+    return 1  # pragma: no cover
+
+
 def _train(args) -> int:
     from .engine import train
+
+    if args.nproc_per_node is not None:
+        return _launch(args.nproc_per_node, args.argv)
 
     values = load_config(args.config) if args.config else {}
     given = {f: getattr(args, f) for f in TrainConfig.fields() if f != "mechanisms" and getattr(args, f) is not None}
@@ -315,7 +352,9 @@ def _demo(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     handlers = {"train": _train, "generate": _generate, "plugins": _plugins, "data": _data,
                 "export-peft": _export_peft, "export-hf": _export_hf, "kernels": _kernels, "demo": _demo,
                 "hf-tiny": _hf_tiny, "new-plugin": _new_plugin}

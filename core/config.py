@@ -59,6 +59,7 @@ class TrainConfig:
     init: Optional[str] = None  # start from these weights (a checkpoint or run folder), fresh optimizer
     seed: int = 0
     device: str = "auto"  # auto = cuda when available, else cpu
+    strategy: str = "ddp"  # under torchrun: ddp (replicas) or fsdp (FSDP2 shards); one process ignores it
     max_nonfinite: int = 10  # stop after this many non-finite losses in a row
     log_every: int = 50  # steps between log lines when stderr is not a terminal
     verify_frozen: bool = True  # hash every frozen weight before and after, proving it did not change
@@ -75,6 +76,8 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be within [0, 1], got {self.min_lr_ratio}")
+        if self.strategy not in ("ddp", "fsdp"):
+            raise ValueError(f"strategy must be ddp or fsdp, got {self.strategy!r}")
         if self.seq_len is not None and self.seq_len < 2:
             raise ValueError(f"seq_len must be at least 2, got {self.seq_len}")
 

@@ -4,9 +4,7 @@ from the plugins registered for the run (see ``hookspecs.py`` for the contract a
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
-import math
 import signal
 import threading
 import time
@@ -17,12 +15,13 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
+from . import distributed
 from .assemble import assemble, build_model, load_model
 from .config import TrainConfig
-from .errors import ConfigError, DataError, NonFiniteLossError
-from .integrity import frozen_named, weights_digest
-from .registry import call_impl
+from .errors import ConfigError, NonFiniteLossError
+from .integrity import frozen_named
 from .run import Run
+from .step import Batches, lr_at, make_optimizer, step
 
 __all__ = ["train", "TrainResult", "build_model", "load_model", "lr_at"]
 
@@ -40,22 +39,6 @@ class TrainResult:
     run: Run
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then cosine to lr * min_lr_ratio."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    span = max(1, cfg.steps - cfg.warmup)
-    progress = min(1.0, (step - cfg.warmup) / span)
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def _to_device(batch, device: torch.device):
-    if isinstance(batch, dict):
-        return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-    return batch
-
-
 @contextmanager
 def _stop_on_signals(run: Run):
     """SIGINT/SIGTERM ask the loop to checkpoint and stop after the current step; a second one aborts."""
@@ -63,9 +46,15 @@ def _stop_on_signals(run: Run):
         yield
         return
 
+    first: list[float] = []
+
     def handler(signum, frame):
-        if run.stop_reason is not None:  # second signal: the user really wants out now
-            raise KeyboardInterrupt
+        if first:
+            # torchrun hands a terminal's Ctrl-C on to workers that got it from the terminal already: one press.
+            if time.monotonic() - first[0] < 1.0:
+                return
+            raise KeyboardInterrupt  # a second signal: the user really wants out now
+        first.append(time.monotonic())
         run.request_stop(f"interrupted by {signal.Signals(signum).name}")
         run.summary["signal"] = int(signum)
         run.log(f"{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping "
@@ -79,47 +68,10 @@ def _stop_on_signals(run: Run):
             signal.signal(s, h)
 
 
-def _optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    # Decay matrices and embeddings, not biases and norm gains (the usual GPT recipe).
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-
-
-class _Batches:
-    """Micro-batches across epochs, resumable at (epoch, batch_in_epoch)."""
-
-    def __init__(self, run: Run, data_fn, model):
-        self.run, self.data_fn, self.model = run, data_fn, model
-        self.it = self._open()
-
-    def _open(self):
-        batches = call_impl(self.data_fn, run=self.run, model=self.model)
-        if batches is None:
-            raise DataError("the objective's tuneforge_data returned None: it produced no batches")
-        return itertools.islice(iter(batches), self.run.batch_in_epoch, None)
-
-    def next(self):
-        batch = next(self.it, None)
-        if batch is None:  # epoch exhausted: the next one, in its own order
-            self.run.epoch += 1
-            self.run.batch_in_epoch = 0
-            self.it = self._open()
-            batch = next(self.it, None)
-            if batch is None:
-                raise DataError(
-                    f"the data yields no batch in epoch {self.run.epoch}: fewer records than one batch? "
-                    f"Lower --batch-size (now {self.run.config.batch_size}) or add data."
-                )
-        self.run.batch_in_epoch += 1
-        return batch
-
-
-def _evaluate(model, run: Run) -> dict[str, float]:
+def _evaluate(model, run: Run, par: distributed.Parallel) -> dict[str, float]:
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), par.gathered(model):
             results = run.hook.tuneforge_evaluate(model=model, run=run)
     finally:
         model.train()
@@ -129,60 +81,39 @@ def _evaluate(model, run: Run) -> dict[str, float]:
     return merged
 
 
-def _step(run: Run, model, params, optimizer, batches: _Batches, loss_fn) -> tuple[dict[str, float], bool]:
-    """One optimizer step over ``grad_accum`` micro-batches; skipped (weights untouched) if anything is not
-    finite. Returns the step's metrics and whether it was applied."""
-    cfg, t0 = run.config, time.perf_counter()
-    lr = lr_at(run.step, cfg)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    sums: dict[str, float] = {}
-    finite = True
-    for _ in range(cfg.grad_accum):
-        loss, parts = call_impl(loss_fn, model=model, batch=_to_device(batches.next(), run.device), run=run)
-        value = float(loss.detach())  # the one host sync per micro-batch: the finiteness test and the log
-        if not math.isfinite(value):
-            finite = False  # still consume this step's micro-batches, so the data order stays the same
-            continue
-        (loss / cfg.grad_accum).backward()
-        sums["loss"] = sums.get("loss", 0.0) + value
-        for k, v in (parts or {}).items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-    grad_norm = float("nan")
-    if finite:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf")))
-        finite = math.isfinite(grad_norm)
-    if finite:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    run.step += 1
-    seconds = time.perf_counter() - t0
-    tokens = sums.pop("tokens", 0.0)
-    metrics = {k: v / cfg.grad_accum for k, v in sums.items()}
-    metrics.update(lr=lr, grad_norm=grad_norm, skipped=float(not finite), step_seconds=seconds)
-    if tokens:
-        metrics.update(tokens=tokens, tokens_per_s=tokens / seconds)
-    return metrics, finite
-
-
 def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
-    """Run one training job as ``config`` describes (keyword arguments override its fields)."""
+    """Run one training job as ``config`` describes (keyword arguments override its fields). Under torchrun each
+    process calls it; they train together (see :mod:`tuneforge.distributed`) and rank 0 writes the files."""
     cfg = config or TrainConfig()
     if overrides:  # typed, with errors that name the bad keyword
         values = {f: getattr(cfg, f) for f in TrainConfig.fields()}
         cfg = TrainConfig.build({**values, **overrides}, source="tuneforge.train()")
+    par = distributed.start(cfg.strategy, cfg.device)
+    try:
+        return _train(cfg, par)
+    finally:
+        par.close()
+
+
+def _train(cfg: TrainConfig, par: distributed.Parallel) -> TrainResult:
     started = time.perf_counter()
     out = Path(cfg.out) if cfg.out else None
     resume_path = _resume_path(cfg, out) if cfg.resume else None
-    built = assemble(cfg, out=out, resume=resume_path)
-    reg, run, model, params = built.reg, built.run, built.model, built.params
+    built = assemble(cfg, out=out, resume=resume_path, parallel=par)
+    reg, run, model = built.reg, built.run, built.model
     mcfg, device = run.model_config, run.device
-    optimizer = _optimizer(params, cfg) if params else None
     total = sum(p.numel() for p in model.parameters())
-    n_train = sum(p.numel() for p in params)
-
+    n_train = sum(p.numel() for p in built.params)
     if resume_path is not None:
-        state = ckpt.load_training_state(resume_path, model, optimizer)
+        ckpt.load_weights(resume_path, model)  # into the whole model, before FSDP shards it
+    loss_fn = reg.objective_impl("tuneforge_loss")
+    params = par.wrap(model, loss_fn, run) if built.params else []
+    optimizer = make_optimizer(params, cfg) if params else None
+    if resume_path is not None:
+        state, optimizer_state, rng = ckpt.load_training_state(resume_path)
+        if optimizer is not None and optimizer_state is not None:
+            par.load_optimizer_state(optimizer, optimizer_state)
+        par.set_rng(rng)
         run.step, run.epoch, run.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         run.summary["skipped_steps"] = state.get("skipped_steps", 0)
         run.resumed_from = resume_path
@@ -192,13 +123,14 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
             f"{out} already holds a run (latest: {ckpt.find_latest(out).name}); pass --resume auto to continue "
             "it, or choose another --out. Nothing was changed."
         )
+    elif par.rank:  # dropout draws differ between ranks; rank 0 keeps the stream a single process has
+        torch.manual_seed(cfg.seed * 1_000_003 + par.rank)
     # Reads and validates the data before anything is written.
-    batches = _Batches(run, reg.objective_impl("tuneforge_data"), model) if params else None
-    loss_fn = reg.objective_impl("tuneforge_loss")
+    batches = Batches(run, reg.objective_impl("tuneforge_data"), model, par) if params else None
     frozen = frozen_named(model) if cfg.verify_frozen else []
-    frozen_before = weights_digest(frozen) if frozen else None
+    frozen_before = par.digest(frozen) if frozen else None
 
-    if out is not None:
+    if out is not None and run.is_main:
         out.mkdir(parents=True, exist_ok=True)
         ckpt.clean_stale(out)
         config_json = {"train": cfg.to_dict(), "model_config": mcfg.to_dict(), "mechanisms": reg.options(),
@@ -209,6 +141,8 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
         trainable_pct=100.0 * n_train / max(1, total), device=str(device), objective=reg.objective,
         trainable_by_plugin=dict(run.trainable),
     )
+    if par.distributed:
+        run.summary.update(strategy=par.strategy, world_size=par.world_size)
     reg.hook.tuneforge_run_start(run=run, model=model)
 
     history: list[dict[str, float]] = []
@@ -217,26 +151,35 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
     nonfinite_streak = 0
 
     def save() -> Path | None:
+        """Every rank comes here (FSDP gathers the shards for rank 0); rank 0 writes."""
         nonlocal last_ckpt
-        if out is None or not run.is_main:
+        if out is None:
             return None
-        state = {
-            "step": run.step, "epoch": run.epoch, "batch_in_epoch": run.batch_in_epoch,
-            "skipped_steps": run.summary.get("skipped_steps", 0), "model_config": mcfg.to_dict(),
-            "mechanisms": reg.options(), "lineage": built.lineage(), "train": cfg.to_dict(),
-            "tokenizer": run.tokenizer.name,
-        }
-        last_ckpt = ckpt.save_checkpoint(
-            out, run.step, model, optimizer, state,
-            write_plugins=lambda path: reg.hook.tuneforge_save(run=run, path=path, model=model),
-            keep_last=cfg.keep_last,
-        )
+        with par.whole(model):  # FSDP: the shards gathered, so plugins and rank 0 write whole tensors
+            weights = par.full_weights(model)
+            optim = par.optimizer_state(optimizer) if optimizer is not None else None
+            rng = par.rng_states()
+            if run.is_main:
+                state = {
+                    "step": run.step, "epoch": run.epoch, "batch_in_epoch": run.batch_in_epoch,
+                    "skipped_steps": run.summary.get("skipped_steps", 0), "model_config": mcfg.to_dict(),
+                    "mechanisms": reg.options(), "lineage": built.lineage(), "train": cfg.to_dict(),
+                    "tokenizer": run.tokenizer.name, "world_size": par.world_size,
+                }
+                last_ckpt = ckpt.save_checkpoint(
+                    out, run.step, model, optim, state,
+                    write_plugins=lambda path: reg.hook.tuneforge_save(run=run, path=path, model=model),
+                    keep_last=cfg.keep_last, weights=weights, rng=rng,
+                )
+            par.barrier()  # the others go on once the checkpoint is complete
+        if not run.is_main:
+            last_ckpt = out / f"step-{run.step:08d}"
         return last_ckpt
 
     model.train()
     with _stop_on_signals(run):
-        while batches is not None and run.step < cfg.steps and run.stop_reason is None:
-            metrics, finite = _step(run, model, params, optimizer, batches, loss_fn)
+        while batches is not None and run.step < cfg.steps and not _stopping(run, par):
+            metrics, finite = step(run, params, optimizer, batches, par)
             nonfinite_streak = 0 if finite else nonfinite_streak + 1
             run.summary["skipped_steps"] = run.summary.get("skipped_steps", 0) + (not finite)
             if nonfinite_streak >= cfg.max_nonfinite:
@@ -248,7 +191,7 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
                     f"({last_ckpt or 'none written'}) is intact. Lower --lr, check the data, or raise --max-nonfinite."
                 )
             if cfg.eval_every and run.step % cfg.eval_every == 0 and run.step < cfg.steps:
-                metrics.update(_evaluate(model, run))
+                metrics.update(_evaluate(model, run, par))
             # Not during a non-finite streak: a checkpoint there would make a resume replay the streak.
             if cfg.save_every and run.step % cfg.save_every == 0 and run.step < cfg.steps and not nonfinite_streak:
                 save()
@@ -256,17 +199,24 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
             reg.hook.tuneforge_step_end(run=run, step=run.step, metrics=metrics)
 
     if run.step > 0 or run.stop_reason is None:  # nothing to evaluate after an interrupt before step 1
-        final_eval = _evaluate(model, run)
+        final_eval = _evaluate(model, run, par)
         metrics = {**metrics, **final_eval}
         run.summary["eval"] = final_eval
     if frozen:
-        _record_frozen(run, frozen, frozen_before)
+        _record_frozen(run, par.digest(frozen_named(model)), frozen, frozen_before)
     if out is not None and params and (last_ckpt is None or last_ckpt.name != f"step-{run.step:08d}"):
         save()
     run.summary["status"] = run.stop_reason or "completed"
     run.summary["checkpoint"] = str(last_ckpt) if last_ckpt else None
     _finish(run, model, started, out)
     return TrainResult(model, metrics, history, run.summary, out, last_ckpt, run)
+
+
+def _stopping(run: Run, par: distributed.Parallel) -> bool:
+    """Whether to stop before the next step: asked for on any rank (a signal, a plugin), so all stop together."""
+    if par.any(run.stop_reason is not None) and run.stop_reason is None:
+        run.stop_reason = "stopped by another rank"
+    return run.stop_reason is not None
 
 
 def _finish(run: Run, model, started: float, out: Path | None) -> None:
@@ -276,9 +226,8 @@ def _finish(run: Run, model, started: float, out: Path | None) -> None:
         ckpt.atomic_write_text(out / "summary.json", json.dumps(run.summary, indent=2, default=str))
 
 
-def _record_frozen(run: Run, frozen, before: str) -> None:
-    """Hash the frozen weights again and say in the summary whether they are bit-for-bit what they were."""
-    after = weights_digest(frozen)
+def _record_frozen(run: Run, after: str, frozen, before: str) -> None:
+    """Say in the summary whether the frozen weights are bit-for-bit what they were (``after``: their hash now)."""
     run.summary["frozen_weights"] = {
         "tensors": len(frozen), "values": sum(t.numel() for _, t in frozen), "sha256_before": before,
         "sha256_after": after, "unchanged": after == before,

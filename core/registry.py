@@ -27,7 +27,7 @@ from . import hookspecs
 from .errors import ConfigError, PluginError
 from .options import build_options, parse_spec, suggest
 
-__all__ = ["GROUP", "PluginInfo", "discover", "hook_names", "plugin_hooks", "build_manager", "Registered", "call_impl",
+__all__ = ["GROUP", "PluginInfo", "discover", "hook_names", "plugin_hooks", "build_manager", "Registered", "call_impl", "takes",
            "objectives_installed"]
 
 GROUP = "tuneforge"
@@ -158,15 +158,16 @@ def plugin_hooks(obj) -> list[str]:
 
 
 @functools.lru_cache(maxsize=256)
-def _takes(fn) -> frozenset[str]:
+def takes(fn) -> frozenset[str]:
+    """The argument names of a hook implementation (read once per function)."""
     return frozenset(inspect.signature(fn).parameters)
 
 
 def call_impl(fn, **kwargs):
     """Call one hook implementation with the subset of ``kwargs`` it takes (as pluggy does). The signature is
     read once per function: the engine calls the objective's loss this way on every micro-batch."""
-    takes = _takes(fn)
-    return fn(**{k: v for k, v in kwargs.items() if k in takes})
+    names = takes(fn)
+    return fn(**{k: v for k, v in kwargs.items() if k in names})
 
 
 def _where(fn) -> str:
