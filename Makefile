@@ -17,17 +17,22 @@ prereqs:
 install: prereqs
 	$(PIP) install --no-build-isolation -e .
 
+# The example mechanism (examples/tuneforge-ia3) is a package of its own, installed beside tuneforge.
 install-test: prereqs
 	$(PIP) install --no-build-isolation -e ".[test]"
+	$(PIP) install --no-build-isolation --no-deps -e examples/tuneforge-ia3
 
 demo: install
 	$(PYTHON) -m tuneforge demo --out runs/demo
 
+# Two runs: tuneforge's tests hide third-party plugins (tests/conftest.py); the example's folder is its own pytest
+# root (its pyproject.toml), where the runs see the ia3 plugin it installs.
 test: install-test
 	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q examples/tuneforge-ia3/tests
 
 bench: install
 	$(PYTHON) benchmarks/engine_overhead.py
 
 clean:
-	rm -rf runs build *.egg-info .pytest_cache
+	rm -rf runs build *.egg-info .pytest_cache examples/tuneforge-ia3/src/*.egg-info examples/tuneforge-ia3/.pytest_cache
