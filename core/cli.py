@@ -190,9 +190,6 @@ def _launch(nproc: str, argv: list[str]) -> int:
 def _train(args) -> int:
     from .engine import train
 
-    if args.nproc_per_node is not None:
-        return _launch(args.nproc_per_node, args.argv)
-
     values = load_config(args.config) if args.config else {}
     given = {f: getattr(args, f) for f in TrainConfig.fields() if f != "mechanisms" and getattr(args, f) is not None}
     values.update(given)
@@ -201,12 +198,15 @@ def _train(args) -> int:
     if not values.get("mechanisms"):
         raise ConfigError("name at least one mechanism with -m NAME (e.g. -m pretrain); see 'tuneforge plugins'")
     cfg = TrainConfig.build(values, source="tuneforge train" + (f" (config {args.config})" if args.config else ""))
+    if args.nproc_per_node is not None:  # the options are checked once, here, before N processes start
+        return _launch(args.nproc_per_node, args.argv)
     result = train(cfg)
     signum = result.summary.get("signal")
-    if signum:
+    if signum and result.run.is_main:
         where = result.checkpoint or "nowhere (no --out)"
         print(f"tuneforge: interrupted at step {result.run.step}; checkpoint: {where}. "
               "Continue with the same command plus --resume auto.", file=sys.stderr)
+    if signum:
         return 128 + int(signum)
     return 0
 

@@ -99,19 +99,16 @@ class Parallel:
         return flag
 
     def gathered(self, model: nn.Module):
-        """Around code that uses the model outside the loss (evaluation, rollouts, saving): full weights inside."""
+        """Around code that uses the model outside the loss (evaluation, rollouts, saving): inside, a plain module
+        with whole weights, whatever the strategy. Collective."""
         return contextlib.nullcontext()
 
     def digest(self, named) -> str:
         """SHA-256 of (name, tensor) pairs as :func:`tuneforge.integrity.weights_digest`, over all ranks' shards."""
         return weights_digest(named)
 
-    def whole(self, model: nn.Module):
-        """Around saving: every parameter whole and plain, whatever the strategy (collective)."""
-        return contextlib.nullcontext()
-
     def full_weights(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict] | None:
-        """Inside :meth:`whole`: ``(tensors, state.json entries)`` for rank 0 to write, or None to write ``model``
+        """Inside :meth:`gathered`: ``(tensors, state.json entries)`` for rank 0 to write, or None to write ``model``
         as it is."""
         return None
 
@@ -210,6 +207,7 @@ class FSDP(_Distributed):
 
     strategy = "fsdp"
     folder: tuple[set[str], dict] | None = None  # (names still the model folder's, its identity), at wrap time
+    scalars: list[nn.Parameter] = []
 
     def wrap(self, model, loss_fn, run):
         from torch.distributed.device_mesh import init_device_mesh
@@ -222,10 +220,22 @@ class FSDP(_Distributed):
         folder_weights = getattr(model, "folder_weights", None)
         self.folder = folder_weights() if folder_weights is not None else None
         mesh = init_device_mesh(self.device.type, (self.world_size,))
+        # A 0-dim parameter (a reward model's tie strength) cannot be sharded: every rank keeps it whole, and
+        # its gradient is averaged in reduce().
+        self.scalars = [p for p in model.parameters() if p.dim() == 0]
         for block in getattr(model, "blocks", []):
-            fully_shard(block, mesh=mesh)
-        fully_shard(self.objective, mesh=mesh)
+            fully_shard(block, mesh=mesh, ignored_params=set(self.scalars))
+        fully_shard(self.objective, mesh=mesh, ignored_params=set(self.scalars))
         return [p for p in model.parameters() if p.requires_grad]
+
+    def reduce(self, sums, finite):
+        grads = [p.grad for p in self.scalars if p.grad is not None]
+        if grads:
+            flat = torch.stack(grads)
+            dist.all_reduce(flat)
+            for g, v in zip(grads, flat / self.world_size):
+                g.copy_(v)
+        return super().reduce(sums, finite)
 
     def _modules(self):
         from torch.distributed.fsdp import FSDPModule
@@ -248,28 +258,15 @@ class FSDP(_Distributed):
 
     @contextlib.contextmanager
     def gathered(self, model):
-        modules = self._modules()
-        if not modules:
-            yield
-            return
-        root = modules[0] if modules[0] is self.objective else self.objective
-        root.set_reshard_after_forward(False)  # blocks stay gathered across the calls of a generate loop
-        for m in modules:
-            m.unshard()
-        try:
-            yield
-        finally:
-            for m in modules:
-                m.reshard()
-            root.set_reshard_after_forward(True)
-
-    @contextlib.contextmanager
-    def whole(self, model):
-        """Every sharded parameter swapped for a plain one holding the whole tensor, and FSDP's state-dict hooks
-        (which would swap the shards back in) set aside: plugins save their modules as they would unsharded."""
+        """The model as a plain module with whole weights: every sharded parameter swapped for one holding the
+        gathered tensor, and FSDP's forward and state-dict hooks (which would swap the shards back in) set aside.
+        Evaluation, rollouts and plugins' save hooks run on it as they would on one process."""
         from torch.distributed.tensor import DTensor
 
         modules = self._modules()
+        if not modules:  # nothing was sharded (a run that trains nothing)
+            yield
+            return
         for m in modules:
             m.reshard()  # the registered parameters are the shards now
         whole, swapped = {}, []
@@ -280,14 +277,19 @@ class FSDP(_Distributed):
                         whole[id(p)] = nn.Parameter(p.full_tensor().clone(), requires_grad=p.requires_grad)
                     module._parameters[name] = whole[id(p)]
                     swapped.append((module, name, p))
-        hooks = [(m, m._state_dict_pre_hooks) for m in model.modules() if m._state_dict_pre_hooks]
-        for m, _ in hooks:
-            m._state_dict_pre_hooks = type(m._state_dict_pre_hooks)()
+        set_aside = []  # (module, attribute, the hooks as they were)
+        for m in self.objective.modules():
+            for attr in ("_forward_pre_hooks", "_forward_hooks", "_state_dict_pre_hooks"):
+                hooks = getattr(m, attr)
+                kept = type(hooks)((k, h) for k, h in hooks.items() if not _fsdp_hook(h))
+                if len(kept) != len(hooks):
+                    set_aside.append((m, attr, hooks))
+                    setattr(m, attr, kept)
         try:
             yield
         finally:
-            for m, h in hooks:
-                m._state_dict_pre_hooks = h
+            for m, attr, hooks in set_aside:
+                setattr(m, attr, hooks)
             for module, name, p in swapped:
                 module._parameters[name] = p
 
@@ -319,6 +321,14 @@ class FSDP(_Distributed):
                     if torch.is_tensor(v) and v.shape == p.shape:  # moments: shard them like their parameter
                         entry[k] = distribute_tensor(v.to(self.device), p.device_mesh, p.placements)
         optimizer.load_state_dict(state)
+
+
+def _fsdp_hook(hook) -> bool:
+    """Whether a module hook is FSDP2's own (a method of its per-module state, or its state-dict resharding)."""
+    owner = getattr(hook, "__self__", None)
+    if owner is not None and type(owner).__name__ == "FSDPState":
+        return True
+    return getattr(hook, "__qualname__", "").startswith("FSDPParamGroup.")
 
 
 def _device(name: str, local_rank: int, world_size: int) -> torch.device:

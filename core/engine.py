@@ -155,7 +155,7 @@ def _train(cfg: TrainConfig, par: distributed.Parallel) -> TrainResult:
         nonlocal last_ckpt
         if out is None:
             return None
-        with par.whole(model):  # FSDP: the shards gathered, so plugins and rank 0 write whole tensors
+        with par.gathered(model):  # FSDP: the shards gathered, so plugins and rank 0 write whole tensors
             weights = par.full_weights(model)
             optim = par.optimizer_state(optimizer) if optimizer is not None else None
             rng = par.rng_states()

@@ -6,14 +6,15 @@ functions directly, or load the pytest fixtures with one line in your ``conftest
     pytest_plugins = ["tuneforge.testing"]
 
     def test_my_mechanism_trains(train_tiny):
-        result = train_tiny("my-mechanism:rank=2")          # + pretrain, since my-mechanism is no objective
+        result = train_tiny("my-mechanism:rank=2")          # + finetune, since my-mechanism is no objective
         assert result.summary["trainable_params"] > 0
         assert result.summary["frozen_weights"]["unchanged"]
 
 A run names mechanisms exactly as ``tuneforge train -m`` does: an installed plugin by its entry-point name
 (``"ia3:targets=k,v"``), or a plugin object (``MyPlugin(MyPlugin.Options(...))``) to test one before it is
-installed. A run must have one objective: :func:`train_tiny` adds ``pretrain`` when none of the named
-mechanisms brings one, so a parameterisation (LoRA-like) plugin can be tested on its own.
+installed. A run must have one objective: :func:`train_tiny` adds ``finetune`` (next-token prediction on the
+text) when none of the named mechanisms brings one. Beside a plugin that chooses what trains, ``finetune`` trains
+nothing of its own, so a parameterisation (LoRA-like) plugin is tested with everything else frozen.
 """
 from __future__ import annotations
 
@@ -93,7 +94,7 @@ def needs_objective(mechanisms: list) -> bool:
     return True
 
 
-def train_tiny(*mechanisms, out: str | Path | None = None, objective: str | None = "pretrain", **config: Any):
+def train_tiny(*mechanisms, out: str | Path | None = None, objective: str | None = "finetune", **config: Any):
     """Train :data:`TINY` (or ``config["model"]`` / ``config["init"]``'s model) for a few steps with
     ``mechanisms`` and return the :class:`tuneforge.TrainResult`.
 
