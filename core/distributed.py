@@ -128,6 +128,23 @@ class Parallel:
         if state is not None:
             torch.set_rng_state(state)
 
+    def state_bytes(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
+        """Bytes of model state this process holds (parameters, their gradients while a step runs, the
+        optimizer's tensors); the largest over ranks. What FSDP divides by the number of processes."""
+        def local(t):
+            t = t.to_local() if hasattr(t, "to_local") else t
+            return t.numel() * t.element_size()
+
+        params = list({id(p): p for p in model.parameters()}.values())
+        total = sum(local(p) for p in params) + sum(local(p) for p in params if p.requires_grad)
+        if optimizer is not None:
+            total += sum(local(v) for entry in optimizer.state.values() for v in entry.values()
+                         if torch.is_tensor(v) and v.dim() > 0)
+        return self._max(total)
+
+    def _max(self, value: int) -> int:
+        return value
+
     def barrier(self) -> None:
         pass
 
@@ -164,6 +181,11 @@ class _Distributed(Parallel):
         every = [None] * self.world_size
         dist.all_gather_object(every, torch.get_rng_state())
         return {"rng.torch": every[0].clone(), **{f"rng.torch.rank{r}": s for r, s in enumerate(every)}}
+
+    def _max(self, value):
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
 
     def barrier(self):
         dist.barrier()

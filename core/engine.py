@@ -108,6 +108,7 @@ def _train(cfg: TrainConfig, par: distributed.Parallel) -> TrainResult:
         ckpt.load_weights(resume_path, model)  # into the whole model, before FSDP shards it
     loss_fn = reg.objective_impl("tuneforge_loss")
     params = par.wrap(model, loss_fn, run) if built.params else []
+    built.params = params  # FSDP replaced the parameters: no reference may keep the unsharded ones alive
     optimizer = make_optimizer(params, cfg) if params else None
     if resume_path is not None:
         state, optimizer_state, rng = ckpt.load_training_state(resume_path)
@@ -206,6 +207,7 @@ def _train(cfg: TrainConfig, par: distributed.Parallel) -> TrainResult:
         _record_frozen(run, par.digest(frozen_named(model)), frozen, frozen_before)
     if out is not None and params and (last_ckpt is None or last_ckpt.name != f"step-{run.step:08d}"):
         save()
+    run.summary["model_state_mib_per_process"] = round(par.state_bytes(model, optimizer) / 2**20, 2)
     run.summary["status"] = run.stop_reason or "completed"
     run.summary["checkpoint"] = str(last_ckpt) if last_ckpt else None
     _finish(run, model, started, out)

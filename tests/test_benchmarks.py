@@ -31,3 +31,16 @@ def test_kernels_benchmark_quick_agrees_with_its_baselines():
         assert variant["max_abs_diff"] < 1e-4 and variant["forward"]["tuneforge_ms"] > 0
     step = report["pretrain_step"]
     assert step["kernels_ms"] > 0 and step["reference_ms"] > 0
+
+
+def test_distributed_benchmark_quick_runs_both_strategies_against_hand_loops():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "distributed.py"), "--quick"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp, fsdp = json.loads(proc.stdout.strip().splitlines()[-1])
+    for row in (ddp, fsdp):
+        assert row["tuneforge"]["tokens_per_s"] > 0 and row["hand"]["tokens_per_s"] > 0
+        assert row["tuneforge"]["max_rss_mib"] > 0
+    # FSDP on 2 processes holds half the parameters, gradients and AdamW state of DDP (up to shard padding)
+    ratio = fsdp["tuneforge"]["model_state_mib"] / ddp["tuneforge"]["model_state_mib"]
+    assert 0.45 < ratio < 0.6
