@@ -67,8 +67,11 @@ def _worker(args) -> None:
         float(loss)  # the loss a loop logs: one host sync, as tuneforge does
         times.append(time.perf_counter() - t0)
     if rank == 0:
-        print(json.dumps({"step_seconds": times}))
+        print(json.dumps({"step_seconds": times}), flush=True)
+    dist.barrier()
     dist.destroy_process_group()
+    sys.stderr.flush()
+    os._exit(0)  # PyTorch's teardown at exit sometimes aborts after FSDP2 on gloo (see tuneforge/cli.py _train)
 
 
 def _launch(command: list[str]) -> tuple[subprocess.CompletedProcess, float]:

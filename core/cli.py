@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .config import TrainConfig, load_config
@@ -162,8 +163,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _launch(nproc: str, argv: list[str]) -> int:
     """Become torchrun running this same command, minus --nproc-per-node, on ``nproc`` processes."""
-    import os
-
     from .distributed import launched, torchrun_command
 
     if launched():
@@ -206,9 +205,15 @@ def _train(args) -> int:
         where = result.checkpoint or "nowhere (no --out)"
         print(f"tuneforge: interrupted at step {result.run.step}; checkpoint: {where}. "
               "Continue with the same command plus --resume auto.", file=sys.stderr)
-    if signum:
-        return 128 + int(signum)
-    return 0
+    code = 128 + int(signum) if signum else 0
+    if result.run.world_size > 1:
+        # Every file is written and closed. Under FSDP2 on gloo, PyTorch's C++ teardown at interpreter exit
+        # aborts now and then ("terminate called without an active exception"; a hand-written fully_shard loop
+        # does it too), which torchrun would report as a failed job: leave without running it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _generate(args) -> int:
@@ -329,8 +334,6 @@ def _new_plugin(args) -> int:
 
 def _plugin_loading(args) -> None:
     """The plugin flags become the environment discovery reads, so torchrun's worker processes inherit them."""
-    import os
-
     if args.no_plugins and args.plugins is not None:
         raise ConfigError("--no-plugins and --plugins contradict each other; give one")
     if args.no_plugins:

@@ -192,6 +192,8 @@ class _Distributed(Parallel):
 
     def close(self):
         if dist.is_initialized():
+            # Together: a rank tearing gloo down while another still talks to it can abort at exit.
+            dist.barrier()
             dist.destroy_process_group()
 
 

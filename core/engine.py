@@ -144,7 +144,8 @@ def _train(cfg: TrainConfig, par: distributed.Parallel) -> TrainResult:
     )
     if par.distributed:
         run.summary.update(strategy=par.strategy, world_size=par.world_size)
-    reg.hook.tuneforge_run_start(run=run, model=model)
+    with par.gathered(model):  # whole weights for plugins that look at them (FSDP shards them)
+        reg.hook.tuneforge_run_start(run=run, model=model)
 
     history: list[dict[str, float]] = []
     metrics: dict[str, float] = {}
@@ -185,7 +186,8 @@ def _train(cfg: TrainConfig, par: distributed.Parallel) -> TrainResult:
             run.summary["skipped_steps"] = run.summary.get("skipped_steps", 0) + (not finite)
             if nonfinite_streak >= cfg.max_nonfinite:
                 run.summary["status"] = "stopped: non-finite loss"
-                _finish(run, model, started, out)
+                with par.gathered(model):
+                    _finish(run, model, started, out)
                 raise NonFiniteLossError(
                     f"the loss or gradient was not finite for {nonfinite_streak} steps in a row (up to step "
                     f"{run.step}); stopped. Skipped steps never update the weights, so the last good checkpoint "
@@ -210,7 +212,8 @@ def _train(cfg: TrainConfig, par: distributed.Parallel) -> TrainResult:
     run.summary["model_state_mib_per_process"] = round(par.state_bytes(model, optimizer) / 2**20, 2)
     run.summary["status"] = run.stop_reason or "completed"
     run.summary["checkpoint"] = str(last_ckpt) if last_ckpt else None
-    _finish(run, model, started, out)
+    with par.gathered(model):
+        _finish(run, model, started, out)
     return TrainResult(model, metrics, history, run.summary, out, last_ckpt, run)
 
 

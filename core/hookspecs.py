@@ -12,6 +12,11 @@ Lifecycle of one run::
                                               -> every save_every steps: save
     -> run_end
 
+Under torchrun every hook runs in every process (``tuneforge_save`` in rank 0's only), and the hooks that get the
+model outside its loss (``run_start``, ``evaluate``, ``save``, ``run_end``, and ``data`` for objectives that take
+``model``) see it with whole weights, also under FSDP: parameters are found by structure there, never through
+references kept from ``modify_model`` (FSDP replaces them). See docs/distributed.md.
+
 Two of these hooks define the run's *objective* (``data`` and ``loss``): one plugin implements both, and a run
 has at most one, checked when the run is set up. A plugin may mark its pair ``@hookimpl(trylast=True)`` to offer
 a *default* objective, used only when no other plugin brings one (``run.objective`` names the winner). A run

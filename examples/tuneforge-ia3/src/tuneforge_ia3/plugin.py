@@ -138,7 +138,9 @@ class IA3(DefaultObjective):
 
     @hookimpl
     def tuneforge_run_start(self, run, model):
-        self._start = [p.detach().clone() for p in self._params]
+        # Read from the model, not from the list kept since modify_model: under FSDP the engine swaps the
+        # parameters for sharded ones, and hands these hooks the model with whole tensors.
+        self._start = [p.detach().clone() for p in vectors(model, self.trained)]
         if self._params:
             count = sum(p.numel() for p in self._params)
             run.log(f"ia3: training {len(self._params)} vectors ({', '.join(self.options.targets)}; {count:,} "
@@ -152,8 +154,8 @@ class IA3(DefaultObjective):
             save_ia3(model, Path(path) / FOLDER, options=self.saved_options())
 
     @hookimpl
-    def tuneforge_run_end(self, summary):
-        moved = [(p.detach().float() - s.float()).abs() for p, s in zip(self._params, self._start)]
+    def tuneforge_run_end(self, model, summary):
+        moved = [(p.detach().float() - s.float()).abs() for p, s in zip(vectors(model, self.trained), self._start)]
         summary["ia3"] = {
             "vectors": len(self._params), "parameters": sum(p.numel() for p in self._params),
             # how far training moved them: 0.0 would mean the vectors never learned anything
