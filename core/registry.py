@@ -118,7 +118,8 @@ def discover(*, strict: bool | None = None) -> dict[str, PluginInfo]:
         if info.error and strict:
             raise PluginError(
                 f"plugin '{ep.name}' from {package} {version} ({ep.value}) failed to load: {info.error}. "
-                "Unset TUNEFORGE_STRICT_PLUGINS to skip broken plugins, or fix/uninstall the package."
+                "Drop --strict-plugins (or unset TUNEFORGE_STRICT_PLUGINS) to skip broken plugins, leave it out with "
+                "--plugins NAME,... or --no-plugins, or fix/uninstall the package."
             )
         # A clash keeps the first plugin usable and lists the second under its package, with the error.
         found[ep.name if ep.name not in found else f"{ep.name} ({package})"] = info

@@ -119,3 +119,23 @@ def test_allowlist_loads_only_named_third_party_plugins(site):
     assert "toy" in names and "broken" not in names and "pretrain" in names
     names = {r["name"] for r in json.loads(tf(site, "plugins", "--json", env={"TUNEFORGE_LOAD_PLUGINS": ""}).stdout)}
     assert "toy" not in names and "pretrain" in names
+
+
+def test_plugin_flags_on_the_command_line(site):
+    def listed(*flags):
+        proc = tf(site, *flags, "plugins", "--json")
+        assert proc.returncode == 0, proc.stderr
+        return {r["name"] for r in json.loads(proc.stdout)}
+
+    everything = listed()
+    assert {"toy", "broken", "pretrain"} <= everything
+    assert listed("--plugins", "toy") & {"toy", "broken"} == {"toy"} and "pretrain" in listed("--plugins", "toy")
+    without = listed("--no-plugins")
+    assert "toy" not in without and "broken" not in without and "lora" in without  # built-ins always load
+    strict = tf(site, "--strict-plugins", "train", "-m", "pretrain", "--steps", "1")
+    assert strict.returncode == 2 and "'broken'" in strict.stderr and "--strict-plugins" in strict.stderr
+    # strict with the broken package left out by the allowlist: nothing broken is loaded, so the run goes on
+    ok = tf(site, "--strict-plugins", "--plugins", "toy", "plugins")
+    assert ok.returncode == 0, ok.stderr
+    clash = tf(site, "--no-plugins", "--plugins", "toy", "plugins")
+    assert clash.returncode == 2 and "contradict" in clash.stderr
