@@ -365,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
         _plugin_loading(args)
         return handlers[args.command](args)
     except TuneforgeError as exc:
-        print(f"tuneforge: error: {exc}", file=sys.stderr)
+        where = f" (rank {os.environ['RANK']})" if "RANK" in os.environ and "WORLD_SIZE" in os.environ else ""
+        print(f"tuneforge: error{where}: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("tuneforge: aborted", file=sys.stderr)

@@ -148,8 +148,8 @@ class Parallel:
     def barrier(self) -> None:
         pass
 
-    def close(self) -> None:
-        pass
+    def close(self, together: bool = True) -> None:
+        """End the process group (``together``: after every rank got here)."""
 
 
 class _Distributed(Parallel):
@@ -190,10 +190,10 @@ class _Distributed(Parallel):
     def barrier(self):
         dist.barrier()
 
-    def close(self):
+    def close(self, together=True):
         if dist.is_initialized():
-            # Together: a rank tearing gloo down while another still talks to it can abort at exit.
-            dist.barrier()
+            if together:  # a rank tearing gloo down while another still talks to it can abort at exit
+                dist.barrier()
             dist.destroy_process_group()
 
 

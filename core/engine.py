@@ -90,9 +90,12 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
         cfg = TrainConfig.build({**values, **overrides}, source="tuneforge.train()")
     par = distributed.start(cfg.strategy, cfg.device)
     try:
-        return _train(cfg, par)
-    finally:
-        par.close()
+        result = _train(cfg, par)
+    except BaseException:
+        par.close(together=False)  # the other ranks may never reach the closing barrier; torchrun ends them
+        raise
+    par.close()
+    return result
 
 
 def _train(cfg: TrainConfig, par: distributed.Parallel) -> TrainResult:
