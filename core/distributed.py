@@ -161,13 +161,13 @@ class _Distributed(Parallel):
 
     def reduce(self, sums, finite):
         keys = sorted(sums)
-        values = torch.tensor([float(not finite)] + [sums[k] for k in keys], dtype=torch.float64)
+        values = torch.tensor([float(not finite)] + [sums[k] for k in keys], dtype=torch.float64, device=self.device)
         dist.all_reduce(values)  # gloo and nccl both sum float64
         out = {k: float(v) if k == "tokens" else float(v) / self.world_size for k, v in zip(keys, values[1:].tolist())}
         return out, values[0].item() == 0
 
     def any(self, flag):
-        value = torch.tensor([float(flag)], dtype=torch.float64)
+        value = torch.tensor([float(flag)], dtype=torch.float64, device=self.device)
         dist.all_reduce(value)
         return value.item() > 0
 
@@ -183,7 +183,7 @@ class _Distributed(Parallel):
         return {"rng.torch": every[0].clone(), **{f"rng.torch.rank{r}": s for r, s in enumerate(every)}}
 
     def _max(self, value):
-        t = torch.tensor([value], dtype=torch.float64)
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return int(t.item())
 

@@ -135,7 +135,8 @@ def test_reward_model_with_a_scalar_parameter_under_fsdp(tmp_path, single):
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_a_killed_two_process_run_resumes_to_the_same_weights(tmp_path, strategy):
-    args = ["-m", "tuneforge", "train", "-m", "pretrain", "--model", "tiny:n_layers=2,d_model=64,n_heads=2,max_seq_len=64",
+    model = "tiny:n_layers=2,d_model=64,n_heads=2,max_seq_len=64"
+    args = ["-m", "tuneforge", "train", "-m", "pretrain", "--model", model,
             "--steps", "120", "--batch-size", "8", "--seq-len", "64", "--eval-every", "0", "--warmup", "5",
             "--strategy", strategy, "--nproc-per-node", "2"]
     full, part = tmp_path / "full", tmp_path / "part"
