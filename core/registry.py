@@ -28,8 +28,7 @@ from .errors import ConfigError, PluginError
 from .options import build_options, parse_spec, suggest
 
 __all__ = ["GROUP", "PluginInfo", "discover", "hook_names", "plugin_hooks", "build_manager", "Registered", "call_impl",
-           "takes",
-           "objectives_installed"]
+           "takes", "objectives_installed"]
 
 GROUP = "tuneforge"
 OWN_DISTRIBUTION = "tuneforge"
