@@ -132,6 +132,27 @@ def test_reward_model_with_a_scalar_parameter_under_fsdp(tmp_path, single):
     torch.testing.assert_close(a - a.mean(), b - b.mean(), rtol=1e-4, atol=1e-4)
 
 
+def test_lora_on_a_hugging_face_model_under_fsdp_stores_only_the_lora(tmp_path):
+    """The folder's frozen weights stay in the folder (known before sharding), as in one process."""
+    pytest.importorskip("transformers")
+    import tuneforge
+    from tuneforge.hf_tiny import make_tiny
+
+    folder = make_tiny(tmp_path / "llama", "llama", d_model=32, n_layers=2, n_heads=4, context=64, vocab_size=256)
+    args = ["-m", "lora:rank=2", "--model", f"hf:{folder}", "--steps", "3", "--batch-size", "2", "--seq-len", "32",
+            "--eval-every", "0", "--warmup", "1", "--lr", "1e-2"]
+    one, two = tmp_path / "one", tmp_path / "fsdp"
+    _run(["-m", "tuneforge", "train", *args, "--grad-accum", "2", "--out", str(one)])
+    _run(["-m", "tuneforge", "train", *args, "--strategy", "fsdp", "--nproc-per-node", "2", "--out", str(two)])
+    torch.testing.assert_close(_losses(two), _losses(one), rtol=1e-5, atol=1e-6)
+    state = json.loads((two / "step-00000003" / "state.json").read_text())
+    stored = _weights(two, 3)
+    assert stored and all(".lora_" in k or "lora" in k for k in stored), sorted(stored)[:4]
+    assert "model.embed_tokens.weight" in state["folder_weights"]["names"]
+    x = torch.randint(0, 200, (2, 12))
+    torch.testing.assert_close(tuneforge.load_model(two)(x), tuneforge.load_model(one)(x), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_a_killed_two_process_run_resumes_to_the_same_weights(tmp_path, strategy):
