@@ -10,6 +10,9 @@ functions directly, or load the pytest fixtures with one line in your ``conftest
         assert result.summary["trainable_params"] > 0
         assert result.summary["frozen_weights"]["unchanged"]
 
+:func:`train_distributed` runs a plugin on 2 processes under torchrun and on one, for comparing their
+:func:`losses`: a mechanism that keeps per-rank state, or writes files on every rank, shows up there.
+
 A run names mechanisms exactly as ``tuneforge train -m`` does: an installed plugin by its entry-point name
 (``"ia3:targets=k,v"``), or a plugin object (``MyPlugin(MyPlugin.Options(...))``) to test one before it is
 installed. A run must have one objective: :func:`train_tiny` adds ``finetune`` (next-token prediction on the
@@ -30,8 +33,8 @@ except ImportError:  # pragma: no cover
     pytest = None
 
 __all__ = [
-    "TINY", "tiny_model", "tiny_dataset", "pretrained_tiny", "train_tiny", "check_plugin", "snapshot", "changed",
-    "needs_objective",
+    "TINY", "tiny_model", "tiny_dataset", "pretrained_tiny", "train_tiny", "train_distributed", "losses",
+    "check_plugin", "snapshot", "changed", "needs_objective",
 ]
 
 #: A one-block model with a 64-token context: a step takes milliseconds on one CPU core.
@@ -114,6 +117,47 @@ def train_tiny(*mechanisms, out: str | Path | None = None, objective: str | None
     if "model" not in values and "init" not in values:
         values["model"] = TINY
     return train(mechanisms=mechanisms, out=str(out) if out is not None else None, **values)
+
+
+def train_distributed(folder: str | Path, *mechanisms: str, strategy: str = "ddp", nproc: int = 2,
+                      objective: str | None = "finetune", **config: Any) -> tuple[Path, Path]:
+    """Train the same tiny run twice, as users launch them: one process with ``--grad-accum nproc * k``, and
+    ``nproc`` processes under torchrun (gloo on CPU) with ``--grad-accum k``. The two take the same optimizer
+    steps, so their losses (:func:`losses`) must agree to float tolerance, whatever the plugin does.
+
+    :param folder: where the two run folders (``one``, ``many``) go.
+    :param mechanisms: installed plugins as ``"NAME:key=value"`` (the runs are separate processes).
+    :param strategy: ``ddp`` or ``fsdp``.
+    :param config: :class:`tuneforge.TrainConfig` fields, e.g. ``steps=3``, ``init=path``.
+    :return: (the one-process run folder, the ``nproc``-process run folder).
+    :raises AssertionError: a run failed; the message holds the end of its stderr.
+    """
+    import subprocess
+    import sys
+
+    mechanisms = list(mechanisms)
+    if objective is not None and needs_objective(mechanisms):
+        mechanisms.append(objective)
+    values = {**_RUN_DEFAULTS, **config}
+    if "model" not in values and "init" not in values:
+        values["model"] = TINY
+    accum = int(values.pop("grad_accum", 1))
+    args = [a for m in mechanisms for a in ("-m", m)]
+    args += [a for k, v in values.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    one, many = Path(folder) / "one", Path(folder) / "many"
+    for command in ([*args, "--grad-accum", str(accum * nproc), "--out", str(one)],
+                    [*args, "--grad-accum", str(accum), "--strategy", strategy, "--nproc-per-node", str(nproc),
+                     "--out", str(many)]):
+        proc = subprocess.run([sys.executable, "-m", "tuneforge", "train", *command], capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, f"tuneforge train {' '.join(command)} failed:\n{proc.stderr[-3000:]}"
+    return one, many
+
+
+def losses(run: str | Path) -> list[float]:
+    """The loss of every step of a run folder, from its metrics.jsonl."""
+    lines = (Path(run) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines]
 
 
 def check_plugin(plugin_cls, name: str | None = None) -> list[str]:

@@ -43,17 +43,14 @@ def test_the_readme_command_trains_soft_prompts_and_ia3_together(tiny_pretrained
     assert sorted(manifest["points"]) == ["blocks.0.attn.v", "blocks.0.mlp.down"]
 
 
-def test_ia3_with_soft_prompts_on_two_processes_matches_one(tiny_pretrained, tmp_path):
+def test_ia3_with_soft_prompts_on_two_processes_matches_one(tiny_pretrained, tmp_path, monkeypatch):
     """A third-party mechanism under torchrun (FSDP2 shards its vectors with the blocks): two processes train the
     same steps as one process with twice the accumulation."""
-    args = ["train", "--init", str(tiny_pretrained), "-m", "prompt-tuning:tokens=4", "-m", "ia3", "--steps", "3",
-            "--seq-len", "32", "--batch-size", "4", "--lr", "1e-2", "--eval-every", "0"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert tf(*args, "--grad-accum", "2", "--out", str(one)).returncode == 0
-    proc = tf(*args, "--strategy", "fsdp", "--nproc-per-node", "2", "--out", str(two))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    losses = [[json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-              for run in (one, two)]
-    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    from tuneforge.testing import losses, train_distributed
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    one, two = train_distributed(tmp_path, "prompt-tuning:tokens=4", "ia3", strategy="fsdp",
+                                 init=tiny_pretrained, steps=3, lr=1e-2)
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5) and len(losses(one)) == 3
     moved = [json.loads((run / "summary.json").read_text())["ia3"]["mean_abs_change"] for run in (one, two)]
     assert moved[0] > 0 and moved[1] == pytest.approx(moved[0], rel=1e-4)
