@@ -291,7 +291,7 @@ import pytest
 import torch
 
 from tuneforge import ConfigError, load_model
-from tuneforge.testing import check_plugin
+from tuneforge.testing import check_plugin, losses, train_distributed
 
 from ${module} import ChannelGain, ${cls}
 
@@ -345,4 +345,10 @@ def test_a_saved_model_is_rebuilt_with_its_trained_gains(train_tiny):
 def test_bad_options_are_refused_before_training(train_tiny):
     with pytest.raises(ConfigError, match="last"):
         train_tiny(f"{NAME}:last=-1")
+
+
+def test_two_processes_train_as_one(tmp_path):
+    """torchrun, 2 CPU processes, FSDP2 sharding the gains with their blocks: the same steps as one process."""
+    one, two = train_distributed(tmp_path, NAME, strategy="fsdp", steps=3)
+    assert len(losses(one)) == 3 and losses(two) == pytest.approx(losses(one), rel=1e-5)
 '''

@@ -44,7 +44,7 @@ def test_generated_package_installs_is_listed_and_its_tests_pass(tmp_path):
     tested = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(pkg)],
                             capture_output=True, text=True, cwd=tmp_path, env=_env(PYTHONPATH=path), timeout=300)
     assert tested.returncode == 0, tested.stdout[-3000:] + tested.stderr[-2000:]
-    assert "5 passed" in tested.stdout, tested.stdout[-2000:]
+    assert "6 passed" in tested.stdout, tested.stdout[-2000:]
 
 
 @pytest.mark.parametrize("name", ["", "1gain", "-gain", "my gain", "gain:rank=2", "a,b", "gain.v2", "gäin"])
