@@ -110,13 +110,19 @@ def train_tiny(*mechanisms, out: str | Path | None = None, objective: str | None
     """
     from .engine import train
 
+    mechanisms, values = _tiny_run(mechanisms, objective, config)
+    return train(mechanisms=mechanisms, out=str(out) if out is not None else None, **values)
+
+
+def _tiny_run(mechanisms, objective: str | None, config: dict) -> tuple[list, dict]:
+    """The mechanisms (with ``objective`` added where none is named) and the TrainConfig values of a tiny run."""
     mechanisms = list(mechanisms)
     if objective is not None and needs_objective(mechanisms):
         mechanisms.append(objective)
     values = {**_RUN_DEFAULTS, **config}
     if "model" not in values and "init" not in values:
         values["model"] = TINY
-    return train(mechanisms=mechanisms, out=str(out) if out is not None else None, **values)
+    return mechanisms, values
 
 
 def train_distributed(folder: str | Path, *mechanisms: str, strategy: str = "ddp", nproc: int = 2,
@@ -135,12 +141,7 @@ def train_distributed(folder: str | Path, *mechanisms: str, strategy: str = "ddp
     import subprocess
     import sys
 
-    mechanisms = list(mechanisms)
-    if objective is not None and needs_objective(mechanisms):
-        mechanisms.append(objective)
-    values = {**_RUN_DEFAULTS, **config}
-    if "model" not in values and "init" not in values:
-        values["model"] = TINY
+    mechanisms, values = _tiny_run(mechanisms, objective, config)
     accum = int(values.pop("grad_accum", 1))
     args = [a for m in mechanisms for a in ("-m", m)]
     args += [a for k, v in values.items() for a in (f"--{k.replace('_', '-')}", str(v))]
