@@ -100,7 +100,7 @@ def save_checkpoint(
     write_plugins: Callable[[Path], None] | None = None,
     keep_last: int | None = None,
     *,
-    weights: tuple[dict[str, torch.Tensor], dict] | None = None,
+    folder: tuple[set[str], dict] | None = None,
     rng: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``out/step-{step:08d}/`` atomically and point ``out/latest`` at it.
@@ -109,8 +109,8 @@ def save_checkpoint(
     :param state: JSON-able engine state (step, epoch, configs...).
     :param write_plugins: called with the temporary folder so plugins can add their files.
     :param keep_last: delete older ``step-*`` folders beyond this many, once the new one is in place.
-    :param weights: ``(tensors, state entries)`` to write instead of ``model``'s weights (FSDP gathers them from
-        the shards, folder weights left out and recorded as :func:`_save_weights` does).
+    :param folder: ``(names, source)`` of the weights still the model folder's, when ``model.folder_weights()``
+        cannot tell any more (FSDP replaced the parameters it tracks by identity; they were named before).
     :param rng: RNG states to store (default: this process's torch RNG as ``rng.torch``).
     :return: the final folder.
     """
@@ -121,12 +121,7 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        if weights is not None:
-            tensors, record = weights
-            save_file(_dedup(tensors), str(tmp / MODEL_FILE), metadata={"format": "pt"})
-            state = {**state, **record}
-        else:
-            state = {**state, **_save_weights(model, tmp / MODEL_FILE)}
+        state = {**state, **_save_weights(model, tmp / MODEL_FILE, folder)}
         tensors = dict(rng) if rng is not None else {"rng.torch": torch.get_rng_state()}
         meta = {}
         if optimizer is not None:
@@ -156,22 +151,19 @@ def save_checkpoint(
     return final
 
 
-def _save_weights(model: torch.nn.Module, path: Path) -> dict:
-    """Write the model's weights; those it says are still its source folder's (``model.folder_weights()``, a
-    Hugging Face model's frozen base) are left out and recorded instead. Returns what goes into state.json."""
+def _save_weights(model: torch.nn.Module, path: Path, folder: tuple[set[str], dict] | None = None) -> dict:
+    """Write the model's weights; those still its source folder's (``folder``, else ``model.folder_weights()``:
+    a Hugging Face model's frozen base) are left out and recorded instead. Returns what goes into state.json."""
     folder_weights = getattr(model, "folder_weights", None)
-    skip, source = folder_weights() if folder_weights is not None else (set(), None)
+    if folder is None:
+        folder = folder_weights() if folder_weights is not None else (set(), None)
+    skip, source = folder
     if not skip:
         save_model(model, str(path))
         return {}
     tensors = _dedup({name: t.detach() for name, t in model.state_dict().items() if name not in skip})
     save_file(tensors, str(path), metadata={"format": "pt"})
-    return folder_record(skip, source)
-
-
-def folder_record(skip: set[str], source: dict | None) -> dict:
-    """The state.json entry naming the weights a checkpoint left in the model's folder (nothing when none)."""
-    return {"folder_weights": {**source, "names": sorted(skip)}} if skip else {}
+    return {"folder_weights": {**source, "names": sorted(skip)}}
 
 
 def list_checkpoints(out: Path) -> list[Path]:

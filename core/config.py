@@ -29,7 +29,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["TrainConfig", "load_config"]
+__all__ = ["TrainConfig", "load_config", "STRATEGIES"]
+
+#: How the processes of a torchrun job share the work (see tuneforge.distributed).
+STRATEGIES = ("ddp", "fsdp")
 
 
 @dataclasses.dataclass
@@ -76,8 +79,8 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be within [0, 1], got {self.min_lr_ratio}")
-        if self.strategy not in ("ddp", "fsdp"):
-            raise ValueError(f"strategy must be ddp or fsdp, got {self.strategy!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         if self.seq_len is not None and self.seq_len < 2:
             raise ValueError(f"seq_len must be at least 2, got {self.seq_len}")
 

@@ -26,13 +26,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .config import STRATEGIES
 from .errors import ConfigError
 from .integrity import weights_digest
 from .registry import call_impl
 
 __all__ = ["STRATEGIES", "Parallel", "start", "launched", "Objective", "torchrun_command"]
 
-STRATEGIES = ("ddp", "fsdp")
 
 
 def launched() -> bool:
@@ -107,9 +107,9 @@ class Parallel:
         """SHA-256 of (name, tensor) pairs as :func:`tuneforge.integrity.weights_digest`, over all ranks' shards."""
         return weights_digest(named)
 
-    def full_weights(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict] | None:
-        """Inside :meth:`gathered`: ``(tensors, state.json entries)`` for rank 0 to write, or None to write ``model``
-        as it is."""
+    def folder_weights(self) -> tuple[set[str], dict] | None:
+        """``(names, source)`` of the weights still the model folder's, when the model itself can no longer tell
+        (FSDP replaced its parameters); None: ask the model."""
         return None
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
@@ -317,14 +317,8 @@ class FSDP(_Distributed):
             for module, name, p in swapped:
                 module._parameters[name] = p
 
-    def full_weights(self, model):
-        from .checkpoint import folder_record
-
-        if self.folder is None or not self.folder[0]:
-            return None
-        skip, source = self.folder  # identities changed with sharding: the names were taken before
-        tensors = {n: t.detach() for n, t in model.state_dict().items() if n not in skip}
-        return tensors, folder_record(skip, source)
+    def folder_weights(self):
+        return self.folder  # taken at wrap time: the identities it rests on changed with sharding
 
     def optimizer_state(self, optimizer):
         from torch.distributed.tensor import DTensor

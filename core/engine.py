@@ -161,7 +161,6 @@ def _train(cfg: TrainConfig, par: distributed.Parallel) -> TrainResult:
         if out is None:
             return None
         with par.gathered(model):  # FSDP: the shards gathered, so plugins and rank 0 write whole tensors
-            weights = par.full_weights(model)
             optim = par.optimizer_state(optimizer) if optimizer is not None else None
             rng = par.rng_states()
             if run.is_main:
@@ -174,7 +173,7 @@ def _train(cfg: TrainConfig, par: distributed.Parallel) -> TrainResult:
                 last_ckpt = ckpt.save_checkpoint(
                     out, run.step, model, optim, state,
                     write_plugins=lambda path: reg.hook.tuneforge_save(run=run, path=path, model=model),
-                    keep_last=cfg.keep_last, weights=weights, rng=rng,
+                    keep_last=cfg.keep_last, folder=par.folder_weights(), rng=rng,
                 )
             par.barrier()  # the others go on once the checkpoint is complete
         if not run.is_main:

@@ -85,7 +85,7 @@ def needs_objective(mechanisms: list) -> bool:
 
     available = None
     for m in mechanisms:
-        if isinstance(m, str) or isinstance(m, tuple):
+        if isinstance(m, (str, tuple)):
             name = parse_spec(m)[0] if isinstance(m, str) else m[0]
             available = discover() if available is None else available
             info = available.get(name)
