@@ -19,7 +19,7 @@ from .hf import is_hf_spec, parse_hf_spec
 from .model import ModelConfig, Transformer, model_config
 from .registry import Registered, build_manager, call_impl, objectives_installed
 from .run import Run
-from .tokenizer import tokenizer_of
+from .tokenizer import check_vocabulary, id_limit, tokenizer_of
 
 __all__ = ["Assembled", "assemble", "build_model", "load_model", "device_of", "lineage_entry"]
 
@@ -118,7 +118,11 @@ def build_model(cfg: TrainConfig, device: torch.device | None = None) -> tuple[t
     if not cfg.init:
         mcfg = model_config(cfg.model or "tiny")
         torch.manual_seed(cfg.seed)
-        return Transformer(mcfg), mcfg, []
+        model = Transformer(mcfg)
+        tok = tokenizer_of(model)
+        check_vocabulary(model.tok_emb, tok, where=f"--model {cfg.model or 'tiny'}",
+                         fix=f"leave vocab_size out or make it at least {id_limit(tok)}")
+        return model, mcfg, []
     init = ckpt.resolve_checkpoint(cfg.init)
     saved = ckpt.read_state(init)["model_config"]
     if cfg.model and not _same_base(cfg.model, saved):

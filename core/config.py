@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .errors import ConfigError
-from .options import build_options, describe_options, suggest
+from .options import OptionError, build_options, check_range, describe_options, suggest
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -68,21 +68,27 @@ class TrainConfig:
     verify_frozen: bool = True  # hash every frozen weight before and after, proving it did not change
 
     def __post_init__(self):
+        # OptionError names the field; build_options turns it into "--lr must be ..." on the command line.
         positive = ("steps", "batch_size", "grad_accum", "keep_last", "max_nonfinite", "log_every")
         for name in positive:
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise OptionError(name, f"must be at least 1, got {getattr(self, name)}")
         for name in ("eval_every", "save_every", "warmup"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must be within [0, 1], got {self.min_lr_ratio}")
+                raise OptionError(name, f"must be 0 or more, got {getattr(self, name)}")
+        # Every float is checked for finiteness too: NaN slips through any comparison and trains NaN weights.
+        check_range(self, "lr", "(0, inf)", " (the peak learning rate, e.g. 3e-3)")
+        check_range(self, "min_lr_ratio", "[0, 1]", " (a share of --lr)")
+        check_range(self, "weight_decay", "[0, inf)", " (0 = none)")
+        check_range(self, "beta1", "[0, 1)", " (AdamW's decay of the gradient average)")
+        check_range(self, "beta2", "[0, 1)", " (AdamW's decay of the squared-gradient average)")
+        check_range(self, "clip", "[0, inf)", " (0 = no clipping)")
+        if not 0 <= self.seed < 2**32:  # torch's generators take 64 bits; runs derive seeds from it times 1e6
+            raise OptionError("seed", f"must be within 0 .. {2**32 - 1}, got {self.seed}")
         if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+            raise OptionError("strategy", f"must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         if self.seq_len is not None and self.seq_len < 2:
-            raise ValueError(f"seq_len must be at least 2, got {self.seq_len}")
+            raise OptionError("seq_len", f"must be at least 2, got {self.seq_len}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -95,11 +101,17 @@ class TrainConfig:
 
     @classmethod
     def build(cls, values: dict[str, Any], *, source: str) -> "TrainConfig":
-        """Typed construction with errors that name ``source`` (a file or 'the command line')."""
-        return build_options(cls, values, owner=source)
+        """Typed construction with errors that name ``source`` (a file or 'the command line'); a source that is
+        the ``tuneforge train`` command gets its options named as its flags (``--weight-decay``)."""
+        spell = _flag if source.startswith("tuneforge train") else None
+        return build_options(cls, values, owner=source, spell=spell)
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
@@ -108,10 +120,22 @@ def load_config(path: str | Path) -> dict[str, Any]:
     :raises ConfigError: the file is missing, is not valid TOML, or has an unknown key (named, with a hint).
     """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"--config {path} is a folder; give the TOML file itself (e.g. {path / 'train.toml'})")
     try:
-        raw = tomllib.loads(path.read_text())
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"--config {path} cannot be read ({exc.strerror or exc}); give a readable TOML file") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text ({exc.reason} at byte {exc.start}); TOML files are UTF-8: "
+                          "save it as UTF-8") from None
+    try:
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     values: dict[str, Any] = {}

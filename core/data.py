@@ -64,10 +64,13 @@ def read_records(spec: str, *, split: str = "train", fields: dict[str, type | tu
                 "builtin:text, builtin:sentiment, builtin:topic, builtin:rankings."
             )
         if path.suffix == ".txt":
+            data = _read_bytes(path)
             try:
-                items = [{"text": path.read_text(encoding="utf-8")}]
+                items = [{"text": data.decode("utf-8")}]
             except UnicodeDecodeError as exc:
-                raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+                line = data.count(b"\n", 0, exc.start) + 1
+                raise DataError(f"{path}:{line}: not UTF-8 text ({exc.reason} at byte {exc.start}); save the file "
+                                "as UTF-8") from None
             where = [f"{path}:1"]
         elif path.suffix == ".jsonl":
             items, where = _read_jsonl(path)
@@ -128,22 +131,31 @@ def _short(value, n: int = 40) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"data '{path}' cannot be read ({exc.strerror or exc}); check its permissions") from None
+
+
 def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
     items, where = [], []
-    with path.open(encoding="utf-8") as f:
-        lineno = 0
+    # Bytes, decoded a line at a time: a text-mode file decodes ahead in blocks, so its decoding error would
+    # surface while an earlier line is being read and name the wrong line.
+    for lineno, raw in enumerate(_read_bytes(path).splitlines(), 1):
         try:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue  # blank lines (a trailing newline, say) are not records
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-                if not isinstance(record, dict):
-                    raise DataError(f"{path}:{lineno}: a record must be a JSON object, got {type(record).__name__}")
-                items.append(record)
-                where.append(f"{path}:{lineno}")
+            line = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise DataError(f"{path}:{lineno + 1}: not UTF-8 ({exc.reason})") from None
+            raise DataError(f"{path}:{lineno}: not UTF-8 ({exc.reason} at column {exc.start + 1}); save the file "
+                            "as UTF-8") from None
+        if not line.strip():
+            continue  # blank lines (a trailing newline, say) are not records
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{lineno}: a record must be a JSON object, got {type(record).__name__}")
+        items.append(record)
+        where.append(f"{path}:{lineno}")
     return items, where

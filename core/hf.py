@@ -19,16 +19,20 @@ import contextlib
 import dataclasses
 import hashlib
 import inspect
+import json
+import pickle
 import re
+from logging.handlers import BufferingHandler
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, TuneforgeError
 from .families import FAMILIES, Family, family_for
 from .generation import Generates, plan_input
-from .hf_tokenizer import HFTokenizer
+from .hf_tokenizer import HFTokenizer, read_json
+from .tokenizer import check_vocabulary
 
 __all__ = ["HFConfig", "HFCausalLM", "HFCache", "load", "is_hf_spec", "parse_hf_spec", "from_saved_config"]
 
@@ -262,15 +266,58 @@ class HFCausalLM(Generates, nn.Module):
 
 @contextlib.contextmanager
 def _quiet(transformers):
-    """No "Loading weights" bar of transformers' own in the middle of tuneforge's output."""
+    """No "Loading weights" bar of transformers' own in the middle of tuneforge's output, and its log held back
+    until the block succeeds: a failed load is then one error line, not a load report followed by the error."""
     logging = transformers.utils.logging
     shown = logging.is_progress_bar_enabled()
     logging.disable_progress_bar()
+    root, held = logging.get_logger(), BufferingHandler(1 << 20)
+    handlers, root.handlers = root.handlers, [held]
     try:
         yield
+        for record in held.buffer:  # success: what it had to say, as it would have said it
+            for handler in handlers:
+                handler.handle(record)
     finally:
+        root.handlers = handlers
         if shown:
             logging.enable_progress_bar()
+
+
+def _safetensors_problem(f: Path) -> str | None:
+    """What is wrong with a safetensors file's framing (8-byte header length, JSON header, the tensors' bytes),
+    else None: a cut-off copy is caught here with its sizes, not deep inside the loader."""
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little") if size >= 8 else size
+        if 8 + n > size:
+            return f"is truncated: it holds {size} bytes, fewer than its own header says"
+        try:
+            header = json.loads(fh.read(n))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            return "has a damaged header"
+    if 8 + n + end > size:
+        return f"is truncated: its header describes {8 + n + end} bytes, the file holds {size}"
+    return None
+
+
+@contextlib.contextmanager
+def _reading(spec: str, what: str):
+    """What transformers, safetensors or torch raise about a folder they cannot read, as one ConfigError naming
+    the folder, the file and the fix."""
+    from safetensors import SafetensorError
+    try:
+        yield
+    except TuneforgeError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "mismatched" in first:  # its own text points at a load report held back by _quiet
+            first = "config.json gives other tensor shapes than the weight files hold"
+        raise ConfigError(f"--model {spec}: transformers cannot load its {what} ({first}); the folder is incomplete "
+                          "or damaged: copy or download it again, or save the model again with save_pretrained"
+                          ) from None
 
 
 def _build(transformers, folder: Path, hf_config, weights: str, attn: str, dtype: torch.dtype, seed: int):
@@ -296,8 +343,17 @@ def load(path: str | Path, *, weights: str = "pretrained", attn: str = "tuneforg
     transformers = _transformers()
     folder = _folder(path)
     torch_dtype = _dtype(dtype)
-    hf_config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
-    with _quiet(transformers):
+    spec = f"hf:{path}"
+    read_json(folder / "config.json")  # names the line of a broken config.json, which transformers does not
+    with _reading(spec, "config.json"):
+        hf_config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    if weights == "pretrained":
+        for f in sorted(folder.glob("*.safetensors")):
+            problem = _safetensors_problem(f)
+            if problem:
+                raise ConfigError(f"--model {spec}: {f} {problem}; it was not copied or downloaded completely: "
+                                  "copy it again")
+    with _quiet(transformers), _reading(spec, "weights" if weights == "pretrained" else "model from config.json"):
         causal_lm = _build(transformers, folder, hf_config, weights, attn, torch_dtype, seed)
     _linearize(causal_lm)
     c = causal_lm.config
@@ -307,7 +363,12 @@ def load(path: str | Path, *, weights: str = "pretrained", attn: str = "tuneforg
                       d_model=int(c.hidden_size), n_layers=n_layers, n_heads=int(c.num_attention_heads),
                       max_seq_len=int(getattr(c, "max_position_embeddings", 0) or getattr(c, "n_positions")),
                       weights=weights, attn=attn, dtype=dtype)
-    model = HFCausalLM(causal_lm, config, family, HFTokenizer(folder, c.to_dict()))
+    tokenizer = HFTokenizer(folder, c.to_dict())
+    check_vocabulary(causal_lm.get_input_embeddings(), tokenizer, where=f"--model {spec}", fix=(
+        f"tokenizer.json is not this model's (config.json: vocab_size {c.vocab_size}); put the model's own "
+        f"tokenizer files in {folder}, or resize the model to the tokenizer (model.resize_token_embeddings"
+        "(len(tokenizer)) in transformers) and save it again"))
+    model = HFCausalLM(causal_lm, config, family, tokenizer)
     if weights == "pretrained":
         model._folder_ids = {id(p) for p in model.parameters()}
         model._folder_source = {"folder": str(folder), "files": _fingerprint(folder)}

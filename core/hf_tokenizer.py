@@ -15,14 +15,26 @@ from pathlib import Path
 
 from .errors import ConfigError
 
-__all__ = ["HFTokenizer"]
+__all__ = ["HFTokenizer", "read_json"]
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A model folder's JSON file as a dict ({} when absent); anything unreadable is a ConfigError naming it."""
+    if not path.is_file():
+        return {}
+    damaged = (f"the model folder is damaged: copy {path.name} again from where the model came from, or save the "
+               "model again with save_pretrained")
     try:
-        return json.loads(path.read_text()) if path.is_file() else {}
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path} cannot be read ({exc.strerror or exc}); check its permissions") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); {damaged}") from None
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+        raise ConfigError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); {damaged}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: holds a JSON {type(value).__name__}, not an object; {damaged}")
+    return value
 
 
 def _token_text(value) -> str | None:
@@ -47,10 +59,16 @@ class HFTokenizer:
             raise ConfigError(f"{folder} has no tokenizer.json (the fast-tokenizer file); save the tokenizer with "
                               "tokenizer.save_pretrained(folder) from transformers, or convert a slow one first")
         self.folder = folder
-        self._tok = Tokenizer.from_file(str(path))
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as exc:  # the tokenizers package raises a bare Exception for any file it cannot parse
+            reason = str(exc).splitlines()[0].strip("'\"") if str(exc) else type(exc).__name__
+            raise ConfigError(f"{path} cannot be read by the tokenizers package ({reason}); the file is damaged or "
+                              "incomplete: copy it again from where the model came from, or save the tokenizer again "
+                              "with tokenizer.save_pretrained(folder)") from None
         self.name = f"hf:{folder.name}"
-        cfg = _read_json(folder / "tokenizer_config.json")
-        ids = {**(model_config or {}), **_read_json(folder / "generation_config.json")}
+        cfg = read_json(folder / "tokenizer_config.json")
+        ids = {**(model_config or {}), **read_json(folder / "generation_config.json")}
         self.bos_id = self._special(cfg.get("bos_token"), ids.get("bos_token_id"))
         self.eos_id = self._special(cfg.get("eos_token"), ids.get("eos_token_id"))
         if self.bos_id is None:  # documents still need a first token (generation from nothing, data rows)
@@ -58,6 +76,8 @@ class HFTokenizer:
         pad = self._special(cfg.get("pad_token"), ids.get("pad_token_id"))
         self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        # ids need not be contiguous: the largest one bounds what the model's embedding must hold
+        self.id_limit = max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
 
     def _special(self, text, fallback) -> int | None:
         text = _token_text(text)

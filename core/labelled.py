@@ -59,8 +59,20 @@ def read_labelled(spec: str, *, split: str = "train", text_field: str = "text", 
         if not isinstance(task, str):
             raise DataError(f"{loc}: field '{task_field}' must be a string (the task's name), got {task!r}")
         tasks.append(task)
-    return Labelled([r[text_field] for r in records.items], [str(r[label_field]) for r in records.items], tasks,
-                    list(records.where), spec)
+    labels = [str(r[label_field]) for r in records.items]
+    _one_spelling(labels, records.where, label_field)
+    return Labelled([r[text_field] for r in records.items], labels, tasks, list(records.where), spec)
+
+
+def _one_spelling(labels: list[str], where: list[str], field: str) -> None:
+    """Refuse labels that differ only in case ("Positive" beside "positive"): each would silently become a class
+    of its own, and the stray spelling a class with a handful of examples."""
+    first: dict[str, tuple[str, str]] = {}  # casefolded -> (the first spelling met, where)
+    for label, loc in zip(labels, where):
+        seen = first.setdefault(label.casefold(), (label, loc))
+        if seen[0] != label:
+            raise DataError(f"{loc}: {field} '{label}' differs only in case from '{seen[0]}' ({seen[1]}); they would "
+                            f"be two classes: write every record's {field} the same way")
 
 
 def has_labels(spec: str, label_field: str = "label") -> bool:

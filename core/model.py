@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .errors import ConfigError
 from .kernels import flash_attention
-from .options import build_options, parse_spec, suggest
+from .options import build_options, check_range, parse_spec, suggest
 from .generation import Generates, plan_input
 
 __all__ = ["ModelConfig", "PRESETS", "model_config", "Transformer", "KVCache", "Prefix"]
@@ -39,8 +39,10 @@ class ModelConfig:
             raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
         if min(self.vocab_size, self.d_model, self.n_layers, self.n_heads, self.max_seq_len) < 1:
             raise ValueError("vocab_size, d_model, n_layers, n_heads and max_seq_len must be positive")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be within [0, 1), got {self.dropout}")
+        check_range(self, "dropout", "[0, 1)")
+        check_range(self, "norm_eps", "(0, inf)", " (LayerNorm's epsilon, e.g. 1e-5)")
+        if self.d_ff < 0:
+            raise ValueError(f"d_ff must be 0 (4 * d_model) or more, got {self.d_ff}")
 
     @property
     def ff_dim(self) -> int:

@@ -9,13 +9,45 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["parse_spec", "build_options", "describe_options", "suggest"]
+__all__ = ["parse_spec", "build_options", "describe_options", "suggest", "OptionError", "check_range"]
+
+
+class OptionError(ValueError):
+    """One option's value is out of range. Raised by an options dataclass's ``__post_init__`` (see
+    :func:`check_range`) so :func:`build_options` can name the option as the user wrote it (``--lr``, ``rank``)."""
+
+    def __init__(self, option: str, problem: str):
+        self.option, self.problem = option, problem
+        super().__init__(f"{option} {problem}")
+
+
+def _bound(text: str) -> float:
+    return math.inf if text.strip() in ("inf", "+inf") else -math.inf if text.strip() == "-inf" else float(text)
+
+
+def check_range(options, name: str, interval: str, hint: str = "") -> None:
+    """Raise :class:`OptionError` unless ``options.name`` is a finite number within ``interval``, written as in
+    mathematics: ``"[0, 1)"`` (0 included, 1 not), ``"(0, inf)"`` (positive), ``"[0, inf)"``. None passes
+    (an unset optional option). ``hint`` says what the option means, for the message."""
+    value = getattr(options, name)
+    if value is None:
+        return
+    low, high = (_bound(b) for b in interval[1:-1].split(","))
+    inside = (low < value if interval[0] == "(" else low <= value) and (value < high if interval[-1] == ")"
+                                                                        else value <= high)
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and inside):
+        if high == math.inf:
+            want = f"{'>' if interval[0] == '(' else '>='} {low:g}"
+        else:
+            want = f"within {interval}"
+        raise OptionError(name, f"must be a finite number {want}{hint}, got {value!r}")
 
 
 def suggest(word: str, choices) -> str:
@@ -107,9 +139,13 @@ def _convert(value: Any, tp, where: str):
                 if not value.is_integer():
                     raise ValueError
                 return int(value)
-            return tp(value)
+            number = tp(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+        # float("nan") and float("inf") parse, but no option means them: a NaN learning rate trains NaN weights
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: {value!r} is not a finite number; give a finite one")
+        return number
     if tp is str:
         if isinstance(value, (list, dict)):
             raise ConfigError(f"{where}: expected a single value, got {value!r}")
@@ -117,10 +153,12 @@ def _convert(value: Any, tp, where: str):
     return value  # an annotation we do not convert (e.g. Any): pass through
 
 
-def build_options(cls, values: dict[str, Any] | None, *, owner: str):
+def build_options(cls, values: dict[str, Any] | None, *, owner: str, spell=None):
     """Build the dataclass ``cls`` from ``values`` (strings from the command line or typed TOML values).
 
     :param owner: who the options belong to, for error messages (e.g. ``"mechanism 'lora'"``).
+    :param spell: how the user writes an option, for messages (e.g. ``lambda k: "--" + k`` for command line flags);
+        default its name.
     :raises ConfigError: unknown option (with the closest name and the list of options) or a bad value.
     """
     values = dict(values or {})
@@ -136,9 +174,15 @@ def build_options(cls, values: dict[str, Any] | None, *, owner: str):
             raise ConfigError(
                 f"{owner} has no option '{key}'{suggest(key, fields)}. Its options: {describe_options(cls)}"
             )
-        kwargs[key] = _convert(value, hints[key], f"option '{key}' of {owner} ({_type_name(hints[key])})")
+        name = spell(key) if spell else f"'{key}'"
+        kwargs[key] = _convert(value, hints[key], f"option {name} of {owner} ({_field_text(fields[key], hints[key])})")
     try:
         return cls(**kwargs)
+    except OptionError as exc:  # one option out of range: name it as written, and its default
+        default = fields[exc.option].default if exc.option in fields else dataclasses.MISSING
+        was = f" (default {default!r})" if default is not dataclasses.MISSING and default is not None else ""
+        name = spell(exc.option) if spell else exc.option
+        raise ConfigError(f"{owner}: {name} {exc.problem}{was}") from None
     except (TypeError, ValueError) as exc:  # a required option missing, or __post_init__ validation
         raise ConfigError(f"{owner}: {exc}. Its options: {describe_options(cls)}") from None
 
@@ -148,13 +192,15 @@ def describe_options(cls) -> str:
     if cls is None:
         return "none"
     hints = typing.get_type_hints(cls)
-    parts = []
-    for f in dataclasses.fields(cls):
-        if f.default is not dataclasses.MISSING:
-            default = f"default {f.default!r}"
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f"default {f.default_factory()!r}"
-        else:
-            default = "required"
-        parts.append(f"{f.name} ({_type_name(hints[f.name])}, {default})")
-    return ", ".join(parts) or "none"
+    return ", ".join(f"{f.name} ({_field_text(f, hints[f.name])})" for f in dataclasses.fields(cls)) or "none"
+
+
+def _field_text(f: dataclasses.Field, hint) -> str:
+    """'int, default 8' or 'str, required'."""
+    if f.default is not dataclasses.MISSING:
+        default = f"default {f.default!r}"
+    elif f.default_factory is not dataclasses.MISSING:
+        default = f"default {f.default_factory()!r}"
+    else:
+        default = "required"
+    return f"{_type_name(hint)}, {default}"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-__all__ = ["ByteTokenizer", "tokenizer_of"]
+__all__ = ["ByteTokenizer", "tokenizer_of", "id_limit", "check_vocabulary"]
 
 
 class ByteTokenizer:
@@ -38,3 +38,25 @@ class ByteTokenizer:
 def tokenizer_of(model) -> "ByteTokenizer":
     """The tokenizer a model reads: the one it carries (a Hugging Face model's), else the embedded bytes."""
     return getattr(model, "tokenizer", None) or ByteTokenizer()
+
+
+def id_limit(tokenizer) -> int:
+    """One more than the largest token id ``tokenizer`` can produce, its special tokens included."""
+    specials = [getattr(tokenizer, n, None) for n in ("bos_id", "eos_id", "pad_id")]
+    limit = getattr(tokenizer, "id_limit", None) or tokenizer.vocab_size
+    return max([limit] + [i + 1 for i in specials if i is not None])
+
+
+def check_vocabulary(embedding, tokenizer, *, where: str, fix: str) -> None:
+    """Refuse a token ``embedding`` (an ``nn.Embedding``) with fewer rows than ``tokenizer`` has ids: the first
+    batch holding a larger id would crash the run mid-way (an index error, after the run folder was made).
+
+    :param where: the model as the user named it (``--model tiny:vocab_size=10``); ``fix``: what to do instead.
+    :raises ConfigError: naming both sizes, ``where`` and ``fix``.
+    """
+    from .errors import ConfigError
+
+    rows, need = embedding.num_embeddings, id_limit(tokenizer)
+    if rows < need:
+        raise ConfigError(f"{where}: the model's token embedding has {rows} rows, but its tokenizer "
+                          f"({tokenizer.name}) produces ids up to {need - 1}; {fix}")

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from tuneforge import hookimpl
 from tuneforge.errors import ConfigError
+from tuneforge.options import check_range
 from tuneforge.policy import Reference, block_parameters, check_layers, resolve_layers, response_logprobs, untie_head
 from tuneforge.preference import dpo_loss
 from tuneforge.rankings import ranking_batch, ranking_epoch, split_rankings
@@ -55,10 +56,11 @@ class DPO:
 
         def __post_init__(self):
             check_layers(self.layers)
-            if self.beta <= 0:
-                raise ValueError(f"beta must be positive, got {self.beta}")
-            if self.temperature <= 0:
-                raise ValueError(f"temperature must be positive, got {self.temperature}")
+            check_range(self, "beta", "(0, inf)", " (how far the policy may move from the reference)")
+            check_range(self, "temperature", "(0, inf)")
+            check_range(self, "holdout", "[0, 0.5)", " (a share of the file)")
+            for name in ("eval_prompts", "max_new_tokens", "eval_limit"):
+                check_range(self, name, "[1, inf)")
 
     def __init__(self, options: Options):
         self.options = options

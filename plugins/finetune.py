@@ -67,6 +67,8 @@ class Finetune:
                 raise ValueError("classes= sets the size of a new classification head; add head=classify")
             if not 0 <= self.holdout < 0.5:
                 raise ValueError(f"holdout must be within [0, 0.5), got {self.holdout}")
+            if self.eval_batches < 1:
+                raise ValueError(f"eval_batches must be at least 1, got {self.eval_batches}")
 
     def __init__(self, options: Options):
         self.options = options

@@ -34,6 +34,7 @@ from tuneforge import hookimpl, load_model
 from tuneforge.data import read_records, split_held_out
 from tuneforge.errors import ConfigError
 from tuneforge.lm import epoch_generator
+from tuneforge.options import check_range
 from tuneforge.plugins.reward_model import ScalarHead, score
 from tuneforge.policy import Reference, block_parameters, check_layers, resolve_layers, token_logprobs, untie_head
 from tuneforge.rankings import prompt_ids
@@ -95,11 +96,15 @@ class PPO:
             for name in ("rollouts", "ppo_epochs", "max_new_tokens", "eval_prompts", "kl_horizon"):
                 if getattr(self, name) < 1:
                     raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-            if self.temperature <= 0:
-                raise ValueError(f"temperature must be positive (PPO needs the sampling distribution), got "
-                                 f"{self.temperature}")
-            if self.kl_coef < 0 or (self.kl_target is not None and self.kl_target <= 0):
-                raise ValueError("kl_coef must be >= 0 and kl_target > 0")
+            check_range(self, "temperature", "(0, inf)", " (PPO needs the sampling distribution)")
+            check_range(self, "kl_coef", "[0, inf)")
+            check_range(self, "kl_target", "(0, inf)", " (nats per token)")
+            check_range(self, "clip", "(0, 1)", " (the policy ratio is clipped to [1 - clip, 1 + clip])")
+            check_range(self, "value_clip", "(0, inf)")
+            check_range(self, "value_coef", "[0, inf)")
+            check_range(self, "gamma", "[0, 1]", " (a discount)")
+            check_range(self, "lam", "[0, 1]", " (GAE's λ)")
+            check_range(self, "holdout", "[0, 0.5)", " (a share of the file)")
 
     def __init__(self, options: Options):
         self.options = options

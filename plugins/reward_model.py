@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tuneforge import hookimpl
 from tuneforge.classify import fit_context, pad_right
 from tuneforge.errors import ConfigError
+from tuneforge.options import check_range
 from tuneforge.policy import block_parameters, check_layers, resolve_layers
 from tuneforge.preference import TIE_MODELS, outcome_logprobs, pair_nll
 from tuneforge.rankings import ranking_batch, ranking_epoch, ranking_ids, split_rankings
@@ -102,6 +103,7 @@ class RewardModel:
                 raise ValueError(f"ties must be one of {', '.join(TIE_MODELS)}, got {self.ties!r}")
             if not 0 <= self.holdout < 0.5:
                 raise ValueError(f"holdout must be within [0, 0.5), got {self.holdout}")
+            check_range(self, "eval_limit", "[1, inf)", " (or none: all)")
 
     def __init__(self, options: Options):
         self.options = options
