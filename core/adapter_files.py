@@ -14,8 +14,7 @@ does not fit with what differs; a base of other shapes that still fits (another 
 from __future__ import annotations
 
 import json
-import os
-import shutil
+from numbers import Real
 from pathlib import Path
 
 import torch
@@ -24,13 +23,23 @@ from safetensors.torch import save_file
 
 from .adapters import base_fingerprint
 from .errors import ConfigError
+from .names import check_name, replace_folder
 
-__all__ = ["FORMAT", "VERSION", "MANIFEST", "TENSORS", "save_part", "read_part", "is_part", "fingerprint_note"]
+__all__ = ["FORMAT", "VERSION", "MANIFEST", "TENSORS", "POINT_FIELDS", "save_part", "read_part", "is_part",
+           "fingerprint_note"]
 
 FORMAT = "tuneforge.adapter"
 VERSION = 1
 MANIFEST = "manifest.json"
 TENSORS = "adapter.safetensors"
+
+# What each insertion point of a manifest must say, by mechanism: checked when a part is read, so a hand-edited or
+# foreign manifest is one clear error before anything is installed, never a KeyError halfway through.
+_INT, _NUMBER, _TEXT = (int, "a whole number of at least 1"), (Real, "a number"), (str, "text")
+POINT_FIELDS = {
+    "lora": {"in": _INT, "out": _INT, "rank": _INT, "scaling": _NUMBER},
+    "adapter": {"d_model": _INT, "size": _INT, "placement": _TEXT, "activation": _TEXT, "scale": _NUMBER},
+}
 
 
 def is_part(path: Path) -> bool:
@@ -39,27 +48,30 @@ def is_part(path: Path) -> bool:
 
 def save_part(folder: Path, *, mechanism: str, name: str, tensors: dict[str, torch.Tensor], points: dict,
               options: dict, model: torch.nn.Module) -> Path:
-    """Write one part's folder (replacing an older one of the same name); returns its path."""
+    """Write one part's folder (replacing an older part folder there, never anything else); returns its path.
+
+    ``folder`` is the caller's (``<checkpoint>/<subdir>/<name>``, built with :func:`tuneforge.names.inside`);
+    ``name`` must be a valid name, as it will be read back as one.
+    """
     from . import __version__
 
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    check_name(name, what=f"{mechanism} part name", where=f"saving {folder}")
     manifest = {
         "format": FORMAT, "version": VERSION, "mechanism": mechanism, "name": name, "options": options,
         "points": points, "parameters": int(sum(t.numel() for t in tensors.values())),
         "base": {"fingerprint": base_fingerprint(model), "config": _config(model)},
         "written_by": f"tuneforge {__version__}",
     }
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / TENSORS),
-              metadata={"format": FORMAT, "mechanism": mechanism, "name": name})
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
-    return folder
+
+    def fill(tmp: Path) -> None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / TENSORS),
+                  metadata={"format": FORMAT, "mechanism": mechanism, "name": name})
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+    return replace_folder(folder, fill, ours=is_part,
+                          refusal=f"{mechanism}: {folder} exists and is not a saved part; nothing was written. "
+                                  "Save parts into a checkpoint folder tuneforge writes")
 
 
 def _config(model) -> dict | None:
@@ -68,31 +80,67 @@ def _config(model) -> dict | None:
 
 
 def read_part(folder: Path, *, mechanism: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(manifest, tensors) of a part folder written by :func:`save_part` for ``mechanism``; clear errors else."""
+    """(manifest, tensors) of a part folder written by :func:`save_part` for ``mechanism``; a :class:`ConfigError`
+    naming the file and the field for anything malformed, before anything is installed."""
     folder = Path(folder)
     if not is_part(folder):
         raise ConfigError(f"{mechanism}: {folder} is not a saved {mechanism} (expected {MANIFEST} and {TENSORS})")
+    where = folder / MANIFEST
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
+        manifest = json.loads(where.read_text())
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"{mechanism}: {folder / MANIFEST}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+        raise ConfigError(f"{mechanism}: {where}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{mechanism}: {where} cannot be read ({exc})") from None
+    _check_manifest(manifest, mechanism, folder)
+    try:
+        with safe_open(str(folder / TENSORS), framework="pt") as fh:
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as exc:  # safetensors raises several types for a damaged file
+        raise ConfigError(f"{mechanism}: {folder / TENSORS} is not a readable safetensors file ({exc}); save "
+                          "the part again") from None
+    return manifest, tensors
+
+
+def _check_manifest(manifest, mechanism: str, folder: Path) -> None:
+    where = folder / MANIFEST
+    redo = f"it was not written by tuneforge or was edited; save the {mechanism} again"
+    if not isinstance(manifest, dict):
+        raise ConfigError(f"{mechanism}: {where} holds a JSON {type(manifest).__name__}, not an object; {redo}")
     if manifest.get("format") != FORMAT:
-        raise ConfigError(f"{mechanism}: {folder / MANIFEST} is not a tuneforge adapter manifest "
+        raise ConfigError(f"{mechanism}: {where} is not a tuneforge adapter manifest "
                           f"(format {manifest.get('format')!r})")
     if manifest.get("mechanism") != mechanism:
-        raise ConfigError(f"{mechanism}: {folder} holds a '{manifest.get('mechanism')}', not a {mechanism}; load it "
-                          f"with {manifest.get('mechanism')}:load={folder}")
-    if int(manifest.get("version", 0)) > VERSION:
+        other = manifest.get("mechanism")
+        hint = f"; load it with {other}:load={folder}" if isinstance(other, str) and other in POINT_FIELDS else ""
+        raise ConfigError(f"{mechanism}: {folder} holds a '{other}', not a {mechanism}{hint}")
+    version = manifest.get("version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ConfigError(f"{mechanism}: {where}: field 'version' is {version!r}, not a whole number; {redo}")
+    if version > VERSION:
         raise ConfigError(f"{mechanism}: {folder} was written by a newer tuneforge (format version "
-                          f"{manifest['version']}, this one reads {VERSION}); upgrade tuneforge")
-    with safe_open(str(folder / TENSORS), framework="pt") as fh:
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    return manifest, tensors
+                          f"{version}, this one reads {VERSION}); upgrade tuneforge")
+    if "name" not in manifest:
+        raise ConfigError(f"{mechanism}: {where} has no field 'name'; {redo}")
+    check_name(manifest["name"], what=f"field 'name' ({mechanism} part name)", where=str(where))
+    points = manifest.get("points")
+    if not isinstance(points, dict) or not points:
+        raise ConfigError(f"{mechanism}: {where}: field 'points' is {points!r}, not an object mapping each module "
+                          f"path to its sizes; {redo}")
+    fields = POINT_FIELDS.get(mechanism, {})
+    for path, point in points.items():
+        if not isinstance(point, dict):
+            raise ConfigError(f"{mechanism}: {where}: points[{path!r}] is {point!r}, not an object; {redo}")
+        for key, (kind, said) in fields.items():
+            value = point.get(key)
+            if isinstance(value, bool) or not isinstance(value, kind) or kind is int and value < 1:
+                raise ConfigError(f"{mechanism}: {where}: points[{path!r}].{key} is {value!r}, not {said}; {redo}")
 
 
 def fingerprint_note(manifest: dict, model, where: Path) -> str | None:
     """A note when the part was trained on a base of other shapes (that it nevertheless fits), else None."""
-    theirs = manifest.get("base", {}).get("fingerprint")
+    base = manifest.get("base")
+    theirs = base.get("fingerprint") if isinstance(base, dict) else None
     if theirs and theirs != base_fingerprint(model):
         return (f"{manifest.get('mechanism')} '{manifest.get('name')}' from {where} was trained on a base of other "
                 "shapes (its insertion points fit this one); check it is the base you meant")

@@ -107,9 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write adapter_config.json + adapter_model.safetensors (PEFT's LoRA layout) from a "
                        "LoRA saved by tuneforge. Import goes the other way with -m lora:load=PEFT_FOLDER.")
     e.add_argument("source", help="a saved LoRA folder (.../lora/NAME), or a checkpoint or run folder")
-    e.add_argument("out", help="the folder to write (replaced if it exists)")
+    e.add_argument("out", help="the folder to write: new, empty, or an earlier export (which is replaced); any "
+                   "other folder is refused unless --force")
     e.add_argument("--name", help="which LoRA, when the checkpoint holds several")
     e.add_argument("--base-model", help="base_model_name_or_path to record in adapter_config.json")
+    e.add_argument("--force", action="store_true",
+                   help="replace OUT even when it is a folder tuneforge did not write, and everything in it")
 
     x = sub.add_parser("export-hf", help="write a model trained on --model hf:PATH as a Hugging Face folder, its "
                        "LoRA folded into the weights",
@@ -117,8 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "files): transformers loads it like the original. Adapters, soft prompts and replaced heads "
                        "cannot go into a plain causal LM and are refused.")
     x.add_argument("source", help="a checkpoint or run folder of a run on --model hf:PATH")
-    x.add_argument("out", help="the folder to write (replaced if it exists)")
+    x.add_argument("out", help="the folder to write: new, empty, or an earlier export (which is replaced); any "
+                   "other folder is refused unless --force")
     x.add_argument("--lora", help="which LoRA to fold in, when the model holds several")
+    x.add_argument("--force", action="store_true",
+                   help="replace OUT even when it is a folder tuneforge did not write, and everything in it")
 
     k = sub.add_parser("kernels", help="which implementation each kernel op runs, and why",
                        description="Status of tuneforge's ops: compiled (prebuilt tuneforge._C or JIT-compiled with "
@@ -287,7 +293,8 @@ def _data(args) -> int:
 def _export_peft(args) -> int:
     from .peft_format import export_peft
 
-    out = export_peft(args.source, args.out, name=args.name, base_model_name_or_path=args.base_model)
+    out = export_peft(args.source, args.out, name=args.name, base_model_name_or_path=args.base_model,
+                      force=args.force)
     print(f"wrote {out} (PEFT LoRA layout)", file=sys.stderr)
     return 0
 
@@ -295,7 +302,7 @@ def _export_peft(args) -> int:
 def _export_hf(args) -> int:
     from .hf_export import export_hf
 
-    out = export_hf(args.source, args.out, lora=args.lora)
+    out = export_hf(args.source, args.out, lora=args.lora, force=args.force)
     print(f"wrote {out} (a Hugging Face model folder: AutoModelForCausalLM.from_pretrained loads it)", file=sys.stderr)
     return 0
 

@@ -20,8 +20,10 @@ from pathlib import Path
 import torch
 
 from .engine import train
+from .errors import ConfigError
 from .lm import TokenWindows, unigram_entropy
 from .hf import is_hf_spec
+from .names import inside
 from .tokenizer import tokenizer_of
 
 __all__ = ["run_demo", "format_table"]
@@ -29,6 +31,16 @@ __all__ = ["run_demo", "format_table"]
 PROMPTS = ["review: the soup", "note: the rain", "mira walked"]
 MODEL = "tiny:max_seq_len=256"  # the tiny preset with room for few-shot prompts
 BARE = "{input} {label}"  # no task format: what a soft prompt has to make up for
+
+# What a demo writes in --out: a run folder per stage, which the next demo replaces, and a few result files.
+# A folder holding anything else is not the demo's to empty (--out runs would otherwise delete a run called lora).
+MARKER = ".tuneforge-demo"
+STAGES = frozenset({
+    "pretrain", "finetune", "finetune-all", "head-only", "adapter-serial", "adapter-parallel", "lora",
+    "prompt-sentiment", "prompt-topic", "mixed-batch", "prompting-bare", "prompting", "reward-model-davidson",
+    "reward-model-ignore", "ppo", "dpo",
+})
+FILES = frozenset({MARKER, "demo.json", "samples.txt", "loss_curves.png"})
 
 
 def format_table(rows: list[dict]) -> str:
@@ -47,21 +59,42 @@ def _row(name: str, result, metric: str, key: str, total: int | None = None) -> 
             "seconds": s["seconds"], "metric": metric, "value": float(result.metrics[key])}
 
 
+def _claim(out: Path) -> None:
+    """Make ``out`` the demo's folder: new, empty, or an earlier demo's (its marker, or only the names a demo
+    writes); anything else is refused before a stage folder is replaced."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"demo --out {out} is a file, not a folder: nothing was written; give a folder path")
+    if out.is_dir() and not (out / MARKER).is_file():
+        other = sorted(p.name for p in out.iterdir() if p.name not in STAGES | FILES)
+        if other:
+            raise ConfigError(f"demo --out {out} holds files that are not a demo's ({', '.join(other[:5])}"
+                              f"{', ...' if len(other) > 5 else ''}): nothing was changed. Give a new or empty folder: "
+                              "the demo replaces its stage folders (pretrain, lora, ...) there")
+    out.mkdir(parents=True, exist_ok=True)
+    inside(out, MARKER).write_text(json.dumps({"format": "tuneforge.demo", "stages": sorted(STAGES)}) + "\n")
+
+
 def _stage(out: Path, name: str, note: str) -> Path:
+    """The stage's run folder, emptied of an earlier demo's run: only a known stage name inside ``out``, which
+    :func:`_claim` made the demo's own."""
+    if name not in STAGES:
+        raise ValueError(f"demo stage {name!r} is not in STAGES; add it there")  # a mistake in this file
     print(f"\n== {name}: {note}", file=sys.stderr)
-    folder = out / name
-    shutil.rmtree(folder, ignore_errors=True)
+    folder = inside(out, name)
+    if folder.is_dir() and not folder.is_symlink():
+        shutil.rmtree(folder, ignore_errors=True)
     return folder
 
 
 def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0, model: str | None = None) -> list[dict]:
-    """Run every stage, print the table, write ``demo.json``; return its rows. Overwrites its own stage folders.
+    """Run every stage, print the table, write ``demo.json``; return its rows. Replaces its own stage folders in
+    ``out``, which must be new, empty or an earlier demo's output (else :class:`ConfigError`, nothing changed).
 
     ``model="hf:PATH"`` tells the same story on a Hugging Face model: its first stage goes on pretraining the
     model's own weights on the world's text (every weight, a gentle learning rate), and every later stage starts
     from that, as they start from the pretrained tiny model by default."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    _claim(out)
     n = (lambda full, short: short if quick else full)  # noqa: E731
     common = dict(seed=seed, eval_every=0)
     rows: list[dict] = []
@@ -137,9 +170,9 @@ def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0, model: str 
 
     rows += _rlhf(out, pre, n, common, curves, samples)
 
-    (out / "demo.json").write_text(json.dumps(rows, indent=2))
-    plotted = _plot(curves, out / "loss_curves.png")
-    (out / "samples.txt").write_text("\n".join(samples) + "\n")
+    inside(out, "demo.json").write_text(json.dumps(rows, indent=2))
+    plotted = _plot(curves, inside(out, "loss_curves.png"))
+    inside(out, "samples.txt").write_text("\n".join(samples) + "\n")
     _report(rows, samples, out, plotted, tokenizer_of(result.model))
     return rows
 

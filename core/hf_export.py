@@ -11,7 +11,6 @@ change of weights; export their folders or keep the run), and a replaced head (a
 from __future__ import annotations
 
 import copy
-import os
 import shutil
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 
 from .adapters import names as part_names
 from .errors import ConfigError
+from .names import check_export, write_export
 
 __all__ = ["export_hf", "TOKENIZER_FILES"]
 
@@ -52,13 +52,17 @@ def _check_exportable(model, lora: str | None) -> list[str]:
     return loras
 
 
-def export_hf(source, out: str | Path, *, lora: str | None = None) -> Path:
+def export_hf(source, out: str | Path, *, lora: str | None = None, force: bool = False) -> Path:
     """Write ``source`` (a model trained on ``hf:PATH``, or its checkpoint / run folder) to folder ``out`` as a
-    Hugging Face model, LoRA ``lora`` (default: the only one) folded into the weights. Returns ``out``."""
+    Hugging Face model, LoRA ``lora`` (default: the only one) folded into the weights. Returns ``out``.
+
+    ``out`` may be new, empty or an earlier export, which is replaced; another folder is refused with nothing
+    changed unless ``force`` (see :func:`tuneforge.names.write_export`); a file is always refused."""
     from . import hf
     from .engine import load_model
     from .lora import merge, unmerge
 
+    check_export(out, command="export-hf", force=force)  # before loading a model that may take minutes
     model = source if isinstance(source, torch.nn.Module) else load_model(source)
     folded = _check_exportable(model, lora)
     transformers = hf._transformers()
@@ -83,15 +87,13 @@ def export_hf(source, out: str | Path, *, lora: str | None = None) -> Path:
     target.load_state_dict(state, strict=True)
     target.to(dtype=next(model.parameters()).dtype)
 
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with hf._quiet(transformers):
-        target.save_pretrained(str(tmp))
-    for name in TOKENIZER_FILES:
-        if (Path(model.config.hf) / name).is_file() and not (tmp / name).exists():
-            shutil.copy2(Path(model.config.hf) / name, tmp / name)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    tokenizer_files = [Path(model.config.hf) / name for name in TOKENIZER_FILES]
+
+    def fill(tmp: Path) -> None:
+        with hf._quiet(transformers):
+            target.save_pretrained(str(tmp))
+        for f in tokenizer_files:
+            if f.is_file() and not (tmp / f.name).exists():
+                shutil.copy2(f, tmp / f.name)
+
+    return write_export(out, fill, command="export-hf", force=force)

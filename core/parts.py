@@ -24,6 +24,7 @@ from .adapter_files import fingerprint_note, is_part, read_part, save_part
 from .adapters import TaskModule
 from .errors import CheckpointError, ConfigError
 from .hookspecs import hookimpl
+from .names import check_name, inside
 from .objective import DefaultObjective, ObjectiveOptions
 
 __all__ = ["PartOptions", "PartMechanism", "part_generator"]
@@ -41,8 +42,7 @@ class PartOptions(ObjectiveOptions):
         if self.tasks is not None:
             self.tasks = [t for t in self.tasks if t]
         for t in self.tasks or []:
-            if not t.replace("-", "").replace("_", "").replace(".", "").isalnum():
-                raise ValueError(f"task name {t!r}: use letters, digits, '-', '_' or '.' (it names a folder)")
+            check_name(t, what="task name", where="option tasks")
 
 
 def part_generator(seed: int, name: str) -> torch.Generator:
@@ -95,10 +95,12 @@ class PartMechanism(DefaultObjective):
         return out
 
     def _parts_in(self, spec: str) -> list[tuple[str, dict, dict, Path]]:
-        """The parts at ``spec``; ``PATH@NAME`` loads the one part there under the name NAME."""
+        """The parts at ``spec``; ``PATH@NAME`` loads the one part there under the name NAME. Every name that
+        comes out is a valid name (each becomes a folder of every later checkpoint)."""
         rename = None
         if "@" in spec and not Path(spec).exists():
             spec, rename = spec.rsplit("@", 1)
+            check_name(rename, what=f"{self.mechanism} part name", where=f"load={spec}@{rename}")
         found = self._parts_at(spec)
         if rename is not None:
             if len(found) != 1:
@@ -106,6 +108,9 @@ class PartMechanism(DefaultObjective):
                                   f"({', '.join(f[0] for f in found)}); @{rename} can rename only one")
             _, manifest, tensors, where = found[0]
             found = [(rename, {**manifest, "name": rename}, tensors, where)]
+        for name, _, _, where in found:  # a foreign folder's name (PEFT: the folder's own) is checked here too
+            check_name(name, what=f"{self.mechanism} part name", where=f"{where} (load={spec}; rename it with "
+                       f"load={spec}@NAME)")
         return found
 
     def _parts_at(self, spec: str) -> list[tuple[str, dict, dict, Path]]:
@@ -198,8 +203,9 @@ class PartMechanism(DefaultObjective):
     @hookimpl
     def tuneforge_save(self, model, run, path):
         for name in self.held(model):
+            check_name(name, what=f"{self.mechanism} part name", where=f"saving {Path(path) / self.subdir}")
             tensors, points = self.export(model, name)
-            save_part(Path(path) / self.subdir / name, mechanism=self.mechanism, name=name, tensors=tensors,
+            save_part(inside(Path(path) / self.subdir, name), mechanism=self.mechanism, name=name, tensors=tensors,
                       points=points, options=self.saved_options(), model=model)
 
     @hookimpl

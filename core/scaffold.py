@@ -13,6 +13,7 @@ from pathlib import Path
 from string import Template
 
 from .errors import ConfigError
+from .names import inside
 
 __all__ = ["new_plugin"]
 
@@ -90,10 +91,10 @@ def new_plugin(name: str, dest: str | Path | None = None, *, force: bool = False
         "tests/conftest.py": _CONFTEST,
         f"tests/{values['test']}.py": _TESTS,
     }
-    # Every file is rendered before the first is written, so a template error leaves no half package.
-    rendered = {path: Template(text).substitute(values) for path, text in files.items()}
-    for path, text in rendered.items():
-        target = dest / path
+    # Every file is rendered, and its path checked to stay in dest (a symbolic link there could point anywhere),
+    # before the first is written, so a template error or a refused path leaves no half package.
+    rendered = {inside(dest, path): Template(text).substitute(values) for path, text in files.items()}
+    for target, text in rendered.items():
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text)
     return dest.resolve()

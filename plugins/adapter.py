@@ -124,6 +124,8 @@ class Adapter(PartMechanism):
     def install(self, model, name, manifest, tensors, where):
         d = model.config.d_model
         found = []
+        # Every point is checked and its adapter built (tensors loaded) before the first is attached, so a part
+        # that does not fit leaves the model as it was.
         for sub_path, p in manifest["points"].items():
             try:
                 sub = model.get_submodule(sub_path)
@@ -137,14 +139,14 @@ class Adapter(PartMechanism):
             if isinstance(point, AdapterPoint) and name in point:
                 raise ConfigError(f"adapter '{name}' from {where}: {sub_path} already has an adapter of that name")
             state = {k[len(sub_path) + 1:]: t for k, t in tensors.items() if k.startswith(sub_path + ".")}
-            found.append((sub, p, state))
-        w = model.tok_emb.weight
-        for sub, p, state in found:
-            a = Bottleneck(p["d_model"], p["size"], placement=p["placement"], activation=p["activation"],
-                           scale=p["scale"])
             try:
+                a = Bottleneck(p["d_model"], p["size"], placement=p["placement"], activation=p["activation"],
+                               scale=p["scale"])
                 a.load_state_dict(state)
-            except RuntimeError as exc:
-                raise ConfigError(f"adapter '{name}' from {where}: its tensors do not match its manifest ({exc})") \
-                    from None
+            except (RuntimeError, ValueError) as exc:
+                raise ConfigError(f"adapter '{name}' from {where}: its point {sub_path} does not match its "
+                                  f"tensors or options ({exc}); save the adapter again") from None
+            found.append((sub, a))
+        w = model.tok_emb.weight
+        for sub, a in found:
             AdapterPoint.on(sub)[name] = a.to(w.device, w.dtype)

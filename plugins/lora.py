@@ -122,6 +122,15 @@ def install_lora(model, name: str, points: dict, tensors: dict[str, torch.Tensor
         a, b = tensors.get(f"{path}.lora_a"), tensors.get(f"{path}.lora_b")
         if a is None or b is None:
             raise ConfigError(f"lora '{name}' from {where}: the tensors of {path} are missing")
+        r = p.get("rank", a.size(0) if a.dim() == 2 else 0)
+        if tuple(a.shape) != (r, p["in"]) or tuple(b.shape) != (p["out"], r):
+            raise ConfigError(f"lora '{name}' from {where}: {path} has tensors A {tuple(a.shape)}, B "
+                              f"{tuple(b.shape)}; its point says rank {r}, {p['in']} -> {p['out']} (A: (rank, in), "
+                              "B: (out, rank)): save the LoRA again")
+        dropout = p.get("dropout", 0.0)
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ConfigError(f"lora '{name}' from {where}: {path} has dropout {dropout!r}; it must be a number "
+                              "within [0, 1)")
         if isinstance(module, LoRALinear) and name in module.lora_a:
             raise ConfigError(f"lora '{name}' from {where}: {path} already has a LoRA of that name")
         found.append((path, module, a, b, p))

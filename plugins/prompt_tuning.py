@@ -26,6 +26,7 @@ from tuneforge import checkpoint as ckpt
 from tuneforge.adapters import TaskModule, base_fingerprint
 from tuneforge.errors import CheckpointError, ConfigError
 from tuneforge.model import Prefix
+from tuneforge.names import check_name, inside
 from tuneforge.objective import DefaultObjective, ObjectiveOptions
 
 __all__ = ["PromptTuning", "SoftPrompts", "load_prompts", "add_prompts", "base_fingerprint"]
@@ -104,7 +105,8 @@ def _prompt_files(spec: str) -> list[Path]:
 
 
 def load_prompts(spec: str) -> dict[str, tuple[torch.Tensor, dict]]:
-    """Prompts in a file, a checkpoint folder or a run folder: task -> (tensor (K, C), metadata)."""
+    """Prompts in a file, a checkpoint folder or a run folder: task -> (tensor (K, C), metadata). A task name
+    (the file's ``task`` metadata, else its file name) must be a valid name: it names a file of every checkpoint."""
     out = {}
     for f in _prompt_files(spec):
         try:
@@ -115,7 +117,8 @@ def load_prompts(spec: str) -> dict[str, tuple[torch.Tensor, dict]]:
             raise ConfigError(f"prompt-tuning: {f} is not a soft-prompt file ({exc})") from None
         if meta.get("format") != FORMAT:
             raise ConfigError(f"prompt-tuning: {f} is not a soft-prompt file (format {meta.get('format')!r})")
-        out[meta.get("task", f.stem)] = (tensor, meta)
+        where = f"{f} (metadata 'task')" if "task" in meta else f"{f} (its file name)"
+        out[check_name(meta.get("task", f.stem), what="soft prompt task", where=where)] = (tensor, meta)
     return out
 
 
@@ -142,7 +145,8 @@ def _saved_shapes(checkpoint: Path) -> dict[str, tuple[int, ...]]:
     """Shapes of the prompts inside a checkpoint's model file (its ``prefix`` module's tensors)."""
     with safe_open(str(checkpoint / ckpt.MODEL_FILE), framework="pt") as fh:
         key = "prefix.prompts."
-        return {k[len(key):]: tuple(fh.get_slice(k).get_shape()) for k in fh.keys() if k.startswith(key)}
+        return {check_name(k[len(key):], what="soft prompt task", where=f"{checkpoint / ckpt.MODEL_FILE}"):
+                tuple(fh.get_slice(k).get_shape()) for k in fh.keys() if k.startswith(key)}
 
 
 class PromptTuning(DefaultObjective):
@@ -165,6 +169,8 @@ class PromptTuning(DefaultObjective):
                 raise ValueError(f"init must be vocab, random or text:WORDS, got {self.init!r}")
             if self.tasks is not None:
                 self.tasks = [t for t in self.tasks if t]
+            for t in self.tasks or []:
+                check_name(t, what="task name", where="option tasks")
 
     def __init__(self, options: Options):
         self.options = options
@@ -237,8 +243,10 @@ class PromptTuning(DefaultObjective):
         folder.mkdir(exist_ok=True)
         meta_base = {"format": FORMAT, "version": "1", "base": self.fingerprint}
         for name, p in self.module.prompts.items():
+            check_name(name, what="soft prompt task", where=f"saving {folder}")
             meta = {**meta_base, "task": name, "tokens": str(p.size(0)), "d_model": str(p.size(1))}
-            save_file({"prompt": p.detach().cpu().contiguous()}, str(folder / f"{name}.safetensors"), metadata=meta)
+            save_file({"prompt": p.detach().cpu().contiguous()}, str(inside(folder, f"{name}.safetensors")),
+                      metadata=meta)
 
     @hookimpl
     def tuneforge_run_start(self, run):

@@ -14,8 +14,6 @@ worked out again on the model they are loaded onto, and checked (:func:`tuneforg
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -25,6 +23,7 @@ from safetensors.torch import save_file
 from tuneforge import checkpoint as ckpt
 from tuneforge.errors import CheckpointError, ConfigError
 from tuneforge.families import family_of
+from tuneforge.names import replace_folder
 
 from .placement import ia3_layers
 
@@ -55,7 +54,10 @@ def ia3_state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def save_ia3(model: torch.nn.Module, folder: str | Path, *, options: dict | None = None) -> Path:
-    """Write every IA³ vector of ``model`` to ``folder`` (replaced whole: written beside it, then renamed)."""
+    """Write every IA³ vector of ``model`` to ``folder`` (replaced whole: written beside it, then renamed).
+
+    An existing ``folder`` is replaced only when it is an IA³ folder (or empty): a path that names anything else
+    is refused with nothing changed, so a mistaken path never deletes someone's files."""
     tensors, points = ia3_state(model)
     if not tensors:
         raise ConfigError("ia3: this model holds no IA³ vectors to save")
@@ -67,17 +69,15 @@ def save_ia3(model: torch.nn.Module, folder: str | Path, *, options: dict | None
         "written_by": f"tuneforge-ia3 {_version()}",
     }
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / TENSORS),
-              metadata={"format": FORMAT, "version": str(VERSION)})
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
-    return folder
+
+    def fill(tmp: Path) -> None:  # a fresh folder beside ``folder``, made by replace_folder
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / TENSORS),
+                  metadata={"format": FORMAT, "version": str(VERSION)})
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+    return replace_folder(folder, fill, ours=_is_ia3, owner="ia3",
+                          refusal=f"ia3: {folder} exists and is not an IA³ folder: nothing was written; give a new "
+                                  "or empty folder, or an earlier IA³ folder to replace")
 
 
 def _is_ia3(path: Path) -> bool:
@@ -109,9 +109,14 @@ def read_ia3(spec: str | Path) -> tuple[dict[str, torch.Tensor], dict, Path]:
         manifest = json.loads((folder / MANIFEST).read_text())
     except json.JSONDecodeError as exc:
         raise ConfigError(f"ia3: {folder / MANIFEST}:{exc.lineno}: not valid JSON ({exc.msg})") from None
-    if manifest.get("format") != FORMAT:
-        raise ConfigError(f"ia3: {folder / MANIFEST} is not an IA³ manifest (format {manifest.get('format')!r})")
-    if int(manifest.get("version", 0)) > VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        said = manifest.get("format") if isinstance(manifest, dict) else f"a JSON {type(manifest).__name__}"
+        raise ConfigError(f"ia3: {folder / MANIFEST} is not an IA³ manifest (format {said!r})")
+    version = manifest.get("version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ConfigError(f"ia3: {folder / MANIFEST}: field 'version' is {version!r}, not a whole number; save the "
+                          "IA³ vectors again")
+    if version > VERSION:
         raise ConfigError(f"ia3: {folder} was written by a newer tuneforge-ia3 (format version "
                           f"{manifest['version']}, this one reads {VERSION}); upgrade tuneforge-ia3")
     try:
