@@ -14,6 +14,7 @@ does not fit with what differs; a base of other shapes that still fits (another 
 from __future__ import annotations
 
 import json
+import math
 from numbers import Real
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .adapters import base_fingerprint
+from .bottleneck import PLACEMENTS
+from .kernels import ACTIVATIONS
 from .errors import ConfigError
 from .names import check_name, replace_folder
 
@@ -33,12 +36,23 @@ VERSION = 1
 MANIFEST = "manifest.json"
 TENSORS = "adapter.safetensors"
 
-# What each insertion point of a manifest must say, by mechanism: checked when a part is read, so a hand-edited or
-# foreign manifest is one clear error before anything is installed, never a KeyError halfway through.
-_INT, _NUMBER, _TEXT = (int, "a whole number of at least 1"), (Real, "a number"), (str, "text")
+# What each insertion point of a manifest must say, by mechanism (field -> (test, what it must be)): checked when a
+# part is read, so a hand-edited or foreign manifest is one clear error before anything is installed, never a
+# KeyError or a half-installed part.
+def _whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _number(v) -> bool:
+    return isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+_WHOLE, _NUMBER = (_whole, "a whole number of at least 1"), (_number, "a number")
 POINT_FIELDS = {
-    "lora": {"in": _INT, "out": _INT, "rank": _INT, "scaling": _NUMBER},
-    "adapter": {"d_model": _INT, "size": _INT, "placement": _TEXT, "activation": _TEXT, "scale": _NUMBER},
+    "lora": {"in": _WHOLE, "out": _WHOLE, "rank": _WHOLE, "scaling": _NUMBER},
+    "adapter": {"d_model": _WHOLE, "size": _WHOLE, "scale": _NUMBER,
+                "placement": (lambda v: isinstance(v, str) and v in PLACEMENTS, f"one of {', '.join(PLACEMENTS)}"),
+                "activation": (lambda v: isinstance(v, str) and v in ACTIVATIONS, f"one of {', '.join(ACTIVATIONS)}")},
 }
 
 
@@ -131,9 +145,9 @@ def _check_manifest(manifest, mechanism: str, folder: Path) -> None:
     for path, point in points.items():
         if not isinstance(point, dict):
             raise ConfigError(f"{mechanism}: {where}: points[{path!r}] is {point!r}, not an object; {redo}")
-        for key, (kind, said) in fields.items():
+        for key, (valid, said) in fields.items():
             value = point.get(key)
-            if isinstance(value, bool) or not isinstance(value, kind) or kind is int and value < 1:
+            if not valid(value):
                 raise ConfigError(f"{mechanism}: {where}: points[{path!r}].{key} is {value!r}, not {said}; {redo}")
 
 

@@ -50,10 +50,11 @@ def _config_error(folder: Path, field: str, value, want: str) -> ConfigError:
                        "file, or export the adapter again with PEFT)")
 
 
-def _number(config: dict, folder: Path, field: str, default, *, low: float, high: float | None = None):
+def _number(config: dict, folder: Path, field: str, default, *, low: float, high: float | None = None,
+            none: float | None = None):
     value = config.get(field, default)
-    if value is None and default is not None:
-        value = default
+    if value is None and none is not None:  # PEFT writes null for "no dropout"
+        value = none
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low \
             or (high is not None and value >= high):
         want = f"a number of at least {low}" + (f" and below {high}" if high is not None else "")
@@ -85,7 +86,7 @@ def _read_config(folder: Path) -> dict:
     if not _rank(config.get("r")):
         raise _config_error(folder, "r", config.get("r"), "the rank: a whole number of at least 1")
     _number(config, folder, "lora_alpha", 8, low=0)
-    _number(config, folder, "lora_dropout", 0.0, low=0, high=1)
+    _number(config, folder, "lora_dropout", 0.0, low=0, high=1, none=0.0)
     if not isinstance(config.get("use_rslora", False), bool):
         raise _config_error(folder, "use_rslora", config["use_rslora"], "true or false")
     for field, valid, want in (("rank_pattern", _rank, "whole numbers of at least 1"),
