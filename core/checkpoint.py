@@ -20,17 +20,21 @@ import json
 import os
 import re
 import shutil
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from .errors import CheckpointError
+from .runfolder import write_text
 
 __all__ = [
     "save_checkpoint", "find_latest", "resolve_checkpoint", "read_state", "load_weights",
-    "load_training_state", "clean_stale", "list_checkpoints", "atomic_write_text",
+    "load_training_state", "clean_stale", "list_checkpoints", "damage", "set_aside", "remove_step",
 ]
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -56,15 +60,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _optimizer_split(optimizer: torch.optim.Optimizer | dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -143,12 +138,23 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    atomic_write_text(out / "latest", final.name + "\n")
+    write_text(out / "latest", final.name + "\n")
     if keep_last:
         for old in list_checkpoints(out)[:-keep_last]:
             if old != final:
-                shutil.rmtree(old, ignore_errors=True)
+                remove_step(old)
     return final
+
+
+def remove_step(folder: Path) -> None:
+    """Delete a checkpoint folder of a run: renamed out of the ``step-*`` names first (one atomic step), so a kill
+    during the deletion leaves a ``.old-step-*`` folder that :func:`clean_stale` finishes, never half a checkpoint
+    that looks whole. Only a real folder named like a step is touched."""
+    if not STEP_DIR.match(folder.name) or folder.is_symlink() or not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a checkpoint folder of this run; refusing to delete it")
+    aside = folder.with_name(f".old-{folder.name}-{os.getpid()}")
+    os.rename(folder, aside)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _save_weights(model: torch.nn.Module, path: Path, folder: tuple[set[str], dict] | None = None) -> dict:
@@ -167,39 +173,114 @@ def _save_weights(model: torch.nn.Module, path: Path, folder: tuple[set[str], di
 
 
 def list_checkpoints(out: Path) -> list[Path]:
-    """Complete checkpoints in ``out``, oldest first (a folder only gets its final name once complete)."""
+    """Complete checkpoints in ``out``, oldest first (a folder only gets its final name once complete). Links are
+    not checkpoints of this run: a step folder is always a real folder inside it."""
     if not out.is_dir():
         return []
-    found = [p for p in out.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and (p / STATE_FILE).is_file()]
+    found = [p for p in out.iterdir() if STEP_DIR.match(p.name) and not p.is_symlink() and p.is_dir()
+             and (p / STATE_FILE).is_file()]
     return sorted(found, key=lambda p: p.name)
 
 
-def clean_stale(out: Path) -> None:
-    """Remove temporary folders left by a process killed while saving."""
+def clean_stale(out: Path) -> list[Path]:
+    """Remove what a process killed while saving or rotating left: temporary ``.tmp-step-*`` / ``.old-step-*``
+    folders, and ``step-*`` folders without ``state.json`` (a complete checkpoint always has one, as it is renamed
+    into place whole). Returns what it removed."""
+    removed = []
     if out.is_dir():
         for p in out.iterdir():
-            if p.is_dir() and (p.name.startswith(".tmp-step-") or p.name.startswith(".old-step-")):
+            if p.is_symlink() or not p.is_dir():
+                continue
+            stale = p.name.startswith((".tmp-step-", ".old-step-"))
+            if stale or (STEP_DIR.match(p.name) and not (p / STATE_FILE).exists()):
                 shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
 
 
-def find_latest(out: Path) -> Path | None:
-    """The latest complete checkpoint of a run folder, or None."""
+def damage(ckpt: Path) -> str | None:
+    """What makes checkpoint ``ckpt`` unusable (a file missing, cut short or not parseable), or None when every
+    file reads. Only headers are read (safetensors checks that a file covers every tensor it lists), so this is
+    cheap even for a large model."""
+    try:
+        state = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"{ckpt / STATE_FILE} is unreadable ({exc})"
+    if not isinstance(state, dict):
+        return f"{ckpt / STATE_FILE} is not a JSON object"
+    for key in ("step", "epoch", "batch_in_epoch"):
+        if not isinstance(state.get(key), int) or isinstance(state.get(key), bool) or state[key] < 0:
+            return f"{ckpt / STATE_FILE} has no valid '{key}' (got {state.get(key)!r})"
+    for required in (MODEL_FILE, OPTIM_FILE):
+        if not (ckpt / required).is_file():
+            return f"{ckpt / required} is missing"
+    for f in sorted(ckpt.rglob("*")):
+        try:
+            if f.suffix == ".safetensors":
+                with safe_open(str(f), framework="pt"):
+                    pass
+            elif f.suffix == ".json" and f.name != STATE_FILE:
+                json.loads(f.read_text(encoding="utf-8"))
+        except Exception as exc:  # safetensors raises its own error type; any failure means unusable
+            return f"{f} is unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+    return None
+
+
+def set_aside(ckpt: Path) -> Path:
+    """Rename a damaged checkpoint out of the ``step-*`` names (kept for inspection, never deleted)."""
+    target = ckpt.with_name(f"{ckpt.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.rename(ckpt, target)
+    return target
+
+
+def _pointer(out: Path) -> Path | None:
+    """The checkpoint ``out/latest`` names, or None when there is no usable pointer. A pointer that leads out of
+    the run folder is refused: it would continue another run's weights."""
     pointer = out / "latest"
-    if pointer.is_file():
-        candidate = out / pointer.read_text().strip()
-        if (candidate / STATE_FILE).is_file():
+    if not pointer.is_file():
+        return None
+    try:
+        name = pointer.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if STEP_DIR.match(name):
+        candidate = out / name
+        if candidate.is_symlink():
+            raise CheckpointError(f"{candidate} is a symbolic link: a run's checkpoints live in its own folder; "
+                                  "remove the link, or point --resume at the checkpoint it leads to")
+        return candidate
+    if "/" in name or "\\" in name or ".." in name:
+        raise CheckpointError(f"{pointer} points at {name!r}, outside the run folder {out}: refused, as it would "
+                              f"continue another run's weights. Write a step folder name of {out} into it (or "
+                              "delete it to use the newest checkpoint), or pass that checkpoint to --resume")
+    return None  # garbage: the folder's own checkpoints are listed instead
+
+
+def find_latest(out: Path, *, on_damaged: Callable[[Path, str], None] | None = None) -> Path | None:
+    """The newest intact checkpoint of a run folder (``latest`` first, then the ``step-*`` folders newest first),
+    or None. Damaged ones (see :func:`damage`) are passed over and reported to ``on_damaged(folder, problem)``."""
+    candidates = [p for p in [_pointer(out)] if p is not None and (p / STATE_FILE).is_file()]
+    candidates += [p for p in reversed(list_checkpoints(out)) if p not in candidates]
+    for candidate in candidates:
+        problem = damage(candidate)
+        if problem is None:
             return candidate
-    found = list_checkpoints(out)
-    return found[-1] if found else None
+        if on_damaged is not None:
+            on_damaged(candidate, problem)
+    return None
+
+
+def _warn(folder: Path, problem: str) -> None:
+    print(f"[tuneforge] passing over the damaged checkpoint {folder.name}: {problem}", file=sys.stderr, flush=True)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder from a checkpoint folder or a run folder (its latest checkpoint)."""
+    """A checkpoint folder from a checkpoint folder or a run folder (its newest intact checkpoint)."""
     path = Path(path)
     if (path / STATE_FILE).is_file() and (path / MODEL_FILE).is_file():
         return path
     if path.is_dir():
-        latest = find_latest(path)
+        latest = find_latest(path, on_damaged=_warn)
         if latest is not None:
             return latest
         raise CheckpointError(f"{path}: no complete checkpoint (step-XXXXXXXX/ with {STATE_FILE}) in this folder")
@@ -208,9 +289,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def read_state(ckpt: Path) -> dict:
     try:
-        return json.loads((ckpt / STATE_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        state = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{ckpt / STATE_FILE}: unreadable ({exc})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{ckpt / STATE_FILE}: not a JSON object; is this a tuneforge checkpoint?")
+    return state
 
 
 def load_weights(ckpt: Path, model: torch.nn.Module, *, strict: bool = True) -> None:
@@ -224,6 +308,9 @@ def load_weights(ckpt: Path, model: torch.nn.Module, *, strict: bool = True) -> 
             missing, unexpected = load_model(model, str(ckpt / MODEL_FILE), strict=False)
     except RuntimeError as exc:  # shape mismatch
         raise CheckpointError(f"{ckpt / MODEL_FILE} does not fit this model: {str(exc).splitlines()[0]}") from None
+    except (OSError, SafetensorError) as exc:  # missing, cut short, not safetensors
+        raise CheckpointError(f"{ckpt / MODEL_FILE}: unreadable ({exc}); resume from an older checkpoint of the "
+                              "run (--resume auto passes over damaged ones)") from None
     if strict and (missing or unexpected):
         raise CheckpointError(
             f"{ckpt / MODEL_FILE} does not fit this model: missing {sorted(missing)[:5]}, unexpected "
@@ -250,6 +337,10 @@ def _load_beside_folder(ckpt: Path, model: torch.nn.Module, referenced: dict) ->
 def load_training_state(ckpt: Path) -> tuple[dict, dict | None, dict[str, torch.Tensor]]:
     """What ``--resume`` restores besides the weights: (the engine state from ``state.json``, the optimizer's
     state_dict or None, the RNG states by name)."""
+    problem = damage(ckpt)
+    if problem is not None:
+        raise CheckpointError(f"cannot resume from {ckpt}: {problem}; resume from an older checkpoint of the run "
+                              "(--resume auto passes over damaged ones)")
     state = read_state(ckpt)
     tensors = load_file(str(ckpt / OPTIM_FILE))
     rng = {k: tensors.pop(k) for k in list(tensors) if k.startswith("rng.")}

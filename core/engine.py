@@ -4,8 +4,10 @@ from the plugins registered for the run (see ``hookspecs.py`` for the contract a
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import signal
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -13,14 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from . import checkpoint as ckpt
 from . import distributed
 from .assemble import assemble, build_model, load_model
 from .config import TrainConfig
-from .errors import ConfigError, NonFiniteLossError
+from .errors import CheckpointError, ConfigError, NonFiniteLossError
 from .integrity import frozen_named
 from .run import Run
+from .runfolder import RunFolder, write_error, write_text
 from .step import Batches, lr_at, make_optimizer, step
 
 __all__ = ["train", "TrainResult", "build_model", "load_model", "lr_at"]
@@ -47,11 +51,13 @@ def _stop_on_signals(run: Run):
         return
 
     first: list[float] = []
+    # torchrun hands a terminal's Ctrl-C on to workers that got it from the terminal already: one press arrives
+    # twice within a moment. A single process gets each press once, so every second signal aborts there.
+    echo = 1.0 if distributed.launched() else 0.0
 
     def handler(signum, frame):
         if first:
-            # torchrun hands a terminal's Ctrl-C on to workers that got it from the terminal already: one press.
-            if time.monotonic() - first[0] < 1.0:
+            if time.monotonic() - first[0] < echo:
                 return
             raise KeyboardInterrupt  # a second signal: the user really wants out now
         first.append(time.monotonic())
@@ -98,12 +104,47 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
     return result
 
 
+def _log(message: str) -> None:
+    print(f"[tuneforge] {message}", file=sys.stderr, flush=True)
+
+
 def _train(cfg: TrainConfig, par: distributed.Parallel) -> TrainResult:
-    started = time.perf_counter()
+    """Hold the run folder (rank 0 writes it) for the whole run; a run that created it and fails before saving
+    anything removes it again, so a refused command leaves nothing behind."""
     out = Path(cfg.out) if cfg.out else None
-    resume_path = _resume_path(cfg, out) if cfg.resume else None
+    folder = RunFolder(out, log=_log) if out is not None and par.rank == 0 else None
+    if folder is not None:
+        folder.acquire()
+    try:
+        result = _run(cfg, par, out, owner=folder is not None)
+    except BaseException as exc:
+        if folder is not None:
+            keep = isinstance(exc, (NonFiniteLossError, KeyboardInterrupt)) or bool(ckpt.list_checkpoints(out))
+            folder.release(failed=True, saved=keep)
+        if isinstance(exc, (OSError, SafetensorError)) and _disk_error(exc):
+            raise write_error(getattr(exc, "filename", None) or out, exc, "into the run folder") from None
+        raise
+    if folder is not None:
+        folder.release()
+    return result
+
+
+def _disk_error(exc: BaseException) -> bool:
+    return getattr(exc, "errno", None) in _DISK or any(f"os error {e})" in str(exc) for e in _DISK)
+
+
+_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _run(cfg: TrainConfig, par: distributed.Parallel, out: Path | None, owner: bool) -> TrainResult:
+    started = time.perf_counter()
+    if out is not None and owner:
+        ckpt.clean_stale(out)  # what a kill while saving or rotating left
+    resume_path = _resume_path(cfg, out, owner) if cfg.resume else None
     built = assemble(cfg, out=out, resume=resume_path, parallel=par)
     reg, run, model = built.reg, built.run, built.model
+    if resume_path is not None:
+        _resume_changes(resume_path, cfg, run)
     mcfg, device = run.model_config, run.device
     total = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in built.params)
@@ -135,11 +176,9 @@ def _train(cfg: TrainConfig, par: distributed.Parallel) -> TrainResult:
     frozen_before = par.digest(frozen) if frozen else None
 
     if out is not None and run.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        ckpt.clean_stale(out)
         config_json = {"train": cfg.to_dict(), "model_config": mcfg.to_dict(), "mechanisms": reg.options(),
                        "lineage": built.lineage()}
-        (out / "config.json").write_text(json.dumps(config_json, indent=2, default=str))
+        write_text(out / "config.json", json.dumps(config_json, indent=2, default=str))
     run.summary.update(
         mechanisms=reg.mechanisms, plugins=list(reg.plugins), trainable_params=n_train, total_params=total,
         trainable_pct=100.0 * n_train / max(1, total), device=str(device), objective=reg.objective,
@@ -170,11 +209,16 @@ def _train(cfg: TrainConfig, par: distributed.Parallel) -> TrainResult:
                     "mechanisms": reg.options(), "lineage": built.lineage(), "train": cfg.to_dict(),
                     "tokenizer": run.tokenizer.name, "world_size": par.world_size,
                 }
-                last_ckpt = ckpt.save_checkpoint(
-                    out, run.step, model, optim, state,
-                    write_plugins=lambda path: reg.hook.tuneforge_save(run=run, path=path, model=model),
-                    keep_last=cfg.keep_last, folder=par.folder_weights(), rng=rng,
-                )
+                try:
+                    last_ckpt = ckpt.save_checkpoint(
+                        out, run.step, model, optim, state,
+                        write_plugins=lambda path: reg.hook.tuneforge_save(run=run, path=path, model=model),
+                        keep_last=cfg.keep_last, folder=par.folder_weights(), rng=rng,
+                    )
+                except (OSError, SafetensorError) as exc:  # nothing half-written: the old latest stands
+                    kept = f"the last complete one is {last_ckpt}" if last_ckpt else "no checkpoint was written"
+                    raise CheckpointError(f"{write_error(out, exc, 'the checkpoint of step %d into' % run.step)} "
+                                          f"({kept})") from None
             par.barrier()  # the others go on once the checkpoint is complete
         if not run.is_main:
             last_ckpt = out / f"step-{run.step:08d}"
@@ -203,19 +247,21 @@ def _train(cfg: TrainConfig, par: distributed.Parallel) -> TrainResult:
             history.append(metrics)
             reg.hook.tuneforge_step_end(run=run, step=run.step, metrics=metrics)
 
-    if run.step > 0 or run.stop_reason is None:  # nothing to evaluate after an interrupt before step 1
-        final_eval = _evaluate(model, run, par)
-        metrics = {**metrics, **final_eval}
-        run.summary["eval"] = final_eval
-    if frozen:
-        _record_frozen(run, par.digest(frozen_named(model)), frozen, frozen_before)
-    if out is not None and params and (last_ckpt is None or last_ckpt.name != f"step-{run.step:08d}"):
-        save()
-    run.summary["model_state_mib_per_process"] = round(par.state_bytes(model, optimizer) / 2**20, 2)
-    run.summary["status"] = run.stop_reason or "completed"
-    run.summary["checkpoint"] = str(last_ckpt) if last_ckpt else None
-    with par.gathered(model):
-        _finish(run, model, started, out)
+        # Still under the handlers: a signal now asks for what is already happening, and a second one aborts.
+        # The checkpoint comes first, so a scheduler's SIGTERM during the final evaluation loses nothing.
+        if out is not None and params and (last_ckpt is None or last_ckpt.name != f"step-{run.step:08d}"):
+            save()
+        if run.step > 0 or run.stop_reason is None:  # nothing to evaluate after an interrupt before step 1
+            final_eval = _evaluate(model, run, par)
+            metrics = {**metrics, **final_eval}
+            run.summary["eval"] = final_eval
+        if frozen:
+            _record_frozen(run, par.digest(frozen_named(model)), frozen, frozen_before)
+        run.summary["model_state_mib_per_process"] = round(par.state_bytes(model, optimizer) / 2**20, 2)
+        run.summary["status"] = run.stop_reason or "completed"
+        run.summary["checkpoint"] = str(last_ckpt) if last_ckpt else None
+        with par.gathered(model):
+            _finish(run, model, started, out)
     return TrainResult(model, metrics, history, run.summary, out, last_ckpt, run)
 
 
@@ -230,7 +276,7 @@ def _finish(run: Run, model, started: float, out: Path | None) -> None:
     run.summary.update(steps=run.step, seconds=round(time.perf_counter() - started, 3))
     run.hook.tuneforge_run_end(run=run, model=model, summary=run.summary)
     if out is not None and run.is_main:
-        ckpt.atomic_write_text(out / "summary.json", json.dumps(run.summary, indent=2, default=str))
+        write_text(out / "summary.json", json.dumps(run.summary, indent=2, default=str))
 
 
 def _record_frozen(run: Run, after: str, frozen, before: str) -> None:
@@ -244,10 +290,45 @@ def _record_frozen(run: Run, after: str, frozen, before: str) -> None:
                 "a plugin wrote into them. See frozen_weights in summary.json.")
 
 
-def _resume_path(cfg: TrainConfig, out: Path | None) -> Path | None:
-    if cfg.resume == "auto":
-        if out is None:
-            raise ConfigError("--resume auto needs --out (the run folder to continue)")
-        # "auto" is the same command for the first launch and every restart of a preemptible job.
-        return ckpt.find_latest(out)
-    return ckpt.resolve_checkpoint(cfg.resume)
+def _resume_path(cfg: TrainConfig, out: Path | None, owner: bool) -> Path | None:
+    if cfg.resume != "auto":
+        return ckpt.resolve_checkpoint(cfg.resume)
+    if out is None:
+        raise ConfigError("--resume auto needs --out (the run folder to continue)")
+    # "auto" is the same command for the first launch and every restart of a preemptible job, so a damaged newest
+    # checkpoint (a kill or a full disk while it was written by other means) falls back to the one before it.
+    damaged: list[tuple[Path, str]] = []
+    found = ckpt.find_latest(out, on_damaged=lambda folder, problem: damaged.append((folder, problem)))
+    if damaged and found is None:
+        raise CheckpointError(
+            f"--resume auto: every checkpoint in {out} is damaged ({'; '.join(p for _, p in damaged)}). Nothing was "
+            "changed; move them away to start afresh in this folder, or choose another --out")
+    for folder, problem in damaged:
+        if owner:  # rank 0 holds the folder; the other ranks pass over the same folders and find the same one
+            moved = ckpt.set_aside(folder)
+            _log(f"{problem}: set {folder.name} aside as {moved.name}; resuming from {found.name}")
+    return found
+
+
+# Options whose change on --resume says nothing about the weights or the data stream.
+_FREE_ON_RESUME = {"resume", "out", "device", "log_every", "verify_frozen"}
+
+
+def _resume_changes(path: Path, cfg: TrainConfig, run: Run) -> None:
+    """Options that differ from the checkpoint's (more --steps, another --batch-size, other mechanisms) are said in
+    one line and kept in the summary. Mechanisms whose weights no longer fit are refused when the weights load."""
+    saved = ckpt.read_state(path).get("train") or {}
+    now = cfg.to_dict()
+    changed = {k: [saved[k], v] for k, v in now.items() if k in saved and k not in _FREE_ON_RESUME and saved[k] != v}
+    if changed:
+        run.summary["resume_changes"] = changed
+        run.log(f"resuming {path.name} with changed options: "
+                + ", ".join(f"{k} {_show(a)} -> {_show(b)}" for k, (a, b) in changed.items())
+                + " (recorded as resume_changes in summary.json)")
+
+
+def _show(value) -> str:
+    if isinstance(value, list):  # mechanisms: their specs as given
+        return "[" + " ".join(v if isinstance(v, str) else str(v[0]) if isinstance(v, (list, tuple)) else str(v)
+                              for v in value) + "]"
+    return str(value)

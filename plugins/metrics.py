@@ -5,6 +5,7 @@ import json
 import math
 
 from tuneforge import hookimpl
+from tuneforge.runfolder import open_text
 
 __all__ = ["MetricsFile"]
 
@@ -30,13 +31,13 @@ class MetricsFile:
         kept = []
         if run.resumed_from is not None and path.exists():
             # Steps after the checkpoint will be trained again; their old lines would be duplicates.
-            for line in path.read_text().splitlines():
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
                 try:
                     if json.loads(line).get("step", 0) <= run.step:
                         kept.append(line)
                 except json.JSONDecodeError:
                     break  # a line cut by the kill: everything after it is suspect
-        self.file = path.open("w")
+        self.file = open_text(path, "w")  # never through a link: the run folder may hold one someone else put
         self.file.writelines(line + "\n" for line in kept)
         self.file.flush()
 
