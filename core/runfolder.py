@@ -1,9 +1,10 @@
 """The run folder (``--out``): owned by one process at a time, written without following links, and removed again
 when a run that created it stops before saving anything.
 
-- **One owner.** ``.lock`` in the folder is held with ``flock`` for the whole run and records the owner's pid, host
-  and start time. The kernel drops the lock when its process dies, so a lock file whose lock is free was left by a
-  dead run: it is taken over with a message. A second process on the same folder is refused and told who has it.
+- **One owner.** ``.lock`` in the folder is held with ``flock`` for the whole run, records the owner's pid, host
+  and start time, and is removed when the run ends. The kernel drops the lock when its process dies, so a lock file
+  whose lock is free was left by a dead run: it is taken over with a message. A second process on the same folder
+  is refused and told who has it.
 - **No links followed.** A run folder may have been prepared by someone else; every file tuneforge writes there
   is created afresh or replaced by rename (:func:`write_text`, :func:`open_text`), never written through a
   symbolic link, and a folder whose own entries are links is refused before anything is written.
@@ -108,7 +109,12 @@ class RunFolder:
             else:
                 self.created = True
         self._refuse_links()
-        lock = self.path / LOCK
+        while self._fd is None:
+            self._fd = self._lock(self.path / LOCK)
+
+    def _lock(self, lock: Path) -> int | None:
+        """The locked file's descriptor, or None when the file was removed under us (its owner released it just
+        then): the caller opens the new one."""
         try:
             fd = _no_follow_fd(lock, os.O_RDWR | os.O_CREAT)
         except OSError as exc:
@@ -123,14 +129,21 @@ class RunFolder:
                    if owner else "another process")
             raise ConfigError(f"--out {self.path} is in use by {who}: two runs in one folder would mix their "
                               "checkpoints and metrics. Wait for it to finish, stop it, or choose another --out")
+        try:
+            same = os.stat(lock, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # we locked a file its owner had just removed on release
+            os.close(fd)
+            return None
         stale = _read_owner(fd)
-        if stale:
+        if stale:  # the lock was free but the file names an owner: it died holding it
             self._log(f"{self.path}: taking over the lock of pid {stale.get('pid')} on {stale.get('host')} (since "
                       f"{stale.get('started')}), which is no longer running")
         owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(owner) + "\n").encode(), 0)
-        self._fd = fd
+        return fd
 
     def release(self, *, failed: bool = False, saved: bool = True) -> None:
         """Give the folder up. A run that created it, failed and saved no checkpoint removes it again."""
@@ -139,9 +152,9 @@ class RunFolder:
         if failed and self.created and not saved:
             self._undo()
         else:
-            # Emptied, not deleted: another process may have the file open, and a new file would let two lock
-            # different inodes. An empty lock file means its last owner finished.
-            os.ftruncate(self._fd, 0)
+            # Removed while still held: a process that opened it meanwhile sees, once it has the lock, that the
+            # path no longer leads to its file, and starts over with a new one (see _lock).
+            (self.path / LOCK).unlink(missing_ok=True)
         os.close(self._fd)
         self._fd = None
 
