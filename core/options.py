@@ -40,9 +40,9 @@ def check_range(options, name: str, interval: str, hint: str = "") -> None:
     if value is None:
         return
     low, high = (_bound(b) for b in interval[1:-1].split(","))
-    inside = (low < value if interval[0] == "(" else low <= value) and (value < high if interval[-1] == ")"
-                                                                        else value <= high)
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and inside):
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    above = number and (low < value if interval[0] == "(" else low <= value)
+    if not (above and (value < high if interval[-1] == ")" else value <= high)):
         if high == math.inf:
             want = f"{'>' if interval[0] == '(' else '>='} {low:g}"
         else:
@@ -174,7 +174,7 @@ def build_options(cls, values: dict[str, Any] | None, *, owner: str, spell=None)
             raise ConfigError(
                 f"{owner} has no option '{key}'{suggest(key, fields)}. Its options: {describe_options(cls)}"
             )
-        name = spell(key) if spell else f"'{key}'"
+        name = f"'{key}' ({spell(key)})" if spell else f"'{key}'"
         kwargs[key] = _convert(value, hints[key], f"option {name} of {owner} ({_field_text(fields[key], hints[key])})")
     try:
         return cls(**kwargs)
