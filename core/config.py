@@ -127,7 +127,8 @@ def load_config(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except OSError as exc:
-        raise ConfigError(f"--config {path} cannot be read ({exc.strerror or exc}); give a readable TOML file") from None
+        raise ConfigError(f"--config {path} cannot be read ({exc.strerror or exc}); give a readable TOML file"
+                          ) from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

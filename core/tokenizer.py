@@ -58,5 +58,6 @@ def check_vocabulary(embedding, tokenizer, *, where: str, fix: str) -> None:
 
     rows, need = embedding.num_embeddings, id_limit(tokenizer)
     if rows < need:
-        raise ConfigError(f"{where}: the model's token embedding has {rows} rows, but its tokenizer "
-                          f"({getattr(tokenizer, 'name', type(tokenizer).__name__)}) produces ids up to {need - 1}; {fix}")
+        name = getattr(tokenizer, "name", type(tokenizer).__name__)
+        raise ConfigError(f"{where}: the model's token embedding has {rows} rows, but its tokenizer ({name}) produces "
+                          f"ids up to {need - 1}; {fix}")
