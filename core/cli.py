@@ -280,9 +280,14 @@ def _data(args) -> int:
 
     records = read_records(args.name, split=args.split)
     if args.export:
-        with open(args.export, "w") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
+        try:
+            with open(args.export, "w") as f:
+                for r in records:
+                    f.write(json.dumps(r) + "\n")
+        except OSError as exc:
+            from .runfolder import write_error
+
+            raise write_error(args.export, exc, "--export") from None
         print(f"wrote {len(records)} records to {args.export}", file=sys.stderr)
     for r in records.items[: args.head]:
         print(json.dumps(r))
