@@ -16,12 +16,15 @@ def _clean(value):
 
 
 class MetricsFile:
-    """Writes metrics.jsonl in the run folder; on resume it drops lines past the checkpoint's step."""
+    """Writes metrics.jsonl in the run folder; on resume it drops lines past the checkpoint's step.
+
+    Each step's line is appended by its own open and close: nothing stays open when a run stops on an error (no
+    hook follows one), and a line is on disk once its step ends."""
 
     autoload = True
 
     def __init__(self):
-        self.file = None
+        self.path = None
 
     @hookimpl
     def tuneforge_run_start(self, run):
@@ -37,19 +40,17 @@ class MetricsFile:
                         kept.append(line)
                 except json.JSONDecodeError:
                     break  # a line cut by the kill: everything after it is suspect
-        self.file = open_text(path, "w")  # never through a link: the run folder may hold one someone else put
-        self.file.writelines(line + "\n" for line in kept)
-        self.file.flush()
+        with open_text(path, "w") as f:  # never through a link: the run folder may hold one someone else put
+            f.writelines(line + "\n" for line in kept)
+        self.path = path
 
     @hookimpl
     def tuneforge_step_end(self, step, metrics):
-        if self.file is not None:
+        if self.path is not None:
             record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+            with open_text(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
     @hookimpl
     def tuneforge_run_end(self):
-        if self.file is not None:
-            self.file.close()
-            self.file = None
+        self.path = None

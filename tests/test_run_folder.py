@@ -297,7 +297,7 @@ def mount(tmp_path):
 
     yield make
     for where in made:
-        subprocess.run(["umount", str(where)], capture_output=True)
+        subprocess.run(["umount", "--lazy", str(where)], capture_output=True)
 
 
 def test_a_full_disk_is_one_line_and_leaves_nothing(mount, capsys):
