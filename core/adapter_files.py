@@ -24,8 +24,8 @@ from safetensors.torch import save_file
 
 from .adapters import base_fingerprint
 from .bottleneck import PLACEMENTS
-from .kernels import ACTIVATIONS
 from .errors import ConfigError
+from .kernels import ACTIVATIONS
 from .names import check_name, replace_folder
 
 __all__ = ["FORMAT", "VERSION", "MANIFEST", "TENSORS", "POINT_FIELDS", "save_part", "read_part", "is_part",
@@ -36,9 +36,6 @@ VERSION = 1
 MANIFEST = "manifest.json"
 TENSORS = "adapter.safetensors"
 
-# What each insertion point of a manifest must say, by mechanism (field -> (test, what it must be)): checked when a
-# part is read, so a hand-edited or foreign manifest is one clear error before anything is installed, never a
-# KeyError or a half-installed part.
 def _whole(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
@@ -48,6 +45,9 @@ def _number(v) -> bool:
 
 
 _WHOLE, _NUMBER = (_whole, "a whole number of at least 1"), (_number, "a number")
+# What each insertion point of a manifest must say, by mechanism (field -> (test, what it must be)): checked when a
+# part is read, so a hand-edited or foreign manifest is one clear error before anything is installed, never a
+# KeyError or a half-installed part.
 POINT_FIELDS = {
     "lora": {"in": _WHOLE, "out": _WHOLE, "rank": _WHOLE, "scaling": _NUMBER},
     "adapter": {"d_model": _WHOLE, "size": _WHOLE, "scale": _NUMBER,
