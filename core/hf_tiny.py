@@ -14,9 +14,12 @@ from pathlib import Path
 import torch
 
 from .errors import ConfigError
+from .names import replace_folder
 
 __all__ = ["make_tiny", "FAMILY_CONFIGS"]
 
+#: Marks a folder hf-tiny wrote, the only kind it replaces.
+MARKER = ".tuneforge-hf-tiny"
 SPECIALS = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
 
 
@@ -82,19 +85,26 @@ def make_tiny(folder: str | Path, family: str = "gpt2", *, d_model: int = 64, n_
     except ImportError:
         raise ConfigError("making a Hugging Face model needs transformers: pip install 'tuneforge[hf]'") from None
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tok = _tokenizer(vocab_size, seed)
-    tok.save(str(folder / "tokenizer.json"))
-    ids = {f"{k[:-6]}_token_id": tok.token_to_id(v) for k, v in SPECIALS.items()}  # bos_token_id...
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {**SPECIALS, "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": context}, indent=2) + "\n")
-    config = _config(family, tok.get_vocab_size(), d_model, n_layers, n_heads, context, ids)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = transformers.AutoModelForCausalLM.from_config(config)
-        if train_steps:
-            _pretrain(model, tok, train_steps, context, seed)
-    from .hf import _quiet
-    with _quiet(transformers):
-        model.save_pretrained(str(folder))
+
+    def fill(tmp: Path) -> None:
+        tok = _tokenizer(vocab_size, seed)
+        tok.save(str(tmp / "tokenizer.json"))
+        ids = {f"{k[:-6]}_token_id": tok.token_to_id(v) for k, v in SPECIALS.items()}  # bos_token_id...
+        (tmp / "tokenizer_config.json").write_text(json.dumps(
+            {**SPECIALS, "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": context}, indent=2) + "\n")
+        config = _config(family, tok.get_vocab_size(), d_model, n_layers, n_heads, context, ids)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = transformers.AutoModelForCausalLM.from_config(config)
+            if train_steps:
+                _pretrain(model, tok, train_steps, context, seed)
+        from .hf import _quiet
+        with _quiet(transformers):
+            model.save_pretrained(str(tmp))
+        (tmp / MARKER).write_text(json.dumps({"format": "tuneforge.hf-tiny", "family": family}) + "\n")
+
+    # A real model folder holds the same file names: only a folder this command wrote is ever replaced.
+    replace_folder(folder, fill, ours=lambda f: (f / MARKER).is_file(), owner="hf-tiny",
+                   refusal=f"hf-tiny: {folder} is not empty and was not written by hf-tiny (no {MARKER}): nothing "
+                           "was written; give a new or empty folder")
     return folder

@@ -357,3 +357,18 @@ def test_saving_ia3_over_a_folder_that_is_not_ia3_is_refused(tmp_path):
     for _ in range(2):  # its own folder is replaced whole, nothing left beside it
         ia3.save_ia3(model, tmp_path / "ia3")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ia3", "victim"]
+
+
+def test_hf_tiny_writes_only_a_new_folder_or_one_it_wrote(tmp_path, capsys):
+    user = tmp_path / "my-model"
+    user.mkdir()
+    (user / "config.json").write_text('{"mine": true}')  # a real model folder holds the same file names
+    code = main(["hf-tiny", str(user), "--train-steps", "0", "--d-model", "16", "--layers", "1", "--heads", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("tuneforge: error:") == 1 and "not written by hf-tiny" in err
+    assert [p.name for p in user.iterdir()] == ["config.json"] and json.loads((user / "config.json").read_text())
+    tiny = tmp_path / "tiny"
+    for family in ("gpt2", "llama"):  # the second replaces the first: it is hf-tiny's own
+        assert main(["hf-tiny", str(tiny), "--family", family, "--train-steps", "0", "--d-model", "16",
+                     "--layers", "1", "--heads", "2"]) == 0
+    assert json.loads((tiny / "config.json").read_text())["model_type"] == "llama"
