@@ -119,8 +119,9 @@ def _train(cfg: TrainConfig, par: distributed.Parallel) -> TrainResult:
         result = _run(cfg, par, out, owner=folder is not None)
     except BaseException as exc:
         if folder is not None:
+            # A NaN stop or an abort keeps what it wrote (its summary, its metrics) to look at.
             keep = isinstance(exc, (NonFiniteLossError, KeyboardInterrupt)) or bool(ckpt.list_checkpoints(out))
-            folder.release(failed=True, saved=keep)
+            folder.release(undo=not keep)
         if isinstance(exc, (OSError, SafetensorError)) and _disk_error(exc):
             raise write_error(getattr(exc, "filename", None) or out, exc, "into the run folder") from None
         raise
@@ -133,7 +134,8 @@ def _disk_error(exc: BaseException) -> bool:
     return getattr(exc, "errno", None) in _DISK or any(f"os error {e})" in str(exc) for e in _DISK)
 
 
-_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+# Errors that only a write can meet (a permission error may come from reading input, and is said there).
+_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 def _run(cfg: TrainConfig, par: distributed.Parallel, out: Path | None, owner: bool) -> TrainResult:

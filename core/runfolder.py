@@ -145,11 +145,12 @@ class RunFolder:
         os.pwrite(fd, (json.dumps(owner) + "\n").encode(), 0)
         return fd
 
-    def release(self, *, failed: bool = False, saved: bool = True) -> None:
-        """Give the folder up. A run that created it, failed and saved no checkpoint removes it again."""
+    def release(self, *, undo: bool = False) -> None:
+        """Give the folder up; with ``undo`` (a run that failed having saved nothing), remove it again if this run
+        created it."""
         if self._fd is None:
             return
-        if failed and self.created and not saved:
+        if undo and self.created:
             self._undo()
         else:
             # Removed while still held: a process that opened it meanwhile sees, once it has the lock, that the
