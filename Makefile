@@ -8,10 +8,11 @@ TORCH_SPEC ?= torch==2.13.0
 .PHONY: prereqs install install-test demo test bench clean
 
 # --no-build-isolation: an isolated build would fetch a different torch to build the extension against.
-# Without isolation the build uses the setuptools already installed: editable installs need >= 64.
+# Without isolation the build uses the setuptools already installed: editable installs need >= 64, and a
+# setuptools older than 70.1 (a fresh venv's) builds wheels only with the wheel package beside it.
 prereqs:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH_SPEC)
-	@$(PYTHON) -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 64)" \
+	@$(PYTHON) -c "import setuptools, wheel, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 64)" 2>/dev/null \
 		|| $(PIP) install "setuptools>=64" wheel
 
 install: prereqs
