@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -157,6 +158,19 @@ class PartMechanism(DefaultObjective):
                 log(note)
             loaded.append(name)
         return loaded
+
+    @classmethod
+    def load_frozen(cls, model, *specs: str) -> list[str]:
+        """Load saved parts of this mechanism onto ``model``, frozen (what ``load_lora`` / ``load_adapters`` do);
+        returns their names. The rest of the model stays as it was."""
+        mech, names = cls(cls.Options()), []
+        for spec in specs:
+            names += mech.load_into(model, spec, log=lambda note: warnings.warn(note, stacklevel=4))
+        for m in mech.part_modules(model):
+            for n in names:
+                for p in m.part_parameters(n) if n in m.task_names() else []:
+                    p.requires_grad_(False)
+        return names
 
     @hookimpl
     def tuneforge_modify_model(self, model, run):

@@ -10,7 +10,6 @@ starts at zero, so an untrained adapter is the identity. Several named adapters 
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Literal, Optional
 
 import torch
@@ -66,14 +65,7 @@ def add_adapter(model, name: str = "default", *, placement: str = "serial", posi
 def load_adapters(model, *specs: str) -> list[str]:
     """Load saved adapters onto ``model`` (frozen): adapter folders, checkpoint or run folders. Returns their
     names; route rows with :func:`tuneforge.routing.rows` or choose with :func:`tuneforge.adapters.set_active`."""
-    mech, names = Adapter(Adapter.Options()), []
-    for spec in specs:
-        names += mech.load_into(model, spec, log=lambda note: warnings.warn(note, stacklevel=3))
-    for m in mech.part_modules(model):  # loaded parts are frozen; the rest of the model as it was
-        for n in names:
-            for p in m.part_parameters(n) if n in m.task_names() else []:
-                p.requires_grad_(False)
-    return names
+    return Adapter.load_frozen(model, *specs)
 
 
 class Adapter(PartMechanism):

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from tuneforge import hookimpl
+from tuneforge.options import check_range
 from tuneforge.classify import HeadTask, VerbalizedTask, fit_context, pad_right
 from tuneforge.labelled import has_labels
 from tuneforge.errors import ConfigError
@@ -65,8 +66,7 @@ class Finetune:
                 raise ValueError(f"classes must be at least 2, got {self.classes}")
             if self.classes is not None and self.head != "classify":
                 raise ValueError("classes= sets the size of a new classification head; add head=classify")
-            if not 0 <= self.holdout < 0.5:
-                raise ValueError(f"holdout must be within [0, 0.5), got {self.holdout}")
+            check_range(self, "holdout", "[0, 0.5)", " (a share of the file)")
             if self.eval_batches < 1:
                 raise ValueError(f"eval_batches must be at least 1, got {self.eval_batches}")
 

@@ -11,7 +11,6 @@ weights for serving.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from pathlib import Path
 
 import torch
@@ -94,14 +93,7 @@ def load_lora(model, *specs: str) -> list[str]:
     """Load saved LoRAs onto ``model`` (frozen): tuneforge LoRA folders, PEFT folders, checkpoint or run folders.
     Returns their names; route rows to them with :func:`tuneforge.routing.rows` or choose with
     :func:`tuneforge.adapters.set_active`."""
-    mech, names = Lora(Lora.Options()), []
-    for spec in specs:
-        names += mech.load_into(model, spec, log=lambda note: warnings.warn(note, stacklevel=3))
-    for m in mech.part_modules(model):  # loaded parts are frozen; the rest of the model as it was
-        for n in names:
-            for p in m.part_parameters(n) if n in m.task_names() else []:
-                p.requires_grad_(False)
-    return names
+    return Lora.load_frozen(model, *specs)
 
 
 def install_lora(model, name: str, points: dict, tensors: dict[str, torch.Tensor], where) -> None:

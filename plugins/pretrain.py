@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 from tuneforge import hookimpl
+from tuneforge.options import check_range
 from tuneforge.lm import TextTask
 
 __all__ = ["Pretrain"]
@@ -22,8 +23,7 @@ class Pretrain:
         holdout: float = 0.05  # share of a file's windows held out when no eval data is given
 
         def __post_init__(self):
-            if not 0 <= self.holdout < 0.5:
-                raise ValueError(f"holdout must be within [0, 0.5), got {self.holdout}")
+            check_range(self, "holdout", "[0, 0.5)", " (a share of the file)")
             if self.eval_batches < 1:
                 raise ValueError(f"eval_batches must be at least 1, got {self.eval_batches}")
 

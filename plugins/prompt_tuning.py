@@ -11,7 +11,6 @@ given (a default objective): label words on labelled records, next tokens on tex
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from pathlib import Path
 from typing import Optional
 
@@ -28,6 +27,7 @@ from tuneforge.errors import CheckpointError, ConfigError
 from tuneforge.model import Prefix
 from tuneforge.names import check_name, inside
 from tuneforge.objective import DefaultObjective, ObjectiveOptions
+from tuneforge.parts import part_generator
 
 __all__ = ["PromptTuning", "SoftPrompts", "load_prompts", "add_prompts", "base_fingerprint"]
 
@@ -180,7 +180,7 @@ class PromptTuning(DefaultObjective):
 
     def _new_prompt(self, model, run, name: str) -> torch.Tensor:
         emb, K = model.tok_emb.weight.detach(), self.options.tokens
-        g = torch.Generator().manual_seed(run.seed * 1_000_003 + int(hashlib.sha256(name.encode()).hexdigest()[:8], 16))
+        g = part_generator(run.seed, name)
         init = self.options.init
         if init == "random":  # the scale of real token embeddings, so the frozen model sees familiar magnitudes
             return torch.randn(K, emb.size(1), generator=g) * emb.std().cpu()

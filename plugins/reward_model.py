@@ -101,8 +101,7 @@ class RewardModel:
             check_layers(self.layers)
             if self.ties not in TIE_MODELS:
                 raise ValueError(f"ties must be one of {', '.join(TIE_MODELS)}, got {self.ties!r}")
-            if not 0 <= self.holdout < 0.5:
-                raise ValueError(f"holdout must be within [0, 0.5), got {self.holdout}")
+            check_range(self, "holdout", "[0, 0.5)", " (a share of the file)")
             check_range(self, "eval_limit", "[1, inf)", " (or none: all)")
 
     def __init__(self, options: Options):
