@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["TIE_MODELS", "outcome_logprobs", "pair_nll", "dpo_loss"]
+__all__ = ["TIE_MODELS", "outcome_logprobs", "pair_nll", "dpo_loss", "pair_right"]
 
 TIE_MODELS = ("davidson", "rao-kupper", "ignore")
 
@@ -67,3 +67,9 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     inside the σ (positive when the policy prefers the chosen response more than the reference does)."""
     margin = beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))
     return -F.logsigmoid(margin), margin
+
+
+def pair_right(margin: torch.Tensor) -> torch.Tensor:
+    """Per pair: 1 where ``margin`` (better minus worse) orders it as labelled, 0.5 where the scores tie (a coin
+    flip would), 0 otherwise. Its mean is the pair accuracy reward models and DPO report."""
+    return (margin > 0).float() + 0.5 * (margin == 0).float()

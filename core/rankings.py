@@ -195,7 +195,8 @@ def ranking_ids(tokenizer, prompt: str, response: str) -> tuple[list[int], int]:
     return head + tokenizer.encode(response, eos=True), len(head)
 
 
-def ranking_batch(records: Sequence[Ranking], tokenizer, context: int, *, with_ties: bool = True) -> dict:
+def ranking_batch(records: Sequence[Ranking], tokenizer, context: int, *, with_ties: bool = True,
+                  device: torch.device | str | None = None) -> dict:
     """One micro-batch of whole rankings: every response of every record is a row.
 
     Returns a dict of tensors:
@@ -209,7 +210,8 @@ def ranking_batch(records: Sequence[Ranking], tokenizer, context: int, *, with_t
     - ``weight`` (P,): ``1 / (pairs of its record) / (records with a pair)``, so ``(loss * weight).sum()`` is the
       mean over records of each record's mean pair loss.
 
-    ``with_ties=False`` drops tied pairs (and a record left with none counts as having no pair).
+    ``with_ties=False`` drops tied pairs (and a record left with none counts as having no pair). ``device``: where
+    the tensors go (default: stay on the CPU).
     """
     rows, last, start, record, response = [], [], [], [], []
     better, worse, tie, per_record = [], [], [], []
@@ -232,13 +234,14 @@ def ranking_batch(records: Sequence[Ranking], tokenizer, context: int, *, with_t
             tie.append(t)
     with_pairs = sum(1 for n in per_record if n)
     weight = [1.0 / (n * with_pairs) for n in per_record for _ in range(n)]
-    return {
+    batch = {
         "input": pad_right(rows, tokenizer.pad_id),
         "last": torch.tensor(last), "start": torch.tensor(start),
         "record": torch.tensor(record), "response": torch.tensor(response),
         "better": torch.tensor(better, dtype=torch.long), "worse": torch.tensor(worse, dtype=torch.long),
         "tie": torch.tensor(tie, dtype=torch.bool), "weight": torch.tensor(weight, dtype=torch.float32),
     }
+    return batch if device is None else {k: v.to(device) for k, v in batch.items()}
 
 
 def ranking_epoch(records: Sequence[Ranking], run, tokenizer, context: int, *, with_ties: bool = True,

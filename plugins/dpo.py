@@ -28,7 +28,7 @@ from tuneforge import hookimpl
 from tuneforge.errors import ConfigError
 from tuneforge.options import check_range
 from tuneforge.policy import Reference, block_parameters, check_layers, resolve_layers, response_logprobs, untie_head
-from tuneforge.preference import dpo_loss
+from tuneforge.preference import dpo_loss, pair_right
 from tuneforge.rankings import ranking_batch, ranking_epoch, split_rankings
 from tuneforge.rollout import compare, judge_for
 
@@ -95,8 +95,7 @@ class DPO:
         run.log(f"dpo: reference log-probabilities of {sum(len(r.responses) for r in self.train):,} responses "
                 "(once, then cached)")
         for b in range(0, len(self.train), 64):
-            batch = {k: v.to(run.device) for k, v in ranking_batch(self.train[b:b + 64], run.tokenizer,
-                                                                   run.model_config.max_seq_len).items()}
+            batch = ranking_batch(self.train[b:b + 64], run.tokenizer, run.model_config.max_seq_len, device=run.device)
             ids = batch["input"]
             out[batch["record"] + b, batch["response"]] = response_logprobs(reference(ids), ids, batch["start"],
                                                                              batch["last"])
@@ -135,7 +134,7 @@ class DPO:
         loss, margin = dpo_loss(logp[b], logp[w], ref[b], ref[w], self.options.beta)
         margin, shift = margin.detach(), (logp[b] - ref[b]).detach()
         return (loss * batch["weight"]).sum(), {
-            "pair_accuracy": float(((margin > 0).float() + 0.5 * (margin == 0).float()).mean()),
+            "pair_accuracy": float(pair_right(margin).mean()),
             "margin": float(margin.mean()),
             "chosen_logp_shift": float(shift.mean()), "tokens": float(ids.numel())}
 
@@ -147,13 +146,13 @@ class DPO:
         held = self.held_out[: self.options.eval_limit] if self.options.eval_limit else self.held_out
         right, total = 0.0, 0
         for b in range(0, len(held), 64):
-            batch = {k: v.to(run.device) for k, v in ranking_batch(held[b:b + 64], run.tokenizer,
-                                                                   run.model_config.max_seq_len, with_ties=False).items()}
+            batch = ranking_batch(held[b:b + 64], run.tokenizer, run.model_config.max_seq_len, with_ties=False,
+                                  device=run.device)
             ids = batch["input"]
             implicit = (response_logprobs(model(ids), ids, batch["start"], batch["last"])
                         - response_logprobs(reference(ids), ids, batch["start"], batch["last"]))  # (N,)
             margin = implicit[batch["better"]] - implicit[batch["worse"]]
-            right += float(((margin > 0).float() + 0.5 * (margin == 0).float()).sum())
+            right += float(pair_right(margin).sum())
             total += margin.numel()
         if total:
             out["pair_accuracy"] = right / total

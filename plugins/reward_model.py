@@ -30,7 +30,7 @@ from tuneforge.classify import fit_context, pad_right
 from tuneforge.errors import ConfigError
 from tuneforge.options import check_range
 from tuneforge.policy import block_parameters, check_layers, resolve_layers
-from tuneforge.preference import TIE_MODELS, outcome_logprobs, pair_nll
+from tuneforge.preference import TIE_MODELS, outcome_logprobs, pair_nll, pair_right
 from tuneforge.rankings import ranking_batch, ranking_epoch, ranking_ids, split_rankings
 from tuneforge.tokenizer import tokenizer_of
 
@@ -143,7 +143,7 @@ class RewardModel:
         nll = pair_nll(margin, batch["tie"], model.lm_head.tie(), self.options.ties)
         loss = (nll * batch["weight"]).sum() + 0.0 * s.sum()  # + 0 * s: a batch of only dropped ties still backprops
         strict = ~batch["tie"]
-        right = ((margin > 0).float() + 0.5 * (margin == 0).float())[strict]
+        right = pair_right(margin)[strict]
         return loss, {"pair_accuracy": float(right.mean()) if right.numel() else float("nan"),
                       "tokens": float(batch["input"].numel())}
 
@@ -155,13 +155,13 @@ class RewardModel:
             return None
         margins, ties = [], []
         for b in range(0, len(held), 64):
-            batch = ranking_batch(held[b:b + 64], run.tokenizer, run.model_config.max_seq_len)
-            s = rewards(model, batch["input"].to(run.device), batch["last"].to(run.device))
-            margins.append(s[batch["better"].to(run.device)] - s[batch["worse"].to(run.device)])
-            ties.append(batch["tie"].to(run.device))
+            batch = ranking_batch(held[b:b + 64], run.tokenizer, run.model_config.max_seq_len, device=run.device)
+            s = rewards(model, batch["input"], batch["last"])
+            margins.append(s[batch["better"]] - s[batch["worse"]])
+            ties.append(batch["tie"])
         margin, tie = torch.cat(margins), torch.cat(ties)
         strict = margin[~tie]
-        out = {"pairwise_accuracy": float(((strict > 0).float() + 0.5 * (strict == 0).float()).mean()),
+        out = {"pairwise_accuracy": float(pair_right(strict).mean()),
                "pairs": float(margin.numel()), "tie_rate": float(tie.float().mean())}
         head = model.lm_head
         if head.ties != "ignore":
