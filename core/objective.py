@@ -15,6 +15,7 @@ from .classify import VerbalizedTask
 from .hookspecs import hookimpl
 from .labelled import has_labels
 from .lm import TextTask
+from .options import check_range
 
 __all__ = ["ObjectiveOptions", "DefaultObjective"]
 
@@ -31,8 +32,7 @@ class ObjectiveOptions:
     holdout: float = 0.1  # share of a file held out for evaluation when there is no --eval-data
 
     def __post_init__(self):
-        if not 0 <= self.holdout < 0.5:
-            raise ValueError(f"holdout must be within [0, 0.5), got {self.holdout}")
+        check_range(self, "holdout", "[0, 0.5)", " (a share of the file)")
 
 
 class DefaultObjective:

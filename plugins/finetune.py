@@ -20,11 +20,11 @@ import torch
 import torch.nn as nn
 
 from tuneforge import hookimpl
-from tuneforge.options import check_range
 from tuneforge.classify import HeadTask, VerbalizedTask, fit_context, pad_right
 from tuneforge.labelled import has_labels
 from tuneforge.errors import ConfigError
 from tuneforge.lm import TextTask
+from tuneforge.objective import ObjectiveOptions
 from tuneforge.policy import block_parameters, check_layers, others_choose_params, resolve_layers, untie_head
 from tuneforge.tokenizer import tokenizer_of
 
@@ -45,28 +45,22 @@ class Finetune:
     """Train the last N blocks (+ final norm and head) of a pretrained model, optionally with a new head."""
 
     @dataclasses.dataclass
-    class Options:
+    class Options(ObjectiveOptions):  # the data fields, template, verbalizer and holdout of every objective
         # N = the last N blocks + final norm + head train; 0 = only the head; all = everything; auto = all alone, and
         # beside LoRA / adapters / soft prompts only a new classification head (the parts are what train)
         layers: str = "auto"
         head: Literal["lm", "classify"] = "lm"  # classify = a new N-class head in place of the LM head
         classes: Optional[int] = None  # the head's outputs; default: the number of labels in the data
         labels: list[str] = dataclasses.field(default_factory=list)  # class order; default: the data's, sorted
-        text_field: str = "text"
-        label_field: str = "label"
-        task_field: str = "task"  # in mixed data, the task (soft prompt, adapter) each record's row uses
-        template: Optional[str] = None  # head=lm on labels: prompt with {input} and {label} slots
-        verbalizer: list[str] = dataclasses.field(default_factory=list)  # head=lm on labels: LABEL:WORD pairs
-        holdout: float = 0.1  # share of a file held out when there is no --eval-data
         eval_batches: int = 8  # head=lm on text: held-out batches per evaluation
 
         def __post_init__(self):
+            super().__post_init__()
             check_layers(self.layers)
             if self.classes is not None and self.classes < 2:
                 raise ValueError(f"classes must be at least 2, got {self.classes}")
             if self.classes is not None and self.head != "classify":
                 raise ValueError("classes= sets the size of a new classification head; add head=classify")
-            check_range(self, "holdout", "[0, 0.5)", " (a share of the file)")
             if self.eval_batches < 1:
                 raise ValueError(f"eval_batches must be at least 1, got {self.eval_batches}")
 
