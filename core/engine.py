@@ -165,10 +165,10 @@ def _run(cfg: TrainConfig, par: distributed.Parallel, out: Path | None, owner: b
         run.summary["skipped_steps"] = state.get("skipped_steps", 0)
         run.resumed_from = resume_path
         reg.hook.tuneforge_load(run=run, path=resume_path)
-    elif out is not None and ckpt.find_latest(out) is not None:
+    elif out is not None and ckpt.list_checkpoints(out):  # damaged ones too: a fresh run would overwrite them
         raise ConfigError(
-            f"{out} already holds a run (latest: {ckpt.find_latest(out).name}); pass --resume auto to continue "
-            "it, or choose another --out. Nothing was changed."
+            f"{out} already holds a run (latest: {ckpt.list_checkpoints(out)[-1].name}); pass --resume auto to "
+            "continue it, or choose another --out. Nothing was changed."
         )
     elif par.rank:  # dropout draws differ between ranks; rank 0 keeps the stream a single process has
         torch.manual_seed(cfg.seed * 1_000_003 + par.rank)
