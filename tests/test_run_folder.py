@@ -220,6 +220,8 @@ def test_every_checkpoint_damaged_is_an_error_and_nothing_moves(tmp_path, capsys
     code = train_cli(out, "--steps", "4", "--resume", "auto")
     one_error_line(capsys, code, "every checkpoint in")
     assert (out / "step-00000002").is_dir()
+    one_error_line(capsys, train_cli(out, "--steps", "2"), "already holds a run")  # a fresh run would overwrite it
+    assert (out / "step-00000002" / "model.safetensors").stat().st_size > 0
     with pytest.raises(CheckpointError, match=r"model.safetensors: unreadable"):
         tuneforge.load_model(str(out / "step-00000002"))
 
