@@ -36,6 +36,7 @@ VERSION = 1
 MANIFEST = "manifest.json"
 TENSORS = "adapter.safetensors"
 
+
 def _whole(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from .errors import CheckpointError
+from .run import say
 from .runfolder import write_text
 
 __all__ = [
@@ -271,7 +271,7 @@ def find_latest(out: Path, *, on_damaged: Callable[[Path, str], None] | None = N
 
 
 def _warn(folder: Path, problem: str) -> None:
-    print(f"[tuneforge] passing over the damaged checkpoint {folder.name}: {problem}", file=sys.stderr, flush=True)
+    say(f"passing over the damaged checkpoint {folder.name}: {problem}")
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -7,7 +7,6 @@ import dataclasses
 import errno
 import json
 import signal
-import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -23,7 +22,7 @@ from .assemble import assemble, build_model, load_model
 from .config import TrainConfig
 from .errors import CheckpointError, ConfigError, NonFiniteLossError
 from .integrity import frozen_named
-from .run import Run
+from .run import Run, say
 from .runfolder import RunFolder, write_error, write_text
 from .step import Batches, lr_at, make_optimizer, step
 
@@ -104,15 +103,11 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
     return result
 
 
-def _log(message: str) -> None:
-    print(f"[tuneforge] {message}", file=sys.stderr, flush=True)
-
-
 def _train(cfg: TrainConfig, par: distributed.Parallel) -> TrainResult:
     """Hold the run folder (rank 0 writes it) for the whole run; a run that created it and fails before saving
     anything removes it again, so a refused command leaves nothing behind."""
     out = Path(cfg.out) if cfg.out else None
-    folder = RunFolder(out, log=_log) if out is not None and par.rank == 0 else None
+    folder = RunFolder(out, log=say) if out is not None and par.rank == 0 else None
     if folder is not None:
         folder.acquire()
     try:
@@ -308,7 +303,7 @@ def _resume_path(cfg: TrainConfig, out: Path | None, owner: bool) -> Path | None
     for folder, problem in damaged:
         if owner:  # rank 0 holds the folder; the other ranks pass over the same folders and find the same one
             moved = ckpt.set_aside(folder)
-            _log(f"{problem}: set {folder.name} aside as {moved.name}; resuming from {found.name}")
+            say(f"{problem}: set {folder.name} aside as {moved.name}; resuming from {found.name}")
     return found
 
 

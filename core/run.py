@@ -11,7 +11,12 @@ import torch
 from .config import TrainConfig
 from .tokenizer import ByteTokenizer
 
-__all__ = ["Run"]
+__all__ = ["Run", "say"]
+
+
+def say(message: str) -> None:
+    """One ``[tuneforge]`` line on stderr (``Run.log`` is this, on the main process only)."""
+    print(f"[tuneforge] {message}", file=sys.stderr, flush=True)
 
 
 @dataclasses.dataclass
@@ -57,7 +62,7 @@ class Run:
     def log(self, message: str) -> None:
         """One line on stderr, from the main process only."""
         if self.is_main:
-            print(f"[tuneforge] {message}", file=sys.stderr, flush=True)
+            say(message)
 
     def is_objective(self, plugin) -> bool:
         """Whether ``plugin`` (an instance) is this run's objective: default objectives check it in evaluate."""

@@ -16,7 +16,7 @@ import tuneforge
 from tuneforge import checkpoint as ckpt
 from tuneforge import hookimpl
 from tuneforge.cli import main
-from tuneforge.errors import CheckpointError, ConfigError
+from tuneforge.errors import CheckpointError
 
 from conftest import MICRO, micro_config
 
