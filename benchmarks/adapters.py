@@ -10,7 +10,7 @@ A, B, A, B..., median):
    tuneforge's ``LoRALinear`` against a PEFT-style eager module (``base_layer(x) + lora_B(lora_A(x)) * scaling``,
    written here) on a copy of the same base model, starting from the same A and B. Ratio eager / tuneforge.
 2. 8 LoRAs on one model, rows interleaved (row i uses task i % 8): one mixed batch routed per row
-   (``tuneforge.routing.rows``) against looping task by task (``tuneforge.adapters.using`` on that task's rows,
+   (``tuneforge.models.routing.rows``) against looping task by task (``tuneforge.parts.modules.using`` on that task's rows,
    outputs scattered back into the full batch), for inference (forward under no_grad) and a training step
    (forward + backward into the LoRA parameters). Ratio looped / mixed.
 3. The same for 8 serial bottleneck adapters (``add_adapter``, reduction 16).
@@ -33,8 +33,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tuneforge import adapters, kernels, routing
-from tuneforge.model import Transformer, model_config
+from tuneforge import kernels
+
+from tuneforge.parts import modules as adapters
+
+from tuneforge.models import routing
+from tuneforge.models.transformer import Transformer, model_config
 from tuneforge.plugins.adapter import add_adapter
 from tuneforge.plugins.lora import add_lora
 

@@ -37,7 +37,7 @@ def _worker(args) -> None:
     """One rank of the hand-written baseline (run under torchrun by this same file)."""
     import torch.distributed as dist
 
-    from tuneforge.model import Transformer, model_config
+    from tuneforge.models.transformer import Transformer, model_config
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

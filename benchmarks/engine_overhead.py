@@ -19,10 +19,10 @@ import torch
 
 import tuneforge
 from tuneforge import hookimpl
-from tuneforge.engine import build_model, lr_at
-from tuneforge.lm import TokenWindows, next_token_loss
-from tuneforge.tokenizer import ByteTokenizer
-from tuneforge.world import builtin
+from tuneforge.engine.loop import build_model, lr_at
+from tuneforge.objectives.next_token import TokenWindows, next_token_loss
+from tuneforge.models.tokenizer import ByteTokenizer
+from tuneforge.data.world import builtin
 
 
 class StepClock:

@@ -20,8 +20,8 @@ import time
 
 import torch
 
-from tuneforge.model import Transformer, model_config
-from tuneforge.tokenizer import ByteTokenizer
+from tuneforge.models.transformer import Transformer, model_config
+from tuneforge.models.tokenizer import ByteTokenizer
 
 # Rollout-style prompts of different lengths (24..32 bytes): left-padded to the longest, as RLHF batches are.
 PROMPTS = [

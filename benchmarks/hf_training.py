@@ -9,14 +9,14 @@ transformers + PEFT, the stack they would otherwise reach for, should not pay fo
 measures that on one LoRA training step (forward, next-token cross-entropy, backward, AdamW on the LoRA
 parameters only):
 
-(a) tuneforge: ``tuneforge.hf.load(folder)`` (attention through tuneforge's fused op), ``add_lora`` rank 8 on
+(a) tuneforge: ``tuneforge.models.hf.load(folder)`` (attention through tuneforge's fused op), ``add_lora`` rank 8 on
     q,v (GPT-2's fused ``attn.c_attn``), alpha 16: the ``lora_linear`` kernel;
 (b) transformers + PEFT: ``AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa")`` and
     ``peft.get_peft_model`` with ``LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"], fan_in_fan_out=True,
     lora_dropout=0.0)`` (PEFT's default GPT-2 target). Skipped, with a message, when peft is not installed.
 
 Apples to apples: both load the same folder (a random GPT-2-style model written on the spot by
-``tuneforge.hf_tiny.make_tiny``, or ``--folder`` for one of yours), PEFT's LoRA A is overwritten with tuneforge's
+``tuneforge.tools.hf_tiny.make_tiny``, or ``--folder`` for one of yours), PEFT's LoRA A is overwritten with tuneforge's
 (B = 0 on both), both see the same seeded random token batches in the same order and use the same AdamW
 settings. The script checks that the first-batch losses agree (same weights, B = 0) and that the second-step
 losses agree too (the LoRA gradients and the optimizer step matched), and stops if they do not.
@@ -82,7 +82,7 @@ def quiet_transformers() -> None:
 def write_folder(folder: Path, args) -> Path:
     """A random GPT-2-style model of exactly the asked size, in the layout ``save_pretrained`` writes."""
     import transformers
-    from tuneforge.hf_tiny import make_tiny
+    from tuneforge.tools.hf_tiny import make_tiny
     make_tiny(folder, "gpt2", d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, context=args.context,
               vocab_size=args.vocab, seed=args.seed)
     # make_tiny's tokenizer stops growing when its small corpus runs out of merges (2048 asked -> ~800), and the
@@ -113,8 +113,8 @@ def batches(args, vocab: int, device) -> list[torch.Tensor]:
 
 def build_tuneforge(folder: Path, args, device):
     """(model, trainable params, forward); LoRA on q,v with A drawn by tuneforge and B = 0."""
-    from tuneforge import hf
-    from tuneforge.lora import lora_layers
+    from tuneforge.models import hf
+    from tuneforge.plugins.lora import lora_layers
     from tuneforge.plugins.lora import add_lora
     model = hf.load(folder, attn=args.attn, dtype=args.dtype, device=device)
     add_lora(model, ADAPTER, targets=["q", "v"], rank=RANK, alpha=ALPHA, seed=args.seed)
@@ -127,7 +127,7 @@ def build_tuneforge(folder: Path, args, device):
 
 def lora_a(model) -> dict[str, torch.Tensor]:
     """tuneforge's LoRA A per adapted module path (the transformers path: the wrapper keeps transformers' names)."""
-    from tuneforge.lora import lora_layers
+    from tuneforge.plugins.lora import lora_layers
     return {path: m.lora_a[ADAPTER].detach().float().cpu() for path, m in lora_layers(model)}
 
 

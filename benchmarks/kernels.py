@@ -136,7 +136,7 @@ def bench_attention(B: int, H: int, T: int, D: int, repeats: int) -> dict:
 
 def bench_pretrain_step(repeats: int, batch: int = 16) -> dict:
     """One optimizer step of the ``tiny`` model on next-token loss, kernels against the reference path."""
-    from tuneforge.model import Transformer, model_config
+    from tuneforge.models.transformer import Transformer, model_config
 
     torch.manual_seed(0)
     cfg = model_config("tiny")

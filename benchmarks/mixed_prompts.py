@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from tuneforge import routing
-from tuneforge.model import Transformer, model_config
+from tuneforge.models import routing
+from tuneforge.models.transformer import Transformer, model_config
 from tuneforge.plugins.prompt_tuning import SoftPrompts
 
 

@@ -7,11 +7,11 @@ Plugin authors need :data:`hookimpl` (the marker for hook implementations) and t
     result = tuneforge.train(model="tiny", mechanisms=["pretrain"], data="builtin:text", steps=300, out="runs/a")
     result.model, result.metrics["eval/loss"]
 """
-from .hookspecs import hookimpl, hookspec
-from .config import TrainConfig
-from .errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, PluginError, TuneforgeError
-from .run import Run
-from .engine import TrainResult, train, load_model
+from tuneforge.hookspecs import hookimpl, hookspec
+from tuneforge.engine.config import TrainConfig
+from tuneforge.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, PluginError, TuneforgeError
+from tuneforge.engine.run import Run
+from tuneforge.engine.loop import TrainResult, train, load_model
 
 __version__ = "0.1.0"
 

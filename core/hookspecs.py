@@ -136,7 +136,7 @@ def tuneforge_loss(model, batch, run):
         empty); a ``"tokens"`` entry, when given, feeds the throughput figure. Or ``None``.
 
     **firstresult**: only the objective's implementation is called. Mixed batches route rows to tasks with
-    :func:`tuneforge.routing.rows` around the forward. The engine divides the loss by the number of accumulation steps and calls ``backward``; a non-finite loss
+    :func:`tuneforge.models.routing.rows` around the forward. The engine divides the loss by the number of accumulation steps and calls ``backward``; a non-finite loss
     makes it skip the step.
     """
 

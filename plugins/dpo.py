@@ -10,7 +10,7 @@ log-probabilities (their ``eos`` included, so the policy learns where to stop).
 The reference log-probabilities of every training response are computed in one pass before the first step
 (the reference never changes) and cached; every checkpoint keeps the cache (``dpo_reference.safetensors``), so a
 resumed run does not recompute them. The reference itself is the same model with every LoRA, adapter and soft prompt
-switched off when only those train, else the starting model loaded once (see :mod:`tuneforge.policy`); it is
+switched off when only those train, else the starting model loaded once (see :mod:`tuneforge.rlhf.policy`); it is
 needed again only for evaluation: the win rate of the policy over it on held-out prompts, judged by the
 embedded world's hidden preference (``judge=world``, default on ``builtin:rankings``), the KL per token, and the
 held-out pair accuracy of the implicit reward ``β (log π - log π_ref)``.
@@ -24,13 +24,9 @@ from typing import Literal, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from tuneforge import hookimpl
-from tuneforge.errors import ConfigError
-from tuneforge.options import check_range
-from tuneforge.policy import Reference, block_parameters, check_layers, resolve_layers, response_logprobs, untie_head
-from tuneforge.preference import dpo_loss, pair_right
-from tuneforge.rankings import ranking_batch, ranking_epoch, split_rankings
-from tuneforge.rollout import compare, judge_for
+from tuneforge.sdk import (ConfigError, Reference, block_parameters, check_layers, check_range, compare, dpo_loss,
+    hookimpl, judge_for, pair_right, ranking_batch, ranking_epoch, resolve_layers, response_logprobs, split_rankings,
+    untie_head)
 
 __all__ = ["DPO"]
 

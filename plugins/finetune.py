@@ -4,7 +4,7 @@ Objectives, chosen by the options and the data:
 
 - ``head=lm`` on text: next-token cross-entropy (domain adaptation);
 - ``head=lm`` on labelled records: the model learns to answer with the label's word (see
-  :class:`tuneforge.classify.VerbalizedTask`); accuracy compares the label words' likelihoods;
+  :class:`tuneforge.objectives.classify.VerbalizedTask`); accuracy compares the label words' likelihoods;
 - ``head=classify``: a new N-output head replaces the LM head and reads the last token; class cross-entropy,
   prediction = the most activated output.
 
@@ -19,14 +19,9 @@ from typing import Literal, Optional
 import torch
 import torch.nn as nn
 
-from tuneforge import hookimpl
-from tuneforge.classify import HeadTask, VerbalizedTask, fit_context, pad_right
-from tuneforge.labelled import has_labels
-from tuneforge.errors import ConfigError
-from tuneforge.lm import TextTask
-from tuneforge.objective import ObjectiveOptions
-from tuneforge.policy import block_parameters, check_layers, others_choose_params, resolve_layers, untie_head
-from tuneforge.tokenizer import tokenizer_of
+from tuneforge.sdk import (ConfigError, HeadTask, ObjectiveOptions, TextTask, VerbalizedTask, block_parameters,
+    check_layers, fit_context, has_labels, hookimpl, others_choose_params, pad_right, resolve_layers, tokenizer_of,
+    untie_head)
 
 __all__ = ["Finetune", "ClassifierHead", "classify"]
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 import json
 import math
 
-from tuneforge import hookimpl
-from tuneforge.runfolder import open_text
+from tuneforge.sdk import hookimpl, open_text
 
 __all__ = ["MetricsFile"]
 

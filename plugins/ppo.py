@@ -30,15 +30,9 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from tuneforge import hookimpl, load_model
-from tuneforge.data import read_records, split_held_out
-from tuneforge.errors import ConfigError
-from tuneforge.lm import epoch_generator
-from tuneforge.options import check_range
-from tuneforge.plugins.reward_model import ScalarHead, score
-from tuneforge.policy import Reference, block_parameters, check_layers, resolve_layers, token_logprobs, untie_head
-from tuneforge.rankings import prompt_ids
-from tuneforge.rollout import compare, gae, judge_for, masked_mean, sample, whiten
+from tuneforge.sdk import (ConfigError, Reference, ScalarHead, block_parameters, check_layers, check_range, compare,
+    epoch_generator, gae, hookimpl, judge_for, load_model, masked_mean, prompt_ids, read_records, resolve_layers,
+    sample, score, split_held_out, token_logprobs, untie_head, whiten)
 
 __all__ = ["PPO", "ValueHead"]
 

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from tuneforge import hookimpl
-from tuneforge.options import check_range
-from tuneforge.lm import TextTask
+from tuneforge.sdk import TextTask, check_range, hookimpl
 
 __all__ = ["Pretrain"]
 

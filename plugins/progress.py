@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from tuneforge import hookimpl
+from tuneforge.sdk import hookimpl
 
 __all__ = ["Progress"]
 

@@ -1,7 +1,7 @@
 """``prompt-tuning``: K learned virtual-token embeddings prepended to the input; every model weight is frozen.
 
 Several named prompts (one per task) live on one model as :class:`SoftPrompts` in the model's ``prefix`` slot.
-Rows of a batch pick their prompt through :func:`tuneforge.routing.rows`, so one forward pass can serve (and
+Rows of a batch pick their prompt through :func:`tuneforge.models.routing.rows`, so one forward pass can serve (and
 train) a mixed batch; rows with prompts of different lengths are left-padded inside the prefix and masked.
 
 Each prompt is saved as a tiny safetensors file (``prompts/<task>.safetensors`` in every checkpoint) and can be
@@ -20,14 +20,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tuneforge import hookimpl
-from tuneforge import checkpoint as ckpt
-from tuneforge.adapters import TaskModule, base_fingerprint
-from tuneforge.errors import CheckpointError, ConfigError
-from tuneforge.model import Prefix
-from tuneforge.names import check_name, inside
-from tuneforge.objective import DefaultObjective, ObjectiveOptions
-from tuneforge.parts import part_generator
+from tuneforge.sdk import (MODEL_FILE, STATE_FILE, CheckpointError, ConfigError, DefaultObjective, ObjectiveOptions, Prefix, TaskModule,
+    base_fingerprint, check_name, hookimpl, inside, part_generator, resolve_checkpoint)
 
 __all__ = ["PromptTuning", "SoftPrompts", "load_prompts", "add_prompts", "base_fingerprint"]
 
@@ -69,7 +63,7 @@ class SoftPrompts(nn.Module, TaskModule):
                 return None
             if len(sel.shared) > 1:
                 raise ConfigError(f"soft prompts {', '.join(self.names[i] for i in sel.shared)} are all active; a row "
-                                 "takes one: route rows with tuneforge.routing.rows([...])")
+                                 "takes one: route rows with tuneforge.models.routing.rows([...])")
             p = self.prompts[self.names[sel.shared[0]]]
             return Prefix(p.unsqueeze(0).expand(batch_size, *p.shape))  # (B, K, C)
         chosen = [self.prompts[self.names[i]] if i >= 0 else None for i in sel.row_ids]
@@ -90,11 +84,11 @@ def _prompt_files(spec: str) -> list[Path]:
     path = Path(spec)
     if path.is_file():
         return [path]
-    if path.is_dir() and (path / PROMPTS_DIR).is_dir() and not (path / ckpt.STATE_FILE).is_file():
+    if path.is_dir() and (path / PROMPTS_DIR).is_dir() and not (path / STATE_FILE).is_file():
         found = path / PROMPTS_DIR  # a folder of prompt files someone copied
     else:
         try:
-            found = ckpt.resolve_checkpoint(path) / PROMPTS_DIR
+            found = resolve_checkpoint(path) / PROMPTS_DIR
         except CheckpointError:
             raise ConfigError(f"prompt-tuning: load={spec} is neither a prompt file (.safetensors) nor a checkpoint "
                               "or run folder with prompts/") from None
@@ -130,7 +124,7 @@ def _check_width(model, name: str, tensor: torch.Tensor, spec: str) -> None:
 
 def add_prompts(model, *specs: str) -> SoftPrompts:
     """Load the prompts of files, checkpoint or run folders onto ``model`` (frozen), for serving: route rows to
-    them with :func:`tuneforge.routing.rows`. Returns the model's :class:`SoftPrompts`."""
+    them with :func:`tuneforge.models.routing.rows`. Returns the model's :class:`SoftPrompts`."""
     sp = model.prefix if isinstance(model.prefix, SoftPrompts) else SoftPrompts(model.config.d_model)
     for spec in specs:
         for name, (tensor, _) in load_prompts(spec).items():
@@ -143,9 +137,9 @@ def add_prompts(model, *specs: str) -> SoftPrompts:
 
 def _saved_shapes(checkpoint: Path) -> dict[str, tuple[int, ...]]:
     """Shapes of the prompts inside a checkpoint's model file (its ``prefix`` module's tensors)."""
-    with safe_open(str(checkpoint / ckpt.MODEL_FILE), framework="pt") as fh:
+    with safe_open(str(checkpoint / MODEL_FILE), framework="pt") as fh:
         key = "prefix.prompts."
-        return {check_name(k[len(key):], what="soft prompt task", where=f"{checkpoint / ckpt.MODEL_FILE}"):
+        return {check_name(k[len(key):], what="soft prompt task", where=f"{checkpoint / MODEL_FILE}"):
                 tuple(fh.get_slice(k).get_shape()) for k in fh.keys() if k.startswith(key)}
 
 

@@ -18,9 +18,8 @@ from typing import Optional
 
 import torch
 
-from tuneforge import hookimpl, routing
-from tuneforge.classify import VerbalizedTask
-from tuneforge.errors import ConfigError
+from tuneforge.sdk import ConfigError, VerbalizedTask, hookimpl, routing
+
 
 __all__ = ["Prompting"]
 

@@ -3,7 +3,7 @@
 A :class:`ScalarHead` replaces the LM head and reads the hidden state at each response's last token (its
 ``eos``). One batch element is one whole ranking: all its responses are scored in one forward pass and every
 pair the ranking implies enters the loss, weighted ``1 / (pairs of the ranking)`` so long rankings do not
-dominate (see :mod:`tuneforge.rankings`). Pairs in different tiers and tied pairs are both scored by the tie
+dominate (see :mod:`tuneforge.data.rankings`). Pairs in different tiers and tied pairs are both scored by the tie
 model named by ``ties=`` (``davidson``, default, or ``rao-kupper``, whose tie parameter is learned with the
 scores); ``ties=ignore`` drops tied pairs and uses plain Bradley–Terry, for comparison. Formulas: docs/rlhf.md.
 
@@ -13,75 +13,20 @@ ties), ``tie_prob`` (the mean predicted tie probability over all pairs: calibrat
 ``tie_prob_on_ties`` / ``tie_prob_on_strict`` (it should be higher on the real ties) and ``nll`` per pair.
 
 Any parameterisation works: ``layers=all|N|auto`` (auto: everything, or only the head when ``lora``/``adapter``
-say what trains). The trained model scores text with :func:`score` (``ppo`` uses it as its reward).
+say what trains). The trained model scores text with :func:`tuneforge.sdk.score` (``ppo`` uses it as its reward).
 """
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from typing import Literal, Optional
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-from tuneforge import hookimpl
-from tuneforge.classify import fit_context, pad_right
-from tuneforge.errors import ConfigError
-from tuneforge.options import check_range
-from tuneforge.policy import block_parameters, check_layers, resolve_layers
-from tuneforge.preference import TIE_MODELS, outcome_logprobs, pair_nll, pair_right
-from tuneforge.rankings import ranking_batch, ranking_epoch, ranking_ids, split_rankings
-from tuneforge.tokenizer import tokenizer_of
+from tuneforge.sdk import (TIE_MODELS, ConfigError, ScalarHead, block_parameters, check_layers, check_range, hookimpl,
+                           outcome_logprobs, pair_nll, pair_right, ranking_batch, ranking_epoch, resolve_layers,
+                           rewards, split_rankings)
 
-__all__ = ["RewardModel", "ScalarHead", "rewards", "score"]
-
-
-class ScalarHead(nn.Module):
-    """In place of the LM head: one score per position, (..., C) -> (..., 1); plus the tie model's parameter."""
-
-    def __init__(self, d_model: int, ties: str = "davidson"):
-        super().__init__()
-        self.proj = nn.Linear(d_model, 1)
-        nn.init.normal_(self.proj.weight, std=0.02)
-        nn.init.zeros_(self.proj.bias)
-        self.ties = ties
-        # davidson: log ν (0: ν = 1, a tie at equal scores has probability 1/3); rao-kupper: log θ = softplus(raw)
-        self.tie_raw = nn.Parameter(torch.zeros(()))
-
-    def forward(self, h):
-        return self.proj(h)  # (..., 1)
-
-    def tie(self) -> torch.Tensor | None:
-        """The tie parameter the formulas take (log ν or log θ), or None with ``ties=ignore``."""
-        if self.ties == "davidson":
-            return self.tie_raw
-        if self.ties == "rao-kupper":
-            return F.softplus(self.tie_raw) + 1e-4  # log θ > 0: θ = 1 would leave no room for a tie
-        return None
-
-
-def rewards(model, idx: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-    """Score of each row of ``idx`` (N, T), read at position ``last`` (N,): (N,) float32."""
-    hidden = model.forward_hidden(idx)  # (N, T, C)
-    at_last = hidden[torch.arange(idx.size(0), device=idx.device), last]  # (N, C)
-    return model.lm_head(at_last).squeeze(-1).float()  # (N,)
-
-
-@torch.no_grad()
-def score(model, prompts: Sequence[str], responses: Sequence[str], *, batch_size: int = 64) -> torch.Tensor:
-    """Reward of each (prompt, response) under a trained reward model (``tuneforge.load_model(run)``): (N,) on
-    the model's device. Rows are laid out as in training (``bos prompt ␣ response eos``)."""
-    if not isinstance(model.lm_head, ScalarHead):
-        raise ConfigError("score: this model has no scalar head; train it with -m reward-model")
-    tok, device = tokenizer_of(model), model.tok_emb.weight.device
-    out = []
-    for b in range(0, len(prompts), batch_size):
-        rows = [fit_context(ranking_ids(tok, p, r)[0], model.config.max_seq_len)[0]
-                for p, r in zip(prompts[b:b + batch_size], responses[b:b + batch_size])]
-        last = torch.tensor([len(r) - 1 for r in rows], device=device)
-        out.append(rewards(model, pad_right(rows, tok.pad_id).to(device), last))
-    return torch.cat(out) if out else torch.zeros(0, device=device)
+__all__ = ["RewardModel"]
 
 
 class RewardModel:

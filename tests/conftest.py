@@ -56,7 +56,7 @@ def task_model(seed=0):
     """A fresh TASK_MODEL in eval mode, seeded: the base the adapter, LoRA and prompt tests put parts on."""
     import torch
 
-    from tuneforge.model import Transformer, model_config
+    from tuneforge.models.transformer import Transformer, model_config
 
     torch.manual_seed(seed)
     return Transformer(model_config(TASK_MODEL)).eval()
@@ -67,7 +67,7 @@ def check_mixed_equals_alone(model, tasks, x, params):
     of ``params()`` ((name, parameter) pairs) under the same loss. Returns the mixed batch's gradients."""
     import torch
 
-    from tuneforge import routing
+    from tuneforge.models import routing
 
     with routing.rows(tasks):
         mixed = model(x)

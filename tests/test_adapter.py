@@ -7,9 +7,11 @@ import pytest
 import torch
 
 import tuneforge
-from tuneforge import ConfigError, adapters, routing
-from tuneforge.bottleneck import AdapterPoint, adapter_points
-from tuneforge.model import Transformer, model_config
+from tuneforge import ConfigError
+from tuneforge.parts import modules as adapters
+from tuneforge.models import routing
+from tuneforge.plugins.adapter import AdapterPoint, adapter_points
+from tuneforge.models.transformer import Transformer, model_config
 from tuneforge.plugins.adapter import add_adapter, load_adapters
 from tuneforge.plugins.lora import add_lora
 from tuneforge.plugins.prompt_tuning import SoftPrompts

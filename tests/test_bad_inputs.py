@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tuneforge.cli import main
+from tuneforge.tools.cli import main
 
 MICRO = "tiny:n_layers=1,d_model=32,n_heads=2,max_seq_len=32"
 SMALL_RUN = ["--model", MICRO, "--steps", "2", "--batch-size", "2", "--seq-len", "16", "--eval-every", "0"]
@@ -105,7 +105,7 @@ SUBPROCESS = {"lr-nan", "hf-config-other-shapes", "labels-differ-in-case"}
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
     pytest.importorskip("transformers")
-    from tuneforge.hf_tiny import make_tiny
+    from tuneforge.tools.hf_tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("hf") / "llama", "llama", d_model=32, n_layers=1, n_heads=2, context=64,
                      vocab_size=300, train_steps=0)

@@ -3,7 +3,7 @@ import json
 import pytest
 
 import tuneforge
-from tuneforge.data import read_records
+from tuneforge.data.records import read_records
 from tuneforge.errors import DataError
 
 

@@ -16,10 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tuneforge import distributed
-from tuneforge.cli import main
+from tuneforge.engine import distributed
+from tuneforge.tools.cli import main
 from tuneforge.errors import ConfigError
-from tuneforge.step import Batches
+from tuneforge.engine.step import Batches
 
 MODEL = "tiny:n_layers=2,d_model=32,n_heads=2,max_seq_len=64"
 COMMON = ["--model", MODEL, "--steps", "6", "--batch-size", "4", "--seq-len", "32", "--eval-every", "3",
@@ -125,7 +125,7 @@ def test_reward_model_with_a_scalar_parameter_under_fsdp(tmp_path, single):
     # Scores are compared up to a shared offset: the loss sees only their differences, so the head's bias has
     # a zero gradient up to rounding, which Adam turns into steps of either sign.
     import tuneforge
-    from tuneforge.plugins.reward_model import score
+    from tuneforge.sdk import score
 
     prompts, answers = ["describe the lake."] * 4, ["calm and blue.", "it is a lake", "no", "the lake is deep."]
     a, b = (score(tuneforge.load_model(r), prompts, answers) for r in (two, one))
@@ -136,7 +136,7 @@ def test_lora_on_a_hugging_face_model_under_fsdp_stores_only_the_lora(tmp_path):
     """The folder's frozen weights stay in the folder (known before sharding), as in one process."""
     pytest.importorskip("transformers")
     import tuneforge
-    from tuneforge.hf_tiny import make_tiny
+    from tuneforge.tools.hf_tiny import make_tiny
 
     folder = make_tiny(tmp_path / "llama", "llama", d_model=32, n_layers=2, n_heads=4, context=64, vocab_size=256)
     args = ["-m", "lora:rank=2", "--model", f"hf:{folder}", "--steps", "3", "--batch-size", "2", "--seq-len", "32",
@@ -197,7 +197,7 @@ class _Rank:
 
 
 def test_ranks_take_disjoint_micro_batches_and_count_the_stream_alike():
-    from tuneforge.run import Run
+    from tuneforge.engine.run import Run
     from tuneforge import TrainConfig
 
     def data(run):

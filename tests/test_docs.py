@@ -8,7 +8,7 @@ GUIDE = Path(__file__).resolve().parents[1] / "docs" / "writing-mechanisms.md"
 
 
 def test_the_guides_example_mechanism_passes_the_guides_tests(monkeypatch, tmp_path):
-    from tuneforge.testing import train_tiny
+    from tuneforge.sdk.testing import train_tiny
 
     blocks = re.findall(r"```python\n(.*?)```", GUIDE.read_text(), re.S)
     (mechanism,) = [b for b in blocks if "class OutGain" in b]

@@ -9,9 +9,9 @@ from safetensors.torch import load_file
 
 import tuneforge
 from tuneforge import hookimpl
-from tuneforge.engine import lr_at
+from tuneforge.engine.loop import lr_at
 from tuneforge.errors import ConfigError, NonFiniteLossError
-from tuneforge.lm import next_token_loss
+from tuneforge.objectives.next_token import next_token_loss
 
 from conftest import micro_config
 
@@ -89,9 +89,9 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
 
 
 def test_pretraining_drops_loss_well_below_the_unigram_entropy():
-    from tuneforge.lm import TokenWindows, unigram_entropy
-    from tuneforge.tokenizer import ByteTokenizer
-    from tuneforge.world import builtin
+    from tuneforge.objectives.next_token import TokenWindows, unigram_entropy
+    from tuneforge.models.tokenizer import ByteTokenizer
+    from tuneforge.data.world import builtin
 
     held_out = TokenWindows([r["text"] for r in builtin("text", split="test")], ByteTokenizer(), seq_len=64)
     unigram = unigram_entropy(held_out.tokens)  # nats per token

@@ -7,7 +7,7 @@ import torch
 import tuneforge
 from tuneforge import ConfigError, DataError
 from tuneforge.plugins.finetune import ClassifierHead, classify
-from tuneforge.world import builtin
+from tuneforge.data.world import builtin
 
 
 def _state(model):

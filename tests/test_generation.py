@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tuneforge.model import Transformer, model_config
+from tuneforge.models.transformer import Transformer, model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = "tiny:n_layers=2,d_model=32,n_heads=4,max_seq_len=64"

@@ -13,9 +13,10 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 import tuneforge  # noqa: E402
-from tuneforge import hf, routing  # noqa: E402
+from tuneforge.models import hf  # noqa: E402
+from tuneforge.models import routing  # noqa: E402
 from tuneforge.errors import ConfigError  # noqa: E402
-from tuneforge.hf_tiny import make_tiny  # noqa: E402
+from tuneforge.tools.hf_tiny import make_tiny  # noqa: E402
 
 FAMILIES = ["gpt2", "llama"]
 SMALL = dict(d_model=32, n_layers=2, n_heads=4, context=256, vocab_size=320)
@@ -113,7 +114,7 @@ def test_adapters_and_lora_are_the_identity_at_init(folders, family):
     add_adapter(model, "p", placement="parallel")
     expected = 4 * SMALL["n_layers"] if family == "gpt2" else 7 * SMALL["n_layers"]
     assert len(paths) == expected
-    from tuneforge.adapters import set_active
+    from tuneforge.parts.modules import set_active
     set_active(model, ["l", "s", "p"])  # all three at once
     with torch.no_grad():
         assert torch.equal(model(ids), before)
@@ -240,7 +241,7 @@ def test_lora_exports_to_and_imports_from_peft(folders, tmp_path, family):
     peft = pytest.importorskip("peft")
     from safetensors import safe_open
 
-    from tuneforge.peft_format import export_peft
+    from tuneforge.plugins.lora import export_peft
     from tuneforge.plugins.lora import add_lora, load_lora
 
     model = hf.load(folders[family])
@@ -285,8 +286,8 @@ def test_lora_exports_to_and_imports_from_peft(folders, tmp_path, family):
 
 
 def test_ranking_rows_start_the_response_where_a_rollout_does(folders):
-    from tuneforge.rankings import ranking_batch, read_rankings
-    from tuneforge.rollout import sample
+    from tuneforge.data.rankings import ranking_batch, read_rankings
+    from tuneforge.rlhf.rollout import sample
 
     model = hf.load(folders["gpt2"])
     tok = model.tokenizer
@@ -367,7 +368,7 @@ def test_checkpoints_leave_the_folders_weights_in_the_folder(folders, tmp_path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_export_hf_writes_a_folder_transformers_loads(folders, tmp_path, family):
-    from tuneforge.hf_export import export_hf
+    from tuneforge.tools.hf_export import export_hf
 
     run = tmp_path / "run"
     result = tuneforge.train(model=f"hf:{folders[family]}", mechanisms=["lora:targets=all", "finetune:layers=1"],
@@ -383,7 +384,7 @@ def test_export_hf_writes_a_folder_transformers_loads(folders, tmp_path, family)
 
 
 def test_export_hf_refuses_what_a_causal_lm_cannot_hold(folders, tmp_path):
-    from tuneforge.hf_export import export_hf
+    from tuneforge.tools.hf_export import export_hf
 
     for mechanisms, data, says in ((["adapter", "finetune"], "builtin:text", "holds adapters"),
                                    (["finetune:layers=1,head=classify"], "builtin:sentiment", "ClassifierHead")):

@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 import torch  # noqa: E402
 
 import tuneforge  # noqa: E402
-from tuneforge import hf_attention  # noqa: E402
+from tuneforge.models import hf_attention  # noqa: E402
 
 ATOL = 1e-5
 VOCAB = 97
@@ -264,9 +264,9 @@ def test_register_is_idempotent():
 
 def test_module_imports_without_transformers(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now raises ImportError
-    monkeypatch.delitem(sys.modules, "tuneforge.hf_attention")
+    monkeypatch.delitem(sys.modules, "tuneforge.models.hf_attention")
     monkeypatch.setattr(tuneforge, "hf_attention", hf_attention)  # restored afterwards, whatever import sets
-    fresh = importlib.import_module("tuneforge.hf_attention")
+    fresh = importlib.import_module("tuneforge.models.hf_attention")
     assert fresh.attention_implementation_name == "tuneforge"
     with pytest.raises(ImportError):
         fresh.register()

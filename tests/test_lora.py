@@ -7,10 +7,12 @@ import torch
 from safetensors.torch import load_file
 
 import tuneforge
-from tuneforge import ConfigError, adapters, routing
-from tuneforge.lora import LoRALinear, lora_layers, merge, unmerge
-from tuneforge.model import Transformer, model_config
-from tuneforge.peft_format import PEFT_CONFIG, PEFT_WEIGHTS, export_peft
+from tuneforge import ConfigError
+from tuneforge.parts import modules as adapters
+from tuneforge.models import routing
+from tuneforge.plugins.lora import LoRALinear, lora_layers, merge, unmerge
+from tuneforge.models.transformer import Transformer, model_config
+from tuneforge.plugins.lora import PEFT_CONFIG, PEFT_WEIGHTS, export_peft
 from tuneforge.plugins.lora import add_lora, load_lora
 
 from conftest import check_mixed_equals_alone, task_model

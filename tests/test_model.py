@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from tuneforge.errors import ConfigError
-from tuneforge.model import PRESETS, ModelConfig, Transformer, model_config
-from tuneforge.sampling import filter_logits, sample_next
+from tuneforge.models.transformer import PRESETS, ModelConfig, Transformer, model_config
+from tuneforge.models.sampling import filter_logits, sample_next
 
 SMALL = "tiny:n_layers=2,d_model=32,n_heads=4,max_seq_len=48"
 
@@ -107,7 +107,7 @@ def test_module_paths_and_attention_goes_through_the_kernel(model, monkeypatch):
                  "blocks.1.mlp.up", "blocks.1.mlp.down"):
         assert path in names, path
     import tuneforge.kernels
-    import tuneforge.model
+    import tuneforge.models.transformer
 
     calls = []
 
@@ -115,7 +115,7 @@ def test_module_paths_and_attention_goes_through_the_kernel(model, monkeypatch):
         calls.append(1)
         return tuneforge.kernels.flash_attention(*args, **kwargs)
 
-    monkeypatch.setattr(tuneforge.model, "flash_attention", counting)
+    monkeypatch.setattr(tuneforge.models.transformer, "flash_attention", counting)
     model(torch.randint(0, 256, (1, 5)))
     assert len(calls) == model.config.n_layers
 

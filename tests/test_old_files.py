@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import tuneforge
-from tuneforge.testing import train_tiny
+from tuneforge.sdk.testing import train_tiny
 
 FIXTURE = Path(__file__).parent / "fixtures" / "pre-layout-checkpoint"
 PROMPT = FIXTURE / "prompts" / "sentiment.safetensors"

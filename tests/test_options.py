@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from tuneforge.errors import ConfigError
-from tuneforge.options import build_options, describe_options, parse_spec
+from tuneforge.common.options import build_options, describe_options, parse_spec
 
 
 @dataclasses.dataclass

@@ -1,7 +1,7 @@
 """Names read from files and options never become paths outside a run, exports and the demo never delete a user's
 folder, and malformed part manifests and PEFT configs are one clear error with nothing changed.
 
-Every name check is driven through ``tuneforge.cli.main`` as a user would hit it: exit 2, one ``tuneforge: error:``
+Every name check is driven through ``tuneforge.tools.cli.main`` as a user would hit it: exit 2, one ``tuneforge: error:``
 line, no traceback, and a "victim" folder beside the run whose files must come through untouched."""
 import json
 from pathlib import Path
@@ -11,12 +11,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tuneforge import ConfigError
-from tuneforge.adapter_files import MANIFEST, TENSORS, save_part
-from tuneforge.cli import main
-from tuneforge.lora import lora_state
-from tuneforge.model import Transformer, model_config
-from tuneforge.names import EXPORT_MARKER, replace_folder
-from tuneforge.peft_format import PEFT_CONFIG, export_peft
+from tuneforge.parts.files import MANIFEST, TENSORS, save_part
+from tuneforge.tools.cli import main
+from tuneforge.plugins.lora import lora_state
+from tuneforge.models.transformer import Transformer, model_config
+from tuneforge.common.names import EXPORT_MARKER, replace_folder
+from tuneforge.plugins.lora import PEFT_CONFIG, export_peft
 from tuneforge.plugins.adapter import Adapter, add_adapter, load_adapters
 from tuneforge.plugins.lora import add_lora, load_lora
 
@@ -179,7 +179,7 @@ def test_export_hf_refuses_a_users_folder_before_loading_anything(tmp_path, caps
 def test_export_hf_force_and_a_second_export(tmp_path, capsys):
     pytest.importorskip("transformers")
     import tuneforge
-    from tuneforge.hf_tiny import make_tiny
+    from tuneforge.tools.hf_tiny import make_tiny
 
     folder = make_tiny(tmp_path / "hf", "gpt2", d_model=32, n_layers=1, n_heads=2, context=64, vocab_size=300)
     run = tmp_path / "run"
@@ -308,7 +308,7 @@ def test_saving_a_part_over_a_folder_that_is_no_part_is_refused(tmp_path):
 
 
 def test_the_demo_replaces_only_its_own_stage_folders(tmp_path, capsys, monkeypatch):
-    from tuneforge import demo
+    from tuneforge.tools import demo
 
     class Stop(Exception):
         pass

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from tuneforge.preference import dpo_loss, outcome_logprobs, pair_nll
+from tuneforge.rlhf.preference import dpo_loss, outcome_logprobs, pair_nll
 
 
 def _sigmoid(x):
@@ -90,9 +90,10 @@ def test_dpo_loss_matches_its_formula():
 
 
 def test_the_reward_model_loss_is_the_mean_over_rankings_of_each_rankings_mean_pair_loss():
-    from tuneforge.plugins.reward_model import RewardModel, ScalarHead
-    from tuneforge.rankings import Ranking, ranking_batch
-    from tuneforge.tokenizer import ByteTokenizer
+    from tuneforge.plugins.reward_model import RewardModel
+    from tuneforge.rlhf.reward import ScalarHead
+    from tuneforge.data.rankings import Ranking, ranking_batch
+    from tuneforge.models.tokenizer import ByteTokenizer
 
     long = Ranking("p.", [f"r{i}." for i in range(5)], [[0], [1, 2], [3], [4]])  # 9 strict pairs + 1 tie
     short = Ranking("q.", ["a.", "b."], [[0], [1]])  # 1 pair

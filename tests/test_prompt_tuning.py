@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import tuneforge
-from tuneforge import ConfigError, routing
-from tuneforge.model import Transformer, model_config
+from tuneforge import ConfigError
+from tuneforge.models import routing
+from tuneforge.models.transformer import Transformer, model_config
 from tuneforge.plugins.prompt_tuning import SoftPrompts, load_prompts
 
 from conftest import TASK_MODEL
@@ -140,8 +141,8 @@ def test_two_tasks_one_after_another_then_served_and_trained_in_one_mixed_batch(
     sent = _pt(pretrained, tmp_path / "sent", "prompt-tuning:tasks=sentiment,tokens=4")
     topic = _pt(pretrained, tmp_path / "topic", "prompt-tuning:tasks=topic,tokens=6", data="builtin:topic")
     mixed = tmp_path / "mixed.jsonl"
-    rows = [{"text": r["text"], "label": r["label"], "task": "sentiment"} for r in tuneforge.world.builtin("sentiment")[:40]]
-    rows += [{"text": r["text"], "label": r["label"], "task": "topic"} for r in tuneforge.world.builtin("topic")[:40]]
+    rows = [{"text": r["text"], "label": r["label"], "task": "sentiment"} for r in tuneforge.data.world.builtin("sentiment")[:40]]
+    rows += [{"text": r["text"], "label": r["label"], "task": "topic"} for r in tuneforge.data.world.builtin("topic")[:40]]
     mixed.write_text("".join(json.dumps(r) + "\n" for r in rows))
     spec = f"prompt-tuning:load={sent.out},{topic.out},tasks="
     # serving: nothing trains, one evaluation over mixed rows, per-task accuracy reported

@@ -6,7 +6,7 @@ import torch
 
 import tuneforge
 from tuneforge import ConfigError
-from tuneforge.labelled import Template, verbalizer
+from tuneforge.data.labelled import Template, verbalizer
 
 
 def _prompting(pretrained, tmp_path, *specs, **kw):

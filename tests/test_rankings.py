@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from tuneforge import DataError
-from tuneforge.rankings import (Ranking, format_ranking, parse_ranking, ranking_batch, ranking_pairs, read_rankings)
-from tuneforge.tokenizer import ByteTokenizer
-from tuneforge.world import builtin, preference
+from tuneforge.data.rankings import (Ranking, format_ranking, parse_ranking, ranking_batch, ranking_pairs, read_rankings)
+from tuneforge.models.tokenizer import ByteTokenizer
+from tuneforge.data.world import builtin, preference
 
 
 @pytest.mark.parametrize("text, n, tiers", [

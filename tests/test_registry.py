@@ -3,7 +3,7 @@ import pytest
 import tuneforge
 from tuneforge import hookimpl
 from tuneforge.errors import ConfigError, PluginError
-from tuneforge.registry import build_manager, discover, hook_names
+from tuneforge.engine.registry import build_manager, discover, hook_names
 
 
 class OtherObjective:

@@ -7,12 +7,13 @@ import pytest
 import torch
 
 import tuneforge
-from tuneforge import ConfigError, hookimpl, routing
-from tuneforge.assemble import assemble
-from tuneforge.policy import Reference
-from tuneforge.rollout import compare, gae, sample
-from tuneforge.tokenizer import ByteTokenizer
-from tuneforge.world import builtin
+from tuneforge import ConfigError, hookimpl
+from tuneforge.models import routing
+from tuneforge.engine.assemble import assemble
+from tuneforge.rlhf.policy import Reference
+from tuneforge.rlhf.rollout import compare, gae, sample
+from tuneforge.models.tokenizer import ByteTokenizer
+from tuneforge.data.world import builtin
 
 
 def test_gae_matches_a_hand_computed_example():
@@ -117,8 +118,8 @@ def test_the_reward_model_learns_the_hidden_preference(reward_run):
 
 
 def test_a_saved_reward_model_scores_text(reward_run):
-    from tuneforge.plugins.reward_model import score
-    from tuneforge.world import preference
+    from tuneforge.sdk import score
+    from tuneforge.data.world import preference
 
     out, _ = reward_run
     rm = tuneforge.load_model(out)

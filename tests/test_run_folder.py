@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 import tuneforge
-from tuneforge import checkpoint as ckpt
+from tuneforge.engine import checkpoint as ckpt
 from tuneforge import hookimpl
-from tuneforge.cli import main
+from tuneforge.tools.cli import main
 from tuneforge.errors import CheckpointError
 
 from conftest import MICRO, micro_config

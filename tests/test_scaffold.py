@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from tuneforge import ConfigError
-from tuneforge.scaffold import new_plugin
+from tuneforge.tools.scaffold import new_plugin
 
 
 def _env(**extra):
@@ -96,7 +96,7 @@ def test_names_become_a_module_a_class_and_an_entry_point(tmp_path):
 
 
 def test_cli_refuses_with_a_clear_message(tmp_path):
-    from tuneforge.cli import main
+    from tuneforge.tools.cli import main
 
     assert main(["new-plugin", "pretrain", "--dir", str(tmp_path / "pkg")]) == 2
     assert not (tmp_path / "pkg").exists()

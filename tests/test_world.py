@@ -4,8 +4,9 @@ import re
 
 import pytest
 
-from tuneforge import world
-from tuneforge.world import LABELS, World, builtin, parse_ranking, preference, sentiment_of, topic_of
+from tuneforge.data import world
+from tuneforge.data.rankings import parse_ranking
+from tuneforge.data.world import LABELS, World, builtin, preference, sentiment_of, topic_of
 
 
 def test_same_seed_same_world_other_seed_other_world():
@@ -94,7 +95,7 @@ def test_rankings_are_valid_consistent_with_the_preference_and_have_ties():
         assert re.fullmatch(r"[A-E]( [>=] [A-E])*", r["ranking"]), r["ranking"]
         assert all(len(r["prompt"]) + 1 + len(x) < 128 for x in r["responses"])  # a pair fits the context
         assert len(set(r["responses"])) == len(r["responses"])
-        tiers = parse_ranking(r["ranking"])
+        tiers = parse_ranking(r["ranking"], len(r["responses"]))
         flat = [i for tier in tiers for i in tier]
         assert sorted(flat) == list(range(len(r["responses"]))) and 3 <= len(flat) <= 5
         scores = [[preference(r["prompt"], r["responses"][i]) for i in tier] for tier in tiers]
@@ -145,7 +146,7 @@ def test_world_methods_match_builtin():
 
 def test_generation_is_cached():
     # No timing threshold (a loaded CI machine makes those flaky): the second call must not regenerate.
-    from tuneforge.world import _generate
+    from tuneforge.data.world import _generate
 
     builtin("sentiment", seed=12345)
     before = _generate.cache_info()

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .reference import (
+from tuneforge.kernels.reference import (
     ACTIVATIONS, attention_reference, bottleneck_adapter_reference, lora_linear_reference,
     multi_bottleneck_adapter_reference, multi_lora_linear_reference,
 )
@@ -79,7 +79,7 @@ def _where_compiled(op: str, compiled):
 
 
 def _use_compiled() -> None:
-    from . import native
+    from tuneforge.kernels import native
 
     if not native.load():
         return

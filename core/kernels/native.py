@@ -29,7 +29,7 @@ def _load_library() -> str:
     if spec is not None and spec.origin:
         torch.ops.load_library(spec.origin)
         return f"prebuilt ({spec.origin})"
-    from .build import cache_dir, jit_load
+    from tuneforge.kernels.build import cache_dir, jit_load
 
     jit_load()
     return f"JIT-compiled (cache {cache_dir()})"

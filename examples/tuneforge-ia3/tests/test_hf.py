@@ -8,9 +8,9 @@ pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 import tuneforge  # noqa: E402
-from tuneforge import hf  # noqa: E402
-from tuneforge.hf_tiny import make_tiny  # noqa: E402
-from tuneforge.testing import changed, snapshot  # noqa: E402
+from tuneforge.models import hf  # noqa: E402
+from tuneforge.tools.hf_tiny import make_tiny  # noqa: E402
+from tuneforge.sdk.testing import changed, snapshot  # noqa: E402
 
 from tuneforge_ia3 import add_ia3, ia3_layers  # noqa: E402
 

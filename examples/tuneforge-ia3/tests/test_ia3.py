@@ -8,9 +8,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import tuneforge
-from tuneforge import ConfigError, routing
-from tuneforge.testing import changed, check_plugin, snapshot
-from tuneforge.testing import tiny_model as make_model
+from tuneforge import ConfigError
+from tuneforge.models import routing
+from tuneforge.sdk.testing import changed, check_plugin, snapshot
+from tuneforge.sdk.testing import tiny_model as make_model
 
 from tuneforge_ia3 import IA3, IA3Linear, add_ia3, ia3_layers, ia3_state, load_ia3, merge
 

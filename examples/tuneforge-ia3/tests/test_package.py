@@ -46,7 +46,7 @@ def test_the_readme_command_trains_soft_prompts_and_ia3_together(tiny_pretrained
 def test_ia3_with_soft_prompts_on_two_processes_matches_one(tiny_pretrained, tmp_path, monkeypatch):
     """A third-party mechanism under torchrun (FSDP2 shards its vectors with the blocks): two processes train the
     same steps as one process with twice the accumulation."""
-    from tuneforge.testing import losses, train_distributed
+    from tuneforge.sdk.testing import losses, train_distributed
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     one, two = train_distributed(tmp_path, "prompt-tuning:tokens=4", "ia3", strategy="fsdp",

@@ -20,10 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tuneforge import checkpoint as ckpt
-from tuneforge.errors import CheckpointError, ConfigError
-from tuneforge.families import family_of
-from tuneforge.names import replace_folder
+from tuneforge.sdk import MODEL_FILE, CheckpointError, ConfigError, family_of, replace_folder, resolve_checkpoint
 
 from .placement import ia3_layers
 
@@ -93,7 +90,7 @@ def find_ia3(spec: str | Path) -> Path:
     if _is_ia3(path / FOLDER):
         return path / FOLDER
     try:
-        found = ckpt.resolve_checkpoint(path) / FOLDER
+        found = resolve_checkpoint(path) / FOLDER
     except CheckpointError:
         raise ConfigError(f"ia3: load={spec} is neither an IA³ folder ({MANIFEST} + {TENSORS}) nor a checkpoint or "
                           f"run folder with {FOLDER}/") from None
@@ -129,5 +126,5 @@ def read_ia3(spec: str | Path) -> tuple[dict[str, torch.Tensor], dict, Path]:
 
 def saved_shapes(checkpoint: Path) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor in a checkpoint's model file (read from its header, no tensor loaded)."""
-    with safe_open(str(Path(checkpoint) / ckpt.MODEL_FILE), framework="pt") as fh:
+    with safe_open(str(Path(checkpoint) / MODEL_FILE), framework="pt") as fh:
         return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}

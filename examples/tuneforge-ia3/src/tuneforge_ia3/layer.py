@@ -21,8 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tuneforge import routing
-from tuneforge.errors import ConfigError
+from tuneforge.sdk import ConfigError, routing
 
 __all__ = ["IA3Linear", "SIDES"]
 

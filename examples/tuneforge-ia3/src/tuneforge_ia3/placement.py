@@ -4,7 +4,7 @@ The embedded model keeps keys and values in ``blocks.N.attn.k`` / ``.v`` and its
 ``blocks.N.mlp.down``; Llama-like models in ``model.layers.N.self_attn.k_proj`` / ``v_proj`` and
 ``mlp.down_proj``; GPT-2 projects q, k and v with one fused ``transformer.h.N.attn.c_attn`` (tuneforge turns
 its ``Conv1D`` into an ``nn.Linear``) and has its down projection in ``mlp.c_proj``. None of these names is
-written here: :mod:`tuneforge.families` maps the roles ``k``, ``v`` and ``down`` onto each family's layers, and a
+written here: :mod:`tuneforge.models.families` maps the roles ``k``, ``v`` and ``down`` onto each family's layers, and a
 layer that several of q, k, v name is fused, its output split evenly between them in q, k, v order.
 
 Everything here is a pure function of the model's structure and the options, so a saved model is rebuilt with
@@ -18,9 +18,7 @@ from collections.abc import Iterable, Sequence
 
 import torch.nn as nn
 
-from tuneforge.adapters import parse_layers
-from tuneforge.errors import ConfigError
-from tuneforge.families import FAMILIES, family_of
+from tuneforge.sdk import ConfigError, FAMILIES, family_of, parse_layers
 
 from .layer import IA3Linear
 
@@ -30,7 +28,7 @@ __all__ = ["ROLES", "SIDE", "Point", "plan", "points_for", "install", "vectors",
 ROLES = ("k", "v", "mlp")
 #: which side of its layer each role scales
 SIDE = {"k": "out", "v": "out", "mlp": "in"}
-# the role's name in tuneforge.families (whose "mlp" means every MLP layer, as LoRA targets)
+# the role's name in tuneforge.models.families (whose "mlp" means every MLP layer, as LoRA targets)
 _FAMILY_ROLE = {"k": "k", "v": "v", "mlp": "down"}
 _FUSED_ORDER = ("q", "k", "v")  # how a fused projection lays out its output
 _VECTOR = re.compile(r"^(?P<path>.+)\.ia3\.(?P<role>[a-z]+)$")

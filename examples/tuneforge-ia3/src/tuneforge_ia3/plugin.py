@@ -13,7 +13,7 @@ Hooks, in the order a run calls them:
 - ``tuneforge_validate``: refuses a run in which a later mechanism replaced one of its layers (or the model).
 - ``tuneforge_save``: ``ia3/`` in every checkpoint (:mod:`tuneforge_ia3.files`), what ``load=`` reads.
 - ``tuneforge_run_start`` / ``tuneforge_run_end``: a line on what trains; how far the vectors moved, in the summary.
-- ``tuneforge_data`` / ``tuneforge_loss`` / ``tuneforge_evaluate`` (from :class:`tuneforge.objective.DefaultObjective`,
+- ``tuneforge_data`` / ``tuneforge_loss`` / ``tuneforge_evaluate`` (from :class:`tuneforge.objectives.default.DefaultObjective`,
   marked ``trylast``): with no other objective in the run, learn the data as given; any other objective wins.
 """
 from __future__ import annotations
@@ -25,12 +25,7 @@ from typing import Optional
 
 import torch
 
-from tuneforge import hookimpl
-from tuneforge.errors import ConfigError
-from tuneforge.families import family_of
-from tuneforge.objective import DefaultObjective, ObjectiveOptions
-from tuneforge.options import suggest
-from tuneforge.registry import plugin_hooks
+from tuneforge.sdk import ConfigError, DefaultObjective, ObjectiveOptions, family_of, hookimpl, plugin_hooks, suggest
 
 from .files import FOLDER, read_ia3, save_ia3, saved_shapes
 from .placement import ROLES, Point, ia3_layers, install, plan, points_for, vectors

@@ -1,0 +1,344 @@
+"""The embedded data world: a small town rendered as simple English, generated from a seed, with ground truth.
+
+Everything is a deterministic function of the seed (a private ``random.Random``, never the global one), so
+every machine sees the same data and every later mechanism has an answer key:
+
+- ``text``: documents for pretraining: town stories, plus reviews and topic notes with their labels written
+  out (``verdict: good``, ``category: weather``), so a pretrained model already knows the associations that
+  prompting and soft prompts later draw on; and answers to ranking-style prompts, unjudged.
+- ``sentiment``: reviews labelled positive/negative by a lexicon with negation (:func:`sentiment_of`).
+- ``topic``: short notes labelled food/weather/travel/sport by their topic words (:func:`topic_of`).
+- ``rankings``: a prompt with 3-5 responses, ranked by a hidden preference (:meth:`World.preference`) as a
+  scripted stand-in for human labellers; equal scores are ties (``"C > B = D > A"``).
+
+The classification test splits never appear in the text corpus, so held-out accuracy is honest.
+See docs/data-world.md.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import random
+import re
+
+__all__ = [
+    "DEFAULT_SEED", "World", "builtin", "BUILTIN_DATASETS", "LABELS", "VERBALIZERS",
+    "sentiment_of", "topic_of", "preference", "rank", "SPLITS",
+]
+
+DEFAULT_SEED = 0
+
+BUILTIN_DATASETS = {
+    "text": "town stories, reviews and notes as raw text for pretraining (~2 MB train)",
+    "sentiment": "reviews labelled positive / negative (train 4000, test 500)",
+    "topic": "notes labelled food / weather / travel / sport (train 4000, test 500)",
+    "rankings": "prompts with 3-5 responses ranked by a hidden preference, ties included (train 2000, test 300)",
+}
+SPLITS = ("train", "test")
+
+LABELS = {"sentiment": ["negative", "positive"], "topic": ["food", "weather", "travel", "sport"]}
+VERBALIZERS = {
+    "sentiment": {"positive": "good", "negative": "bad"},
+    "topic": {t: t for t in LABELS["topic"]},
+}
+
+NAMES = ["mira", "tomas", "ana", "joel", "lena", "omar", "ines", "pavel", "rosa", "kai", "nora", "felix",
+         "ada", "ivan", "lucia", "sami"]
+PLACES = ["the harbor cafe", "the old mill", "the river market", "the hill inn", "the corner bakery",
+          "the north station", "the green park", "the stone bridge", "the town square", "the lake house"]
+DISHES = ["soup", "bread", "pie", "stew", "tea", "pasta", "salad", "cake", "fish", "rice", "coffee", "cheese"]
+POSITIVE = ["lovely", "warm", "fresh", "great", "tasty", "wonderful", "friendly", "perfect", "delicious", "pleasant"]
+NEGATIVE = ["cold", "stale", "awful", "bland", "rude", "terrible", "soggy", "dull", "greasy", "burnt"]
+# Which sentiment words fit what, so reviews stay sensible English ("the staff was rude", never "the view was
+# burnt"). Every word of POSITIVE and NEGATIVE is used by something.
+_ANY_GOOD, _ANY_BAD = ["lovely", "great", "wonderful", "perfect", "pleasant"], ["awful", "terrible", "dull"]
+FOOD_WORDS = (_ANY_GOOD + ["fresh", "tasty", "delicious", "warm"],
+              _ANY_BAD + ["cold", "stale", "bland", "soggy", "greasy", "burnt"])
+ASPECTS = {
+    "the service": (_ANY_GOOD + ["friendly", "warm"], _ANY_BAD + ["rude", "cold"]),
+    "the staff": (_ANY_GOOD + ["friendly", "warm"], _ANY_BAD + ["rude", "cold"]),
+    "the room": (_ANY_GOOD + ["warm", "fresh"], _ANY_BAD + ["cold", "stale"]),
+    "the music": (_ANY_GOOD, _ANY_BAD),
+    "the view": (_ANY_GOOD, _ANY_BAD),
+}
+
+TOPIC_WORDS = {
+    "food": ["soup", "bread", "oven", "spices", "dinner", "recipe", "garlic", "butter", "kitchen", "honey"],
+    "weather": ["rain", "wind", "clouds", "storm", "sunshine", "fog", "snow", "thunder", "frost", "breeze"],
+    "travel": ["train", "ticket", "journey", "map", "suitcase", "ferry", "road", "station", "border", "luggage"],
+    "sport": ["match", "goal", "team", "race", "ball", "coach", "score", "runner", "stadium", "referee"],
+}
+TOPIC_TEMPLATES = [
+    "{name} talked about the {w1} and the {w2}.",
+    "the {w1} was all anyone noticed, then the {w2}.",
+    "{name} wrote a note on the {w1}, the {w2} and the {w3}.",
+    "at {place} they spoke of the {w1} and the {w2}.",
+    "nobody forgot the {w1}; {name} kept thinking of the {w2}.",
+    "a long day of {w1}, {w2} and {w3} for {name}.",
+    "{name} asked {other} about the {w1} and the {w2}.",
+    "first the {w1}, then the {w2}, and at last the {w3}.",
+    "every letter {name} sent was about the {w1} or the {w2}.",
+    "all week at {place} it was the {w1} and the {w2}.",
+]
+
+# The hidden preference of the ranking task (see World.preference).
+PLEASANT = ["kind", "bright", "calm", "lovely", "warm", "gentle", "happy", "clear", "sweet", "friendly"]
+UNPLEASANT = ["grim", "dark", "angry", "dull", "cold", "harsh", "sad", "rude"]
+SUBJECTS = ["river", "harbor", "market", "bridge", "garden", "forest", "station", "bakery", "lake", "square"]
+NEUTRAL = ["quiet", "old", "long", "small", "busy", "wide"]
+PROMPTS = ["tell me about the {s}.", "describe the {s}.", "what is the {s} like?", "say something about the {s}."]
+KEEP_TIE = 0.4
+MAX_RESPONSE = 90  # bytes: the longest prompt (32) + a space + a response fit a 128-byte context with room to spare
+FILLER = ["today", "again", "near the water", "by the road", "in the morning", "after dinner", "with friends",
+          "for a while", "as usual", "at last"]
+
+_WORD = re.compile(r"[a-z]+")
+
+
+def sentiment_of(text: str) -> str | None:
+    """Ground truth of ``sentiment``: +1 per positive word, -1 per negative word, sign flipped by a preceding
+    ``not``; positive if the sum is above 0, negative if below, None if 0 (never generated)."""
+    words = _WORD.findall(text.lower())
+    score = 0
+    for i, w in enumerate(words):
+        s = 1 if w in POSITIVE else -1 if w in NEGATIVE else 0
+        if s and i > 0 and words[i - 1] == "not":
+            s = -s
+        score += s
+    return "positive" if score > 0 else "negative" if score < 0 else None
+
+
+def topic_of(text: str) -> str | None:
+    """Ground truth of ``topic``: the topic whose words occur most often (None on a tie, never generated)."""
+    words = _WORD.findall(text.lower())
+    counts = {t: sum(w in vocab for w in words) for t, vocab in TOPIC_WORDS.items()}
+    best = max(counts.values())
+    winners = [t for t, c in counts.items() if c == best]
+    return winners[0] if best > 0 and len(winners) == 1 else None
+
+
+class World:
+    """All datasets of one seed; cheap to construct (generation is cached per seed)."""
+
+    def __init__(self, seed: int = DEFAULT_SEED):
+        self.seed = seed
+
+    @property
+    def _data(self) -> dict:
+        return _generate(self.seed)
+
+    def text(self, split: str = "train") -> list[str]:
+        return list(self._data["text"][_split(split)])
+
+    def classification(self, task: str, split: str = "train") -> list[dict]:
+        if task not in LABELS:
+            raise ValueError(f"unknown classification task '{task}'; tasks: {', '.join(LABELS)}")
+        return copy.deepcopy(self._data[task][_split(split)])
+
+    def rankings(self, split: str = "train") -> list[dict]:
+        return copy.deepcopy(self._data["rankings"][_split(split)])
+
+    def preference(self, prompt: str, response: str) -> int:
+        return preference(prompt, response)
+
+    def rank(self, prompt: str, responses: list[str]) -> str:
+        return rank(prompt, responses)
+
+
+def preference(prompt: str, response: str) -> int:
+    """The hidden judge of ``rankings``, also usable on generated text (which may be broken English).
+
+    +2 if the response names the prompt's subject; +1 per pleasant word (at most 3); -2 per unpleasant word;
+    -1 per word beyond 12. Higher is better; equal scores are ties.
+    """
+    words = _WORD.findall(response.lower())
+    subject = _subject_of(prompt)
+    score = 2 if subject and subject in words else 0
+    score += min(3, sum(w in PLEASANT for w in words))
+    score -= 2 * sum(w in UNPLEASANT for w in words)
+    score -= max(0, len(words) - 12)
+    return score
+
+
+def rank(prompt: str, responses: list[str]) -> str:
+    """Rank responses by :func:`preference`, best first, ties joined by ``=``: e.g. ``"C > B = D > A"``."""
+    scores = [preference(prompt, r) for r in responses]
+    tiers = []
+    for s in sorted(set(scores), reverse=True):
+        tiers.append(" = ".join(chr(ord("A") + i) for i, x in enumerate(scores) if x == s))
+    return " > ".join(tiers)
+
+
+def _subject_of(prompt: str) -> str | None:
+    words = _WORD.findall(prompt.lower())
+    return next((w for w in words if w in SUBJECTS), None)
+
+
+def _split(split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split '{split}'; splits: {', '.join(SPLITS)}")
+    return split
+
+
+# --- generators -------------------------------------------------------------------------------------------
+
+def _review(rng: random.Random, label: str) -> str:
+    """One review of ``label``. Negated words (``not cold``) always come with more plain words of the label, so
+    word counts alone agree with the label and a model that also reads ``not`` agrees on every record."""
+    side = 0 if label == "positive" else 1
+    dish, place, aspect = rng.choice(DISHES), rng.choice(PLACES), rng.choice(list(ASPECTS))
+    food_good, food_bad = FOOD_WORDS[side], FOOD_WORDS[1 - side]
+    aspect_good = ASPECTS[aspect][side]
+    form = rng.randrange(6)
+    if form == 0:
+        return f"the {dish} at {place} was {rng.choice(food_good)}."
+    if form == 1:
+        g1, g2 = rng.sample(food_good, 2)
+        return f"the {dish} at {place} was {g1} and {g2}."
+    if form == 2:
+        g1, g2 = rng.sample(aspect_good, 2)
+        return f"the {dish} at {place} was not {rng.choice(food_bad)}, and {aspect} was {g1} and {g2}."
+    if form == 3:
+        return f"{rng.choice(NAMES)} said the {dish} was {rng.choice(food_good)}, and {aspect} was " \
+               f"{rng.choice(aspect_good)}."
+    if form == 4:
+        g1, g2 = rng.sample(aspect_good, 2)
+        return f"{aspect} at {place} was {g1} and {g2}; the {dish} was not {rng.choice(food_bad)}."
+    return f"{rng.choice(NAMES)} found {aspect} {rng.choice(aspect_good)}. the {dish} was {rng.choice(food_good)}."
+
+
+def _topic_note(rng: random.Random, label: str) -> str:
+    w1, w2, w3 = rng.sample(TOPIC_WORDS[label], 3)
+    name, other = rng.sample(NAMES, 2)
+    template = rng.choice(TOPIC_TEMPLATES)
+    return template.format(name=name, other=other, place=rng.choice(PLACES), w1=w1, w2=w2, w3=w3)
+
+
+def _labelled(rng: random.Random, make, labels: list[str], truth, n_train: int, n_test: int):
+    """Balanced, de-duplicated train/test records; the test texts never appear in train."""
+    seen: set[str] = set()
+    out = {}
+    for split, n in (("test", n_test), ("train", n_train)):
+        records = []
+        while len(records) < n:
+            label = labels[len(records) % len(labels)]
+            text = make(rng, label)
+            if text in seen:
+                continue
+            assert truth(text) == label, (text, label)  # the generator and the ground truth agree
+            seen.add(text)
+            records.append({"text": text, "label": label})
+        rng.shuffle(records)
+        out[split] = records
+    return out
+
+
+def _story(rng: random.Random) -> str:
+    a, b = rng.sample(NAMES, 2)
+    place, other = rng.sample(PLACES, 2)
+    dish = rng.choice(DISHES)
+    weather = rng.choice(TOPIC_WORDS["weather"])
+    lines = [
+        f"{a} walked to {place} in the {weather}.",
+        f"{a} met {b} there and they shared some {dish}.",
+        f"{b} said the {dish} was {rng.choice(FOOD_WORDS[0] + FOOD_WORDS[1])}.",
+        f"later they went to {other} by the {rng.choice(['river', 'road', 'bridge', 'lake'])}.",
+        f"{b} went home and {a} stayed until the {rng.choice(['evening', 'night', 'morning'])}.",
+    ]
+    return " ".join(lines[: rng.randint(3, 5)])
+
+
+def _response(rng: random.Random, subject: str) -> str:
+    """A candidate answer: on the prompt's subject or another, in a pleasant, unpleasant, plain or mixed mood,
+    with 0-4 filler phrases (long answers lose points)."""
+    others = [s for s in SUBJECTS if s != subject]
+    words = ["the " + (subject if rng.random() < 0.6 else rng.choice(others)),
+             rng.choice(["is", "was", "looks", "feels", "seemed"])]
+    mood = rng.random()
+    if mood < 0.5:
+        adjectives = rng.sample(PLEASANT, rng.randint(1, 4))
+    elif mood < 0.7:
+        adjectives = rng.sample(UNPLEASANT, rng.randint(1, 2))
+    elif mood < 0.85:
+        adjectives = rng.sample(NEUTRAL, rng.randint(1, 2))
+    else:
+        adjectives = [rng.choice(PLEASANT), rng.choice(UNPLEASANT)]
+    words.append(" and ".join(adjectives))
+    words += [rng.choice(FILLER) for _ in range(rng.choice([0, 0, 1, 1, 2, 3, 4]))]
+    return " ".join(words) + "."
+
+
+def _rankings(rng: random.Random, n: int, seen: set[str]) -> list[dict]:
+    """``n`` ranking records with prompts+responses not in ``seen`` (so splits are disjoint). The scripted
+    labeller keeps a candidate that ties an earlier one only with probability ``KEEP_TIE`` (otherwise it
+    draws another), which holds ties to about a third of the records. A set whose responses all tie says
+    nothing and is dropped, so every record has a strict best-over-worst."""
+    records = []
+    while len(records) < n:
+        subject = rng.choice(SUBJECTS)
+        prompt = rng.choice(PROMPTS).format(s=subject)
+        responses: list[str] = []
+        scores: list[int] = []
+        n_responses = rng.randint(3, 5)
+        while len(responses) < n_responses:
+            r = _response(rng, subject)
+            score = preference(prompt, r)
+            if r in responses or len(r) > MAX_RESPONSE or (score in scores and rng.random() >= KEEP_TIE):
+                continue
+            responses.append(r)
+            scores.append(score)
+        key = "\n".join([prompt] + responses)
+        if key in seen or len(set(scores)) == 1:
+            continue
+        seen.add(key)
+        records.append({"prompt": prompt, "responses": responses, "ranking": rank(prompt, responses)})
+    return records
+
+
+@functools.lru_cache(maxsize=4)
+def _generate(seed: int) -> dict:
+    rng = random.Random(seed)
+    sentiment = _labelled(rng, _review, ["positive", "negative"], sentiment_of, 4000, 500)
+    topic = _labelled(rng, _topic_note, LABELS["topic"], topic_of, 4000, 500)
+    held_out = {r["text"] for r in sentiment["test"] + topic["test"]}
+
+    def document() -> str:
+        parts: list[str] = []
+        target = rng.randint(100, 300)
+        while sum(len(p) + 1 for p in parts) < target:
+            kind = rng.random()
+            if kind < 0.35:
+                part = _story(rng)
+            elif kind < 0.45:  # an unjudged answer, so a pretrained policy can answer ranking prompts at all
+                subject = rng.choice(SUBJECTS)
+                part = f"{rng.choice(PROMPTS).format(s=subject)} {_response(rng, subject)}"
+            elif kind < 0.7:
+                label = rng.choice(LABELS["sentiment"])
+                text = _review(rng, label)
+                part = "" if text in held_out else f"review: {text} verdict: {VERBALIZERS['sentiment'][label]}."
+            else:
+                label = rng.choice(LABELS["topic"])
+                text = _topic_note(rng, label)
+                part = "" if text in held_out else f"note: {text} category: {VERBALIZERS['topic'][label]}."
+            if part and sum(len(p) + 1 for p in parts) + len(part) <= 400:
+                parts.append(part)
+        return "\n".join(parts)
+
+    text = {"train": [document() for _ in range(8000)], "test": [document() for _ in range(400)]}
+    seen: set[str] = set()
+    rankings = {"test": _rankings(rng, 300, seen)}
+    rankings["train"] = _rankings(rng, 2000, seen)
+    return {"text": text, "sentiment": sentiment, "topic": topic, "rankings": rankings}
+
+
+def builtin(name: str, split: str = "train", seed: int = DEFAULT_SEED) -> list[dict]:
+    """Records of ``builtin:NAME``: ``text`` -> ``[{"text": doc}]``; the others as described in the module doc."""
+    if name not in BUILTIN_DATASETS:
+        raise ValueError(f"unknown builtin dataset '{name}'; datasets: "
+                         + ", ".join(f"builtin:{n}" for n in BUILTIN_DATASETS))
+    world = World(seed)
+    if name == "text":
+        return [{"text": doc} for doc in world.text(split)]
+    if name == "rankings":
+        return world.rankings(split)
+    return world.classification(name, split)

@@ -1,0 +1,183 @@
+"""Assembling a run's model: the base weights, each mechanism's changes in turn, then what trains. A saved
+model is rebuilt the same way, so a fine-tuned head, soft prompts or adapters come back as they were saved.
+
+A checkpoint records its *lineage*: for every run that shaped the model (the ``--init`` chain, oldest first),
+the options of the mechanisms that changed its structure (those implementing ``tuneforge_modify_model``).
+Rebuilding replays those changes on a fresh base and then loads the weights, strictly.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from tuneforge.engine import checkpoint as ckpt
+from tuneforge.engine.config import TrainConfig
+from tuneforge.errors import CheckpointError, ConfigError, TuneforgeError
+from tuneforge.models.hf import is_hf_spec, parse_hf_spec
+from tuneforge.models.transformer import ModelConfig, Transformer, model_config
+from tuneforge.engine.registry import Registered, build_manager, call_impl, objectives_installed
+from tuneforge.engine.run import Run
+from tuneforge.models.tokenizer import check_vocabulary, id_limit, tokenizer_of
+
+__all__ = ["Assembled", "assemble", "build_model", "load_model", "device_of", "lineage_entry"]
+
+
+@dataclasses.dataclass
+class Assembled:
+    reg: Registered
+    run: Run
+    model: torch.nn.Module
+    params: list[torch.nn.Parameter]  # what trains, in model order
+    base_lineage: list[dict]  # the --init model's lineage; the run's own entry is added when it saves
+
+    def lineage(self) -> list[dict]:
+        entry = lineage_entry(self.reg)
+        return self.base_lineage + ([entry] if entry else [])
+
+
+def device_of(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name} asked for CUDA, but this torch ({torch.__version__}) sees no CUDA "
+                          "device; use --device cpu (or auto)")
+    return device
+
+
+def lineage_entry(reg: Registered) -> dict:
+    """Options of this run's named mechanisms that change the model's structure (read at save time, so options
+    a plugin resolved while setting up, such as inferred labels, are what gets replayed)."""
+    options = reg.options()
+    return {n: options[n] for n, _ in reg.ordered_impls("tuneforge_modify_model") if n in reg.mechanisms}
+
+
+def _modify(reg: Registered, model: torch.nn.Module, run: Run) -> torch.nn.Module:
+    """Each plugin changes the model in turn (registration order); one may return a replacement."""
+    for _, fn in reg.ordered_impls("tuneforge_modify_model"):
+        replaced = call_impl(fn, model=model, run=run)
+        if replaced is not None:
+            model = replaced
+    return model
+
+
+def _rebuild(found: Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """The model saved in checkpoint ``found``: base, its lineage's changes replayed, weights loaded strictly."""
+    state = ckpt.read_state(found)
+    train_values = {k: v for k, v in state.get("train", {}).items() if k != "mechanisms"}
+    try:
+        cfg = TrainConfig.build(train_values, source=str(found / ckpt.STATE_FILE))
+    except TuneforgeError:
+        cfg = TrainConfig()
+    torch.manual_seed(cfg.seed)
+    model = _base_from_saved(state["model_config"], pretrained=bool(state.get("folder_weights")))
+    mcfg = model.config
+    for entry in state.get("lineage", []):
+        try:
+            reg = build_manager(list(entry.items()), autoload=False)
+        except TuneforgeError as exc:
+            raise CheckpointError(
+                f"{found}: its model was shaped by {', '.join(entry)}; rebuilding it failed: {exc}"
+            ) from None
+        run = Run(cfg, mcfg, tokenizer_of(model), device, reg.plugins, reg.hook, objective=reg.objective,
+                  checkpoint=found)
+        model = _modify(reg, model, run)
+    ckpt.load_weights(found, model)
+    return model, state
+
+
+def _base_from_saved(d: dict, *, pretrained: bool = False) -> torch.nn.Module:
+    """A fresh base of the architecture a checkpoint's ``model_config`` records (its weights come after;
+    ``pretrained``: a Hugging Face base with its folder's weights, which the checkpoint left there)."""
+    if "hf" in d:
+        from tuneforge.models import hf
+        return hf.from_saved_config(d, pretrained=pretrained)
+    return Transformer(ModelConfig.from_dict(d))
+
+
+def _same_base(spec: str, saved: dict) -> bool:
+    if is_hf_spec(spec):
+        return "hf" in saved and Path(parse_hf_spec(spec)[0]).expanduser().resolve() == Path(saved["hf"])
+    return "hf" not in saved and model_config(spec) == ModelConfig.from_dict(saved)
+
+
+def build_model(cfg: TrainConfig, device: torch.device | None = None) -> tuple[torch.nn.Module, ModelConfig, list]:
+    """The base model: ``--init``'s model as it was saved (heads, prompts... included), else a fresh preset
+    (seeded random init). Returns (model, its config, its lineage)."""
+    if not cfg.init and is_hf_spec(cfg.model):
+        from tuneforge.models import hf
+        path, options = parse_hf_spec(cfg.model)
+        model = hf.load(path, seed=cfg.seed, **options)
+        torch.manual_seed(cfg.seed)
+        return model, model.config, []
+    if not cfg.init:
+        mcfg = model_config(cfg.model or "tiny")
+        torch.manual_seed(cfg.seed)
+        model = Transformer(mcfg)
+        tok = tokenizer_of(model)
+        check_vocabulary(model.tok_emb, tok, where=f"--model {cfg.model or 'tiny'}",
+                         fix=f"leave vocab_size out or make it at least {id_limit(tok)}")
+        return model, mcfg, []
+    init = ckpt.resolve_checkpoint(cfg.init)
+    saved = ckpt.read_state(init)["model_config"]
+    if cfg.model and not _same_base(cfg.model, saved):
+        raise ConfigError(
+            f"--model {cfg.model} differs from the architecture of --init {init}; drop --model "
+            "(the checkpoint's architecture is used) or start from a matching checkpoint"
+        )
+    model, state = _rebuild(init, device or torch.device("cpu"))
+    torch.manual_seed(cfg.seed)  # the run's own new modules start from its seed, whatever --init was
+    return model, model.config, list(state.get("lineage", []))
+
+
+def load_model(path: str | Path, *, device: str = "cpu") -> torch.nn.Module:
+    """The model saved in a checkpoint (or a run folder's latest one), in eval mode, with every change its
+    mechanisms made (a classification head, soft prompts...) rebuilt and loaded."""
+    model, _ = _rebuild(ckpt.resolve_checkpoint(path), device_of(device))
+    return model.to(device_of(device)).eval()
+
+
+def assemble(cfg: TrainConfig, *, out: Path | None = None, resume: Path | None = None, parallel=None) -> Assembled:
+    """Register the run's plugins, build the model, let each plugin change it, and decide what trains.
+
+    :param parallel: this process's :class:`tuneforge.engine.distributed.Parallel` (its device and rank), under torchrun.
+
+    Nothing is read from the data or written here; ``tuneforge_validate`` runs last so a plugin can refuse.
+    """
+    reg = build_manager(cfg.mechanisms)
+    device = parallel.device if parallel is not None else device_of(cfg.device)
+    model, mcfg, lineage = build_model(cfg, device)
+    run = Run(cfg, mcfg, tokenizer_of(model), device, reg.plugins, reg.hook, out=out, objective=reg.objective,
+              checkpoint=resume, rank=getattr(parallel, "rank", 0), world_size=getattr(parallel, "world_size", 1))
+    model = _modify(reg, model, run)
+    run.model_config, run.tokenizer = model.config, tokenizer_of(model)  # a plugin may have replaced the model
+    model.to(device)
+
+    chosen: set[int] = set()
+    answered = False
+    for name, fn in reg.ordered_impls("tuneforge_trainable_params"):
+        answer = call_impl(fn, model=model, run=run)
+        if answer is None:
+            continue
+        answered = True
+        mine = {id(p): p for p in answer}
+        run.trainable[name] = sum(p.numel() for p in mine.values())
+        chosen.update(mine)
+    if not answered:
+        raise ConfigError("no plugin in this run said which parameters to train (tuneforge_trainable_params)")
+    for p in model.parameters():
+        p.requires_grad_(id(p) in chosen)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if params and reg.objective is None:
+        who = ", ".join(f"{n} ({c:,})" for n, c in run.trainable.items() if c)
+        raise ConfigError(
+            f"{who} would train parameters, but no mechanism in this run says what to optimise (none implements "
+            f"tuneforge_data and tuneforge_loss). Add an objective: {', '.join(objectives_installed()) or 'none installed'}."
+        )
+    reg.hook.tuneforge_validate(run=run, model=model)
+    return Assembled(reg, run, model, params, lineage)

@@ -1,0 +1,164 @@
+"""The options of a training run, from keyword arguments, a TOML file and the command line (in that order
+of precedence: command line over file over defaults).
+
+A config file looks like::
+
+    model = "tiny"
+    data = "builtin:text"
+    steps = 600
+    lr = 3e-3
+
+    [mechanisms.pretrain]          # one table per mechanism, in the order they register
+    eval_batches = 8
+
+Top-level keys are the fields of :class:`TrainConfig`; ``[mechanisms.NAME]`` tables name the mechanisms and
+their options (``mechanisms = ["pretrain"]`` also works when no options are needed).
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from tuneforge.errors import ConfigError
+from tuneforge.common.options import OptionError, build_options, check_range, describe_options, suggest
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["TrainConfig", "load_config", "STRATEGIES"]
+
+#: How the processes of a torchrun job share the work (see tuneforge.engine.distributed).
+STRATEGIES = ("ddp", "fsdp")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything the loop needs; mechanisms bring their own options."""
+
+    model: Optional[str] = None  # preset[:overrides] ("tiny", "tiny:n_layers=2") or "hf:PATH"; default tiny or --init's
+    mechanisms: list = dataclasses.field(default_factory=list)  # "NAME:k=v" strings, (name, dict) or objects
+    data: str = "builtin:text"  # builtin:NAME, a .txt or a .jsonl file
+    eval_data: Optional[str] = None  # held-out data; default: the builtin test split, or the objective's own
+    out: Optional[str] = None  # run folder: checkpoints, metrics.jsonl, summary.json; None = write nothing
+    steps: int = 300  # optimizer steps
+    batch_size: int = 16  # sequences per micro-batch
+    seq_len: Optional[int] = None  # tokens per sequence; default the model's context length
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # the cosine schedule decays to lr * min_lr_ratio
+    warmup: int = 30  # linear warmup steps
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    clip: float = 1.0  # max gradient norm; 0 disables clipping
+    eval_every: int = 100  # steps between evaluations; 0 = only at the end
+    save_every: int = 0  # steps between checkpoints; 0 = only at the end (and on SIGINT/SIGTERM)
+    keep_last: int = 3  # checkpoints kept in the run folder; older ones are deleted after a newer is complete
+    resume: Optional[str] = None  # "auto" (latest checkpoint in out) or a checkpoint/run folder
+    init: Optional[str] = None  # start from these weights (a checkpoint or run folder), fresh optimizer
+    seed: int = 0
+    device: str = "auto"  # auto = cuda when available, else cpu
+    strategy: str = "ddp"  # under torchrun: ddp (replicas) or fsdp (FSDP2 shards); one process ignores it
+    max_nonfinite: int = 10  # stop after this many non-finite losses in a row
+    log_every: int = 50  # steps between log lines when stderr is not a terminal
+    verify_frozen: bool = True  # hash every frozen weight before and after, proving it did not change
+
+    def __post_init__(self):
+        # OptionError names the field; build_options turns it into "--lr must be ..." on the command line.
+        positive = ("steps", "batch_size", "grad_accum", "keep_last", "max_nonfinite", "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise OptionError(name, f"must be at least 1, got {getattr(self, name)}")
+        for name in ("eval_every", "save_every", "warmup"):
+            if getattr(self, name) < 0:
+                raise OptionError(name, f"must be 0 or more, got {getattr(self, name)}")
+        # Every float is checked for finiteness too: NaN slips through any comparison and trains NaN weights.
+        check_range(self, "lr", "(0, inf)", " (the peak learning rate, e.g. 3e-3)")
+        check_range(self, "min_lr_ratio", "[0, 1]", " (a share of --lr)")
+        check_range(self, "weight_decay", "[0, inf)", " (0 = none)")
+        check_range(self, "beta1", "[0, 1)", " (AdamW's decay of the gradient average)")
+        check_range(self, "beta2", "[0, 1)", " (AdamW's decay of the squared-gradient average)")
+        check_range(self, "clip", "[0, inf)", " (0 = no clipping)")
+        if not 0 <= self.seed < 2**32:  # torch's generators take 64 bits; runs derive seeds from it times 1e6
+            raise OptionError("seed", f"must be within 0 .. {2**32 - 1}, got {self.seed}")
+        if self.strategy not in STRATEGIES:
+            raise OptionError("strategy", f"must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if self.seq_len is not None and self.seq_len < 2:
+            raise OptionError("seq_len", f"must be at least 2, got {self.seq_len}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["mechanisms"] = [m if isinstance(m, (str, tuple)) else type(m).__name__ for m in self.mechanisms]
+        return d
+
+    @classmethod
+    def fields(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def build(cls, values: dict[str, Any], *, source: str) -> "TrainConfig":
+        """Typed construction with errors that name ``source`` (a file or 'the command line'); a source that is
+        the ``tuneforge train`` command gets its options named as its flags (``--weight-decay``)."""
+        spell = _flag if source.startswith("tuneforge train") else None
+        return build_options(cls, values, owner=source, spell=spell)
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config into a dict of :class:`TrainConfig` values (mechanisms as ``(name, options)``).
+
+    :raises ConfigError: the file is missing, is not valid TOML, or has an unknown key (named, with a hint).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"--config {path} is a folder; give the TOML file itself (e.g. {path / 'train.toml'})")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"--config {path} cannot be read ({exc.strerror or exc}); give a readable TOML file"
+                          ) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text ({exc.reason} at byte {exc.start}); TOML files are UTF-8: "
+                          "save it as UTF-8") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    values: dict[str, Any] = {}
+    mechanisms: list = []
+    for key, value in raw.items():
+        if key == "mechanisms":
+            if isinstance(value, dict):  # [mechanisms.NAME] tables, in file order
+                for name, opts in value.items():
+                    if not isinstance(opts, dict):
+                        raise ConfigError(f"{path}: [mechanisms.{name}] must be a table of options, got {opts!r}")
+                    mechanisms.append((name, opts))
+            elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+                mechanisms.extend(value)
+            else:
+                raise ConfigError(f"{path}: 'mechanisms' must be a list of names or [mechanisms.NAME] tables")
+            continue
+        if key not in TrainConfig.fields():
+            raise ConfigError(
+                f"{path}: unknown key '{key}'{suggest(key, TrainConfig.fields())}. "
+                f"Keys: {describe_options(TrainConfig)}"
+            )
+        values[key] = value
+    if mechanisms:
+        values["mechanisms"] = mechanisms
+    return values

@@ -1,0 +1,351 @@
+"""Finding plugins (entry-point group ``tuneforge``) and building the PluginManager of one run.
+
+Built-in mechanisms are found exactly like third-party ones: through the entry points of installed
+distributions. A plugin that fails to import is recorded with its error and skipped, unless
+``TUNEFORGE_STRICT_PLUGINS=1``. ``TUNEFORGE_LOAD_PLUGINS=a,b`` loads only the named third-party plugins
+('' loads none); tuneforge's own built-ins are part of the package and always load.
+
+A plugin is a class. Optional class attributes:
+
+- ``Options``: a dataclass of typed options, filled from ``NAME:key=value`` or a TOML table;
+  the class is then built as ``Plugin(options)``, otherwise as ``Plugin()``.
+- ``autoload = True``: registered in every run without being named (progress bars, loggers).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import os
+import traceback
+from importlib import metadata
+from typing import Any
+
+import pluggy
+
+from tuneforge import hookspecs
+from tuneforge.errors import ConfigError, PluginError
+from tuneforge.common.options import build_options, parse_spec, suggest
+
+__all__ = ["GROUP", "PluginInfo", "discover", "hook_names", "plugin_hooks", "build_manager", "Registered", "call_impl",
+           "takes", "objectives_installed"]
+
+GROUP = "tuneforge"
+OWN_DISTRIBUTION = "tuneforge"
+
+
+@dataclasses.dataclass
+class PluginInfo:
+    """One entry point of the group, loaded or not."""
+
+    name: str
+    value: str  # "package.module:Class"
+    package: str  # the distribution that declared it
+    version: str
+    builtin: bool
+    obj: Any = None  # the loaded class; None when it failed
+    error: str | None = None
+
+    @property
+    def loaded(self) -> bool:
+        return self.obj is not None
+
+    @property
+    def autoload(self) -> bool:
+        return bool(getattr(self.obj, "autoload", False))
+
+    @property
+    def description(self) -> str:
+        doc = inspect.getdoc(self.obj) if self.obj is not None else None
+        return doc.splitlines()[0] if doc else ""
+
+    def as_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "package": self.package,
+            "version": self.version,
+            "entry_point": self.value,
+            "builtin": self.builtin,
+            "autoload": self.autoload,
+            "status": "loaded" if self.loaded else "error",
+            "error": self.error,
+            "hooks": plugin_hooks(self.obj) if self.loaded else [],
+            "description": self.description,
+        }
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _allowlist() -> set[str] | None:
+    raw = os.environ.get("TUNEFORGE_LOAD_PLUGINS")
+    if raw is None:
+        return None
+    return {n.strip() for n in raw.split(",") if n.strip()}
+
+
+def discover(*, strict: bool | None = None) -> dict[str, PluginInfo]:
+    """Load every entry point of the group ``tuneforge``; return ``name -> PluginInfo``.
+
+    Broken plugins are kept in the result with ``error`` set (``tuneforge plugins`` shows them) and are not
+    usable. With ``strict`` (default: ``TUNEFORGE_STRICT_PLUGINS``) the first broken plugin raises.
+    """
+    strict = _env_flag("TUNEFORGE_STRICT_PLUGINS") if strict is None else strict
+    allow = _allowlist()
+    found: dict[str, PluginInfo] = {}
+    for ep in sorted(metadata.entry_points(group=GROUP), key=lambda e: e.name):
+        dist = getattr(ep, "dist", None)
+        package = dist.metadata["Name"] if dist is not None else "?"
+        version = dist.version if dist is not None else "?"
+        builtin = package == OWN_DISTRIBUTION
+        if not builtin and allow is not None and ep.name not in allow:
+            continue
+        info = PluginInfo(ep.name, ep.value, package, version, builtin)
+        if ep.name in found:
+            other = found[ep.name]
+            info.error = f"name '{ep.name}' is already taken by {other.package} ({other.value}); rename one entry point"
+        else:
+            try:
+                info.obj = ep.load()
+                if not inspect.isclass(info.obj):
+                    raise TypeError(f"entry point must name a class, got {type(info.obj).__name__}")
+                _check_hooks(info.obj, ep.name)
+            except Exception as exc:  # any import-time failure of someone else's code
+                info.obj = None  # reported as the traceback's last line; our own checks say more
+                info.error = str(exc) if isinstance(exc, PluginError) else \
+                    traceback.format_exception_only(exc)[-1].strip()
+        if info.error and strict:
+            raise PluginError(
+                f"plugin '{ep.name}' from {package} {version} ({ep.value}) failed to load: {info.error}. "
+                "Drop --strict-plugins (or unset TUNEFORGE_STRICT_PLUGINS) to skip broken plugins, leave it out with "
+                "--plugins NAME,... or --no-plugins, or fix/uninstall the package."
+            )
+        # A clash keeps the first plugin usable and lists the second under its package, with the error.
+        found[ep.name if ep.name not in found else f"{ep.name} ({package})"] = info
+    return found
+
+
+def hook_names() -> dict[str, list[str]]:
+    """The hooks of the spec with their argument names, in lifecycle order."""
+    out = {}
+    for name, fn in vars(hookspecs).items():
+        if name.startswith("tuneforge_") and callable(fn):
+            out[name] = list(inspect.signature(fn).parameters)
+    return out
+
+
+def _impls(obj) -> list[tuple[str, Any]]:
+    """(attribute name, function) of every method marked ``@tuneforge.hookimpl``."""
+    marker = hookspecs.PROJECT + "_impl"
+    out = []
+    for attr in dir(obj):
+        if attr.startswith("__"):
+            continue
+        try:
+            fn = getattr(obj, attr)
+        except Exception:
+            continue
+        if callable(fn) and hasattr(fn, marker):
+            out.append((getattr(fn, marker, {}).get("specname") or attr, fn))
+    return out
+
+
+def plugin_hooks(obj) -> list[str]:
+    """Names of the hooks a plugin (class or instance) implements, in lifecycle order."""
+    order = list(hook_names())
+    names = {n for n, _ in _impls(obj)}
+    return [n for n in order if n in names] + sorted(names - set(order))
+
+
+@functools.lru_cache(maxsize=256)
+def takes(fn) -> frozenset[str]:
+    """The argument names of a hook implementation (read once per function)."""
+    return frozenset(inspect.signature(fn).parameters)
+
+
+def call_impl(fn, **kwargs):
+    """Call one hook implementation with the subset of ``kwargs`` it takes (as pluggy does). The signature is
+    read once per function: the engine calls the objective's loss this way on every micro-batch."""
+    names = takes(fn)
+    return fn(**{k: v for k, v in kwargs.items() if k in names})
+
+
+def _where(fn) -> str:
+    fn = inspect.unwrap(fn)
+    try:
+        return f"{inspect.getsourcefile(fn)}:{inspect.getsourcelines(fn)[1]}"
+    except (OSError, TypeError):
+        return getattr(fn, "__qualname__", repr(fn))
+
+
+def _check_hooks(obj, name: str) -> None:
+    """Every hookimpl names a hook of the spec and takes only its arguments; else a PluginError with the fix."""
+    spec = hook_names()
+    for hook, fn in _impls(obj):
+        if hook not in spec:
+            raise PluginError(
+                f"plugin '{name}' at {_where(fn)}: '{hook}' is not a tuneforge hook{suggest(hook, spec)}. "
+                f"Hooks: {', '.join(spec)}"
+            )
+        params = [p for p in inspect.signature(fn).parameters if p != "self"]
+        extra = [p for p in params if p not in spec[hook]]
+        if extra:
+            raise PluginError(
+                f"plugin '{name}' at {_where(fn)}: hook '{hook}' has argument(s) {', '.join(map(repr, extra))} "
+                f"that the spec does not pass; it passes ({', '.join(spec[hook])}). "
+                "Take only those arguments (by name, any subset)."
+            )
+
+
+@dataclasses.dataclass
+class Registered:
+    """The plugins of one run: their manager and the instances by name, in registration order."""
+
+    pm: pluggy.PluginManager
+    plugins: dict[str, Any]
+    autoloaded: list[str] = dataclasses.field(default_factory=list)  # registered without being named
+    objective: str | None = None  # the plugin whose data and loss the run uses (None: the run trains nothing)
+
+    @property
+    def mechanisms(self) -> list[str]:
+        """The plugins the run named, in order."""
+        return [n for n in self.plugins if n not in self.autoloaded]
+
+    @property
+    def hook(self):
+        return self.pm.hook
+
+    def ordered_impls(self, hook: str) -> list[tuple[str, Any]]:
+        """(plugin name, function) implementing ``hook``, in registration order (pluggy calls LIFO)."""
+        order = {n: i for i, n in enumerate(self.plugins)}
+        impls = sorted(getattr(self.pm.hook, hook).get_hookimpls(), key=lambda i: order[i.plugin_name])
+        return [(i.plugin_name, i.function) for i in impls]
+
+    def objective_impl(self, hook: str):
+        """The objective plugin's implementation of ``hook`` (``tuneforge_data`` / ``tuneforge_loss``); the
+        engine calls it directly, as the one implementation that counts (defaults that lost are skipped)."""
+        if self.objective is None:
+            return None
+        for i in getattr(self.pm.hook, hook).get_hookimpls():
+            if i.plugin_name == self.objective:
+                return i.function
+        return None
+
+    def options(self) -> dict[str, dict]:
+        """name -> options as a plain dict (for config.json and the summary)."""
+        out = {}
+        for name, plugin in self.plugins.items():
+            opts = getattr(plugin, "options", None)
+            out[name] = dataclasses.asdict(opts) if dataclasses.is_dataclass(opts) else {}
+        return out
+
+
+def _instantiate(info_obj, name: str, values: dict | None):
+    options_cls = getattr(info_obj, "Options", None)
+    options = build_options(options_cls, values, owner=f"mechanism '{name}'")
+    try:
+        return info_obj(options) if options_cls is not None else info_obj()
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"mechanism '{name}': {exc}") from None
+
+
+def build_manager(requests, *, available: dict[str, PluginInfo] | None = None, autoload: bool = True) -> Registered:
+    """Register the run's plugins in a PluginManager of its own and validate the combination.
+
+    :param requests: mechanisms in order, each a ``"NAME:key=value,..."`` string, a ``(name, dict)`` pair, or
+        an already-built plugin object (registered as is, under its ``name`` attribute or class name).
+    :param available: discovered plugins (default: :func:`discover`).
+    :param autoload: also register every discovered plugin marked ``autoload`` that was not named.
+    :raises ConfigError, PluginError: unknown mechanism or option, a hook not in the spec, an argument not in
+        the spec, two objectives or one split over two plugins. (No objective is fine for a run that trains
+        nothing, e.g. ``prompting``; the engine refuses it once something would train.)
+    """
+    available = discover() if available is None else available
+    chosen: list[tuple[str, Any]] = []
+    for req in requests:
+        if isinstance(req, str):
+            name, values = parse_spec(req)
+        elif isinstance(req, tuple) and len(req) == 2 and isinstance(req[0], str):
+            name, values = req[0], dict(req[1] or {})
+        else:
+            name = getattr(req, "name", None) or type(req).__name__.lower()
+            _check_hooks(req, name)
+            chosen.append((name, req))
+            continue
+        info = available.get(name)
+        if info is None:
+            usable = sorted(n for n, i in available.items() if i.loaded and not i.autoload)
+            raise ConfigError(
+                f"unknown mechanism '{name}'{suggest(name, usable)}. Installed: {', '.join(usable) or 'none'}. "
+                "Run 'tuneforge plugins' to see every plugin and its load status."
+            )
+        if not info.loaded:
+            raise PluginError(f"mechanism '{name}' from {info.package} {info.version} failed to load: {info.error}")
+        chosen.append((name, _instantiate(info.obj, name, values)))
+    names = [n for n, _ in chosen]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"mechanism(s) named more than once: {', '.join(dupes)}; give each once with all its options")
+    autoloaded = []
+    if autoload:
+        for name, info in available.items():
+            if info.loaded and info.autoload and name not in names:
+                chosen.append((name, _instantiate(info.obj, name, None)))
+                autoloaded.append(name)
+
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    plugins: dict[str, Any] = {}
+    for name, plugin in chosen:
+        try:
+            pm.register(plugin, name=name)
+        except pluggy.PluginValidationError as exc:  # _check_hooks catches most; this is pluggy's own word
+            raise PluginError(f"plugin '{name}': {exc}") from None
+        plugins[name] = plugin
+    pm.check_pending()
+    reg = Registered(pm, plugins, autoloaded)
+    reg.objective = _objective(reg)
+    return reg
+
+
+def _objective(reg: Registered) -> str | None:
+    """The plugin whose ``data`` and ``loss`` the run uses; refuses two objectives or a split one.
+
+    A plugin may offer a *default* objective by marking its objective hooks ``trylast=True`` (prompt tuning
+    does: with nothing else named, it learns the data as given). A default is used only when no plugin offers a
+    regular one, and then the first named wins; two regular ones are an error.
+    """
+    owners: dict[str, tuple[list[str], list[str]]] = {}
+    for hook in hookspecs.OBJECTIVE_HOOKS:
+        order = {n: i for i, n in enumerate(reg.plugins)}
+        impls = sorted(getattr(reg.pm.hook, hook).get_hookimpls(), key=lambda i: order[i.plugin_name])
+        regular = [i.plugin_name for i in impls if not i.trylast]
+        defaults = [i.plugin_name for i in impls if i.trylast]
+        if len(regular) > 1:
+            raise PluginError(
+                f"mechanisms {' and '.join(map(repr, regular))} both implement '{hook}': a run has exactly one "
+                "objective. Keep one of them; parameterisations (lora, adapter, prompt-tuning) combine with any "
+                "single objective."
+            )
+        owners[hook] = (regular, defaults)
+    regular = {h: r for h, (r, _) in owners.items() if r}
+    if regular:
+        chosen = set(r[0] for r in regular.values())
+        missing = [h for h in hookspecs.OBJECTIVE_HOOKS if h not in regular]
+        if len(chosen) > 1 or missing:
+            parts = ", ".join(f"'{h}' by {r[0]!r}" for h, r in regular.items())
+            raise PluginError(
+                f"the run's objective is split: {parts}{' and nobody implements ' + repr(missing[0]) if missing else ''}."
+                f" One plugin implements {' and '.join(hookspecs.OBJECTIVE_HOOKS)} together."
+            )
+        return chosen.pop()
+    defaults = [d for d in owners[hookspecs.OBJECTIVE_HOOKS[0]][1]
+                if all(d in owners[h][1] for h in hookspecs.OBJECTIVE_HOOKS)]
+    return defaults[0] if defaults else None
+
+
+def objectives_installed(available: dict[str, PluginInfo] | None = None) -> list[str]:
+    """Names of the installed plugins that can be a run's objective (for error messages)."""
+    available = discover() if available is None else available
+    return sorted(n for n, i in available.items() if i.loaded and hookspecs.OBJECTIVE_HOOKS[0] in plugin_hooks(i.obj))

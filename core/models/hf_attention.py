@@ -1,0 +1,162 @@
+"""tuneforge's fused attention op as a Hugging Face transformers attention implementation.
+
+Why: transformers models pick their attention kernel by name (``attn_implementation="sdpa"``, ``"eager"``, ...)
+through ``transformers.AttentionInterface``. Registering tuneforge's ``flash_attention`` there under the name
+``"tuneforge"`` lets any HF model that follows that interface (Llama, Qwen2, GPT-2, ...) run on tuneforge's kernel,
+training and KV-cache generation alike, without touching the model code::
+
+    from tuneforge.models import hf_attention
+    hf_attention.register()
+    model = AutoModelForCausalLM.from_pretrained(name, attn_implementation=hf_attention.attention_implementation_name)
+    # or, on a model already built: model.set_attn_implementation("tuneforge")
+
+The fused op knows two masks: causal (bottom-right aligned, so queries after a KV cache see every cached key) and a
+per-key padding mask. So the registered *mask* function hands the attention function just that: the 2-D padding
+mask (B, Tk), bool, True = real token, or None when nothing is padded. It is transformers' own flash-attention mask
+function, which builds exactly this, used only for the plain causal / bidirectional patterns; any other pattern
+(packed sequences, sliding windows, image-token overlays) is materialised as transformers' 4-D bool sdpa mask, which
+the attention function recognises and hands on (below).
+
+Fallbacks. The fused op cannot do everything a model may ask for. These cases run transformers' own
+``sdpa_attention_forward`` instead (or the model's own eager attention where sdpa cannot), warning once per reason:
+
+* attention dropout (``module.training`` and ``dropout > 0``): the kernel has no dropout;
+* a 4-D mask, bool or float/additive, from a caller or from a mask pattern beyond causal + padding;
+* ``sliding_window`` or ``position_bias`` passed by the model: masks/biases the kernel cannot express;
+* ``softcap`` or ``output_attentions``: sdpa cannot do them either, so these use the model's eager attention
+  (the module-level ``eager_attention_forward`` of the model's file), which also returns the attention weights.
+
+Outputs of the fused path match eager attention on every real (non-padding) query; a query that sees no key at all
+(a left-padding position) gets zeros, where eager gets an average of the values: no real token ever reads it.
+
+This module imports without transformers; only :func:`register` (and the functions it registers) need it.
+"""
+from __future__ import annotations
+
+import sys
+import warnings
+
+import torch
+
+from tuneforge.kernels import flash_attention
+
+__all__ = ["attention_implementation_name", "register", "attention", "padding_mask"]
+
+#: the ``attn_implementation`` name that :func:`register` makes available
+attention_implementation_name = "tuneforge"
+
+# Reasons already warned about: a fallback is usually hit by every layer on every step, one warning is enough.
+_warned: set[str] = set()
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"tuneforge attention falls back to transformers' attention: {reason}", stacklevel=3)
+
+
+def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                 attention_mask=None, **kwargs):
+    """The mask function registered for ``"tuneforge"`` (transformers' ``AttentionMaskInterface`` signature).
+
+    Plain causal or bidirectional patterns: transformers' flash-attention mask, i.e. the 2-D padding mask
+    (B, kv_length) bool with True = real token, or None when nothing is padded (causality itself is the kernel's
+    ``causal`` flag, not a mask). Any other pattern: transformers' 4-D bool sdpa mask, which makes
+    :func:`attention` fall back to sdpa rather than silently drop the pattern.
+    """
+    from transformers.masking_utils import (
+        bidirectional_mask_function, causal_mask_function, flash_attention_mask, sdpa_mask,
+    )
+
+    if mask_function is None or mask_function in (causal_mask_function, bidirectional_mask_function):
+        filled = int(q_offset) + q_length  # cached keys so far plus the new ones
+        if attention_mask is None and mask_function is not bidirectional_mask_function and filled < kv_length:
+            # A static cache, preallocated to kv_length: mark the slots filled so far, so that attention() drops
+            # the empty ones instead of treating them as real keys.
+            attention_mask = torch.ones(batch_size, filled, dtype=torch.bool, device=kwargs.get("device"))
+        return flash_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset,
+                                    attention_mask=attention_mask)
+    return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function=mask_function,
+                     attention_mask=attention_mask, **kwargs)
+
+
+def _allowed(attention_mask, q_len: int, k_len: int, causal: bool, device) -> torch.Tensor:
+    """The 2-D padding mask (or None) plus causality as a 4-D bool mask (B or 1, 1, Tq, Tk), True = may attend:
+    the form transformers' sdpa and eager functions take. Causal is bottom-right aligned, like the kernel."""
+    allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=device)  # (Tq, Tk)
+    if causal:
+        allowed = allowed.tril(diagonal=k_len - q_len)
+    allowed = allowed[None, None]  # (1, 1, Tq, Tk)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.bool()[:, None, None, :]  # (B, 1, Tq, Tk)
+    return allowed
+
+
+def _fallback(module, query, key, value, attention_mask, causal: bool, use_eager: bool, **kwargs):
+    """transformers' sdpa (or the model's own eager) attention, given a mask in the form that function takes."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if attention_mask is None or attention_mask.dim() == 2:
+        # Our mask function gave a padding mask (or none); the 4-D mask makes causality explicit too, as eager never
+        # applies it on its own and sdpa's own is_causal is top-left aligned.
+        attention_mask = _allowed(attention_mask, query.size(-2), key.size(-2), causal, query.device)
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if not use_eager or eager is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, is_causal=causal, **kwargs)
+    if attention_mask.dtype == torch.bool:  # eager adds the mask to the scores: 0 = attend, most negative = not
+        attention_mask = torch.zeros_like(attention_mask, dtype=query.dtype).masked_fill(
+            ~attention_mask, torch.finfo(query.dtype).min)
+    return eager(module, query, key, value, attention_mask, **kwargs)
+
+
+def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """The attention function registered as ``"tuneforge"`` (transformers' ``AttentionInterface`` contract).
+
+    query: (B, H, Tq, D); key, value: (B, Hkv, Tk, D) with H a multiple of Hkv (grouped-query attention);
+    attention_mask: what :func:`padding_mask` built, (B, Tk') bool or None, or a caller's 4-D mask.
+    Returns ``(output (B, Tq, H, D) contiguous, None)``; no attention weights, like sdpa.
+    """
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.size(-1) < key.size(-2):
+        # A static cache's keys run to its full length; the padding mask covers only the slots filled so far,
+        # and the queries are the last of those. Drop the empty slots (as transformers' flash attention does).
+        key, value = key[:, :, :attention_mask.size(-1)], value[:, :, :attention_mask.size(-1)]
+
+    reason = None
+    if kwargs.get("softcap") is not None:
+        reason, use_eager = "softcap (logit soft-capping) is not supported by the fused kernel", True
+    elif kwargs.get("output_attentions") or getattr(getattr(module, "config", None), "output_attentions", False):
+        reason, use_eager = "output_attentions needs the attention weights, which the fused kernel never forms", True
+    elif module.training and dropout > 0:
+        reason, use_eager = "attention dropout in training is not supported by the fused kernel", False
+    elif attention_mask is not None and attention_mask.dim() != 2:
+        reason, use_eager = ("a 4-D attention mask (a caller's own, or a pattern beyond causal + padding such as "
+                             "packed sequences) cannot be expressed as the kernel's padding mask"), False
+    elif kwargs.get("sliding_window") is not None:
+        reason, use_eager = "sliding-window attention is not supported by the fused kernel", False
+    elif kwargs.get("position_bias") is not None:
+        reason, use_eager = "an additive position_bias is not supported by the fused kernel", False
+    if reason is not None:
+        _warn_once(reason)
+        return _fallback(module, query, key, value, attention_mask, is_causal, use_eager,
+                         dropout=dropout, scaling=scaling, **kwargs)
+
+    # Grouped-query attention: each of the Hkv key/value heads serves H // Hkv query heads; repeat them so the
+    # kernel sees one key/value head per query head (k[:, h] serves query heads h*n .. h*n + n - 1, as in HF).
+    n_rep = query.size(1) // key.size(1)
+    if n_rep > 1:
+        key = key.repeat_interleave(n_rep, dim=1)  # (B, H, Tk, D)
+        value = value.repeat_interleave(n_rep, dim=1)  # (B, H, Tk, D)
+    out = flash_attention(query, key, value, causal=bool(is_causal), scale=scaling,
+                          key_padding_mask=None if attention_mask is None else attention_mask.bool())  # (B, H, Tq, D)
+    return out.transpose(1, 2).contiguous(), None  # (B, Tq, H, D)
+
+
+def register() -> None:
+    """Make ``attn_implementation="tuneforge"`` available to every transformers model. Idempotent."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    # Both registries are class-level mappings; registering the same function again just overwrites the entry.
+    AttentionInterface.register(attention_implementation_name, attention)
+    AttentionMaskInterface.register(attention_implementation_name, padding_mask)

@@ -1,0 +1,103 @@
+"""The model interface every mechanism relies on, as a :class:`typing.Protocol`.
+
+The embedded :class:`tuneforge.models.transformer.Transformer` and the Hugging Face wrapper
+(:class:`tuneforge.models.hf.HFModel`) both satisfy :class:`LanguageModel`; a mechanism that uses only these
+names works on both, and on any model a later issue adds. Plugins never see transformers' own classes.
+
+Where each name lives on a Hugging Face model (GPT-2's ``transformer.h``, Llama's ``model.layers``...) is in
+``docs/hf.md``; how adapters and LoRA find their insertion points is :mod:`tuneforge.models.families`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+__all__ = ["LanguageModel", "ModelConfig", "Tokenizer", "Prefix"]
+
+
+@runtime_checkable
+class ModelConfig(Protocol):
+    """The sizes every mechanism may read: ``model.config``."""
+
+    vocab_size: int
+    d_model: int  # width of the residual stream, C
+    n_layers: int  # len(model.blocks)
+    max_seq_len: int  # the context, soft-prompt tokens included
+
+    def to_dict(self) -> dict: ...
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """``model.tokenizer``: text <-> ids, with the special tokens the objectives lay rows out with."""
+
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+    pad_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids) -> str: ...
+
+
+@runtime_checkable
+class LanguageModel(Protocol):
+    """A causal language model as tuneforge's mechanisms see it.
+
+    ``blocks`` hold the layers (adapters and LoRA go inside them), ``tok_emb`` the input embeddings, ``ln_f`` the
+    final norm and ``lm_head`` the output layer (``finetune:head=classify`` and ``reward-model`` replace it).
+    ``prefix`` is a slot for a module that returns a :class:`Prefix` (soft prompts) or ``None``.
+    """
+
+    config: ModelConfig
+    tokenizer: Tokenizer
+    blocks: nn.ModuleList
+    tok_emb: nn.Embedding
+    ln_f: nn.Module
+    lm_head: nn.Module
+    prefix: nn.Module | None
+
+    def forward_hidden(self, idx: torch.Tensor, *, key_padding_mask: torch.Tensor | None = None,
+                       positions: torch.Tensor | None = None, cache: Any = None) -> torch.Tensor:
+        """Hidden states after ``ln_f``, (B, T, C), for ids (B, T); the prefix's K positions are not returned."""
+        ...
+
+    def forward(self, idx: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Logits (B, T, V): ``lm_head(forward_hidden(idx, **kwargs))``."""
+        ...
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> Any:
+        """An empty key/value cache for ``generate`` and incremental ``forward_hidden`` calls."""
+        ...
+
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor: ...
+
+
+@dataclasses.dataclass
+class Prefix:
+    """Embeddings a module prepends to every row's input (soft prompts); see ``Transformer.prefix``.
+
+    Rows may carry prompts of different lengths: each row's prompt is right-aligned in the K columns (left
+    padding), ``mask`` marks its real columns, and the row's own tokens then start at position ``count``.
+    """
+
+    emb: torch.Tensor  # (B, K, C)
+    mask: torch.Tensor | None = None  # (B, K) bool, True = a real prompt token; None = every column is real
+
+    @property
+    def length(self) -> int:
+        return self.emb.size(1)
+
+    def count(self) -> torch.Tensor | int:
+        """Real prompt tokens per row, (B,), or K for every row when there is no padding."""
+        return self.length if self.mask is None else self.mask.sum(-1)
+
+    def positions(self) -> torch.Tensor:
+        """(B, K) or (K,) positions of the prompt tokens: each row's first real one is position 0."""
+        if self.mask is None:
+            return torch.arange(self.length, device=self.emb.device)
+        return (self.mask.long().cumsum(-1) - 1).clamp(min=0)

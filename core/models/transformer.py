@@ -1,0 +1,246 @@
+"""The embedded default model: a small GPT-style decoder-only transformer, to be read in one sitting.
+
+Pre-LayerNorm blocks (attention, then MLP, each added to the residual stream), learned absolute positions,
+and an output head tied to the token embedding. Submodules have stable names (``blocks.N.attn.q``,
+``blocks.N.mlp.up``...) because mechanisms insert adapters and LoRA around them by path, and every block
+calls its sub-layers as modules so a plugin can wrap or replace ``block.attn`` / ``block.mlp``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tuneforge.errors import ConfigError
+from tuneforge.kernels import flash_attention
+from tuneforge.common.options import build_options, check_range, parse_spec, suggest
+from tuneforge.models.generation import Generates, plan_input
+from tuneforge.models.protocol import Prefix
+
+__all__ = ["ModelConfig", "PRESETS", "model_config", "Transformer", "KVCache", "Prefix"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 259  # 256 bytes + bos, eos, pad (see tokenizer.py)
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    d_ff: int = 0  # 0 = 4 * d_model
+    max_seq_len: int = 128
+    dropout: float = 0.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+
+    def __post_init__(self):
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
+        if min(self.vocab_size, self.d_model, self.n_layers, self.n_heads, self.max_seq_len) < 1:
+            raise ValueError("vocab_size, d_model, n_layers, n_heads and max_seq_len must be positive")
+        check_range(self, "dropout", "[0, 1)")
+        check_range(self, "norm_eps", "(0, inf)", " (LayerNorm's epsilon, e.g. 1e-5)")
+        if self.d_ff < 0:
+            raise ValueError(f"d_ff must be 0 (4 * d_model) or more, got {self.d_ff}")
+
+    @property
+    def ff_dim(self) -> int:
+        return self.d_ff or 4 * self.d_model
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key in d:
+            if key not in names:
+                raise ConfigError(f"unknown model config key '{key}'{suggest(key, names)}; keys: {', '.join(names)}")
+        return cls(**d)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # ~0.8M parameters: learns the embedded world's text in about a minute on 2 CPU cores.
+    "tiny": ModelConfig(d_model=128, n_layers=4, n_heads=4, max_seq_len=128),
+    # ~4.8M parameters: for runs of tens of minutes, or a GPU.
+    "small": ModelConfig(d_model=256, n_layers=6, n_heads=8, max_seq_len=256),
+}
+
+
+def model_config(spec: "str | ModelConfig | dict", **overrides) -> ModelConfig:
+    """A preset by name with optional overrides: ``"tiny"``, ``"tiny:n_layers=2,d_model=64"``, a dict or a config."""
+    if isinstance(spec, ModelConfig):
+        base, values = spec, {}
+    elif isinstance(spec, dict):
+        base, values = ModelConfig(), dict(spec)
+    else:
+        name, values = parse_spec(spec)
+        if name not in PRESETS:
+            raise ConfigError(f"unknown model preset '{name}'{suggest(name, PRESETS)}; presets: {', '.join(PRESETS)}")
+        base = PRESETS[name]
+    values.update(overrides)
+    if not values:
+        return base
+    return build_options(ModelConfig, {**base.to_dict(), **values}, owner=f"model '{spec}'")
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention; the math itself is ``tuneforge.kernels.flash_attention``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.d_model // cfg.n_heads
+        # Separate q, k, v, o projections (not one fused qkv) so LoRA/adapters can target each by name.
+        self.q = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.k = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.v = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.o = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, key_padding_mask=None, cache=None, layer: int = 0):
+        B, T, C = x.shape
+        split = lambda t: t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # noqa: E731  (B, H, T, D)
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        if cache is not None:  # attend to every cached key, then the new ones
+            k, v = cache.append(layer, k, v)  # (B, H, L + T, D)
+        y = flash_attention(q, k, v, causal=True, key_padding_mask=key_padding_mask)  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): heads side by side again
+        return self.dropout(self.o(y))
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: widen to ff_dim, GELU, project back. Where most parameters live."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.up = nn.Linear(cfg.d_model, cfg.ff_dim)
+        self.down = nn.Linear(cfg.ff_dim, cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.down(F.gelu(self.up(x))))  # (B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int):
+        super().__init__()
+        self.index = index  # which cache layer this block reads and writes
+        self.ln1 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, key_padding_mask=None, cache=None):
+        # Pre-norm: each sub-layer sees a normalised input and adds to an un-normalised residual stream,
+        # which keeps gradients well-scaled without warm-up tricks at this depth.
+        x = x + self.attn(self.ln1(x), key_padding_mask=key_padding_mask, cache=cache, layer=self.index)
+        x = x + self.mlp(self.ln2(x))
+        return x  # (B, T, C)
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, preallocated to ``max_len``.
+
+    Generation then costs one new token's work per step instead of recomputing the whole prefix. Each
+    attention layer appends its new keys/values during a forward; ``Transformer.forward_hidden`` calls
+    ``advance()`` once all layers have, so ``length`` counts the tokens every layer holds (padding included).
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (batch_size, cfg.n_heads, max_len, cfg.d_model // cfg.n_heads)  # (B, H, L_max, D)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.max_len = max_len
+        self.length = 0  # tokens cached (a prefix included); advanced by advance() once every layer has appended
+        self.prefix: Prefix | None = None  # the prefix cached with the first tokens, if the model has one
+        self._pending = 0
+
+    def append(self, layer: int, k, v):
+        T = k.size(2)
+        end = self.length + T
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens; {end} requested")
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        self._pending = T
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, H, L + T, D)
+
+    def advance(self) -> None:
+        self.length += self._pending
+        self._pending = 0
+
+
+class Transformer(Generates, nn.Module):
+    """tokens (B, T) -> embeddings + positions -> n_layers Blocks -> final LayerNorm -> logits (B, T, V).
+
+    ``forward_hidden`` stops before the output head (classification heads read it); ``forward`` adds the head.
+
+    ``prefix`` is an empty slot for a module that prepends embeddings to every input (prompt tuning puts its
+    soft prompts there): called as ``prefix(batch_size)`` it returns a :class:`Prefix` or ``None``. The model
+    gives the prefix positions 0..K-1 and shifts the input's positions after it, extends the padding mask over it,
+    keeps it in the KV cache, and strips it from the output, so callers see (B, T, ...) as without one.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.prefix: nn.Module | None = None
+        if cfg.tie_embeddings:
+            # One matrix to read tokens in and write them out: fewer parameters, and better small models.
+            self.lm_head.weight = self.tok_emb.weight
+        self.apply(self._init)
+        # Residual projections scaled down so the residual stream's variance does not grow with depth.
+        for block in self.blocks:
+            for proj in (block.attn.o, block.mlp.down):
+                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # tied weights counted once
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        w = self.tok_emb.weight
+        return KVCache(self.config, batch_size, max_len or self.config.max_seq_len, w.device, w.dtype)
+
+    def forward_hidden(self, idx, *, key_padding_mask=None, positions=None, cache=None):
+        """Final-normed hidden states (B, T, C) of token ids ``idx`` (B, T).
+
+        past = the tokens of this input already in ``cache`` (0 without a cache), padding included; a prefix the
+            model prepended is not counted (callers never see it).
+        key_padding_mask: bool (B, past + T), True = real token; with a cache it covers the cached tokens too.
+        positions: (B, T) position ids; default past + 0..T-1 for every row. Left-padded batches pass their
+            own (``generate`` uses cumsum(mask) - 1, so each row's first real token is position 0). With a prefix,
+            each row's positions are shifted by its real prefix tokens.
+        cache: a ``KVCache`` from ``new_cache``; this call appends the T new tokens (and the prefix, first) to it.
+        """
+        plan = plan_input(self, idx, key_padding_mask, positions, cache)
+        pre, K, key_padding_mask, positions = plan.prefix, plan.length, plan.key_padding_mask, plan.positions
+        x = self.tok_emb(idx) + self.pos_emb(positions)  # (B, T, C)
+        if plan.fresh:
+            x = torch.cat([pre.emb.to(x.dtype) + self.pos_emb(pre.positions()), x], dim=1)  # (B, K + T, C)
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, key_padding_mask=key_padding_mask, cache=cache)
+        if cache is not None:
+            cache.advance()
+        if plan.fresh:
+            x = x[:, K:]  # (B, T, C): the caller's tokens only
+        return self.ln_f(x)  # (B, T, C)
+
+    def forward(self, idx, **kwargs):
+        """Next-token logits (B, T, V); keyword arguments as in :meth:`forward_hidden`."""
+        return self.lm_head(self.forward_hidden(idx, **kwargs))

@@ -1,0 +1,163 @@
+"""Sampling responses from a policy, the rows PPO trains on, GAE, and judging a policy against its reference.
+
+A response is what the policy writes after ``bos prompt ␣`` (the layout of :func:`tuneforge.data.rankings.ranking_text`)
+until it writes a newline or ``eos`` (the stop token belongs to the response: the policy learns when to stop) or
+runs out of ``max_new_tokens``. Generation runs on left-padded prompts with the KV cache; training rows are the
+same tokens laid out again right-padded (``bos prompt ␣ response``), where causal attention needs no mask.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import torch
+
+from tuneforge.data.batching import pad_right
+from tuneforge.errors import ConfigError
+from tuneforge.rlhf.policy import response_mask, token_logprobs
+from tuneforge.data.rankings import prompt_ids
+
+__all__ = ["Samples", "sample", "masked_mean", "whiten", "gae", "judge_for", "compare"]
+
+NEWLINE = ord("\n")
+
+
+@dataclasses.dataclass
+class Samples:
+    """Responses to ``prompts`` and the right-padded rows that hold them."""
+
+    prompts: list[str]
+    texts: list[str]  # each response without its stop token
+    input: torch.Tensor  # (B, T) bos prompt ␣ response [stop], right-padded
+    start: torch.Tensor  # (B,) index of the first response token
+    last: torch.Tensor  # (B,) index of the last response token (its stop token, when it stopped)
+    stopped: torch.Tensor  # (B,) bool: the response ended with a stop token, not by running out of tokens
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """(B, T-1) response tokens in the shifted frame of :func:`tuneforge.rlhf.policy.token_logprobs`."""
+        return response_mask(self.input, self.start, self.last)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.last - self.start + 1
+
+
+def sample(generate: Callable, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, temperature: float = 1.0,
+           top_k: int | None = None, generator: torch.Generator | None = None, device=None) -> Samples:
+    """One response per prompt from ``generate`` (``model.generate`` or a reference's), with the KV cache."""
+    tok = tokenizer
+    stops = (NEWLINE, tok.eos_id)
+    heads = [prompt_ids(tok, p) for p in prompts]  # bos prompt ␣
+    width = max(len(h) for h in heads)
+    left = torch.full((len(heads), width), tok.pad_id, dtype=torch.long)  # (B, Tp), left-padded
+    mask = torch.zeros(len(heads), width, dtype=torch.bool)
+    for i, h in enumerate(heads):
+        left[i, width - len(h):] = torch.tensor(h)
+        mask[i, width - len(h):] = True
+    out = generate(left.to(device), max_new_tokens, temperature=temperature, top_k=top_k, eos_id=list(stops),
+                   pad_id=tok.pad_id, key_padding_mask=mask.to(device), generator=generator)
+    new = out[:, width:].tolist()  # one host sync for the whole batch
+    rows, texts, start, last, stopped = [], [], [], [], []
+    for h, gen in zip(heads, new):
+        end = next((k for k, t in enumerate(gen) if t in stops), None)
+        response = gen[:end + 1] if end is not None else [t for t in gen if t != tok.pad_id]
+        texts.append(tok.decode(response[:end] if end is not None else response))
+        rows.append(h + response)
+        start.append(len(h))
+        last.append(len(h) + len(response) - 1)
+        stopped.append(end is not None)
+    return Samples(list(prompts), texts, pad_right(rows, tok.pad_id).to(device), torch.tensor(start, device=device),
+                   torch.tensor(last, device=device), torch.tensor(stopped, device=device))
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Zero mean and unit variance over the masked entries (advantages, so one rollout's scale does not set the
+    step size); masked-out entries become 0."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0, lam: float = 0.95
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over each row's response (Schulman et al., 2016).
+
+    :param rewards: (B, L) reward of each action (token); :param values: (B, L) value of the state each action
+        was taken in; :param mask: (B, L) the response's actions, one contiguous run per row. Past a row's last
+        action the episode has ended: the next value is 0.
+    :return: ``(advantages, returns)``, each (B, L), zero outside the mask; ``returns = advantages + values``.
+
+    ``δ_t = r_t + γ V_{t+1} - V_t`` and ``A_t = δ_t + γ λ A_{t+1}``, computed backwards.
+    """
+    m = mask.to(rewards.dtype)
+    adv = torch.zeros_like(rewards)
+    next_value = torch.zeros_like(rewards[:, 0])  # (B,)
+    next_adv = torch.zeros_like(rewards[:, 0])
+    for t in range(rewards.size(1) - 1, -1, -1):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        a = delta + gamma * lam * next_adv
+        adv[:, t] = a * m[:, t]
+        # Outside the response the chain restarts: the action before the first one has no successor here.
+        next_value = values[:, t] * m[:, t]
+        next_adv = a * m[:, t]
+    return adv, (adv + values) * m
+
+
+Judge = Callable[[list[str], list[str]], list[float]]
+
+
+def judge_for(kind: str, data: str, reward: Judge | None = None) -> Judge | None:
+    """What scores responses in evaluation, ``judge(prompts, responses) -> scores``: ``world`` (the embedded world's
+    hidden preference), ``reward`` (``reward``, e.g. a reward model), ``auto`` (world on ``builtin:rankings``,
+    else ``reward`` when given), or ``none`` (None)."""
+    if kind == "auto":
+        kind = "world" if data.startswith("builtin:rankings") else ("reward" if reward is not None else "none")
+    if kind == "world":
+        from tuneforge.data.world import preference
+
+        return lambda prompts, texts: [float(preference(p, t)) for p, t in zip(prompts, texts)]
+    if kind == "reward":
+        if reward is None:
+            raise ConfigError("judge=reward needs a reward model (ppo:reward=RUN)")
+        return reward
+    return None
+
+
+@torch.no_grad()
+def compare(policy, reference, tokenizer, prompts: Sequence[str], *, judge: Judge,
+            max_new_tokens: int, temperature: float = 1.0, seed: int = 0, batch_size: int = 64, device=None) -> dict:
+    """The policy against its reference on ``prompts``: each writes one response per prompt (sampled with the
+    same seed, so identical policies write identical responses and tie), ``judge(prompts, responses)`` scores
+    both, and the policy's samples measure the KL to the reference.
+
+    Returns ``win_rate`` (policy better + half the ties), ``ties``, ``score`` / ``score_reference`` (mean
+    judgement), ``kl_per_token`` (mean over the policy's response tokens of log π - log π_ref, the usual
+    sampled estimate of KL(π ‖ π_ref)) and ``response_tokens`` (mean length).
+    """
+    wins = ties = 0.0
+    scores, ref_scores, kl_sum, tokens, n = [], [], 0.0, 0.0, 0
+    for b in range(0, len(prompts), batch_size):
+        chunk = list(prompts[b:b + batch_size])
+        mine = sample(policy.generate, tokenizer, chunk, max_new_tokens=max_new_tokens, temperature=temperature,
+                      generator=torch.Generator(device=device).manual_seed(seed + b), device=device)
+        theirs = sample(reference.generate, tokenizer, chunk, max_new_tokens=max_new_tokens, temperature=temperature,
+                        generator=torch.Generator(device=device).manual_seed(seed + b), device=device)
+        a, r = judge(chunk, mine.texts), judge(chunk, theirs.texts)
+        wins += sum(x > y for x, y in zip(a, r))
+        ties += sum(x == y for x, y in zip(a, r))
+        scores += a
+        ref_scores += r
+        mask = mine.mask
+        own = token_logprobs(policy(mine.input).float() / temperature, mine.input)
+        ref = token_logprobs(reference(mine.input).float() / temperature, mine.input)
+        kl_sum += float(((own - ref) * mask).sum())
+        tokens += float(mask.sum())
+        n += len(chunk)
+    return {"win_rate": (wins + 0.5 * ties) / n, "ties": ties / n, "score": sum(scores) / n,
+            "score_reference": sum(ref_scores) / n, "kl_per_token": kl_sum / max(tokens, 1.0),
+            "response_tokens": tokens / n}

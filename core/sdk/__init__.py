@@ -1,0 +1,80 @@
+"""The plugin SDK: everything a mechanism may import from tuneforge, in one place.
+
+A mechanism (built-in, an example, one made by ``tuneforge new-plugin``, or a third party's pip package) imports
+from ``tuneforge.sdk`` only, and its tests from ``tuneforge.sdk.testing``. What is named here is kept working
+across releases; every other module of tuneforge is internal and may move (a test checks that the built-in
+plugins, the example and the scaffold's template import nothing else). The hook contract itself is
+:mod:`tuneforge.hookspecs`; ``docs/writing-mechanisms.md`` is the guide and ``docs/architecture.md`` the map.
+
+The names, by what a mechanism does with them:
+
+- **hooks and errors**: :data:`hookimpl`, the exceptions (:class:`ConfigError` for bad options, ...).
+- **options**: :func:`check_range`, :func:`suggest`, :class:`OptionError`; safe names and files:
+  :func:`check_name`, :func:`inside`, :func:`replace_folder`, :func:`write_export`, :func:`open_text`.
+- **the model**: :class:`LanguageModel` (the interface), :class:`Prefix`, :func:`tokenizer_of`, the architecture
+  families (:func:`family_of`, :func:`expand_targets`), :mod:`routing` (which task each row is) and :mod:`kernels`
+  (the fused ops); :func:`load_model` rebuilds a trained model from a run or checkpoint folder.
+- **data**: records, labelled data, rankings, and batching (:func:`pad_right`, :func:`fit_context`,
+  :func:`epoch_generator`).
+- **objectives to delegate to**: :class:`TextTask` (next tokens), :class:`VerbalizedTask` / :class:`HeadTask`
+  (classification), :class:`DefaultObjective` (what a parameterisation learns when no objective is named).
+- **per-task parts**: :class:`PartMechanism` (the base of ``lora`` and ``adapter``), :class:`TaskModule`,
+  layer selection and part files.
+- **steering a policy**: the frozen :class:`Reference`, log-probs, the preference models and the DPO loss,
+  reward scoring, sampling rollouts, GAE, and :class:`RolloutBuffer` for online objectives.
+"""
+from tuneforge import kernels
+from tuneforge.common.names import check_name, inside, is_name, replace_folder, write_export
+from tuneforge.common.options import OptionError, check_range, suggest
+from tuneforge.data.batching import epoch_generator, fit_context, pad_right
+from tuneforge.data.labelled import Labelled, Template, has_labels, read_labelled
+from tuneforge.data.rankings import (Ranking, prompt_ids, ranking_batch, ranking_epoch, ranking_ids, ranking_pairs,
+                                     ranking_text, read_rankings, split_rankings)
+from tuneforge.data.records import Records, read_records, split_held_out
+from tuneforge.engine.checkpoint import MODEL_FILE, STATE_FILE, resolve_checkpoint
+from tuneforge.engine.loop import load_model
+from tuneforge.engine.registry import plugin_hooks
+from tuneforge.engine.runfolder import open_text
+from tuneforge.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, PluginError, TuneforgeError
+from tuneforge.hookspecs import hookimpl
+from tuneforge.models import routing
+from tuneforge.models.families import FAMILIES, Family, expand_targets, family_of
+from tuneforge.models.protocol import LanguageModel, Prefix
+from tuneforge.models.tokenizer import tokenizer_of
+from tuneforge.objectives.classify import HeadTask, VerbalizedTask, score_candidates
+from tuneforge.objectives.default import DefaultObjective, ObjectiveOptions
+from tuneforge.objectives.next_token import TextTask, next_token_loss
+from tuneforge.parts.files import NUMBER, WHOLE, is_part, one_of, read_part, save_part
+from tuneforge.parts.mechanism import PartMechanism, PartOptions, part_generator
+from tuneforge.parts.modules import TaskModule, base_fingerprint, layer_of, match_linears, parse_layers, task_modules
+from tuneforge.rlhf.policy import (Reference, block_parameters, check_layers, others_choose_params, resolve_layers,
+                                   response_logprobs, response_mask, token_logprobs, untie_head)
+from tuneforge.rlhf.preference import TIE_MODELS, dpo_loss, outcome_logprobs, pair_nll, pair_right
+from tuneforge.rlhf.reward import ScalarHead, rewards, score
+from tuneforge.rlhf.rollout import Samples, compare, gae, judge_for, masked_mean, sample, whiten
+
+__all__ = [
+    # hooks and errors
+    "hookimpl", "TuneforgeError", "ConfigError", "DataError", "CheckpointError", "PluginError", "NonFiniteLossError",
+    # options, names, files
+    "check_range", "suggest", "OptionError", "check_name", "is_name", "inside", "replace_folder", "write_export",
+    "open_text", "resolve_checkpoint", "MODEL_FILE", "STATE_FILE", "plugin_hooks",
+    # the model
+    "LanguageModel", "Prefix", "tokenizer_of", "Family", "FAMILIES", "family_of", "expand_targets", "routing",
+    "kernels", "load_model",
+    # data
+    "Records", "read_records", "split_held_out", "Labelled", "Template", "read_labelled", "has_labels",
+    "Ranking", "read_rankings", "split_rankings", "ranking_pairs", "ranking_text", "prompt_ids", "ranking_ids",
+    "ranking_batch", "ranking_epoch", "pad_right", "fit_context", "epoch_generator",
+    # objectives
+    "TextTask", "next_token_loss", "VerbalizedTask", "HeadTask", "score_candidates", "DefaultObjective",
+    "ObjectiveOptions",
+    # per-task parts
+    "TaskModule", "task_modules", "base_fingerprint", "parse_layers", "layer_of", "match_linears", "PartMechanism",
+    "PartOptions", "part_generator", "save_part", "read_part", "is_part", "WHOLE", "NUMBER", "one_of",
+    # steering a policy
+    "Reference", "check_layers", "resolve_layers", "others_choose_params", "block_parameters", "untie_head",
+    "token_logprobs", "response_logprobs", "response_mask", "TIE_MODELS", "outcome_logprobs", "pair_nll",
+    "pair_right", "dpo_loss", "ScalarHead", "rewards", "score", "Samples", "sample", "compare", "judge_for",
+    "masked_mean", "whiten", "gae",
+]

@@ -1,0 +1,341 @@
+"""``tuneforge demo``: the main job on the embedded default, one stage per mechanism, one table at the end.
+
+pretrain (the tiny model on ``builtin:text``) -> fine-tune (classification head on the last 2 blocks, and all
+blocks for reference) -> the head alone, and beside serial / parallel adapters and LoRA -> prompt tuning on the
+bare input (two tasks, one frozen model, then both served in one mixed batch) -> prompting (the bare input; the
+task's format zero-shot and 2-shot with right and wrong labels) -> RLHF on ``builtin:rankings``: a reward model
+(ties modelled and ignored), PPO with a LoRA policy against it, DPO (win rates judged by the hidden preference).
+Every row goes to the table and ``demo.json``; loss curves go to ``loss_curves.png`` when matplotlib is
+installed (``pip install tuneforge[plot]``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tuneforge.engine.loop import train
+from tuneforge.errors import ConfigError
+from tuneforge.objectives.next_token import TokenWindows, unigram_entropy
+from tuneforge.models.hf import is_hf_spec
+from tuneforge.common.names import inside
+from tuneforge.models.tokenizer import tokenizer_of
+
+__all__ = ["run_demo", "format_table"]
+
+PROMPTS = ["review: the soup", "note: the rain", "mira walked"]
+MODEL = "tiny:max_seq_len=256"  # the tiny preset with room for few-shot prompts
+BARE = "{input} {label}"  # no task format: what a soft prompt has to make up for
+
+# What a demo writes in --out: a run folder per stage, which the next demo replaces, and a few result files.
+# A folder holding anything else is not the demo's to empty (--out runs would otherwise delete a run called lora).
+MARKER = ".tuneforge-demo"
+STAGES = frozenset({
+    "pretrain", "finetune", "finetune-all", "head-only", "adapter-serial", "adapter-parallel", "lora",
+    "prompt-sentiment", "prompt-topic", "mixed-batch", "prompting-bare", "prompting", "reward-model-davidson",
+    "reward-model-ignore", "ppo", "dpo",
+})
+FILES = frozenset({MARKER, "demo.json", "samples.txt", "loss_curves.png"})
+
+
+def format_table(rows: list[dict]) -> str:
+    head = ["mechanism", "trainable params", "% of model", "seconds", "metric", "value"]
+    body = [[r["mechanism"], f"{r['trainable_params']:,}", f"{r['trainable_pct']:.2f}", f"{r['seconds']:.1f}",
+             r["metric"], f"{r['value']:.4f}"] for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
+
+
+def _row(name: str, result, metric: str, key: str, total: int | None = None) -> dict:
+    s = result.summary
+    return {"mechanism": name, "trainable_params": s["trainable_params"],
+            "trainable_pct": 100.0 * s["trainable_params"] / (total or s["total_params"]),
+            "seconds": s["seconds"], "metric": metric, "value": float(result.metrics[key])}
+
+
+def _claim(out: Path) -> None:
+    """Make ``out`` the demo's folder: new, empty, or an earlier demo's (its marker, or only the names a demo
+    writes); anything else is refused before a stage folder is replaced."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"demo --out {out} is a file, not a folder: nothing was written; give a folder path")
+    if out.is_dir() and not (out / MARKER).is_file():
+        other = sorted(p.name for p in out.iterdir() if p.name not in STAGES | FILES)
+        if other:
+            raise ConfigError(f"demo --out {out} holds files that are not a demo's ({', '.join(other[:5])}"
+                              f"{', ...' if len(other) > 5 else ''}): nothing was changed. Give a new or empty folder: "
+                              "the demo replaces its stage folders (pretrain, lora, ...) there")
+    out.mkdir(parents=True, exist_ok=True)
+    inside(out, MARKER).write_text(json.dumps({"format": "tuneforge.tools.demo", "stages": sorted(STAGES)}) + "\n")
+
+
+def _stage(out: Path, name: str, note: str) -> Path:
+    """The stage's run folder, emptied of an earlier demo's run: only a known stage name inside ``out``, which
+    :func:`_claim` made the demo's own."""
+    if name not in STAGES:
+        raise ValueError(f"demo stage {name!r} is not in STAGES; add it there")  # a mistake in this file
+    print(f"\n== {name}: {note}", file=sys.stderr)
+    folder = inside(out, name)
+    if folder.is_dir() and not folder.is_symlink():
+        shutil.rmtree(folder, ignore_errors=True)
+    return folder
+
+
+def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0, model: str | None = None) -> list[dict]:
+    """Run every stage, print the table, write ``demo.json``; return its rows. Replaces its own stage folders in
+    ``out``, which must be new, empty or an earlier demo's output (else :class:`ConfigError`, nothing changed).
+
+    ``model="hf:PATH"`` tells the same story on a Hugging Face model: its first stage goes on pretraining the
+    model's own weights on the world's text (every weight, a gentle learning rate), and every later stage starts
+    from that, as they start from the pretrained tiny model by default."""
+    out = Path(out)
+    _claim(out)
+    n = (lambda full, short: short if quick else full)  # noqa: E731
+    common = dict(seed=seed, eval_every=0)
+    rows: list[dict] = []
+    curves: dict[str, list[float]] = {}
+
+    steps = n(2000, 40)
+    if is_hf_spec(model):
+        pre = _stage(out, "pretrain", f"{model}: its own weights, {steps} more steps on builtin:text (the world)")
+        result = train(model=model, mechanisms=["finetune:layers=all"], data="builtin:text", steps=steps,
+                       batch_size=8, lr=2e-4, warmup=min(30, steps // 4), out=str(pre), **common)
+        rows.append(_row("continued pretraining (all layers)", result, "held-out bits/token", "eval/bits_per_token"))
+    else:
+        pre = _stage(out, "pretrain", f"the tiny model, {steps} steps on builtin:text (the embedded world)")
+        result = train(model=model or MODEL, mechanisms=["pretrain"], data="builtin:text", steps=steps, batch_size=8,
+                       lr=5e-3, warmup=min(30, steps // 4), out=str(pre), **common)
+        rows.append(_row("pretrain", result, "held-out bits/token", "eval/bits_per_token"))
+    curves["pretrain"] = [h["loss"] for h in result.history]
+    base_params = result.summary["total_params"]
+    samples = _samples(result.model.eval(), seed)
+
+    ft = dict(init=str(pre), data="builtin:sentiment", batch_size=32, warmup=n(10, 2), **common)
+    folder = _stage(out, "finetune", "classification head on the last 2 blocks, builtin:sentiment")
+    result = train(mechanisms=["finetune:layers=2,head=classify"], steps=n(150, 10), lr=1e-3, out=str(folder), **ft)
+    rows.append(_row("finetune (last 2 blocks + head)", result, "sentiment accuracy", "eval/accuracy"))
+    curves["finetune last 2"] = [h["loss"] for h in result.history]
+    folder = _stage(out, "finetune-all", "every weight, the full fine-tuning reference")
+    result = train(mechanisms=["finetune:layers=all,head=classify"], steps=n(150, 10), lr=5e-4, out=str(folder), **ft)
+    rows.append(_row("finetune (all layers + head)", result, "sentiment accuracy", "eval/accuracy"))
+    curves["finetune all"] = [h["loss"] for h in result.history]
+
+    # Adapters and LoRA train a few percent of the weights beside the same new head; the head alone (a linear
+    # probe of the frozen model) is the row that shows what they add.
+    folder = _stage(out, "head-only", "only the new head trains (a linear probe of the frozen model)")
+    result = train(mechanisms=["finetune:layers=0,head=classify"], steps=n(150, 10), lr=1e-3, out=str(folder), **ft)
+    rows.append(_row("finetune (head only)", result, "sentiment accuracy", "eval/accuracy"))
+    for name, label, mechanism in (
+            ("adapter-serial", "adapter (serial) + head", "adapter:placement=serial"),
+            ("adapter-parallel", "adapter (parallel) + head", "adapter:placement=parallel,scale=4"),
+            ("lora", "lora (rank 8 on q, v) + head", "lora:rank=8,targets=q,v")):
+        folder = _stage(out, name, f"{mechanism} beside a new head; the base model stays frozen")
+        result = train(mechanisms=[mechanism, "finetune:layers=0,head=classify"], steps=n(150, 10), lr=3e-3,
+                       out=str(folder), **ft)
+        rows.append(_row(label, result, "sentiment accuracy", "eval/accuracy"))
+        curves[label.split(" +")[0]] = [h["loss"] for h in result.history]
+        if name == "lora":
+            rows[-1]["merged_max_abs_diff"] = _merge_gap(result.model)
+
+    # Soft prompts on the bare input ("{input} {label}"): without the task's own format the frozen model is at
+    # chance (the prompting rows below show it), so what the 16 vectors learn is the whole difference.
+    prompt_runs = {}
+    for task in ("sentiment", "topic"):
+        folder = _stage(out, f"prompt-{task}", f"a 16-token soft prompt for {task} on the bare input; the model "
+                        "stays frozen")
+        result = train(mechanisms=[f"prompt-tuning:tasks={task},tokens=16,template={BARE}"], steps=n(300, 10),
+                       lr=0.1, **{**ft, "data": f"builtin:{task}"}, out=str(folder))
+        rows.append(_row(f"prompt-tuning ({task})", result, f"{task} accuracy", "eval/accuracy", base_params))
+        curves[f"prompt-tuning {task}"] = [h["loss"] for h in result.history]
+        prompt_runs[task] = folder
+    rows.append(_mixed_batch(out, pre, prompt_runs, base_params, limit=n(500, 64)))
+
+    folder = _stage(out, "prompting-bare", "the same bare input without a soft prompt; nothing trains")
+    result = train(init=str(pre), mechanisms=[f"prompting:template={BARE},limit={n(300, 40)}"],
+                   data="builtin:sentiment", out=str(folder), seed=seed)
+    rows.append(_row("prompting (zero-shot, bare input)", result, "sentiment accuracy", "eval/accuracy"))
+
+    folder = _stage(out, "prompting", "the task's own format, 2-shot with right and with wrong labels; nothing trains")
+    result = train(init=str(pre), mechanisms=[f"prompting:shots=2,limit={n(300, 40)},generate=3"],
+                   data="builtin:sentiment", out=str(folder), seed=seed)
+    assert result.summary["frozen_weights"]["unchanged"], "prompting changed a weight"
+    for label, key in (("zero-shot, task format", "eval/accuracy_zero_shot"), ("2-shot, right labels", "eval/accuracy"),
+                       ("2-shot, wrong labels", "eval/accuracy_wrong_labels")):
+        rows.append(_row(f"prompting ({label})", result, "sentiment accuracy", key))
+
+    rows += _rlhf(out, pre, n, common, curves, samples)
+
+    inside(out, "demo.json").write_text(json.dumps(rows, indent=2))
+    plotted = _plot(curves, inside(out, "loss_curves.png"))
+    inside(out, "samples.txt").write_text("\n".join(samples) + "\n")
+    _report(rows, samples, out, plotted, tokenizer_of(result.model))
+    return rows
+
+
+def _rlhf(out: Path, pre: Path, n, common: dict, curves: dict, samples: list[str]) -> list[dict]:
+    """Rankings -> a reward model (ties modelled, and ignored for comparison) -> PPO against it with a LoRA
+    policy; DPO straight from the rankings. Policies are judged by the world's hidden preference, never by the
+    reward model they were trained on."""
+    rows: list[dict] = []
+    rl = dict(init=str(pre), data="builtin:rankings", batch_size=n(16, 8), warmup=n(10, 2), **common)
+    models = {}
+    for ties, label in (("davidson", "ties modelled (Davidson)"), ("ignore", "ties ignored")):
+        folder = _stage(out, f"reward-model-{ties}", f"a scalar head on the whole model, builtin:rankings, {label}")
+        result = train(mechanisms=[f"reward-model:ties={ties}"], steps=n(300, 10), lr=1e-3, out=str(folder), **rl)
+        row = _row(f"reward model, {label}", result, "held-out pairwise accuracy", "eval/pairwise_accuracy")
+        row.update({k[5:]: float(v) for k, v in result.metrics.items() if k.startswith("eval/tie")})
+        rows.append(row)
+        curves[f"reward model ({ties})"] = [h["loss"] for h in result.history]
+        models[ties] = folder
+    policy = "lora:rank=8,targets=attn"
+    judged = dict(eval_prompts=n(128, 16), max_new_tokens=n(64, 24))
+    evaluation = ",".join(f"{k}={v}" for k, v in judged.items())
+    folder = _stage(out, "ppo", f"{policy} as the policy, rewarded by the Davidson reward model, KL-penalised")
+    result = train(mechanisms=[policy, f"ppo:reward={models['davidson']},rollouts={n(64, 16)},{evaluation}"],
+                   steps=n(400, 8), lr=3e-3, out=str(folder), **rl)
+    rows += _policy_rows("ppo (lora policy)", result)
+    curves["ppo reward"] = [h["reward"] for h in result.history]
+    samples += _policy_samples(result, "ppo")
+    folder = _stage(out, "dpo", f"{policy} as the policy, the DPO loss on the rankings' pairs")
+    result = train(mechanisms=[policy, f"dpo:beta=0.5,{evaluation}"], steps=n(200, 8), lr=2e-3, out=str(folder), **rl)
+    rows += _policy_rows("dpo (lora policy)", result)
+    curves["dpo"] = [h["loss"] for h in result.history]
+    return rows
+
+
+def _policy_rows(name: str, result) -> list[dict]:
+    """Two rows per policy: its win rate over the reference, and how far it went (KL per token)."""
+    win = _row(name, result, "win rate vs reference (hidden preference)", "eval/win_rate")
+    win.update(kl_per_token=float(result.metrics["eval/kl_per_token"]), score=float(result.metrics["eval/score"]),
+               score_reference=float(result.metrics["eval/score_reference"]))
+    return [win, _row(name, result, "KL per token to the reference", "eval/kl_per_token")]
+
+
+def _policy_samples(result, name: str, k: int = 3) -> list[str]:
+    """A few held-out prompts answered by the reference and by the tuned policy (same seed)."""
+    from tuneforge.rlhf.rollout import sample
+    from tuneforge.data.world import builtin, preference
+
+    plugin = result.run.plugins[name]
+    model = result.model.eval()
+    prompts = [r["prompt"] for r in builtin("rankings", "test")[:k]]
+    lines = []
+    for who, gen in (("reference", plugin.reference.generate), (name, model.generate)):
+        s = sample(gen, tokenizer_of(model), prompts, max_new_tokens=64, generator=torch.Generator().manual_seed(0),
+                   device=model.tok_emb.weight.device)
+        lines += [f"[{who}, hidden score {preference(p, t):+d}] {p} {t}" for p, t in zip(prompts, s.texts)]
+    return lines
+
+
+def _mixed_batch(out: Path, pre: Path, runs: dict[str, Path], base_params: int, limit: int) -> dict:
+    """Both prompts on one frozen model; held-out rows of both tasks interleaved in one batch, scored in one
+    forward pass each, against each task's rows scored alone."""
+    from tuneforge.objectives.classify import score_candidates
+    from tuneforge.engine.loop import load_model
+    from tuneforge.data.labelled import Template, verbalizer
+    from tuneforge.data.world import LABELS, builtin
+    from tuneforge.plugins.prompt_tuning import add_prompts
+
+    _stage(out, "mixed-batch", "both soft prompts loaded on one model, rows of both tasks in one batch")
+    started = time.perf_counter()
+    model = load_model(pre)
+    tok = tokenizer_of(model)
+    add_prompts(model, *map(str, runs.values()))
+    rows = []  # (task, prompt ids, candidate ids, label index)
+    for task in runs:
+        template = Template(BARE, owner="demo")
+        words = verbalizer(None, LABELS[task], f"builtin:{task}", owner="demo")
+        cands = [tok.encode(words[lb]) for lb in LABELS[task]]
+        for r in builtin(task, "test")[:limit]:
+            rows.append((task, tok.encode(template.prompt(r["text"]), bos=True), cands, LABELS[task].index(r["label"])))
+    rows = [rows[i] for i in sorted(range(len(rows)), key=lambda i: (i % limit, i))]  # interleave the tasks
+    score = lambda rs: score_candidates(model, [r[1] for r in rs], [r[2] for r in rs], tasks=[r[0] for r in rs],  # noqa: E731
+                                        pad_id=tok.pad_id, device=torch.device("cpu"))
+    mixed = score(rows)
+    seconds = time.perf_counter() - started
+    alone = {}
+    for task in runs:
+        mine = [i for i, r in enumerate(rows) if r[0] == task]
+        alone.update(zip(mine, score([rows[i] for i in mine])))
+    gap = max(abs(a - b) for i, s in enumerate(mixed) for a, b in zip(s, alone[i]))
+    right = [max(range(len(s)), key=s.__getitem__) == r[3] for s, r in zip(mixed, rows)]
+    print(f"mixed batch of {len(rows)} rows ({', '.join(runs)}): largest difference from each task alone "
+          f"{gap:.2e} (log-likelihood)", file=sys.stderr)
+    return {"mechanism": "prompt-tuning (both, one mixed batch)", "trainable_params": 0, "trainable_pct": 0.0,
+            "seconds": round(seconds, 3), "metric": "accuracy, both tasks", "value": sum(right) / len(right),
+            "max_abs_diff_vs_alone": gap, "soft_prompt_params": sum(p.numel() for p in model.prefix.parameters()),
+            "soft_prompt_pct": 100.0 * sum(p.numel() for p in model.prefix.parameters()) / base_params}
+
+
+def _merge_gap(model) -> float:
+    """Largest output difference between the LoRA beside the weights and folded into them (then taken out)."""
+    from tuneforge.plugins.lora.layer import merge, unmerge
+
+    ids = torch.randint(0, min(256, model.config.vocab_size), (8, min(64, model.config.max_seq_len)),
+                        generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model.eval()(ids)
+        merge(model)
+        merged = model(ids)
+        unmerge(model)
+        after = model(ids)
+    gap = max((merged - before).abs().max().item(), (after - before).abs().max().item())
+    print(f"lora merged into the weights and taken out again: largest output difference {gap:.2e}", file=sys.stderr)
+    return gap
+
+
+def _samples(model, seed: int) -> list[str]:
+    tok = tokenizer_of(model)
+    device = model.lm_head.weight.device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = []
+    for prompt in PROMPTS:
+        ids = torch.tensor([tok.encode(prompt, bos=True)], device=device)
+        new = model.generate(ids, 80, temperature=0.7, top_k=40, eos_id=tok.eos_id, generator=gen)
+        out.append(prompt + tok.decode(new[0, ids.size(1):].tolist()))
+    return out
+
+
+def _plot(curves: dict[str, list[float]], path: Path) -> bool:
+    """Training loss of every stage, one panel each; False (and nothing written) without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 2.8), squeeze=False)
+    for ax, (name, losses) in zip(axes[0], curves.items()):
+        ax.plot(range(1, len(losses) + 1), losses, lw=1)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0][0].set_ylabel("training loss", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _report(rows: list[dict], samples: list[str], out: Path, plotted: bool, tokenizer) -> None:
+    from tuneforge.data.world import builtin
+
+    held_out = TokenWindows([r["text"] for r in builtin("text", split="test")], tokenizer, seq_len=2)
+    unigram = unigram_entropy(held_out.tokens) / math.log(2)
+    print("\n" + format_table(rows))
+    print(f"\n(pretrain: the unigram baseline is {unigram:.3f} bits/token; a model that learned nothing scores about "
+          "that. Accuracies are on held-out records; prompt-tuning % is of the base model. Win rates: the policy's "
+          "response beats the reference's on held-out prompts by the world's hidden preference, ties count half; "
+          "0.5 = no better.)")
+    print("\nsamples of the pretrained model (temperature 0.7, top-k 40), then held-out ranking prompts answered by the "
+          "reference and the PPO policy (temperature 1, same seed):")
+    for text in samples:
+        print("  " + text.replace("\n", " | "))
+    curves = f"loss curves in {out / 'loss_curves.png'}" if plotted else \
+        "no loss curves: matplotlib is not installed (pip install 'tuneforge[plot]')"
+    print(f"\nrows written to {out / 'demo.json'}; {curves}; checkpoints in the stage folders of {out}")
