@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 
 from tuneforge.engine import checkpoint as ckpt
 from tuneforge.engine import distributed
-from tuneforge.engine.assemble import assemble, build_model, load_model
+from tuneforge.engine.assemble import Assembled, assemble, build_model, load_model
 from tuneforge.engine.config import TrainConfig
 from tuneforge.errors import CheckpointError, ConfigError, NonFiniteLossError
 from tuneforge.engine.integrity import frozen_named
@@ -133,7 +133,39 @@ def _disk_error(exc: BaseException) -> bool:
 _DISK = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
+@dataclasses.dataclass
+class _Loop:
+    """What the parts of one run share: the assembled model, its optimizer and data, and the record so far."""
+
+    cfg: TrainConfig
+    par: distributed.Parallel
+    out: Path | None
+    built: Assembled  # registry, run, model, and the parameters that train (sharded ones under FSDP)
+    optimizer: torch.optim.Optimizer | None
+    batches: Batches | None  # None when nothing trains
+    started: float  # perf_counter() when the run began, for summary["seconds"]
+    frozen: list  # (name, tensor) of the frozen weights when --verify-frozen, else empty
+    frozen_before: str | None  # their digest before the first step
+    last_ckpt: Path | None
+    history: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    nonfinite_streak: int = 0
+
+
 def _run(cfg: TrainConfig, par: distributed.Parallel, out: Path | None, owner: bool) -> TrainResult:
+    loop = _setup(cfg, par, out, owner)
+    run = loop.built.run
+    loop.built.model.train()
+    with _stop_on_signals(run):
+        _steps(loop)
+        # Still under the handlers: a signal now asks for what is already happening, and a second one aborts.
+        _end(loop)
+    return TrainResult(loop.built.model, loop.metrics, loop.history, run.summary, out, loop.last_ckpt, run)
+
+
+def _setup(cfg: TrainConfig, par: distributed.Parallel, out: Path | None, owner: bool) -> _Loop:
+    """Assemble the model, resume it (or make sure a fresh run overwrites nothing), read the data, and record in
+    config.json and the summary what runs, before the first step."""
     started = time.perf_counter()
     if out is not None and owner:
         ckpt.clean_stale(out)  # what a kill while saving or rotating left
@@ -142,7 +174,6 @@ def _run(cfg: TrainConfig, par: distributed.Parallel, out: Path | None, owner: b
     reg, run, model = built.reg, built.run, built.model
     if resume_path is not None:
         _resume_changes(resume_path, cfg, run)
-    mcfg, device = run.model_config, run.device
     total = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in built.params)
     if resume_path is not None:
@@ -152,14 +183,7 @@ def _run(cfg: TrainConfig, par: distributed.Parallel, out: Path | None, owner: b
     built.params = params  # FSDP replaced the parameters: no reference may keep the unsharded ones alive
     optimizer = make_optimizer(params, cfg) if params else None
     if resume_path is not None:
-        state, optimizer_state, rng = ckpt.load_training_state(resume_path)
-        if optimizer is not None and optimizer_state is not None:
-            par.load_optimizer_state(optimizer, optimizer_state)
-        par.set_rng(rng)
-        run.step, run.epoch, run.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        run.summary["skipped_steps"] = state.get("skipped_steps", 0)
-        run.resumed_from = resume_path
-        reg.hook.tuneforge_load(run=run, path=resume_path)
+        _resume_state(resume_path, built, par, optimizer)
     elif out is not None and ckpt.list_checkpoints(out):  # damaged ones too: a fresh run would overwrite them
         raise ConfigError(
             f"{out} already holds a run (latest: {ckpt.list_checkpoints(out)[-1].name}); pass --resume auto to "
@@ -171,14 +195,35 @@ def _run(cfg: TrainConfig, par: distributed.Parallel, out: Path | None, owner: b
     batches = Batches(run, reg.objective_impl("tuneforge_data"), model, par) if params else None
     frozen = frozen_named(model) if cfg.verify_frozen else []
     frozen_before = par.digest(frozen) if frozen else None
+    loop = _Loop(cfg, par, out, built, optimizer, batches, started, frozen, frozen_before, run.resumed_from)
+    _record_start(loop, n_train, total)
+    return loop
 
+
+def _resume_state(path: Path, built: Assembled, par: distributed.Parallel, optimizer) -> None:
+    """The counters, optimizer state, random streams and plugins' own state of the checkpoint at ``path``."""
+    run = built.run
+    state, optimizer_state, rng = ckpt.load_training_state(path)
+    if optimizer is not None and optimizer_state is not None:
+        par.load_optimizer_state(optimizer, optimizer_state)
+    par.set_rng(rng)
+    run.step, run.epoch, run.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+    run.summary["skipped_steps"] = state.get("skipped_steps", 0)
+    run.resumed_from = path
+    built.reg.hook.tuneforge_load(run=run, path=path)
+
+
+def _record_start(loop: _Loop, n_train: int, total: int) -> None:
+    """config.json, the summary's description of the run, then the plugins' tuneforge_run_start."""
+    cfg, par, out, built = loop.cfg, loop.par, loop.out, loop.built
+    reg, run, model = built.reg, built.run, built.model
     if out is not None and run.is_main:
-        config_json = {"train": cfg.to_dict(), "model_config": mcfg.to_dict(), "mechanisms": reg.options(),
+        config_json = {"train": cfg.to_dict(), "model_config": run.model_config.to_dict(), "mechanisms": reg.options(),
                        "lineage": built.lineage()}
         write_text(out / "config.json", json.dumps(config_json, indent=2, default=str))
     run.summary.update(
         mechanisms=reg.mechanisms, plugins=list(reg.plugins), trainable_params=n_train, total_params=total,
-        trainable_pct=100.0 * n_train / max(1, total), device=str(device), objective=reg.objective,
+        trainable_pct=100.0 * n_train / max(1, total), device=str(run.device), objective=reg.objective,
         trainable_by_plugin=dict(run.trainable),
     )
     if par.distributed:
@@ -186,80 +231,83 @@ def _run(cfg: TrainConfig, par: distributed.Parallel, out: Path | None, owner: b
     with par.gathered(model):  # whole weights for plugins that look at them (FSDP shards them)
         reg.hook.tuneforge_run_start(run=run, model=model)
 
-    history: list[dict[str, float]] = []
-    metrics: dict[str, float] = {}
-    last_ckpt: Path | None = run.resumed_from
-    nonfinite_streak = 0
 
-    def save() -> Path | None:
-        """Every rank comes here (FSDP gathers the shards for rank 0); rank 0 writes."""
-        nonlocal last_ckpt
-        if out is None:
-            return None
-        with par.gathered(model):  # FSDP: the shards gathered, so plugins and rank 0 write whole tensors
-            optim = par.optimizer_state(optimizer) if optimizer is not None else None
-            rng = par.rng_states()
-            if run.is_main:
-                state = {
-                    "step": run.step, "epoch": run.epoch, "batch_in_epoch": run.batch_in_epoch,
-                    "skipped_steps": run.summary.get("skipped_steps", 0), "model_config": mcfg.to_dict(),
-                    "mechanisms": reg.options(), "lineage": built.lineage(), "train": cfg.to_dict(),
-                    "tokenizer": run.tokenizer.name, "world_size": par.world_size,
-                }
-                try:
-                    last_ckpt = ckpt.save_checkpoint(
-                        out, run.step, model, optim, state,
-                        write_plugins=lambda path: reg.hook.tuneforge_save(run=run, path=path, model=model),
-                        keep_last=cfg.keep_last, folder=par.folder_weights(), rng=rng,
-                    )
-                except (OSError, SafetensorError) as exc:  # nothing half-written: the old latest stands
-                    kept = f"the last complete one is {last_ckpt}" if last_ckpt else "no checkpoint was written"
-                    raise CheckpointError(f"{write_error(out, exc, 'the checkpoint of step %d into' % run.step)} "
-                                          f"({kept})") from None
-            par.barrier()  # the others go on once the checkpoint is complete
-        if not run.is_main:
-            last_ckpt = out / f"step-{run.step:08d}"
-        return last_ckpt
+def _steps(loop: _Loop) -> None:
+    """Train until --steps, a stop request on any rank, or too many non-finite steps in a row (which raises)."""
+    cfg, par, built = loop.cfg, loop.par, loop.built
+    run, model = built.run, built.model
+    while loop.batches is not None and run.step < cfg.steps and not _stopping(run, par):
+        loop.metrics, finite = step(run, built.params, loop.optimizer, loop.batches, par)
+        loop.nonfinite_streak = 0 if finite else loop.nonfinite_streak + 1
+        run.summary["skipped_steps"] = run.summary.get("skipped_steps", 0) + (not finite)
+        if loop.nonfinite_streak >= cfg.max_nonfinite:
+            run.summary["status"] = "stopped: non-finite loss"
+            with par.gathered(model):
+                _finish(run, model, loop.started, loop.out)
+            raise NonFiniteLossError(
+                f"the loss or gradient was not finite for {loop.nonfinite_streak} steps in a row (up to step "
+                f"{run.step}); stopped. Skipped steps never update the weights, so the last good checkpoint "
+                f"({loop.last_ckpt or 'none written'}) is intact. Lower --lr, check the data, or raise --max-nonfinite."
+            )
+        if cfg.eval_every and run.step % cfg.eval_every == 0 and run.step < cfg.steps:
+            loop.metrics.update(_evaluate(model, run, par))
+        # Not during a non-finite streak: a checkpoint there would make a resume replay the streak.
+        if cfg.save_every and run.step % cfg.save_every == 0 and run.step < cfg.steps and not loop.nonfinite_streak:
+            _save(loop)
+        loop.history.append(loop.metrics)
+        built.reg.hook.tuneforge_step_end(run=run, step=run.step, metrics=loop.metrics)
 
-    model.train()
-    with _stop_on_signals(run):
-        while batches is not None and run.step < cfg.steps and not _stopping(run, par):
-            metrics, finite = step(run, params, optimizer, batches, par)
-            nonfinite_streak = 0 if finite else nonfinite_streak + 1
-            run.summary["skipped_steps"] = run.summary.get("skipped_steps", 0) + (not finite)
-            if nonfinite_streak >= cfg.max_nonfinite:
-                run.summary["status"] = "stopped: non-finite loss"
-                with par.gathered(model):
-                    _finish(run, model, started, out)
-                raise NonFiniteLossError(
-                    f"the loss or gradient was not finite for {nonfinite_streak} steps in a row (up to step "
-                    f"{run.step}); stopped. Skipped steps never update the weights, so the last good checkpoint "
-                    f"({last_ckpt or 'none written'}) is intact. Lower --lr, check the data, or raise --max-nonfinite."
+
+def _end(loop: _Loop) -> None:
+    """The last checkpoint, the final evaluation, the frozen-weights check and summary.json."""
+    par, out, built = loop.par, loop.out, loop.built
+    run, model = built.run, built.model
+    # The checkpoint comes first, so a scheduler's SIGTERM during the final evaluation loses nothing.
+    if out is not None and built.params and (loop.last_ckpt is None or loop.last_ckpt.name != f"step-{run.step:08d}"):
+        _save(loop)
+    if run.step > 0 or run.stop_reason is None:  # nothing to evaluate after an interrupt before step 1
+        final_eval = _evaluate(model, run, par)
+        loop.metrics = {**loop.metrics, **final_eval}
+        run.summary["eval"] = final_eval
+    if loop.frozen:
+        _record_frozen(run, par.digest(frozen_named(model)), loop.frozen, loop.frozen_before)
+    run.summary["model_state_mib_per_process"] = round(par.state_bytes(model, loop.optimizer) / 2**20, 2)
+    run.summary["status"] = run.stop_reason or "completed"
+    run.summary["checkpoint"] = str(loop.last_ckpt) if loop.last_ckpt else None
+    with par.gathered(model):
+        _finish(run, model, loop.started, out)
+
+
+def _save(loop: _Loop) -> Path | None:
+    """Every rank comes here (FSDP gathers the shards for rank 0); rank 0 writes. Sets and returns last_ckpt."""
+    cfg, par, out, built = loop.cfg, loop.par, loop.out, loop.built
+    reg, run, model = built.reg, built.run, built.model
+    if out is None:
+        return None
+    with par.gathered(model):  # FSDP: the shards gathered, so plugins and rank 0 write whole tensors
+        optim = par.optimizer_state(loop.optimizer) if loop.optimizer is not None else None
+        rng = par.rng_states()
+        if run.is_main:
+            state = {
+                "step": run.step, "epoch": run.epoch, "batch_in_epoch": run.batch_in_epoch,
+                "skipped_steps": run.summary.get("skipped_steps", 0), "model_config": run.model_config.to_dict(),
+                "mechanisms": reg.options(), "lineage": built.lineage(), "train": cfg.to_dict(),
+                "tokenizer": run.tokenizer.name, "world_size": par.world_size,
+            }
+            try:
+                loop.last_ckpt = ckpt.save_checkpoint(
+                    out, run.step, model, optim, state,
+                    write_plugins=lambda path: reg.hook.tuneforge_save(run=run, path=path, model=model),
+                    keep_last=cfg.keep_last, folder=par.folder_weights(), rng=rng,
                 )
-            if cfg.eval_every and run.step % cfg.eval_every == 0 and run.step < cfg.steps:
-                metrics.update(_evaluate(model, run, par))
-            # Not during a non-finite streak: a checkpoint there would make a resume replay the streak.
-            if cfg.save_every and run.step % cfg.save_every == 0 and run.step < cfg.steps and not nonfinite_streak:
-                save()
-            history.append(metrics)
-            reg.hook.tuneforge_step_end(run=run, step=run.step, metrics=metrics)
-
-        # Still under the handlers: a signal now asks for what is already happening, and a second one aborts.
-        # The checkpoint comes first, so a scheduler's SIGTERM during the final evaluation loses nothing.
-        if out is not None and params and (last_ckpt is None or last_ckpt.name != f"step-{run.step:08d}"):
-            save()
-        if run.step > 0 or run.stop_reason is None:  # nothing to evaluate after an interrupt before step 1
-            final_eval = _evaluate(model, run, par)
-            metrics = {**metrics, **final_eval}
-            run.summary["eval"] = final_eval
-        if frozen:
-            _record_frozen(run, par.digest(frozen_named(model)), frozen, frozen_before)
-        run.summary["model_state_mib_per_process"] = round(par.state_bytes(model, optimizer) / 2**20, 2)
-        run.summary["status"] = run.stop_reason or "completed"
-        run.summary["checkpoint"] = str(last_ckpt) if last_ckpt else None
-        with par.gathered(model):
-            _finish(run, model, started, out)
-    return TrainResult(model, metrics, history, run.summary, out, last_ckpt, run)
+            except (OSError, SafetensorError) as exc:  # nothing half-written: the old latest stands
+                kept = f"the last complete one is {loop.last_ckpt}" if loop.last_ckpt else "no checkpoint was written"
+                raise CheckpointError(f"{write_error(out, exc, 'the checkpoint of step %d into' % run.step)} "
+                                      f"({kept})") from None
+        par.barrier()  # the others go on once the checkpoint is complete
+    if not run.is_main:
+        loop.last_ckpt = out / f"step-{run.step:08d}"
+    return loop.last_ckpt
 
 
 def _stopping(run: Run, par: distributed.Parallel) -> bool:
