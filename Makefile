@@ -5,7 +5,7 @@ PIP := $(PYTHON) -m pip
 #   make TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu" demo
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: prereqs install install-test demo test bench clean
+.PHONY: prereqs install install-test demo test imports bench clean
 
 # --no-build-isolation: an isolated build would fetch a different torch to build the extension against.
 # Without isolation the build uses the setuptools already installed: editable installs need >= 64, and a
@@ -28,9 +28,15 @@ demo: install
 
 # Two runs: tuneforge's tests hide third-party plugins (tests/conftest.py); the example's folder is its own pytest
 # root (its pyproject.toml), where the runs see the ia3 plugin it installs.
-test: install-test
+test: install-test imports
 	$(PYTHON) -m pytest -q
 	$(PYTHON) -m pytest -q examples/tuneforge-ia3/tests
+
+# The import contracts in pyproject.toml (docs/architecture.md): layers, plugins through tuneforge.sdk only, no
+# cycles. lint-imports reads the plugins folder from the working directory, so it runs from the repository root;
+# the example's package is found in its source folder, installed or not.
+imports:
+	PYTHONPATH=examples/tuneforge-ia3/src$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) -c "import sys; from importlinter.cli import lint_imports_command as lint; sys.exit(lint())" --no-cache
 
 bench: install
 	$(PYTHON) benchmarks/engine_overhead.py

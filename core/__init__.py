@@ -7,13 +7,12 @@ Plugin authors need :data:`hookimpl` (the marker for hook implementations) and t
     result = tuneforge.train(model="tiny", mechanisms=["pretrain"], data="builtin:text", steps=300, out="runs/a")
     result.model, result.metrics["eval/loss"]
 """
+from tuneforge.common.version import __version__
 from tuneforge.hookspecs import hookimpl, hookspec
 from tuneforge.engine.config import TrainConfig
 from tuneforge.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, PluginError, TuneforgeError
 from tuneforge.engine.run import Run
 from tuneforge.engine.loop import TrainResult, train, load_model
-
-__version__ = "0.1.0"
 
 __all__ = [
     "hookimpl", "hookspec", "train", "load_model", "TrainConfig", "TrainResult", "Run",

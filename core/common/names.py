@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from tuneforge.common.version import __version__
 from tuneforge.errors import ConfigError
 
 __all__ = ["NAME_RULE", "MAX_NAME", "EXPORT_MARKER", "is_name", "check_name", "inside", "replace_folder",
@@ -80,8 +81,6 @@ def is_export(folder: Path | str) -> bool:
 
 
 def _mark_export(folder: Path, command: str) -> None:
-    from tuneforge import __version__
-
     record = {"format": _EXPORT_FORMAT, "what": command, "written_by": f"tuneforge {__version__}",
               "when": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     (Path(folder) / EXPORT_MARKER).write_text(json.dumps(record, indent=2) + "\n")

@@ -3,6 +3,8 @@
 Each op runs its compiled C++/CUDA kernel (``torch.ops.tuneforge.*``, see ``native.py``) where one is built and
 loads, else its pure-torch reference (``reference.py``). ``_IMPLEMENTATIONS`` below is the one place that decides
 which code runs; ``backend()`` reports it.
+
+Layer: the bottom, beside ``common``. Imports torch and nothing else of tuneforge's.
 """
 from __future__ import annotations
 

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from tuneforge.parts.modules import base_fingerprint
 from tuneforge.errors import ConfigError
 from tuneforge.common.names import check_name, is_name, replace_folder
+from tuneforge.common.version import __version__
 
 __all__ = ["FORMAT", "VERSION", "MANIFEST", "TENSORS", "WHOLE", "NUMBER", "one_of", "save_part", "read_part", "is_part",
            "fingerprint_note"]
@@ -63,8 +64,6 @@ def save_part(folder: Path, *, mechanism: str, name: str, tensors: dict[str, tor
     ``folder`` is the caller's (``<checkpoint>/<subdir>/<name>``, built with :func:`tuneforge.common.names.inside`);
     ``name`` must be a valid name, as it will be read back as one.
     """
-    from tuneforge import __version__
-
     folder = Path(folder)
     check_name(name, what=f"{mechanism} part name", where=f"saving {folder}")
     manifest = {

@@ -180,8 +180,7 @@ import dataclasses
 import torch
 import torch.nn as nn
 
-from tuneforge import ConfigError, hookimpl
-from tuneforge.objectives.default import DefaultObjective, ObjectiveOptions
+from tuneforge.sdk import ConfigError, DefaultObjective, ObjectiveOptions, hookimpl
 
 __all__ = ["${cls}", "ChannelGain"]
 
@@ -278,7 +277,7 @@ class ${cls}(DefaultObjective):
     #
     # Refusing a combination it cannot work in, before anything is written:
     #   @hookimpl
-    #   def tuneforge_validate(self, run, model): ...  # raise tuneforge.ConfigError saying what to do instead
+    #   def tuneforge_validate(self, run, model): ...  # raise ConfigError saying what to do instead
 '''
 
 _CONFTEST = '''\
@@ -291,7 +290,7 @@ _TESTS = '''\
 import pytest
 import torch
 
-from tuneforge import ConfigError, load_model
+from tuneforge.sdk import ConfigError, load_model
 from tuneforge.sdk.testing import check_plugin, losses, train_distributed
 
 from ${module} import ChannelGain, ${cls}
