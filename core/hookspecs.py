@@ -1,6 +1,7 @@
 """The hook contract between the engine and every mechanism, in the order a run calls them.
 
-A mechanism is a class whose methods carry ``@tuneforge.hookimpl`` and are named after the hooks below. It
+A mechanism is a class whose methods carry ``@hookimpl`` (``from tuneforge.sdk import hookimpl``: a plugin imports
+tuneforge only through :mod:`tuneforge.sdk`) and are named after the hooks below. It
 implements only the hooks it needs, and each implementation takes only the arguments it uses (pluggy passes
 arguments by name, so hooks can grow new arguments without breaking old plugins).
 
@@ -74,7 +75,7 @@ def tuneforge_validate(run, model):
     :param run: the run; ``run.trainable`` maps every plugin to the number of parameters it asked to train, and
         ``run.objective`` names the objective plugin (``None`` when there is none).
     :param model: the model after every ``tuneforge_modify_model``, parameters already frozen or not.
-    :return: ignored. Raise :class:`tuneforge.ConfigError` saying what clashes and what to do instead.
+    :return: ignored. Raise :class:`tuneforge.sdk.ConfigError` saying what clashes and what to do instead.
 
     Called once, after ``tuneforge_trainable_params`` and before any data is read or any file written, so a
     refused run leaves nothing behind (``prompting`` refuses any plugin that would train).
@@ -121,7 +122,7 @@ def tuneforge_data(run, model):
     **firstresult**: only the objective's implementation is called (see the module docstring for defaults).
     Called before training starts for epoch 0 (so malformed data fails before anything is written) and again
     whenever an epoch is exhausted. Read and validate all records here, raising
-    :class:`tuneforge.DataError` with ``file:line`` and the field on bad input.
+    :class:`tuneforge.sdk.DataError` with ``file:line`` and the field on bad input.
     """
 
 
@@ -136,8 +137,8 @@ def tuneforge_loss(model, batch, run):
         empty); a ``"tokens"`` entry, when given, feeds the throughput figure. Or ``None``.
 
     **firstresult**: only the objective's implementation is called. Mixed batches route rows to tasks with
-    :func:`tuneforge.models.routing.rows` around the forward. The engine divides the loss by the number of accumulation steps and calls ``backward``; a non-finite loss
-    makes it skip the step.
+    ``tuneforge.sdk.routing.rows`` around the forward. The engine divides the loss by the number of accumulation
+    steps and calls ``backward``; a non-finite loss makes it skip the step.
     """
 
 
