@@ -28,11 +28,10 @@ from typing import Literal, Optional
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
 
-from tuneforge.sdk import (ConfigError, Reference, ScalarHead, block_parameters, check_layers, check_range, compare,
-    epoch_generator, gae, hookimpl, judge_for, load_model, masked_mean, prompt_ids, read_records, resolve_layers,
-    sample, score, split_held_out, token_logprobs, untie_head, whiten)
+from tuneforge.sdk import (ConfigError, Reference, RolloutBuffer, ScalarHead, block_parameters, check_layers,
+    check_range, compare, epoch_generator, gae, hookimpl, judge_for, load_model, masked_mean, prompt_ids,
+    read_records, resolve_layers, sample, score, split_held_out, token_logprobs, untie_head, whiten)
 
 __all__ = ["PPO", "ValueHead"]
 
@@ -47,18 +46,6 @@ class ValueHead(nn.Linear):
         super().__init__(d_model, 1)
         nn.init.zeros_(self.weight)
         nn.init.zeros_(self.bias)
-
-
-def _minibatch(buffer: dict, idx: torch.Tensor) -> dict:
-    """Rows ``idx`` of a rollout, without the columns that are padding in all of them."""
-    width = int(buffer["last"][idx].max()) + 1
-    out = {}
-    for key, value in buffer.items():
-        value = value[idx]
-        if value.dim() == 2:  # "input" is (n, T); the per-token tensors are (n, T-1), one per predicted token
-            value = value[:, :width] if key == "input" else value[:, :width - 1]
-        out[key] = value
-    return out
 
 
 class PPO:
@@ -105,8 +92,8 @@ class PPO:
         self.kl_coef = options.kl_coef
         self.prompts = self.held_out = None
         self.reward_model = self.reference = None
-        # The rollout being trained on: {"epoch", "buffer", "stats"}. Checkpoints save it; a resumed run replays it.
-        self.current: dict | None = None
+        # The rollout being trained on. Checkpoints save it; a resumed run replays it.
+        self.current: RolloutBuffer | None = None
 
     # -- setup -------------------------------------------------------------------------------------------------
 
@@ -170,17 +157,11 @@ class PPO:
 
     def _epoch(self, run, model):
         self._setup(run, model)
-        if self.current is not None and self.current["epoch"] == run.epoch:  # resumed inside this rollout
-            buffer, stats = self.current["buffer"], self.current["stats"]
-        else:
-            buffer, stats = self._rollout(run, model)
-        self.current = {"epoch": run.epoch, "buffer": buffer, "stats": stats}
-        g = epoch_generator(run.seed, run.epoch, salt=3)
-        bs, n = run.config.batch_size, buffer["input"].size(0)
-        for _ in range(self.options.ppo_epochs):
-            order = torch.randperm(n, generator=g).to(buffer["input"].device)
-            for b in range(n // bs):
-                yield {**_minibatch(buffer, order[b * bs:(b + 1) * bs]), **stats}
+        if self.current is None or self.current.epoch != run.epoch:  # else resumed inside this rollout
+            rows, stats = self._rollout(run, model)
+            self.current = RolloutBuffer(rows, epoch=run.epoch, stats=stats)
+        yield from self.current.minibatches(run.config.batch_size, passes=self.options.ppo_epochs,
+                                            generator=epoch_generator(run.seed, run.epoch, salt=3))
 
     @torch.no_grad()
     def _rollout(self, run, model) -> tuple[dict, dict]:
@@ -257,9 +238,7 @@ class PPO:
     def tuneforge_save(self, run, path):
         state = {"kl_coef": self.kl_coef}
         if self.current is not None:  # the rollout being trained on, so a resume continues it exactly
-            state["rollout_epoch"] = self.current["epoch"]
-            state["stats"] = self.current["stats"]
-            save_file({k: v.contiguous().cpu() for k, v in self.current["buffer"].items()}, str(Path(path) / ROLLOUT))
+            state.update(self.current.save(path, ROLLOUT))  # its rollout_epoch and stats
         (Path(path) / STATE).write_text(json.dumps(state, indent=2))
 
     @hookimpl
@@ -269,6 +248,6 @@ class PPO:
             return
         state = json.loads(state_file.read_text())
         self.kl_coef = float(state["kl_coef"])
-        if "rollout_epoch" in state and (Path(path) / ROLLOUT).is_file():
-            buffer = {k: v.to(run.device) for k, v in load_file(str(Path(path) / ROLLOUT)).items()}
-            self.current = {"epoch": int(state["rollout_epoch"]), "buffer": buffer, "stats": state["stats"]}
+        buffer = RolloutBuffer.load(path, ROLLOUT, state, device=run.device)
+        if buffer is not None:
+            self.current = buffer

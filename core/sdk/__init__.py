@@ -47,6 +47,7 @@ from tuneforge.objectives.next_token import TextTask, next_token_loss
 from tuneforge.parts.files import NUMBER, WHOLE, is_part, one_of, read_part, save_part
 from tuneforge.parts.mechanism import PartMechanism, PartOptions, part_generator
 from tuneforge.parts.modules import TaskModule, base_fingerprint, layer_of, match_linears, parse_layers, task_modules
+from tuneforge.rlhf.buffer import RolloutBuffer
 from tuneforge.rlhf.policy import (Reference, block_parameters, check_layers, others_choose_params, resolve_layers,
                                    response_logprobs, response_mask, token_logprobs, untie_head)
 from tuneforge.rlhf.preference import TIE_MODELS, dpo_loss, outcome_logprobs, pair_nll, pair_right
@@ -76,5 +77,5 @@ __all__ = [
     "Reference", "check_layers", "resolve_layers", "others_choose_params", "block_parameters", "untie_head",
     "token_logprobs", "response_logprobs", "response_mask", "TIE_MODELS", "outcome_logprobs", "pair_nll",
     "pair_right", "dpo_loss", "ScalarHead", "rewards", "score", "Samples", "sample", "compare", "judge_for",
-    "masked_mean", "whiten", "gae",
+    "masked_mean", "whiten", "gae", "RolloutBuffer",
 ]
