@@ -15,11 +15,10 @@ import torch
 from tuneforge.engine import checkpoint as ckpt
 from tuneforge.engine.config import TrainConfig
 from tuneforge.errors import CheckpointError, ConfigError, TuneforgeError
-from tuneforge.models.hf import is_hf_spec, parse_hf_spec
-from tuneforge.models.transformer import ModelConfig, Transformer, model_config
+from tuneforge.models import factory
 from tuneforge.engine.registry import Registered, build_manager, call_impl, objectives_installed
 from tuneforge.engine.run import Run
-from tuneforge.models.tokenizer import check_vocabulary, id_limit, tokenizer_of
+from tuneforge.models.tokenizer import tokenizer_of
 
 __all__ = ["Assembled", "assemble", "build_model", "load_model", "device_of", "lineage_entry"]
 
@@ -66,17 +65,15 @@ def _modify(reg: Registered, model: torch.nn.Module, run: Run) -> torch.nn.Modul
     return model
 
 
-def _rebuild(found: Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
-    """The model saved in checkpoint ``found``: base, its lineage's changes replayed, weights loaded strictly."""
-    state = ckpt.read_state(found)
+def _rebuild(found: Path, state: dict, device: torch.device) -> torch.nn.Module:
+    """The model saved in checkpoint ``found`` (``state``: its state.json, read once by the caller): base, its
+    lineage's changes replayed, weights loaded strictly."""
     train_values = {k: v for k, v in state.get("train", {}).items() if k != "mechanisms"}
     try:
         cfg = TrainConfig.build(train_values, source=str(found / ckpt.STATE_FILE))
     except TuneforgeError:
         cfg = TrainConfig()
-    torch.manual_seed(cfg.seed)
-    model = _base_from_saved(state["model_config"], pretrained=bool(state.get("folder_weights")))
-    mcfg = model.config
+    model, mcfg = factory.build(state["model_config"], seed=cfg.seed, pretrained=bool(state.get("folder_weights")))
     for entry in state.get("lineage", []):
         try:
             reg = build_manager(list(entry.items()), autoload=False)
@@ -87,50 +84,24 @@ def _rebuild(found: Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
         run = Run(cfg, mcfg, tokenizer_of(model), device, reg.plugins, reg.hook, objective=reg.objective,
                   checkpoint=found)
         model = _modify(reg, model, run)
-    ckpt.load_weights(found, model)
-    return model, state
+    ckpt.load_weights(found, model, state=state)
+    return model
 
 
-def _base_from_saved(d: dict, *, pretrained: bool = False) -> torch.nn.Module:
-    """A fresh base of the architecture a checkpoint's ``model_config`` records (its weights come after;
-    ``pretrained``: a Hugging Face base with its folder's weights, which the checkpoint left there)."""
-    if "hf" in d:
-        from tuneforge.models import hf
-        return hf.from_saved_config(d, pretrained=pretrained)
-    return Transformer(ModelConfig.from_dict(d))
-
-
-def _same_base(spec: str, saved: dict) -> bool:
-    if is_hf_spec(spec):
-        return "hf" in saved and Path(parse_hf_spec(spec)[0]).expanduser().resolve() == Path(saved["hf"])
-    return "hf" not in saved and model_config(spec) == ModelConfig.from_dict(saved)
-
-
-def build_model(cfg: TrainConfig, device: torch.device | None = None) -> tuple[torch.nn.Module, ModelConfig, list]:
-    """The base model: ``--init``'s model as it was saved (heads, prompts... included), else a fresh preset
-    (seeded random init). Returns (model, its config, its lineage)."""
-    if not cfg.init and is_hf_spec(cfg.model):
-        from tuneforge.models import hf
-        path, options = parse_hf_spec(cfg.model)
-        model = hf.load(path, seed=cfg.seed, **options)
-        torch.manual_seed(cfg.seed)
-        return model, model.config, []
+def build_model(cfg: TrainConfig, device: torch.device | None = None
+                ) -> tuple[torch.nn.Module, factory.Description, list]:
+    """The base model: ``--init``'s model as it was saved (heads, prompts... included), else the one ``--model``
+    names (a preset, seeded random init, or a Hugging Face folder). Returns (model, its config, its lineage)."""
     if not cfg.init:
-        mcfg = model_config(cfg.model or "tiny")
-        torch.manual_seed(cfg.seed)
-        model = Transformer(mcfg)
-        tok = tokenizer_of(model)
-        check_vocabulary(model.tok_emb, tok, where=f"--model {cfg.model or 'tiny'}",
-                         fix=f"leave vocab_size out or make it at least {id_limit(tok)}")
+        model, mcfg = factory.build(cfg.model, seed=cfg.seed)
         return model, mcfg, []
-    init = ckpt.resolve_checkpoint(cfg.init)
-    saved = ckpt.read_state(init)["model_config"]
-    if cfg.model and not _same_base(cfg.model, saved):
+    init, state = ckpt.open_checkpoint(cfg.init)
+    if cfg.model and not factory.same_architecture(cfg.model, state["model_config"]):
         raise ConfigError(
             f"--model {cfg.model} differs from the architecture of --init {init}; drop --model "
             "(the checkpoint's architecture is used) or start from a matching checkpoint"
         )
-    model, state = _rebuild(init, device or torch.device("cpu"))
+    model = _rebuild(init, state, device or torch.device("cpu"))
     torch.manual_seed(cfg.seed)  # the run's own new modules start from its seed, whatever --init was
     return model, model.config, list(state.get("lineage", []))
 
@@ -138,8 +109,8 @@ def build_model(cfg: TrainConfig, device: torch.device | None = None) -> tuple[t
 def load_model(path: str | Path, *, device: str = "cpu") -> torch.nn.Module:
     """The model saved in a checkpoint (or a run folder's latest one), in eval mode, with every change its
     mechanisms made (a classification head, soft prompts...) rebuilt and loaded."""
-    model, _ = _rebuild(ckpt.resolve_checkpoint(path), device_of(device))
-    return model.to(device_of(device)).eval()
+    found, state = ckpt.open_checkpoint(path)
+    return _rebuild(found, state, device_of(device)).to(device_of(device)).eval()
 
 
 def assemble(cfg: TrainConfig, *, out: Path | None = None, resume: Path | None = None, parallel=None) -> Assembled:

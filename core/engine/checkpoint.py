@@ -33,7 +33,7 @@ from tuneforge.engine.run import say
 from tuneforge.engine.runfolder import write_text
 
 __all__ = [
-    "save_checkpoint", "find_latest", "resolve_checkpoint", "read_state", "load_weights",
+    "save_checkpoint", "find_latest", "resolve_checkpoint", "open_checkpoint", "read_state", "load_weights",
     "load_training_state", "clean_stale", "list_checkpoints", "damage", "set_aside", "remove_step",
 ]
 
@@ -202,18 +202,24 @@ def damage(ckpt: Path) -> str | None:
     """What makes checkpoint ``ckpt`` unusable (a file missing, cut short or not parseable), or None when every
     file reads. Only headers are read (safetensors checks that a file covers every tensor it lists), so this is
     cheap even for a large model."""
+    return _examine(ckpt)[1]
+
+
+def _examine(ckpt: Path) -> tuple[dict | None, str | None]:
+    """(the parsed ``state.json``, None) for an intact checkpoint, else (None, what is wrong): :func:`damage`,
+    keeping the state it parsed so that whoever goes on to use the checkpoint need not read it again."""
     try:
         state = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return f"{ckpt / STATE_FILE} is unreadable ({exc})"
+        return None, f"{ckpt / STATE_FILE} is unreadable ({exc})"
     if not isinstance(state, dict):
-        return f"{ckpt / STATE_FILE} is not a JSON object"
+        return None, f"{ckpt / STATE_FILE} is not a JSON object"
     for key in ("step", "epoch", "batch_in_epoch"):
         if not isinstance(state.get(key), int) or isinstance(state.get(key), bool) or state[key] < 0:
-            return f"{ckpt / STATE_FILE} has no valid '{key}' (got {state.get(key)!r})"
+            return None, f"{ckpt / STATE_FILE} has no valid '{key}' (got {state.get(key)!r})"
     for required in (MODEL_FILE, OPTIM_FILE):
         if not (ckpt / required).is_file():
-            return f"{ckpt / required} is missing"
+            return None, f"{ckpt / required} is missing"
     for f in sorted(ckpt.rglob("*")):
         try:
             if f.suffix == ".safetensors":
@@ -222,8 +228,8 @@ def damage(ckpt: Path) -> str | None:
             elif f.suffix == ".json" and f.name != STATE_FILE:
                 json.loads(f.read_text(encoding="utf-8"))
         except Exception as exc:  # safetensors raises its own error type; any failure means unusable
-            return f"{f} is unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
-    return None
+            return None, f"{f} is unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+    return state, None
 
 
 def set_aside(ckpt: Path) -> Path:
@@ -259,12 +265,18 @@ def _pointer(out: Path) -> Path | None:
 def find_latest(out: Path, *, on_damaged: Callable[[Path, str], None] | None = None) -> Path | None:
     """The newest intact checkpoint of a run folder (``latest`` first, then the ``step-*`` folders newest first),
     or None. Damaged ones (see :func:`damage`) are passed over and reported to ``on_damaged(folder, problem)``."""
+    found = _latest(out, on_damaged)
+    return found[0] if found is not None else None
+
+
+def _latest(out: Path, on_damaged: Callable[[Path, str], None] | None) -> tuple[Path, dict] | None:
+    """:func:`find_latest`, with the state.json it parsed while checking the checkpoint."""
     candidates = [p for p in [_pointer(out)] if p is not None and (p / STATE_FILE).is_file()]
     candidates += [p for p in reversed(list_checkpoints(out)) if p not in candidates]
     for candidate in candidates:
-        problem = damage(candidate)
+        state, problem = _examine(candidate)
         if problem is None:
-            return candidate
+            return candidate, state
         if on_damaged is not None:
             on_damaged(candidate, problem)
     return None
@@ -276,11 +288,24 @@ def _warn(folder: Path, problem: str) -> None:
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder from a checkpoint folder or a run folder (its newest intact checkpoint)."""
+    return _resolve(path)[0]
+
+
+def open_checkpoint(path: str | Path) -> tuple[Path, dict]:
+    """(the checkpoint folder, its parsed state.json) from a checkpoint or run folder, reading state.json once:
+    what rebuilding a saved model needs (pass the state on to :func:`load_weights`)."""
+    found, state = _resolve(path)
+    return found, read_state(found) if state is None else state
+
+
+def _resolve(path: str | Path) -> tuple[Path, dict | None]:
+    """:func:`resolve_checkpoint`, with the state found in a run folder (None for a checkpoint folder given
+    directly, which is taken as it is, unread)."""
     path = Path(path)
     if (path / STATE_FILE).is_file() and (path / MODEL_FILE).is_file():
-        return path
+        return path, None
     if path.is_dir():
-        latest = find_latest(path, on_damaged=_warn)
+        latest = _latest(path, _warn)
         if latest is not None:
             return latest
         raise CheckpointError(f"{path}: no complete checkpoint (step-XXXXXXXX/ with {STATE_FILE}) in this folder")
@@ -297,10 +322,11 @@ def read_state(ckpt: Path) -> dict:
     return state
 
 
-def load_weights(ckpt: Path, model: torch.nn.Module, *, strict: bool = True) -> None:
+def load_weights(ckpt: Path, model: torch.nn.Module, *, strict: bool = True, state: dict | None = None) -> None:
     """Load ``model.safetensors`` into ``model``; a mismatch says which tensors differ. Weights the checkpoint
-    left to the model's folder must already be the folder's in ``model`` (checked against the folder's files)."""
-    referenced = read_state(ckpt).get("folder_weights")
+    left to the model's folder must already be the folder's in ``model`` (checked against the folder's files).
+    ``state``: the checkpoint's state.json as the caller already read it (else it is read here)."""
+    referenced = (read_state(ckpt) if state is None else state).get("folder_weights")
     try:
         if referenced:
             missing, unexpected = _load_beside_folder(ckpt, model, referenced)

@@ -1,0 +1,181 @@
+"""One model factory (``tuneforge.models.factory``): every ``--model`` spec and every saved model description
+resolve through ``factory.build``, and a checkpoint's state.json is read once per build."""
+import json
+import pathlib
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn as nn
+
+import tuneforge
+from tuneforge.engine.assemble import build_model
+from tuneforge.errors import ConfigError
+from tuneforge.models import factory
+from tuneforge.models.transformer import PRESETS, ModelConfig, Transformer
+
+from conftest import MICRO, micro_config
+
+
+# -- each spec form --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec, expected", [
+    ("tiny", PRESETS["tiny"]),
+    (None, PRESETS["tiny"]),  # no --model: the default preset
+    ("", PRESETS["tiny"]),
+    ("small", PRESETS["small"]),
+    ("tiny:n_layers=2,d_model=64,n_heads=2", ModelConfig(d_model=64, n_layers=2, n_heads=2, max_seq_len=128)),
+])
+def test_each_preset_spec_builds_its_transformer(spec, expected):
+    model, description = factory.build(spec, seed=0)
+    assert type(model) is Transformer
+    assert description == expected and model.config == expected
+    assert len(model.blocks) == expected.n_layers and model.tok_emb.embedding_dim == expected.d_model
+
+
+def test_a_preset_is_seeded_by_the_seed_given():
+    a, _ = factory.build(MICRO, seed=3)
+    b, _ = factory.build(MICRO, seed=3)
+    c, _ = factory.build(MICRO, seed=4)
+    for (name, x), (_, y), (_, z) in zip(a.state_dict().items(), b.state_dict().items(), c.state_dict().items()):
+        assert torch.equal(x, y), name
+    assert not all(torch.equal(x, z) for x, z in zip(a.state_dict().values(), c.state_dict().values()))
+
+
+def test_a_saved_description_round_trips_to_the_same_config():
+    _, description = factory.build("tiny:n_layers=1,d_model=32,n_heads=2,d_ff=48,dropout=0.1", seed=0)
+    saved = json.loads(json.dumps(description.to_dict()))  # as state.json holds it
+    model, again = factory.build(saved, seed=0)
+    assert type(model) is Transformer and again == description and again.to_dict() == saved
+
+
+def test_same_architecture_compares_a_spec_with_a_saved_description():
+    saved = factory.build(MICRO)[1].to_dict()
+    assert factory.same_architecture(MICRO, saved)
+    assert not factory.same_architecture("tiny", saved)
+    assert not factory.same_architecture("hf:/nowhere", saved)  # another kind: not even parsed as a folder
+
+
+# -- errors: one line, naming the spec and what to write ------------------------------------------------------------
+
+@pytest.mark.parametrize("spec, says", [
+    ("tinny", (r"unknown model preset 'tinny' \(did you mean 'tiny'\?\); presets: tiny, small \(other models: "
+               r"hf:PATH\)")),
+    ("gguf:model.gguf", r"unknown model preset 'gguf'; presets: tiny, small \(other models: hf:PATH\)"),
+    ("tiny:n_layer=2", r"model 'tiny:n_layer=2' has no option 'n_layer' \(did you mean 'n_layers'\?\)"),
+    ("tiny:d_model=30", "multiple of n_heads"),
+    ("tiny:vocab_size=10", r"--model tiny:vocab_size=10: the model's token embedding has 10 rows"),
+    ("hf:PATH?attention=eager", r"--model hf:PATH\?attention=eager: options after '\?' are attn="),
+    ({"depth": 3}, "unknown model config key 'depth'"),
+    (5, r"model 5 is neither a spec \(tiny, small, .*; hf:PATH\) nor a saved description"),
+])
+def test_a_bad_spec_is_one_line_naming_it(spec, says):
+    with pytest.raises(ConfigError, match=says) as err:
+        factory.build(spec)
+    assert "\n" not in str(err.value)
+
+
+def test_an_hf_spec_that_is_no_folder_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="never downloads"):
+        factory.build("hf:gpt2")
+    with pytest.raises(ConfigError, match="no such folder"):
+        factory.build(f"hf:{tmp_path / 'missing'}")
+
+
+# -- the registry: a new kind is one entry ---------------------------------------------------------------------------
+
+class _Toy(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.config = ModelConfig(d_model=width, n_heads=1)
+        self.proj = nn.Linear(width, width)
+
+
+def test_a_new_kind_is_one_entry_in_kinds(monkeypatch):
+    toy = factory.ModelKind(
+        name="toy", form="toy:WIDTH", claims=lambda spec: spec.startswith("toy:"),
+        owns=lambda saved: saved.get("n_heads") == 1, build=lambda spec, seed: _Toy(int(spec[4:])),
+        rebuild=lambda saved, pretrained: _Toy(saved["d_model"]),
+        same=lambda spec, saved: int(spec[4:]) == saved["d_model"])
+    monkeypatch.setitem(factory.KINDS, "toy", toy)
+    model, description = factory.build("toy:8")
+    assert isinstance(model, _Toy) and description.d_model == 8
+    rebuilt, _ = factory.build(description.to_dict())
+    assert isinstance(rebuilt, _Toy) and rebuilt.proj.in_features == 8
+    assert factory.same_architecture("toy:8", description.to_dict())
+    with pytest.raises(ConfigError, match=r"other models: hf:PATH, toy:WIDTH"):
+        factory.build("toi:8")
+
+
+# -- Hugging Face folders ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    from tuneforge.tools.hf_tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("hf") / "llama", "llama", d_model=32, n_layers=2, n_heads=4,
+                     context=64, vocab_size=320)
+
+
+def test_an_hf_spec_builds_the_folders_model_and_its_description_round_trips(hf_folder):
+    from tuneforge.models.hf import HFCausalLM, HFConfig
+
+    model, description = factory.build(f"hf:{hf_folder}?attn=eager&dtype=float32", seed=0)
+    assert isinstance(model, HFCausalLM) and isinstance(description, HFConfig)
+    assert (description.hf, description.model_type, description.n_layers) == (str(hf_folder.resolve()), "llama", 2)
+    assert (description.attn, description.weights) == ("eager", "pretrained")
+    saved = json.loads(json.dumps(description.to_dict()))
+    for pretrained in (True, False):  # the folder's weights, or its config only (the checkpoint holds them all)
+        rebuilt, again = factory.build(saved, pretrained=pretrained)
+        assert isinstance(rebuilt, HFCausalLM) and again == description
+    assert factory.same_architecture(f"hf:{hf_folder}", saved)
+    assert not factory.same_architecture("tiny", saved)
+
+
+# -- a checkpoint's state.json is read once per build -----------------------------------------------------------------
+
+@pytest.fixture
+def state_reads(monkeypatch):
+    """Counts reads of every state.json, by checkpoint folder."""
+    reads = Counter()
+    read_text = pathlib.Path.read_text
+
+    def counting(self, *args, **kwargs):
+        if self.name == "state.json":
+            reads[self.parent.resolve()] += 1
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "read_text", counting)
+    return reads
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("factory") / "run"
+    tuneforge.train(micro_config(None, out=str(out), steps=2, mechanisms=["pretrain"]))
+    return out
+
+
+@pytest.mark.parametrize("given", ["run folder", "checkpoint folder"])
+def test_load_model_reads_state_json_once(saved_run, state_reads, given):
+    checkpoint = saved_run / "step-00000002"
+    model = tuneforge.load_model(saved_run if given == "run folder" else checkpoint)
+    assert isinstance(model, Transformer)
+    assert dict(state_reads) == {checkpoint.resolve(): 1}
+
+
+def test_init_and_its_resume_read_the_init_checkpoint_once_each(saved_run, state_reads, tmp_path):
+    init = (saved_run / "step-00000002").resolve()
+    cfg = micro_config(tmp_path, model=None, init=str(saved_run), steps=2, save_every=1)
+    _, mcfg, lineage = build_model(cfg)
+    assert state_reads[init] == 1 and mcfg == factory.build(MICRO)[1]
+    assert [list(entry) for entry in lineage] == [["pretrain"]]  # the saved lineage, from the same single read
+    state_reads.clear()
+    tuneforge.train(cfg)
+    assert state_reads[init] == 1
+    state_reads.clear()
+    resumed = tuneforge.train(micro_config(tmp_path, model=None, init=str(saved_run), steps=3,
+                                           resume=str(tmp_path / "run" / "step-00000001")))
+    assert resumed.run.resumed_from is not None and state_reads[init] == 1
