@@ -39,6 +39,10 @@ class ClassifierHead(nn.Linear):
 class Finetune:
     """Train the last N blocks (+ final norm and head) of a pretrained model, optionally with a new head."""
 
+    # The objective tuneforge.sdk.testing adds to a tiny run none of whose mechanisms brings one: beside a plugin
+    # that chooses what trains, finetune trains nothing of its own, so that plugin is tested alone.
+    test_objective = True
+
     @dataclasses.dataclass
     class Options(ObjectiveOptions):  # the data fields, template, verbalizer and holdout of every objective
         # N = the last N blocks + final norm + head train; 0 = only the head; all = everything; auto = all alone, and

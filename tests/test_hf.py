@@ -16,6 +16,7 @@ import tuneforge  # noqa: E402
 from tuneforge.models import hf  # noqa: E402
 from tuneforge.models import routing  # noqa: E402
 from tuneforge.errors import ConfigError  # noqa: E402
+from tuneforge.parts.modules import TaskModule  # noqa: E402
 from tuneforge.tools.hf_tiny import make_tiny  # noqa: E402
 
 FAMILIES = ["gpt2", "llama"]
@@ -397,6 +398,54 @@ def test_export_hf_refuses_what_a_causal_lm_cannot_hold(folders, tmp_path):
     with pytest.raises(ConfigError, match="not trained on a Hugging Face model"):
         export_hf(tuneforge.train(model="tiny:n_layers=1,d_model=32,n_heads=2", mechanisms=["pretrain"], steps=1,
                                   batch_size=2).model, tmp_path / "nope")
+
+
+class _Scales(torch.nn.Module, TaskModule):
+    """A third-party part kind: a named scale per task, which no installed plugin folds into the weights."""
+
+    kind = "output scales"
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.ParameterDict({"calm": torch.nn.Parameter(torch.ones(1))})
+
+    def task_names(self):
+        return list(self.scale)
+
+    def part_parameters(self, name):
+        return [self.scale[name]]
+
+
+def test_export_hf_asks_the_installed_plugins_which_parts_fold(folders, tmp_path, monkeypatch):
+    from tuneforge.engine import registry
+    from tuneforge.tools.hf_export import export_hf
+
+    model = hf.load(folders["gpt2"])
+    model.scales = _Scales()
+    with pytest.raises(ConfigError, match="holds output scales calm, modules a plain transformers model has no place"):
+        export_hf(model, tmp_path / "nope")
+    assert not (tmp_path / "nope").exists()
+
+    calls = []
+
+    class Folding:  # a third-party plugin that says its parts fold into the base weights
+        fold_kind, fold_noun = "output scales", "scale"
+
+        @staticmethod
+        def fold_into_base(model, names):
+            calls.append(("in", names))
+
+        @staticmethod
+        def unfold_from_base(model, names):
+            calls.append(("out", names))
+
+    found = registry.discover()
+    monkeypatch.setattr(registry, "discover", lambda **kw: {
+        **found, "scales": registry.PluginInfo("scales", "x:Folding", "someone", "1", False, obj=Folding)})
+    with pytest.raises(ConfigError, match="no scale named 'loud'; the model holds calm"):
+        export_hf(model, tmp_path / "nope", lora="loud")
+    export_hf(model, tmp_path / "out")
+    assert calls == [("in", ["calm"]), ("out", ["calm"])]  # folded for the export, and out again after it
 
 
 # -- the command line ---------------------------------------------------------------------------------------------

@@ -229,3 +229,17 @@ def test_dpo_computes_reference_logprobs_once_and_keeps_the_reference_frozen(pre
     # a resumed run reads the cache from its checkpoint: only the evaluation calls the reference
     more, n_more = run(14, tmp_path / "b", resume="auto")
     assert more.run.step == 14 and n_more == 1
+
+
+def test_auto_judges_by_the_hidden_preference_where_the_data_has_one():
+    from tuneforge.data.world import hidden_judge, judge_of, preference
+    from tuneforge.rlhf.rollout import judge_for
+
+    reward = lambda prompts, texts: [0.0] * len(texts)  # noqa: E731
+    assert judge_of("builtin:rankings") is hidden_judge
+    assert judge_of("builtin:text") is None and judge_of("rankings.jsonl") is None
+    assert judge_for("auto", "builtin:rankings", reward) is hidden_judge
+    assert judge_for("auto", "rankings.jsonl", reward) is reward and judge_for("auto", "rankings.jsonl") is None
+    assert judge_for("world", "rankings.jsonl") is hidden_judge
+    prompt, text = builtin("rankings", "test")[0]["prompt"], "a nice calm answer"
+    assert hidden_judge([prompt], [text]) == [float(preference(prompt, text))]

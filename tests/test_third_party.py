@@ -139,3 +139,24 @@ def test_plugin_flags_on_the_command_line(site):
     assert ok.returncode == 0, ok.stderr
     clash = tf(site, "--no-plugins", "--plugins", "toy", "plugins")
     assert clash.returncode == 2 and "contradict" in clash.stderr
+
+
+def test_tiny_runs_add_the_plugin_that_declares_itself_the_test_objective(monkeypatch):
+    """sdk.testing names no mechanism: the objective it adds is the installed plugin whose class says so."""
+    from tuneforge import ConfigError
+    from tuneforge.engine import registry
+    from tuneforge.sdk import testing
+
+    class Scales:  # a mechanism that brings no objective of its own
+        pass
+
+    scales = Scales()
+    assert testing.default_objective() == "finetune"
+    assert testing._tiny_run([scales], testing._INSTALLED, {})[0] == [scales, "finetune"]
+    assert testing._tiny_run([scales], None, {})[0] == [scales]
+    assert testing._tiny_run(["lora"], testing._INSTALLED, {})[0] == ["lora"]  # lora is a default objective
+    found = registry.discover()
+    monkeypatch.setattr(registry, "discover", lambda **kw: {
+        n: i for n, i in found.items() if not getattr(i.obj, "test_objective", False)})
+    with pytest.raises(ConfigError, match="no installed plugin is a test objective.*pass objective=NAME"):
+        testing.train_tiny(scales)

@@ -23,7 +23,7 @@ import re
 
 __all__ = [
     "DEFAULT_SEED", "World", "builtin", "BUILTIN_DATASETS", "LABELS", "VERBALIZERS",
-    "sentiment_of", "topic_of", "preference", "rank", "SPLITS",
+    "sentiment_of", "topic_of", "preference", "rank", "SPLITS", "hidden_judge", "judge_of",
 ]
 
 DEFAULT_SEED = 0
@@ -158,6 +158,18 @@ def preference(prompt: str, response: str) -> int:
     score -= 2 * sum(w in UNPLEASANT for w in words)
     score -= max(0, len(words) - 12)
     return score
+
+
+def hidden_judge(prompts: list[str], responses: list[str]) -> list[float]:
+    """:func:`preference` of each (prompt, response), as floats: the judge of an evaluation
+    (:func:`tuneforge.rlhf.rollout.judge_for`)."""
+    return [float(preference(p, r)) for p, r in zip(prompts, responses)]
+
+
+def judge_of(data: str):
+    """The hidden judge of dataset spec ``data`` when it is a built-in dataset that has one (``builtin:rankings``:
+    :func:`hidden_judge`), else None: what an evaluation scores responses with by default."""
+    return hidden_judge if data.startswith("builtin:rankings") else None
 
 
 def rank(prompt: str, responses: list[str]) -> str:

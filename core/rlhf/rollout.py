@@ -16,6 +16,7 @@ from tuneforge.data.batching import pad_right
 from tuneforge.errors import ConfigError
 from tuneforge.rlhf.policy import response_mask, token_logprobs
 from tuneforge.data.rankings import prompt_ids
+from tuneforge.data.world import hidden_judge, judge_of
 
 __all__ = ["Samples", "sample", "masked_mean", "whiten", "gae", "judge_for", "compare"]
 
@@ -113,14 +114,15 @@ Judge = Callable[[list[str], list[str]], list[float]]
 
 def judge_for(kind: str, data: str, reward: Judge | None = None) -> Judge | None:
     """What scores responses in evaluation, ``judge(prompts, responses) -> scores``: ``world`` (the embedded world's
-    hidden preference), ``reward`` (``reward``, e.g. a reward model), ``auto`` (world on ``builtin:rankings``,
-    else ``reward`` when given), or ``none`` (None)."""
+    hidden preference), ``reward`` (``reward``, e.g. a reward model), ``auto`` (the hidden judge of the data when it
+    has one, :func:`tuneforge.data.world.judge_of`, else ``reward`` when given), or ``none`` (None)."""
     if kind == "auto":
-        kind = "world" if data.startswith("builtin:rankings") else ("reward" if reward is not None else "none")
+        hidden = judge_of(data)
+        if hidden is not None:
+            return hidden
+        kind = "reward" if reward is not None else "none"
     if kind == "world":
-        from tuneforge.data.world import preference
-
-        return lambda prompts, texts: [float(preference(p, t)) for p, t in zip(prompts, texts)]
+        return hidden_judge
     if kind == "reward":
         if reward is None:
             raise ConfigError("judge=reward needs a reward model (ppo:reward=RUN)")

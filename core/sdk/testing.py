@@ -15,9 +15,11 @@ functions directly, or load the pytest fixtures with one line in your ``conftest
 
 A run names mechanisms exactly as ``tuneforge train -m`` does: an installed plugin by its entry-point name
 (``"ia3:targets=k,v"``), or a plugin object (``MyPlugin(MyPlugin.Options(...))``) to test one before it is
-installed. A run must have one objective: :func:`train_tiny` adds ``finetune`` (next-token prediction on the
-text) when none of the named mechanisms brings one. Beside a plugin that chooses what trains, ``finetune`` trains
-nothing of its own, so a parameterisation (LoRA-like) plugin is tested with everything else frozen.
+installed. A run must have one objective: :func:`train_tiny` adds the installed plugin that declares itself the
+test objective (``test_objective = True`` on its class: tuneforge's ``finetune``, next-token prediction on the
+text; see :func:`default_objective`) when none of the named mechanisms brings one. Beside a plugin that chooses
+what trains, ``finetune`` trains nothing of its own, so a parameterisation (LoRA-like) plugin is tested with
+everything else frozen.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ except ImportError:  # pragma: no cover
 
 __all__ = [
     "TINY", "tiny_model", "tiny_dataset", "pretrained_tiny", "train_tiny", "train_distributed", "losses",
-    "check_plugin", "snapshot", "changed", "needs_objective",
+    "check_plugin", "snapshot", "changed", "needs_objective", "default_objective",
 ]
 
 #: A one-block model with a 64-token context: a step takes milliseconds on one CPU core.
@@ -42,6 +44,16 @@ TINY = "tiny:n_layers=1,d_model=32,n_heads=2,max_seq_len=64"
 
 # The settings of every tiny run unless the caller overrides them: short, no evaluation in between.
 _RUN_DEFAULTS = dict(data="builtin:text", steps=4, batch_size=4, seq_len=32, warmup=1, lr=3e-3, eval_every=0)
+
+
+class _Installed:
+    """The default ``objective=`` of the tiny runs: :func:`default_objective`, looked up only when one is needed."""
+
+    def __repr__(self) -> str:
+        return "<the installed test objective>"
+
+
+_INSTALLED: Any = _Installed()
 
 
 def tiny_model(seed: int = 0, *, spec: str = TINY) -> torch.nn.Module:
@@ -97,15 +109,33 @@ def needs_objective(mechanisms: list) -> bool:
     return True
 
 
-def train_tiny(*mechanisms, out: str | Path | None = None, objective: str | None = "finetune", **config: Any):
+def default_objective() -> str:
+    """The name of the objective a tiny run adds when none of its mechanisms brings one: the installed plugin
+    whose class says ``test_objective = True`` (tuneforge's own first, then by name).
+
+    :raises tuneforge.ConfigError: no installed plugin says so.
+    """
+    from tuneforge.engine.registry import discover
+    from tuneforge.errors import ConfigError
+
+    found = sorted((not info.builtin, name) for name, info in discover().items()
+                   if info.loaded and getattr(info.obj, "test_objective", False) is True)
+    if not found:
+        raise ConfigError("tuneforge.sdk.testing: no installed plugin is a test objective (a plugin class with "
+                          "test_objective = True, as tuneforge's finetune), and none of this run's mechanisms brings "
+                          "an objective: pass objective=NAME, or reinstall tuneforge (pip install tuneforge)")
+    return found[0][1]
+
+
+def train_tiny(*mechanisms, out: str | Path | None = None, objective: str | None = _INSTALLED, **config: Any):
     """Train :data:`TINY` (or ``config["model"]`` / ``config["init"]``'s model) for a few steps with
     ``mechanisms`` and return the :class:`tuneforge.TrainResult`.
 
     :param mechanisms: ``"NAME:key=value"`` strings, ``(name, options_dict)`` pairs or plugin objects, in
         registration order.
     :param out: run folder (checkpoints, summary.json); None writes nothing.
-    :param objective: appended when no named mechanism implements ``tuneforge_data`` and ``tuneforge_loss``
-        (None: never).
+    :param objective: appended when no named mechanism implements ``tuneforge_data`` and ``tuneforge_loss``;
+        default: :func:`default_objective` (``finetune``); None: never.
     :param config: any :class:`tuneforge.TrainConfig` field, e.g. ``steps=10``, ``init=path``, ``data=path``.
     """
     from tuneforge.engine.loop import train
@@ -118,7 +148,7 @@ def _tiny_run(mechanisms, objective: str | None, config: dict) -> tuple[list, di
     """The mechanisms (with ``objective`` added where none is named) and the TrainConfig values of a tiny run."""
     mechanisms = list(mechanisms)
     if objective is not None and needs_objective(mechanisms):
-        mechanisms.append(objective)
+        mechanisms.append(default_objective() if objective is _INSTALLED else objective)
     values = {**_RUN_DEFAULTS, **config}
     if "model" not in values and "init" not in values:
         values["model"] = TINY
@@ -126,7 +156,7 @@ def _tiny_run(mechanisms, objective: str | None, config: dict) -> tuple[list, di
 
 
 def train_distributed(folder: str | Path, *mechanisms: str, strategy: str = "ddp", nproc: int = 2,
-                      objective: str | None = "finetune", **config: Any) -> tuple[Path, Path]:
+                      objective: str | None = _INSTALLED, **config: Any) -> tuple[Path, Path]:
     """Train the same tiny run twice, as users launch them: one process with ``--grad-accum nproc * k``, and
     ``nproc`` processes under torchrun (gloo on CPU) with ``--grad-accum k``. The two take the same optimizer
     steps, so their losses (:func:`losses`) must agree to float tolerance, whatever the plugin does.

@@ -295,9 +295,25 @@ def _data(args) -> int:
     return 0
 
 
-def _export_peft(args) -> int:
-    from tuneforge.plugins.lora.peft import export_peft
+def _peft_exporter():
+    """``export_peft`` of the installed plugin that offers PEFT's LoRA layout (tuneforge's lora does): found by
+    the class attribute, so the command names no mechanism."""
+    from tuneforge.engine.registry import discover
 
+    offered = [(name, info.obj.export_peft) for name, info in discover().items()
+               if info.loaded and callable(getattr(info.obj, "export_peft", None))]
+    if not offered:
+        raise ConfigError("export-peft: no loaded plugin writes PEFT folders (a plugin class with an export_peft "
+                          "attribute, as tuneforge's lora); see 'tuneforge plugins' for one that failed to load, or "
+                          "reinstall tuneforge")
+    if len(offered) > 1:
+        raise ConfigError(f"export-peft: plugins {', '.join(n for n, _ in offered)} all write PEFT folders; leave "
+                          "out the third-party ones you do not mean with --plugins NAME,... or --no-plugins")
+    return offered[0][1]
+
+
+def _export_peft(args) -> int:
+    export_peft = _peft_exporter()
     out = export_peft(args.source, args.out, name=args.name, base_model_name_or_path=args.base_model,
                       force=args.force)
     print(f"wrote {out} (PEFT LoRA layout)", file=sys.stderr)

@@ -10,6 +10,7 @@ installed (``pip install tuneforge[plot]``).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -24,6 +25,8 @@ from tuneforge.errors import ConfigError
 from tuneforge.objectives.next_token import TokenWindows, unigram_entropy
 from tuneforge.models.hf import is_hf_spec
 from tuneforge.common.names import inside
+from tuneforge.common.options import parse_spec
+from tuneforge.parts.modules import names as part_names
 from tuneforge.models.tokenizer import tokenizer_of
 
 __all__ = ["run_demo", "format_table"]
@@ -86,6 +89,32 @@ def _stage(out: Path, name: str, note: str) -> Path:
     return folder
 
 
+@dataclasses.dataclass
+class _Demo:
+    """What the stages share: the folder, the quick switch and seed, and what they add to the table, the loss
+    curves and the samples."""
+
+    out: Path
+    quick: bool
+    seed: int
+    rows: list[dict] = dataclasses.field(default_factory=list)
+    curves: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    samples: list[str] = dataclasses.field(default_factory=list)
+
+    def n(self, full, short):
+        """``full`` in the real demo, ``short`` with --quick."""
+        return short if self.quick else full
+
+    @property
+    def common(self) -> dict:
+        return dict(seed=self.seed, eval_every=0)
+
+    def add(self, row: dict, curve: str | None, result) -> None:
+        self.rows.append(row)
+        if curve is not None:
+            self.curves[curve] = [h["loss"] for h in result.history]
+
+
 def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0, model: str | None = None) -> list[dict]:
     """Run every stage, print the table, write ``demo.json``; return its rows. Replaces its own stage folders in
     ``out``, which must be new, empty or an earlier demo's output (else :class:`ConfigError`, nothing changed).
@@ -95,94 +124,117 @@ def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0, model: str 
     from that, as they start from the pretrained tiny model by default."""
     out = Path(out)
     _claim(out)
-    n = (lambda full, short: short if quick else full)  # noqa: E731
-    common = dict(seed=seed, eval_every=0)
-    rows: list[dict] = []
-    curves: dict[str, list[float]] = {}
-
-    steps = n(2000, 40)
-    if is_hf_spec(model):
-        pre = _stage(out, "pretrain", f"{model}: its own weights, {steps} more steps on builtin:text (the world)")
-        result = train(model=model, mechanisms=["finetune:layers=all"], data="builtin:text", steps=steps,
-                       batch_size=8, lr=2e-4, warmup=min(30, steps // 4), out=str(pre), **common)
-        rows.append(_row("continued pretraining (all layers)", result, "held-out bits/token", "eval/bits_per_token"))
-    else:
-        pre = _stage(out, "pretrain", f"the tiny model, {steps} steps on builtin:text (the embedded world)")
-        result = train(model=model or MODEL, mechanisms=["pretrain"], data="builtin:text", steps=steps, batch_size=8,
-                       lr=5e-3, warmup=min(30, steps // 4), out=str(pre), **common)
-        rows.append(_row("pretrain", result, "held-out bits/token", "eval/bits_per_token"))
-    curves["pretrain"] = [h["loss"] for h in result.history]
+    d = _Demo(out, quick, seed)
+    pre, result = _pretrain(d, model)
     base_params = result.summary["total_params"]
-    samples = _samples(result.model.eval(), seed)
+    d.samples += _samples(result.model.eval(), seed)
+    ft = dict(init=str(pre), data="builtin:sentiment", batch_size=32, warmup=d.n(10, 2), **d.common)
+    _finetune(d, ft)
+    _parts(d, ft)
+    _prompt_tuning(d, ft, pre, base_params)
+    result = _prompting(d, pre)
+    d.rows += _rlhf(d, pre)
 
-    ft = dict(init=str(pre), data="builtin:sentiment", batch_size=32, warmup=n(10, 2), **common)
-    folder = _stage(out, "finetune", "classification head on the last 2 blocks, builtin:sentiment")
-    result = train(mechanisms=["finetune:layers=2,head=classify"], steps=n(150, 10), lr=1e-3, out=str(folder), **ft)
-    rows.append(_row("finetune (last 2 blocks + head)", result, "sentiment accuracy", "eval/accuracy"))
-    curves["finetune last 2"] = [h["loss"] for h in result.history]
-    folder = _stage(out, "finetune-all", "every weight, the full fine-tuning reference")
-    result = train(mechanisms=["finetune:layers=all,head=classify"], steps=n(150, 10), lr=5e-4, out=str(folder), **ft)
-    rows.append(_row("finetune (all layers + head)", result, "sentiment accuracy", "eval/accuracy"))
-    curves["finetune all"] = [h["loss"] for h in result.history]
+    inside(out, "demo.json").write_text(json.dumps(d.rows, indent=2))
+    plotted = _plot(d.curves, inside(out, "loss_curves.png"))
+    inside(out, "samples.txt").write_text("\n".join(d.samples) + "\n")
+    _report(d.rows, d.samples, out, plotted, tokenizer_of(result.model))
+    return d.rows
 
-    # Adapters and LoRA train a few percent of the weights beside the same new head; the head alone (a linear
-    # probe of the frozen model) is the row that shows what they add.
-    folder = _stage(out, "head-only", "only the new head trains (a linear probe of the frozen model)")
-    result = train(mechanisms=["finetune:layers=0,head=classify"], steps=n(150, 10), lr=1e-3, out=str(folder), **ft)
-    rows.append(_row("finetune (head only)", result, "sentiment accuracy", "eval/accuracy"))
+
+def _pretrain(d: _Demo, model: str | None):
+    """The first stage: the tiny model pretrained on the world's text, or an HF model's own weights trained on
+    further. Returns (its run folder, its result)."""
+    steps = d.n(2000, 40)
+    if is_hf_spec(model):
+        pre = _stage(d.out, "pretrain", f"{model}: its own weights, {steps} more steps on builtin:text (the world)")
+        result = train(model=model, mechanisms=["finetune:layers=all"], data="builtin:text", steps=steps,
+                       batch_size=8, lr=2e-4, warmup=min(30, steps // 4), out=str(pre), **d.common)
+        label = "continued pretraining (all layers)"
+    else:
+        pre = _stage(d.out, "pretrain", f"the tiny model, {steps} steps on builtin:text (the embedded world)")
+        result = train(model=model or MODEL, mechanisms=["pretrain"], data="builtin:text", steps=steps, batch_size=8,
+                       lr=5e-3, warmup=min(30, steps // 4), out=str(pre), **d.common)
+        label = "pretrain"
+    d.add(_row(label, result, "held-out bits/token", "eval/bits_per_token"), "pretrain", result)
+    return pre, result
+
+
+def _finetune(d: _Demo, ft: dict) -> None:
+    """A classification head on the last 2 blocks, and every weight for reference."""
+    folder = _stage(d.out, "finetune", "classification head on the last 2 blocks, builtin:sentiment")
+    result = train(mechanisms=["finetune:layers=2,head=classify"], steps=d.n(150, 10), lr=1e-3, out=str(folder), **ft)
+    d.add(_row("finetune (last 2 blocks + head)", result, "sentiment accuracy", "eval/accuracy"), "finetune last 2",
+          result)
+    folder = _stage(d.out, "finetune-all", "every weight, the full fine-tuning reference")
+    result = train(mechanisms=["finetune:layers=all,head=classify"], steps=d.n(150, 10), lr=5e-4, out=str(folder), **ft)
+    d.add(_row("finetune (all layers + head)", result, "sentiment accuracy", "eval/accuracy"), "finetune all", result)
+
+
+def _parts(d: _Demo, ft: dict) -> None:
+    """Adapters and LoRA train a few percent of the weights beside the same new head; the head alone (a linear
+    probe of the frozen model) is the row that shows what they add. Parts that fold into the weights (their
+    plugin says so) are folded in and out again, and the largest output difference is recorded."""
+    folder = _stage(d.out, "head-only", "only the new head trains (a linear probe of the frozen model)")
+    result = train(mechanisms=["finetune:layers=0,head=classify"], steps=d.n(150, 10), lr=1e-3, out=str(folder), **ft)
+    d.add(_row("finetune (head only)", result, "sentiment accuracy", "eval/accuracy"), None, result)
     for name, label, mechanism in (
             ("adapter-serial", "adapter (serial) + head", "adapter:placement=serial"),
             ("adapter-parallel", "adapter (parallel) + head", "adapter:placement=parallel,scale=4"),
             ("lora", "lora (rank 8 on q, v) + head", "lora:rank=8,targets=q,v")):
-        folder = _stage(out, name, f"{mechanism} beside a new head; the base model stays frozen")
-        result = train(mechanisms=[mechanism, "finetune:layers=0,head=classify"], steps=n(150, 10), lr=3e-3,
+        folder = _stage(d.out, name, f"{mechanism} beside a new head; the base model stays frozen")
+        result = train(mechanisms=[mechanism, "finetune:layers=0,head=classify"], steps=d.n(150, 10), lr=3e-3,
                        out=str(folder), **ft)
-        rows.append(_row(label, result, "sentiment accuracy", "eval/accuracy"))
-        curves[label.split(" +")[0]] = [h["loss"] for h in result.history]
-        if name == "lora":
-            rows[-1]["merged_max_abs_diff"] = _merge_gap(result.model)
+        d.add(_row(label, result, "sentiment accuracy", "eval/accuracy"), label.split(" +")[0], result)
+        folds = [p for p in result.run.plugins.values() if callable(getattr(p, "fold_into_base", None))]
+        if folds:
+            d.rows[-1]["merged_max_abs_diff"] = _merge_gap(result.model, folds[0], name)
 
-    # Soft prompts on the bare input ("{input} {label}"): without the task's own format the frozen model is at
-    # chance (the prompting rows below show it), so what the 16 vectors learn is the whole difference.
-    prompt_runs = {}
+
+def _prompt_tuning(d: _Demo, ft: dict, pre: Path, base_params: int) -> None:
+    """Soft prompts on the bare input ("{input} {label}"): without the task's own format the frozen model is at
+    chance (the prompting rows show it), so what the 16 vectors learn is the whole difference. Then both prompts
+    on one model, serving a mixed batch."""
+    prompt_runs, load = {}, None
     for task in ("sentiment", "topic"):
-        folder = _stage(out, f"prompt-{task}", f"a 16-token soft prompt for {task} on the bare input; the model "
+        folder = _stage(d.out, f"prompt-{task}", f"a 16-token soft prompt for {task} on the bare input; the model "
                         "stays frozen")
-        result = train(mechanisms=[f"prompt-tuning:tasks={task},tokens=16,template={BARE}"], steps=n(300, 10),
-                       lr=0.1, **{**ft, "data": f"builtin:{task}"}, out=str(folder))
-        rows.append(_row(f"prompt-tuning ({task})", result, f"{task} accuracy", "eval/accuracy", base_params))
-        curves[f"prompt-tuning {task}"] = [h["loss"] for h in result.history]
+        spec = f"prompt-tuning:tasks={task},tokens=16,template={BARE}"
+        result = train(mechanisms=[spec], steps=d.n(300, 10), lr=0.1, **{**ft, "data": f"builtin:{task}"},
+                       out=str(folder))
+        d.add(_row(f"prompt-tuning ({task})", result, f"{task} accuracy", "eval/accuracy", base_params),
+              f"prompt-tuning {task}", result)
         prompt_runs[task] = folder
-    rows.append(_mixed_batch(out, pre, prompt_runs, base_params, limit=n(500, 64)))
+        load = type(result.run.plugins[parse_spec(spec)[0]]).load_frozen  # the plugin's own loader: no import
+    d.rows.append(_mixed_batch(d.out, pre, prompt_runs, base_params, limit=d.n(500, 64), load=load))
 
-    folder = _stage(out, "prompting-bare", "the same bare input without a soft prompt; nothing trains")
-    result = train(init=str(pre), mechanisms=[f"prompting:template={BARE},limit={n(300, 40)}"],
-                   data="builtin:sentiment", out=str(folder), seed=seed)
-    rows.append(_row("prompting (zero-shot, bare input)", result, "sentiment accuracy", "eval/accuracy"))
 
-    folder = _stage(out, "prompting", "the task's own format, 2-shot with right and with wrong labels; nothing trains")
-    result = train(init=str(pre), mechanisms=[f"prompting:shots=2,limit={n(300, 40)},generate=3"],
-                   data="builtin:sentiment", out=str(folder), seed=seed)
+def _prompting(d: _Demo, pre: Path):
+    """Prompting on the bare input and in the task's own format, zero- and 2-shot; nothing trains. Returns the
+    last stage's result."""
+    folder = _stage(d.out, "prompting-bare", "the same bare input without a soft prompt; nothing trains")
+    result = train(init=str(pre), mechanisms=[f"prompting:template={BARE},limit={d.n(300, 40)}"],
+                   data="builtin:sentiment", out=str(folder), seed=d.seed)
+    d.rows.append(_row("prompting (zero-shot, bare input)", result, "sentiment accuracy", "eval/accuracy"))
+
+    folder = _stage(d.out, "prompting", "the task's own format, 2-shot with right and with wrong labels; nothing "
+                    "trains")
+    result = train(init=str(pre), mechanisms=[f"prompting:shots=2,limit={d.n(300, 40)},generate=3"],
+                   data="builtin:sentiment", out=str(folder), seed=d.seed)
     assert result.summary["frozen_weights"]["unchanged"], "prompting changed a weight"
     for label, key in (("zero-shot, task format", "eval/accuracy_zero_shot"), ("2-shot, right labels", "eval/accuracy"),
                        ("2-shot, wrong labels", "eval/accuracy_wrong_labels")):
-        rows.append(_row(f"prompting ({label})", result, "sentiment accuracy", key))
-
-    rows += _rlhf(out, pre, n, common, curves, samples)
-
-    inside(out, "demo.json").write_text(json.dumps(rows, indent=2))
-    plotted = _plot(curves, inside(out, "loss_curves.png"))
-    inside(out, "samples.txt").write_text("\n".join(samples) + "\n")
-    _report(rows, samples, out, plotted, tokenizer_of(result.model))
-    return rows
+        d.rows.append(_row(f"prompting ({label})", result, "sentiment accuracy", key))
+    return result
 
 
-def _rlhf(out: Path, pre: Path, n, common: dict, curves: dict, samples: list[str]) -> list[dict]:
+def _rlhf(d: _Demo, pre: Path) -> list[dict]:
     """Rankings -> a reward model (ties modelled, and ignored for comparison) -> PPO against it with a LoRA
     policy; DPO straight from the rankings. Policies are judged by the world's hidden preference, never by the
     reward model they were trained on."""
+    n, out, curves = d.n, d.out, d.curves
     rows: list[dict] = []
-    rl = dict(init=str(pre), data="builtin:rankings", batch_size=n(16, 8), warmup=n(10, 2), **common)
+    rl = dict(init=str(pre), data="builtin:rankings", batch_size=n(16, 8), warmup=n(10, 2), **d.common)
     models = {}
     for ties, label in (("davidson", "ties modelled (Davidson)"), ("ignore", "ties ignored")):
         folder = _stage(out, f"reward-model-{ties}", f"a scalar head on the whole model, builtin:rankings, {label}")
@@ -200,7 +252,7 @@ def _rlhf(out: Path, pre: Path, n, common: dict, curves: dict, samples: list[str
                    steps=n(400, 8), lr=3e-3, out=str(folder), **rl)
     rows += _policy_rows("ppo (lora policy)", result)
     curves["ppo reward"] = [h["reward"] for h in result.history]
-    samples += _policy_samples(result, "ppo")
+    d.samples += _policy_samples(result, "ppo")
     folder = _stage(out, "dpo", f"{policy} as the policy, the DPO loss on the rankings' pairs")
     result = train(mechanisms=[policy, f"dpo:beta=0.5,{evaluation}"], steps=n(200, 8), lr=2e-3, out=str(folder), **rl)
     rows += _policy_rows("dpo (lora policy)", result)
@@ -232,20 +284,20 @@ def _policy_samples(result, name: str, k: int = 3) -> list[str]:
     return lines
 
 
-def _mixed_batch(out: Path, pre: Path, runs: dict[str, Path], base_params: int, limit: int) -> dict:
-    """Both prompts on one frozen model; held-out rows of both tasks interleaved in one batch, scored in one
-    forward pass each, against each task's rows scored alone."""
+def _mixed_batch(out: Path, pre: Path, runs: dict[str, Path], base_params: int, limit: int, load) -> dict:
+    """Both prompts on one frozen model (``load(model, *run_folders)``: the prompt plugin's loader); held-out rows
+    of both tasks interleaved in one batch, scored in one forward pass each, against each task's rows scored
+    alone."""
     from tuneforge.objectives.classify import score_candidates
     from tuneforge.engine.loop import load_model
     from tuneforge.data.labelled import Template, verbalizer
     from tuneforge.data.world import LABELS, builtin
-    from tuneforge.plugins.prompt_tuning import add_prompts
 
     _stage(out, "mixed-batch", "both soft prompts loaded on one model, rows of both tasks in one batch")
     started = time.perf_counter()
     model = load_model(pre)
     tok = tokenizer_of(model)
-    add_prompts(model, *map(str, runs.values()))
+    load(model, *map(str, runs.values()))
     rows = []  # (task, prompt ids, candidate ids, label index)
     for task in runs:
         template = Template(BARE, owner="demo")
@@ -272,20 +324,20 @@ def _mixed_batch(out: Path, pre: Path, runs: dict[str, Path], base_params: int, 
             "soft_prompt_pct": 100.0 * sum(p.numel() for p in model.prefix.parameters()) / base_params}
 
 
-def _merge_gap(model) -> float:
-    """Largest output difference between the LoRA beside the weights and folded into them (then taken out)."""
-    from tuneforge.plugins.lora.layer import merge, unmerge
-
+def _merge_gap(model, plugin, name: str) -> float:
+    """Largest output difference between the parts beside the weights and folded into them (then taken out), by
+    the plugin's own ``fold_into_base`` / ``unfold_from_base`` (see :mod:`tuneforge.tools.hf_export`)."""
+    parts = part_names(model).get(plugin.fold_kind, [])
     ids = torch.randint(0, min(256, model.config.vocab_size), (8, min(64, model.config.max_seq_len)),
                         generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = model.eval()(ids)
-        merge(model)
+        plugin.fold_into_base(model, parts)
         merged = model(ids)
-        unmerge(model)
+        plugin.unfold_from_base(model, parts)
         after = model(ids)
     gap = max((merged - before).abs().max().item(), (after - before).abs().max().item())
-    print(f"lora merged into the weights and taken out again: largest output difference {gap:.2e}", file=sys.stderr)
+    print(f"{name} merged into the weights and taken out again: largest output difference {gap:.2e}", file=sys.stderr)
     return gap
 
 

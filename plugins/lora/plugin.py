@@ -18,8 +18,8 @@ import torch
 from tuneforge.sdk import (ConfigError, PartMechanism, PartOptions, expand_targets, family_of, match_linears,
     parse_layers, part_generator)
 
-from .layer import POINT_FIELDS, LoRALinear, lora_layers, lora_state
-from .peft import is_peft, read_peft
+from .layer import POINT_FIELDS, LoRALinear, lora_layers, lora_state, merge, unmerge
+from .peft import export_peft, is_peft, read_peft
 
 __all__ = ["Lora", "add_lora", "load_lora", "install_lora"]
 
@@ -35,6 +35,15 @@ class Lora(PartMechanism):
     mechanism = "lora"
     subdir = "lora"
     point_fields = POINT_FIELDS
+
+    # A LoRA is a change of weights, so a model holding one is still a plain causal LM: export-hf
+    # (tuneforge.tools.hf_export) folds the parts of this module kind in, naming them fold_noun in its messages.
+    fold_kind = LoRALinear.kind
+    fold_noun = "LoRA"
+    fold_into_base = staticmethod(merge)  # (model, names or None = all) -> names folded
+    unfold_from_base = staticmethod(unmerge)
+    # `tuneforge export-peft` writes PEFT's LoRA layout with this (tuneforge.tools.cli finds it by the attribute)
+    export_peft = staticmethod(export_peft)
 
     @dataclasses.dataclass
     class Options(PartOptions):
