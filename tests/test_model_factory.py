@@ -2,6 +2,7 @@
 resolve through ``factory.build``, and a checkpoint's state.json is read once per build."""
 import json
 import pathlib
+from pathlib import Path
 from collections import Counter
 
 import pytest
@@ -179,3 +180,14 @@ def test_init_and_its_resume_read_the_init_checkpoint_once_each(saved_run, state
     resumed = tuneforge.train(micro_config(tmp_path, model=None, init=str(saved_run), steps=3,
                                            resume=str(tmp_path / "run" / "step-00000001")))
     assert resumed.run.resumed_from is not None and state_reads[init] == 1
+
+
+@pytest.mark.parametrize("resume", ["auto", "checkpoint folder"])
+def test_resume_reads_its_checkpoint_state_json_once(state_reads, tmp_path, resume):
+    first = tuneforge.train(micro_config(tmp_path, steps=2, save_every=1, mechanisms=["pretrain"]))
+    checkpoint = (first.out / "step-00000002").resolve()
+    state_reads.clear()
+    again = tuneforge.train(micro_config(tmp_path, steps=3, save_every=1, mechanisms=["pretrain"],
+                                         resume="auto" if resume == "auto" else str(checkpoint)))
+    assert again.run.resumed_from is not None and Path(again.run.resumed_from).resolve() == checkpoint
+    assert state_reads[checkpoint] == 1

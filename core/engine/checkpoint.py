@@ -33,7 +33,7 @@ from tuneforge.engine.run import say
 from tuneforge.engine.runfolder import write_text
 
 __all__ = [
-    "save_checkpoint", "find_latest", "resolve_checkpoint", "open_checkpoint", "read_state", "load_weights",
+    "save_checkpoint", "find_latest", "resolve_checkpoint", "open_checkpoint", "open_intact", "open_latest", "read_state", "load_weights",
     "load_training_state", "clean_stale", "list_checkpoints", "damage", "set_aside", "remove_step",
 ]
 
@@ -298,6 +298,23 @@ def open_checkpoint(path: str | Path) -> tuple[Path, dict]:
     return found, read_state(found) if state is None else state
 
 
+def open_intact(path: str | Path) -> tuple[Path, dict]:
+    """:func:`open_checkpoint` for a checkpoint to continue from: a damaged one is refused (a run folder's newest
+    intact one is taken). state.json is read once."""
+    found, state = _resolve(path)
+    if state is None:
+        state, problem = _examine(found)
+        if problem is not None:
+            raise CheckpointError(f"cannot resume from {found}: {problem}; resume from an older checkpoint of the "
+                                  "run (--resume auto passes over damaged ones)")
+    return found, state
+
+
+def open_latest(out: Path, *, on_damaged: Callable[[Path, str], None] | None = None) -> tuple[Path, dict] | None:
+    """:func:`find_latest` with the checkpoint's state.json as it parsed it while checking it: (folder, state)."""
+    return _latest(out, on_damaged)
+
+
 def _resolve(path: str | Path) -> tuple[Path, dict | None]:
     """:func:`resolve_checkpoint`, with the state found in a run folder (None for a checkpoint folder given
     directly, which is taken as it is, unread)."""
@@ -360,14 +377,12 @@ def _load_beside_folder(ckpt: Path, model: torch.nn.Module, referenced: dict) ->
     return [n for n in result.missing_keys if n not in covered], list(result.unexpected_keys)
 
 
-def load_training_state(ckpt: Path) -> tuple[dict, dict | None, dict[str, torch.Tensor]]:
+def load_training_state(ckpt: Path, *, state: dict | None = None) -> tuple[dict, dict | None, dict[str, torch.Tensor]]:
     """What ``--resume`` restores besides the weights: (the engine state from ``state.json``, the optimizer's
-    state_dict or None, the RNG states by name)."""
-    problem = damage(ckpt)
-    if problem is not None:
-        raise CheckpointError(f"cannot resume from {ckpt}: {problem}; resume from an older checkpoint of the run "
-                              "(--resume auto passes over damaged ones)")
-    state = read_state(ckpt)
+    state_dict or None, the RNG states by name). ``state``: the checkpoint's state.json as :func:`open_intact` or
+    :func:`open_latest` parsed it (else the checkpoint is checked and read here)."""
+    if state is None:
+        ckpt, state = open_intact(ckpt)
     tensors = load_file(str(ckpt / OPTIM_FILE))
     rng = {k: tensors.pop(k) for k in list(tensors) if k.startswith("rng.")}
     optimizer = _optimizer_join(tensors, state["optimizer"]) if state.get("optimizer") else None

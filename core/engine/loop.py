@@ -169,21 +169,22 @@ def _setup(cfg: TrainConfig, par: distributed.Parallel, out: Path | None, owner:
     started = time.perf_counter()
     if out is not None and owner:
         ckpt.clean_stale(out)  # what a kill while saving or rotating left
-    resume_path = _resume_path(cfg, out, owner) if cfg.resume else None
+    # (checkpoint folder, its state.json): read once, here, for everything resuming needs
+    resume_path, resume_state = _resume_from(cfg, out, owner) if cfg.resume else (None, None)
     built = assemble(cfg, out=out, resume=resume_path, parallel=par)
     reg, run, model = built.reg, built.run, built.model
     if resume_path is not None:
-        _resume_changes(resume_path, cfg, run)
+        _resume_changes(resume_path, resume_state, cfg, run)
     total = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in built.params)
     if resume_path is not None:
-        ckpt.load_weights(resume_path, model)  # into the whole model, before FSDP shards it
+        ckpt.load_weights(resume_path, model, state=resume_state)  # into the whole model, before FSDP shards it
     loss_fn = reg.objective_impl("tuneforge_loss")
     params = par.wrap(model, loss_fn, run) if built.params else []
     built.params = params  # FSDP replaced the parameters: no reference may keep the unsharded ones alive
     optimizer = make_optimizer(params, cfg) if params else None
     if resume_path is not None:
-        _resume_state(resume_path, built, par, optimizer)
+        _resume_state(resume_path, resume_state, built, par, optimizer)
     elif out is not None and ckpt.list_checkpoints(out):  # damaged ones too: a fresh run would overwrite them
         raise ConfigError(
             f"{out} already holds a run (latest: {ckpt.list_checkpoints(out)[-1].name}); pass --resume auto to "
@@ -200,10 +201,11 @@ def _setup(cfg: TrainConfig, par: distributed.Parallel, out: Path | None, owner:
     return loop
 
 
-def _resume_state(path: Path, built: Assembled, par: distributed.Parallel, optimizer) -> None:
-    """The counters, optimizer state, random streams and plugins' own state of the checkpoint at ``path``."""
+def _resume_state(path: Path, saved: dict, built: Assembled, par: distributed.Parallel, optimizer) -> None:
+    """The counters, optimizer state, random streams and plugins' own state of the checkpoint at ``path``
+    (``saved``: its state.json)."""
     run = built.run
-    state, optimizer_state, rng = ckpt.load_training_state(path)
+    state, optimizer_state, rng = ckpt.load_training_state(path, state=saved)
     if optimizer is not None and optimizer_state is not None:
         par.load_optimizer_state(optimizer, optimizer_state)
     par.set_rng(rng)
@@ -335,15 +337,16 @@ def _record_frozen(run: Run, after: str, frozen, before: str) -> None:
                 "a plugin wrote into them. See frozen_weights in summary.json.")
 
 
-def _resume_path(cfg: TrainConfig, out: Path | None, owner: bool) -> Path | None:
+def _resume_from(cfg: TrainConfig, out: Path | None, owner: bool) -> tuple[Path | None, dict | None]:
+    """The checkpoint --resume continues from and its state.json; (None, None) for ``auto`` in a new folder."""
     if cfg.resume != "auto":
-        return ckpt.resolve_checkpoint(cfg.resume)
+        return ckpt.open_intact(cfg.resume)
     if out is None:
         raise ConfigError("--resume auto needs --out (the run folder to continue)")
     # "auto" is the same command for the first launch and every restart of a preemptible job, so a damaged newest
     # checkpoint (a kill or a full disk while it was written by other means) falls back to the one before it.
     damaged: list[tuple[Path, str]] = []
-    found = ckpt.find_latest(out, on_damaged=lambda folder, problem: damaged.append((folder, problem)))
+    found = ckpt.open_latest(out, on_damaged=lambda folder, problem: damaged.append((folder, problem)))
     if damaged and found is None:
         raise CheckpointError(
             f"--resume auto: every checkpoint in {out} is damaged ({'; '.join(p for _, p in damaged)}). Nothing was "
@@ -351,18 +354,18 @@ def _resume_path(cfg: TrainConfig, out: Path | None, owner: bool) -> Path | None
     for folder, problem in damaged:
         if owner:  # rank 0 holds the folder; the other ranks pass over the same folders and find the same one
             moved = ckpt.set_aside(folder)
-            say(f"{problem}: set {folder.name} aside as {moved.name}; resuming from {found.name}")
-    return found
+            say(f"{problem}: set {folder.name} aside as {moved.name}; resuming from {found[0].name}")
+    return found if found is not None else (None, None)  # nothing yet: the first launch starts afresh
 
 
 # Options whose change on --resume says nothing about the weights or the data stream.
 _FREE_ON_RESUME = {"resume", "out", "device", "log_every", "verify_frozen"}
 
 
-def _resume_changes(path: Path, cfg: TrainConfig, run: Run) -> None:
+def _resume_changes(path: Path, state: dict, cfg: TrainConfig, run: Run) -> None:
     """Options that differ from the checkpoint's (more --steps, another --batch-size, other mechanisms) are said in
     one line and kept in the summary. Mechanisms whose weights no longer fit are refused when the weights load."""
-    saved = ckpt.read_state(path).get("train") or {}
+    saved = state.get("train") or {}
     now = cfg.to_dict()
     changed = {k: [saved[k], v] for k, v in now.items() if k in saved and k not in _FREE_ON_RESUME and saved[k] != v}
     if changed:
