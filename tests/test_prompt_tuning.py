@@ -183,3 +183,32 @@ def test_bad_prompt_tuning_options(pretrained, tmp_path):
         _pt(pretrained, tmp_path / "b", "prompt-tuning:tokens=256")
     with pytest.raises(ConfigError, match="neither a prompt file"):
         _pt(pretrained, tmp_path / "c", f"prompt-tuning:load={tmp_path / 'nope'}")
+
+
+def test_prompt_files_load_frozen_from_a_folder_of_them_or_one_file_under_a_new_name(tmp_path):
+    from tuneforge.plugins.prompt_tuning import PromptTuning, base_fingerprint, write_prompt
+
+    d = _model().config.d_model
+    saved = {"a": torch.randn(3, d), "b": torch.randn(5, d)}
+    (tmp_path / "copied").mkdir()
+    for name, value in saved.items():
+        write_prompt(tmp_path / "copied" / "prompts", name, value, base=base_fingerprint(_model()))
+    for spec in (tmp_path / "copied", tmp_path / "copied" / "prompts"):  # a folder holding prompts/, or prompts/
+        model = _model()
+        assert PromptTuning.load_frozen(model, str(spec)) == ["a", "b"]
+        for name, value in saved.items():
+            assert torch.equal(model.prefix.prompts[name], value) and not model.prefix.prompts[name].requires_grad
+    model = _model()
+    assert PromptTuning.load_frozen(model, f"{tmp_path / 'copied' / 'prompts' / 'a.safetensors'}@c") == ["c"]
+    assert torch.equal(model.prefix.prompts["c"], saved["a"])
+    with pytest.raises(ConfigError, match="two parts named 'c'"):
+        PromptTuning.load_frozen(model, f"{tmp_path / 'copied' / 'prompts' / 'b.safetensors'}@c")
+
+
+def test_a_prompt_from_a_base_of_other_shapes_is_noted(tmp_path):
+    from tuneforge.plugins.prompt_tuning import PromptTuning, write_prompt
+
+    model = _model()
+    f = write_prompt(tmp_path, "a", torch.randn(2, model.config.d_model), base="0123456789abcdef")
+    with pytest.warns(UserWarning, match=r"prompt 'a' from .*a\.safetensors was trained on a base of other shapes"):
+        PromptTuning.load_frozen(model, str(f))

@@ -1,10 +1,11 @@
-"""What the ``adapter`` and ``lora`` mechanisms share: named parts that are trained, loaded, saved and routed.
+"""What ``adapter``, ``lora`` and ``prompt-tuning`` share: named parts that are trained, loaded, saved and routed.
 
-Both insert per-task modules into a frozen model, both train some named parts (``tasks=``) and load others
-(``load=``: a saved part folder, a folder of them, a checkpoint or a run folder), both write each part as its own
-small folder in every checkpoint (``<subdir>/<name>/``, see :mod:`tuneforge.parts.files`) and both offer the
-default objective. A mechanism subclasses :class:`PartMechanism` and says only what is its own: which modules
-hold its parts, how a new part is made, and how a part is turned into tensors and back.
+Each inserts per-task modules into a frozen model, trains some named parts (``tasks=``) and loads others
+(``load=``: a saved part, a folder of them, a checkpoint or a run folder), writes each part into every checkpoint
+(``<subdir>/``) and offers the default objective. A mechanism subclasses :class:`PartMechanism` and says only what
+is its own: which modules hold its parts, how a new part is made, and how a part is turned into tensors and back.
+Parts are stored as part folders (``<subdir>/<name>/``, see :mod:`tuneforge.parts.files`) unless the mechanism
+overrides the storage seams (``prompt-tuning``: one safetensors file per prompt).
 
 On ``--resume`` and when a saved model is rebuilt (``load_model``, ``--init``), ``run.checkpoint`` is set and
 the parts are re-created from that checkpoint's own part folders (the weights are then loaded over them), so
@@ -52,13 +53,17 @@ def part_generator(seed: int, name: str) -> torch.Generator:
 
 
 class PartMechanism(DefaultObjective):
-    """Base of ``adapter`` and ``lora``; see the module docstring. Subclasses set ``mechanism`` and ``subdir``,
-    and ``point_fields``: what each insertion point in a part's manifest must say (see
-    :func:`tuneforge.parts.files.read_part`)."""
+    """Base of ``adapter``, ``lora`` and ``prompt-tuning``; see the module docstring. Subclasses set ``mechanism``
+    and ``subdir``, and ``point_fields``: what each insertion point in a part's manifest must say (see
+    :func:`tuneforge.parts.files.read_part`). One that stores its parts otherwise overrides the storage seams
+    (:meth:`is_saved`, :meth:`saved_in`, :meth:`read_saved`, :meth:`write_saved`, :meth:`restore`,
+    :meth:`base_note`) and says in ``saved_one`` / ``saved_many`` what its messages call one saved part and several."""
 
     mechanism = ""
     subdir = ""
     point_fields: dict = {}
+    saved_one = ""  # default: "saved <mechanism> folder"
+    saved_many = ""  # default: "saved <mechanism>"
 
     def __init__(self, options):
         self.options = options
@@ -89,6 +94,39 @@ class PartMechanism(DefaultObjective):
     def saved_options(self) -> dict:
         skip = set(f.name for f in dataclasses.fields(ObjectiveOptions)) | {"tasks", "load"}
         return {k: v for k, v in dataclasses.asdict(self.options).items() if k not in skip}
+
+    # -- how parts are stored: part folders, unless a mechanism overrides these --------------------------------
+
+    def is_saved(self, path: Path) -> bool:
+        """Whether ``path`` is one saved part."""
+        return is_part(path)
+
+    def saved_in(self, folder: Path) -> list[Path]:
+        """The saved parts directly inside ``folder``, in the order they load."""
+        return sorted(p for p in folder.iterdir() if is_part(p))
+
+    def read_saved(self, where: Path) -> tuple[str, dict, dict[str, torch.Tensor]]:
+        """(name, manifest, tensors) of the part saved at ``where``; a ConfigError for anything malformed, before
+        anything is installed. The name must be a valid name (it names a file of every later checkpoint)."""
+        manifest, tensors = read_part(where, mechanism=self.mechanism, point_fields=self.point_fields)
+        return manifest["name"], manifest, tensors
+
+    def write_saved(self, model, name: str, folder: Path) -> None:
+        """Write part ``name`` into ``folder``, a checkpoint's ``subdir``."""
+        tensors, points = self.export(model, name)
+        save_part(inside(folder, name), mechanism=self.mechanism, name=name, tensors=tensors, points=points,
+                  options=self.saved_options(), model=model)
+
+    def restore(self, model, checkpoint: Path) -> None:
+        """Re-create the parts ``checkpoint`` holds (on --resume, or when a saved model is rebuilt); the
+        checkpoint's weights are loaded over them afterwards."""
+        own = checkpoint / self.subdir
+        if own.is_dir():
+            self.load_into(model, str(own), skip_held=True)
+
+    def base_note(self, manifest: dict, model, where: Path) -> str | None:
+        """A note when the part at ``where`` was trained on a base of other shapes (that it still fits), else None."""
+        return fingerprint_note(manifest, model, where)
 
     # -- shared --------------------------------------------------------------------------------------------
 
@@ -122,28 +160,31 @@ class PartMechanism(DefaultObjective):
         foreign = self.read_foreign(path) if path.is_dir() else None
         if foreign is not None:
             return foreign
-        if is_part(path):
-            folders = [path]
+        return [(*self.read_saved(where), where) for where in self.saved_at(spec)]
+
+    def saved_at(self, spec: str) -> list[Path]:
+        """The saved parts at ``spec``: one part, a folder holding them (directly or in ``subdir``), or a
+        checkpoint or run folder (the latest checkpoint's ``subdir``)."""
+        path = Path(spec)
+        if self.is_saved(path):
+            return [path]
+        checkpoint = (path / ckpt.STATE_FILE).is_file()
+        if (path / self.subdir).is_dir() and not checkpoint:
+            found = path / self.subdir  # a folder holding saved parts
+        elif path.is_dir() and not checkpoint and self.saved_in(path):
+            found = path
         else:
-            if (path / self.subdir).is_dir() and not (path / ckpt.STATE_FILE).is_file():
-                found = path / self.subdir  # a folder holding part folders
-            elif path.is_dir() and any(is_part(p) for p in path.iterdir()):
-                found = path
-            else:
-                try:
-                    found = ckpt.resolve_checkpoint(path) / self.subdir
-                except CheckpointError:
-                    raise ConfigError(f"{self.mechanism}: load={spec} is neither a saved {self.mechanism} folder "
-                                      f"nor a checkpoint or run folder with {self.subdir}/") from None
-            folders = sorted(p for p in found.iterdir() if is_part(p)) if found.is_dir() else []
-            if not folders:
-                raise ConfigError(f"{self.mechanism}: {found} holds no saved {self.mechanism}; was that run a "
-                                  f"{self.mechanism} run?")
-        out = []
-        for folder in folders:
-            manifest, tensors = read_part(folder, mechanism=self.mechanism, point_fields=self.point_fields)
-            out.append((manifest["name"], manifest, tensors, folder))
-        return out
+            try:
+                found = ckpt.resolve_checkpoint(path) / self.subdir
+            except CheckpointError:
+                raise ConfigError(f"{self.mechanism}: load={spec} is neither a "
+                                  f"{self.saved_one or f'saved {self.mechanism} folder'} nor a checkpoint or run "
+                                  f"folder with {self.subdir}/") from None
+        parts = self.saved_in(found) if found.is_dir() else []
+        if not parts:
+            raise ConfigError(f"{self.mechanism}: {found} holds no {self.saved_many or f'saved {self.mechanism}'}; "
+                              f"was that run a {self.mechanism} run?")
+        return parts
 
     def load_into(self, model, spec: str, *, skip_held: bool = False, log=None) -> list[str]:
         """Install the parts found at ``spec`` on ``model``; returns their names. A name the model already holds
@@ -156,7 +197,7 @@ class PartMechanism(DefaultObjective):
                 raise ConfigError(f"{self.mechanism}: two parts named '{name}' (from {where} and already on "
                                   "the model); load only one of them")
             self.install(model, name, manifest, tensors, where)
-            note = fingerprint_note(manifest, model, where)
+            note = self.base_note(manifest, model, where)
             if note and log is not None:
                 log(note)
             loaded.append(name)
@@ -179,9 +220,7 @@ class PartMechanism(DefaultObjective):
     def tuneforge_modify_model(self, model, run):
         o = self.options
         if run.checkpoint is not None:  # resume / rebuild: the checkpoint's own parts, weights loaded after
-            own = run.checkpoint / self.subdir
-            if own.is_dir():
-                self.load_into(model, str(own), skip_held=True)
+            self.restore(model, run.checkpoint)
         else:
             for spec in o.load:
                 self.load_into(model, spec, log=run.log)
@@ -221,9 +260,7 @@ class PartMechanism(DefaultObjective):
     def tuneforge_save(self, model, run, path):
         for name in self.held(model):
             check_name(name, what=f"{self.mechanism} part name", where=f"saving {Path(path) / self.subdir}")
-            tensors, points = self.export(model, name)
-            save_part(inside(Path(path) / self.subdir, name), mechanism=self.mechanism, name=name, tensors=tensors,
-                      points=points, options=self.saved_options(), model=model)
+            self.write_saved(model, name, Path(path) / self.subdir)
 
     @hookimpl
     def tuneforge_run_start(self, run, model):

@@ -18,8 +18,8 @@ The names, by what a mechanism does with them:
   :func:`epoch_generator`).
 - **objectives to delegate to**: :class:`TextTask` (next tokens), :class:`VerbalizedTask` / :class:`HeadTask`
   (classification), :class:`DefaultObjective` (what a parameterisation learns when no objective is named).
-- **per-task parts**: :class:`PartMechanism` (the base of ``lora`` and ``adapter``), :class:`TaskModule`,
-  layer selection and part files.
+- **per-task parts**: :class:`PartMechanism` (the base of ``lora``, ``adapter`` and ``prompt-tuning``),
+  :class:`TaskModule`, layer selection and part files.
 - **steering a policy**: the frozen :class:`Reference`, log-probs, the preference models and the DPO loss,
   reward scoring, sampling rollouts, GAE, and :class:`RolloutBuffer` for online objectives.
 """
@@ -46,7 +46,8 @@ from tuneforge.objectives.default import DefaultObjective, ObjectiveOptions
 from tuneforge.objectives.next_token import TextTask, next_token_loss
 from tuneforge.parts.files import NUMBER, WHOLE, is_part, one_of, read_part, save_part
 from tuneforge.parts.mechanism import PartMechanism, PartOptions, part_generator
-from tuneforge.parts.modules import TaskModule, base_fingerprint, layer_of, match_linears, parse_layers, task_modules
+from tuneforge.parts.modules import (TaskModule, base_fingerprint, layer_of, match_linears, parse_layers, set_active,
+                                     task_modules, using)
 from tuneforge.rlhf.buffer import RolloutBuffer
 from tuneforge.rlhf.policy import (Reference, block_parameters, check_layers, others_choose_params, resolve_layers,
                                    response_logprobs, response_mask, token_logprobs, untie_head)
@@ -71,7 +72,7 @@ __all__ = [
     "TextTask", "next_token_loss", "VerbalizedTask", "HeadTask", "score_candidates", "DefaultObjective",
     "ObjectiveOptions",
     # per-task parts
-    "TaskModule", "task_modules", "base_fingerprint", "parse_layers", "layer_of", "match_linears", "PartMechanism",
+    "TaskModule", "task_modules", "using", "set_active", "base_fingerprint", "parse_layers", "layer_of", "match_linears", "PartMechanism",
     "PartOptions", "part_generator", "save_part", "read_part", "is_part", "WHOLE", "NUMBER", "one_of",
     # steering a policy
     "Reference", "check_layers", "resolve_layers", "others_choose_params", "block_parameters", "untie_head",
