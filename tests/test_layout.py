@@ -148,6 +148,15 @@ def test_plugins_import_tuneforge_only_through_the_sdk():
     assert not bad, "plugins import from tuneforge.sdk only (add what is missing there):\n" + "\n".join(bad)
 
 
+def test_the_examples_tests_use_the_user_face_and_the_sdk_only():
+    # A plugin package's own tests drive runs as a user does (tuneforge.train) and build models and data with the
+    # SDK's testing helpers; nothing internal.
+    tests = EXAMPLE.parent / "tests"
+    allowed = ("tuneforge", "tuneforge.sdk", "tuneforge.sdk.testing")
+    bad = [b for p in _python_files(tests) for b in _outside_sdk(p.read_text(), _rel(p), allowed)]
+    assert _python_files(tests) and not bad, "the example's tests import tuneforge internals:\n" + "\n".join(bad)
+
+
 def test_core_imports_no_plugin():
     # Importing a plugin's module names its mechanism; what core needs from one comes through a hook.
     bad = [f"{_rel(p)}:{line} imports {module}" for p in _python_files(CORE)

@@ -29,10 +29,47 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["TrainConfig", "load_config", "STRATEGIES"]
+__all__ = ["TrainConfig", "load_config", "STRATEGIES", "FIELD_HELP"]
 
 #: How the processes of a torchrun job share the work (see tuneforge.engine.distributed).
 STRATEGIES = ("ddp", "fsdp")
+
+
+# Help for each TrainConfig field, which becomes a --flag of `tuneforge train` (one source of truth for names),
+# kept beside the fields so a new option gets its help where it is declared.
+FIELD_HELP = {
+    "model": "model preset with optional overrides, e.g. tiny, small, 'tiny:n_layers=2,d_model=64', or a local "
+             "Hugging Face folder hf:PATH (options: 'hf:PATH?attn=sdpa&dtype=bfloat16'; never downloaded) "
+             "(default: tiny, or the architecture of --init)",
+    "data": "builtin:NAME (text, sentiment, topic, rankings), a .txt file or a .jsonl file (default: builtin:text)",
+    "eval_data": "held-out data (default: the builtin test split, or the last part of a file)",
+    "out": "run folder for checkpoints, metrics.jsonl, summary.json (default: write nothing)",
+    "steps": "optimizer steps (default: 300)",
+    "batch_size": "sequences per micro-batch, per process (default: 16); N processes train on N micro-batches at once",
+    "seq_len": "tokens per sequence (default: the model's context length)",
+    "grad_accum": "micro-batches per optimizer step (default: 1)",
+    "lr": "peak learning rate of AdamW (default: 3e-3)",
+    "min_lr_ratio": "the cosine schedule ends at lr * this (default: 0.1)",
+    "warmup": "linear warmup steps (default: 30)",
+    "weight_decay": "AdamW weight decay on matrices (default: 0.1)",
+    "beta1": "AdamW beta1 (default: 0.9)",
+    "beta2": "AdamW beta2 (default: 0.95)",
+    "clip": "max gradient norm, 0 = no clipping (default: 1.0)",
+    "eval_every": "steps between evaluations, 0 = only at the end (default: 100)",
+    "save_every": "steps between checkpoints, 0 = only at the end and on Ctrl-C/SIGTERM (default: 0)",
+    "keep_last": "checkpoints kept in the run folder (default: 3)",
+    "resume": "'auto' (latest checkpoint in --out, or a fresh start if none) or a checkpoint/run folder",
+    "init": "start from the weights of this checkpoint or run folder (fresh optimizer)",
+    "seed": "seed of initialisation and data order (default: 0)",
+    "device": "auto, cpu, cuda, cuda:1 ... (default: auto; under torchrun auto/cuda is each process's GPU)",
+    "strategy": "how processes started by torchrun or --nproc-per-node share the work: ddp (every process holds the "
+                "model, gradients are averaged) or fsdp (FSDP2: parameters, gradients and optimizer state are "
+                "sharded over the processes) (default: ddp)",
+    "max_nonfinite": "stop after this many non-finite losses in a row (default: 10)",
+    "log_every": "steps between log lines when stderr is not a terminal (default: 50)",
+    "verify_frozen": "hash every frozen weight before and after the run and record in summary.json that none "
+                     "changed (default: true; false skips the hashing on very large models)",
+}
 
 
 @dataclasses.dataclass

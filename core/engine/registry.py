@@ -28,7 +28,7 @@ from tuneforge.errors import ConfigError, PluginError
 from tuneforge.common.options import build_options, parse_spec, suggest
 
 __all__ = ["GROUP", "PluginInfo", "discover", "hook_names", "plugin_hooks", "build_manager", "Registered", "call_impl",
-           "takes", "objectives_installed"]
+           "takes", "objectives_installed", "check_class", "offering"]
 
 GROUP = "tuneforge"
 OWN_DISTRIBUTION = "tuneforge"
@@ -239,6 +239,22 @@ class Registered:
             opts = getattr(plugin, "options", None)
             out[name] = dataclasses.asdict(opts) if dataclasses.is_dataclass(opts) else {}
         return out
+
+
+def check_class(plugin_cls, name: str) -> None:
+    """Check a plugin class as discovery does: every hookimpl is a hook of the spec taking only its arguments, and
+    its ``Options`` build from their defaults. Raises :class:`PluginError` / :class:`ConfigError` with the fix."""
+    _check_hooks(plugin_cls, name)
+    _instantiate(plugin_cls, name, None)
+
+
+def offering(attribute: str, accept=bool) -> list[tuple[str, type]]:
+    """(name, class) of each loaded plugin whose class declares ``attribute`` with a value ``accept`` takes,
+    tuneforge's own first, then by name. How core learns what a mechanism offers (folding its parts into the
+    weights, writing PEFT folders, being the objective tiny test runs add) without naming one."""
+    found = sorted((not info.builtin, name, info.obj) for name, info in discover().items()
+                   if info.loaded and accept(getattr(info.obj, attribute, None)))
+    return [(name, obj) for _, name, obj in found]
 
 
 def _instantiate(info_obj, name: str, values: dict | None):

@@ -35,7 +35,7 @@ except ImportError:  # pragma: no cover
     pytest = None
 
 __all__ = [
-    "TINY", "tiny_model", "tiny_dataset", "pretrained_tiny", "train_tiny", "train_distributed", "losses",
+    "TINY", "tiny_model", "tiny_hf_folder", "tiny_dataset", "pretrained_tiny", "train_tiny", "train_distributed", "losses",
     "check_plugin", "snapshot", "changed", "needs_objective", "default_objective",
 ]
 
@@ -57,11 +57,28 @@ _INSTALLED: Any = _Installed()
 
 
 def tiny_model(seed: int = 0, *, spec: str = TINY) -> torch.nn.Module:
-    """A fresh, randomly initialised model of ``spec`` (default :data:`TINY`), seeded, in eval mode."""
-    from tuneforge.models.transformer import Transformer, model_config
+    """The model ``spec`` names (default :data:`TINY`; any ``--model`` spec, e.g. ``hf:PATH`` of a folder from
+    :func:`tiny_hf_folder`), built as a run builds it, seeded, in eval mode."""
+    from tuneforge.models.factory import build
 
-    torch.manual_seed(seed)
-    return Transformer(model_config(spec)).eval()
+    return build(spec, seed=seed)[0].eval()
+
+
+def tiny_hf_folder(folder: str | Path, family: str = "llama", *, d_model: int = 32, n_layers: int = 2,
+                   n_heads: int = 4, context: int = 128, vocab_size: int = 320) -> Path:
+    """A tiny random Hugging Face model folder of ``family`` (gpt2, llama, qwen2) with its tokenizer, written by
+    ``tuneforge hf-tiny`` as a user would run it (no download); returns the folder (use it as ``hf:FOLDER``)."""
+    import subprocess
+    import sys
+
+    folder = Path(folder)
+    command = [sys.executable, "-m", "tuneforge", "hf-tiny", str(folder), "--family", family, "--d-model",
+               str(d_model), "--layers", str(n_layers), "--heads", str(n_heads), "--context", str(context),
+               "--vocab", str(vocab_size), "--train-steps", "0"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr}")
+    return folder
 
 
 def tiny_dataset(folder: str | Path, kind: str = "text", *, n: int = 64) -> Path:
@@ -115,16 +132,15 @@ def default_objective() -> str:
 
     :raises tuneforge.ConfigError: no installed plugin says so.
     """
-    from tuneforge.engine.registry import discover
+    from tuneforge.engine.registry import offering
     from tuneforge.errors import ConfigError
 
-    found = sorted((not info.builtin, name) for name, info in discover().items()
-                   if info.loaded and getattr(info.obj, "test_objective", False) is True)
+    found = offering("test_objective", accept=lambda value: value is True)
     if not found:
         raise ConfigError("tuneforge.sdk.testing: no installed plugin is a test objective (a plugin class with "
                           "test_objective = True, as tuneforge's finetune), and none of this run's mechanisms brings "
                           "an objective: pass objective=NAME, or reinstall tuneforge (pip install tuneforge)")
-    return found[0][1]
+    return found[0][0]
 
 
 def train_tiny(*mechanisms, out: str | Path | None = None, objective: str | None = _INSTALLED, **config: Any):
@@ -197,11 +213,10 @@ def check_plugin(plugin_cls, name: str | None = None) -> list[str]:
 
     :raises tuneforge.PluginError: a hook name or argument the spec does not have, with the fix.
     """
-    from tuneforge.engine.registry import _check_hooks, _instantiate, plugin_hooks
+    from tuneforge.engine.registry import check_class, plugin_hooks
 
     name = name or plugin_cls.__name__.lower()
-    _check_hooks(plugin_cls, name)
-    _instantiate(plugin_cls, name, None)
+    check_class(plugin_cls, name)
     return plugin_hooks(plugin_cls)
 
 

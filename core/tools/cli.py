@@ -6,45 +6,10 @@ import json
 import os
 import sys
 
-from tuneforge.engine.config import TrainConfig, load_config
+from tuneforge.engine.config import FIELD_HELP, TrainConfig, load_config
 from tuneforge.errors import ConfigError, TuneforgeError
 
 __all__ = ["main", "build_parser"]
-
-# Help for each TrainConfig field, which becomes a --flag of `tuneforge train` (one source of truth for names).
-TRAIN_HELP = {
-    "model": "model preset with optional overrides, e.g. tiny, small, 'tiny:n_layers=2,d_model=64', or a local "
-             "Hugging Face folder hf:PATH (options: 'hf:PATH?attn=sdpa&dtype=bfloat16'; never downloaded) "
-             "(default: tiny, or the architecture of --init)",
-    "data": "builtin:NAME (text, sentiment, topic, rankings), a .txt file or a .jsonl file (default: builtin:text)",
-    "eval_data": "held-out data (default: the builtin test split, or the last part of a file)",
-    "out": "run folder for checkpoints, metrics.jsonl, summary.json (default: write nothing)",
-    "steps": "optimizer steps (default: 300)",
-    "batch_size": "sequences per micro-batch, per process (default: 16); N processes train on N micro-batches at once",
-    "seq_len": "tokens per sequence (default: the model's context length)",
-    "grad_accum": "micro-batches per optimizer step (default: 1)",
-    "lr": "peak learning rate of AdamW (default: 3e-3)",
-    "min_lr_ratio": "the cosine schedule ends at lr * this (default: 0.1)",
-    "warmup": "linear warmup steps (default: 30)",
-    "weight_decay": "AdamW weight decay on matrices (default: 0.1)",
-    "beta1": "AdamW beta1 (default: 0.9)",
-    "beta2": "AdamW beta2 (default: 0.95)",
-    "clip": "max gradient norm, 0 = no clipping (default: 1.0)",
-    "eval_every": "steps between evaluations, 0 = only at the end (default: 100)",
-    "save_every": "steps between checkpoints, 0 = only at the end and on Ctrl-C/SIGTERM (default: 0)",
-    "keep_last": "checkpoints kept in the run folder (default: 3)",
-    "resume": "'auto' (latest checkpoint in --out, or a fresh start if none) or a checkpoint/run folder",
-    "init": "start from the weights of this checkpoint or run folder (fresh optimizer)",
-    "seed": "seed of initialisation and data order (default: 0)",
-    "device": "auto, cpu, cuda, cuda:1 ... (default: auto; under torchrun auto/cuda is each process's GPU)",
-    "strategy": "how processes started by torchrun or --nproc-per-node share the work: ddp (every process holds the "
-                "model, gradients are averaged) or fsdp (FSDP2: parameters, gradients and optimizer state are "
-                "sharded over the processes) (default: ddp)",
-    "max_nonfinite": "stop after this many non-finite losses in a row (default: 10)",
-    "log_every": "steps between log lines when stderr is not a terminal (default: 50)",
-    "verify_frozen": "hash every frozen weight before and after the run and record in summary.json that none "
-                     "changed (default: true; false skips the hashing on very large models)",
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a mechanism and its options, repeatable in registration order, e.g. -m pretrain")
     for field in TrainConfig.fields():
         if field != "mechanisms":
-            t.add_argument(f"--{field.replace('_', '-')}", dest=field, metavar=field.upper(), help=TRAIN_HELP[field])
+            t.add_argument(f"--{field.replace('_', '-')}", dest=field, metavar=field.upper(), help=FIELD_HELP[field])
     t.add_argument("--nproc-per-node", metavar="N",
                    help="train on N processes of this machine, launched by torchrun (python -m torch.distributed.run "
                    "--standalone); N may be a number, 'gpu' or 'cpu'. Across machines, run torchrun yourself: "
@@ -298,10 +263,9 @@ def _data(args) -> int:
 def _peft_exporter():
     """``export_peft`` of the installed plugin that offers PEFT's LoRA layout (tuneforge's lora does): found by
     the class attribute, so the command names no mechanism."""
-    from tuneforge.engine.registry import discover
+    from tuneforge.engine.registry import offering
 
-    offered = [(name, info.obj.export_peft) for name, info in discover().items()
-               if info.loaded and callable(getattr(info.obj, "export_peft", None))]
+    offered = offering("export_peft", accept=callable)
     if not offered:
         raise ConfigError("export-peft: no loaded plugin writes PEFT folders (a plugin class with an export_peft "
                           "attribute, as tuneforge's lora); see 'tuneforge plugins' for one that failed to load, or "
@@ -309,7 +273,7 @@ def _peft_exporter():
     if len(offered) > 1:
         raise ConfigError(f"export-peft: plugins {', '.join(n for n, _ in offered)} all write PEFT folders; leave "
                           "out the third-party ones you do not mean with --plugins NAME,... or --no-plugins")
-    return offered[0][1]
+    return offered[0][1].export_peft
 
 
 def _export_peft(args) -> int:

@@ -36,13 +36,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def folding_plugins() -> dict[str, type]:
     """``TaskModule`` kind -> the installed plugin class whose parts of that kind fold into the base weights."""
-    from tuneforge.engine.registry import discover
+    from tuneforge.engine.registry import offering
 
     found: dict[str, type] = {}
-    for info in sorted(discover().values(), key=lambda i: (not i.builtin, i.name)):  # tuneforge's own first
-        kind = getattr(info.obj, "fold_kind", None) if info.loaded else None
-        if isinstance(kind, str) and kind:
-            found.setdefault(kind, info.obj)
+    for _, cls in offering("fold_kind", accept=lambda kind: isinstance(kind, str) and bool(kind)):
+        found.setdefault(cls.fold_kind, cls)  # tuneforge's own first
     return found
 
 

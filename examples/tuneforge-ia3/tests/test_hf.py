@@ -8,9 +8,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 import tuneforge  # noqa: E402
-from tuneforge.models import hf  # noqa: E402
-from tuneforge.tools.hf_tiny import make_tiny  # noqa: E402
-from tuneforge.sdk.testing import changed, snapshot  # noqa: E402
+from tuneforge.sdk.testing import changed, snapshot, tiny_hf_folder, tiny_model  # noqa: E402
 
 from tuneforge_ia3 import add_ia3, ia3_layers  # noqa: E402
 
@@ -30,7 +28,7 @@ EXPECTED = {
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
-    return {f: make_tiny(root / f, f, train_steps=0, **SMALL) for f in EXPECTED}
+    return {f: tiny_hf_folder(root / f, f, **SMALL) for f in EXPECTED}
 
 
 def _ids(model):
@@ -39,7 +37,7 @@ def _ids(model):
 
 @pytest.mark.parametrize("family", list(EXPECTED))
 def test_vectors_go_where_the_families_table_says_and_start_as_the_identity(folders, family):
-    model = hf.load(folders[family])
+    model = tiny_model(spec=f"hf:{folders[family]}")
     ids = _ids(model)
     with torch.no_grad():
         before = model(ids)
@@ -52,7 +50,7 @@ def test_vectors_go_where_the_families_table_says_and_start_as_the_identity(fold
 
 
 def test_gpt2_scales_only_the_key_and_value_thirds_of_c_attn(folders):
-    model = hf.load(folders["gpt2"])
+    model = tiny_model(spec=f"hf:{folders['gpt2']}")
     c_attn = model.get_submodule("transformer.h.0.attn.c_attn")
     w, b = c_attn.weight.detach().clone(), c_attn.bias.detach().clone()
     add_ia3(model, targets=["k", "v"], layers=["0"])
@@ -69,7 +67,7 @@ def test_gpt2_scales_only_the_key_and_value_thirds_of_c_attn(folders):
 
 @pytest.mark.parametrize("family", list(EXPECTED))
 def test_trains_only_the_vectors_saves_them_alone_and_rebuilds(folders, family, train_tiny, tmp_path):
-    start = hf.load(folders[family])
+    start = tiny_model(spec=f"hf:{folders[family]}")
     result = train_tiny("ia3", model=f"hf:{folders[family]}", steps=3, lr=0.1, out=tmp_path / "run")
     per_block = sum(b - a for _, spans in EXPECTED[family].values() for a, b in spans.values())
     assert result.summary["trainable_params"] == 2 * per_block

@@ -8,8 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import tuneforge
-from tuneforge import ConfigError
-from tuneforge.models import routing
+from tuneforge.sdk import ConfigError, routing
 from tuneforge.sdk.testing import changed, check_plugin, snapshot
 from tuneforge.sdk.testing import tiny_model as make_model
 
