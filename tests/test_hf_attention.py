@@ -13,7 +13,7 @@ import pytest
 transformers = pytest.importorskip("transformers")
 import torch  # noqa: E402
 
-import tuneforge  # noqa: E402
+import tuneforge.models  # noqa: E402
 from tuneforge.models import hf_attention  # noqa: E402
 
 ATOL = 1e-5
@@ -265,7 +265,7 @@ def test_register_is_idempotent():
 def test_module_imports_without_transformers(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now raises ImportError
     monkeypatch.delitem(sys.modules, "tuneforge.models.hf_attention")
-    monkeypatch.setattr(tuneforge, "hf_attention", hf_attention)  # restored afterwards, whatever import sets
+    monkeypatch.setattr(tuneforge.models, "hf_attention", hf_attention)  # restored afterwards, whatever import sets
     fresh = importlib.import_module("tuneforge.models.hf_attention")
     assert fresh.attention_implementation_name == "tuneforge"
     with pytest.raises(ImportError):

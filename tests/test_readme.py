@@ -62,10 +62,13 @@ def test_adapters_and_lora_example_runs(pretrained, tmp_path, monkeypatch):
     exec(compile(code, "README.md", "exec"), namespace)
     model = namespace["model"]
     assert namespace["logits"].shape == (3, 10, 259)
-    assert [p for p, _ in namespace["lora"].lora_layers(model)][:2] == ["blocks.0.attn.q", "blocks.0.attn.v"]
+    from tuneforge.plugins.lora import lora_layers
+    from tuneforge.sdk import using
+
+    assert [p for p, _ in lora_layers(model)][:2] == ["blocks.0.attn.q", "blocks.0.attn.v"]
     assert model.get_submodule("blocks.0.attn.q").merged == ["s"]  # the example ends merged
     base = tuneforge.load_model("runs/pre")
-    with torch.no_grad(), namespace["adapters"].using(model, ["s"]):  # merged s, and not t
+    with torch.no_grad(), using(model, ["s"]):  # merged s, and not t
         merged = model(ids[:1])
         torch.testing.assert_close(merged, tuneforge.load_model("runs/lora-s")(ids[:1]), rtol=1e-5, atol=1e-5)
         assert not torch.allclose(merged, base(ids[:1]))
