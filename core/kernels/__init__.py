@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 
 import torch
 
+from tuneforge.kernels.fused import CUDA_HEAD_SIZES, check_inputs
+from tuneforge.kernels.fused import attention as fused_attention
 from tuneforge.kernels.reference import (
     ACTIVATIONS, attention_reference, bottleneck_adapter_reference, lora_linear_reference,
     multi_bottleneck_adapter_reference, multi_lora_linear_reference,
@@ -45,25 +46,17 @@ def _has_kernel(op: str, device_type: str) -> bool:
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"tuneforge::{op}", key)
 
 
-def _compiled_attention(q, k, v, *, causal=True, key_padding_mask=None, scale=None):
-    """The kernels save only the log-sum-exp. On the CPU they take float32 and float64 (other dtypes convert to
-    float32 around them); on CUDA float32 and bfloat16 as they are, head sizes 16/32/64/128."""
+def _compiled_attention(q, k, v, *, causal=True, key_padding_mask=None, scale=None, cu_seqlens=None):
+    """The project's kernel where it runs (CPU; CUDA at the head sizes it has), the reference elsewhere."""
+    check_inputs(q, k, v, causal, key_padding_mask, cu_seqlens)
     device, D = q.device.type, q.size(-1)
-    cuda_ok = (device == "cuda" and _has_kernel("flash_attention_forward", "cuda") and D in (16, 32, 64, 128)
-               and q.dtype != torch.float64)
+    cuda_ok = (device == "cuda" and _has_kernel("flash_attention_forward", "cuda") and D in CUDA_HEAD_SIZES
+               and q.dtype != torch.float64 and cu_seqlens is None)
     if (device != "cpu" and not cuda_ok) or k.size(-2) == 0:
-        return attention_reference(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
-    if causal and q.size(-2) > k.size(-2):
-        raise ValueError(f"causal attention needs Tq <= Tk (queries are the newest keys), got Tq={q.size(-2)}, "
-                         f"Tk={k.size(-2)}")
-    B, Tk = q.size(0), k.size(-2)
-    if key_padding_mask is not None and tuple(key_padding_mask.shape) != (B, Tk):
-        raise ValueError(f"key_padding_mask must be (B, Tk) = ({B}, {Tk}), got {tuple(key_padding_mask.shape)}")
-    s = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    native_dtypes = (torch.float32, torch.bfloat16) if device == "cuda" else (torch.float32, torch.float64)
-    cast = lambda t: t if t.dtype in native_dtypes else t.float()  # noqa: E731
-    out, _ = torch.ops.tuneforge.flash_attention_forward(cast(q), cast(k), cast(v), causal, key_padding_mask, s)
-    return out.to(q.dtype)
+        return attention_reference(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
+                                   cu_seqlens=cu_seqlens)
+    return fused_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
+                           cu_seqlens=cu_seqlens)
 
 
 def _where_compiled(op: str, compiled):
@@ -102,15 +95,19 @@ def _use_compiled() -> None:
 _use_compiled()
 
 
-def flash_attention(q, k, v, *, causal: bool = True, key_padding_mask=None, scale=None):
-    """Scaled dot-product attention. q: (B, H, Tq, D), k/v: (B, H, Tk, D) -> (B, H, Tq, D) in q's dtype.
+def flash_attention(q, k, v, *, causal: bool = True, key_padding_mask=None, scale=None, cu_seqlens=None):
+    """Scaled dot-product attention. q: (B, H, Tq, D), k/v: (B, Hkv, Tk, D) -> (B, H, Tq, D) in q's dtype.
 
     ``causal`` is bottom-right aligned (query i is at position Tk - Tq + i, so new queries after a KV cache see
     every cached key), ``key_padding_mask`` is bool (B, Tk) with True for real tokens, ``scale`` defaults to
-    1/sqrt(D). A query that sees no key returns zeros (never NaN). Softmax runs in float32 at least.
+    1/sqrt(D). Hkv may divide H (grouped-query attention: key/value head j serves query heads j*H/Hkv ..
+    (j+1)*H/Hkv - 1). ``cu_seqlens`` packs documents back to back along T (Tq == Tk): int (S + 1,) shared by every
+    row or (B, S + 1) per row, offsets 0 = c_0 <= ... <= c_S <= T; a query sees only keys of its own document and
+    positions past c_S see nothing (see ``reference.document_ids``). A query that sees no key returns zeros (never
+    NaN). Softmax runs in float32 at least.
     """
     impl = _IMPLEMENTATIONS["flash_attention"][1]
-    return impl(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+    return impl(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale, cu_seqlens=cu_seqlens)
 
 
 def lora_linear(x, weight, bias, lora_a, lora_b, scaling: float):

@@ -11,7 +11,7 @@ import math
 import torch
 
 __all__ = [
-    "attention_reference", "lora_linear_reference", "multi_lora_linear_reference", "bottleneck_adapter_reference",
+    "attention_reference", "document_ids", "lora_linear_reference", "multi_lora_linear_reference", "bottleneck_adapter_reference",
     "multi_bottleneck_adapter_reference", "ACTIVATIONS",
 ]
 
@@ -19,27 +19,58 @@ __all__ = [
 ACTIVATIONS = {"gelu": torch.nn.functional.gelu, "relu": torch.relu, "silu": torch.nn.functional.silu}
 
 
-def attention_reference(q, k, v, *, causal: bool = True, key_padding_mask=None, scale=None):
+def document_ids(cu_seqlens, batch: int, length: int, device=None):
+    """Which packed document each position is in: (B, T) int64, -1 past the last boundary (padding).
+
+    cu_seqlens: (S + 1,) shared by every row, or (B, S + 1) per row: int offsets 0 = c_0 <= c_1 <= ... <= c_S <= T
+    where document s holds positions c_s .. c_{s+1} - 1. Zero-length documents (repeated offsets) are allowed,
+    so rows with fewer documents repeat their last offset.
+    """
+    cu = torch.as_tensor(cu_seqlens, device=device).to(torch.int64)
+    if cu.dim() == 1:
+        cu = cu.expand(batch, -1)
+    if cu.dim() != 2 or cu.size(0) != batch or cu.size(1) < 2:
+        raise ValueError(f"cu_seqlens must be (S + 1,) or (B, S + 1) = ({batch}, S + 1) with S >= 1 documents, "
+                         f"got {tuple(cu.shape)}")
+    if bool((cu[:, 0] != 0).any()) or bool((cu[:, 1:] < cu[:, :-1]).any()) or bool((cu[:, -1] > length).any()):
+        raise ValueError(f"cu_seqlens must start at 0, never decrease and end at most at T = {length}; got "
+                         f"{cu.tolist() if cu.numel() <= 64 else tuple(cu.shape)}")
+    t = torch.arange(length, device=cu.device).expand(batch, length).contiguous()  # (B, T)
+    doc = torch.searchsorted(cu.contiguous(), t, right=True) - 1  # (B, T): the last boundary at or before t
+    return doc.masked_fill(t >= cu[:, -1:], -1)
+
+
+def attention_reference(q, k, v, *, causal: bool = True, key_padding_mask=None, scale=None, cu_seqlens=None):
     """softmax(q k^T * scale, masked) v, written out step by step.
 
-    q: (B, H, Tq, D); k, v: (B, H, Tk, D) with Tq <= Tk when causal. Returns (B, H, Tq, D) in q's dtype.
+    q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D) with Hkv dividing H (grouped-query attention: key/value head j serves
+    query heads j*H/Hkv .. (j+1)*H/Hkv - 1) and Tq <= Tk when causal. Returns (B, H, Tq, D) in q's dtype.
 
     causal: bottom-right aligned. Query i sits at absolute position Tk - Tq + i and sees keys at positions
         <= that, so with a KV cache the Tq new tokens see every cached key and the new keys up to their own.
         With Tq == Tk this is the usual lower-triangular mask.
     key_padding_mask: bool (B, Tk), True = a real token that may be attended, False = padding.
     scale: multiplies the scores; default 1/sqrt(D), which keeps their variance ~1 whatever the head size.
+    cu_seqlens: documents packed back to back along T (needs Tq == Tk): see :func:`document_ids`. A query sees
+        only keys of its own document; positions past the last offset see nothing.
 
     A query that may see no key at all (e.g. a left-padding position under the causal mask) returns zeros,
     and no gradient flows through it: never NaN.
     """
     B, H, Tq, D = q.shape
-    Tk = k.size(-2)
+    Hkv, Tk = k.size(1), k.size(-2)
     if causal and Tq > Tk:
         raise ValueError(f"causal attention needs Tq <= Tk (queries are the newest keys), got Tq={Tq}, Tk={Tk}")
     if key_padding_mask is not None and tuple(key_padding_mask.shape) != (B, Tk):
         raise ValueError(f"key_padding_mask must be (B, Tk) = ({B}, {Tk}), got {tuple(key_padding_mask.shape)}")
+    if Hkv == 0 or H % Hkv or tuple(v.shape[:2]) != (B, Hkv) or k.size(0) != B:
+        raise ValueError(f"k and v must be (B, Hkv, Tk, D) with Hkv dividing q's {H} heads, got k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    if cu_seqlens is not None and Tq != Tk:
+        raise ValueError(f"cu_seqlens (packed documents) needs Tq == Tk, got Tq={Tq}, Tk={Tk}")
     scale = 1.0 / math.sqrt(D) if scale is None else scale
+    if Hkv != H:  # each key/value head serves H // Hkv consecutive query heads
+        k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)  # (B, H, Tk, D)
 
     # Scores and softmax in (at least) float32: bf16 keeps 8 mantissa bits, too few for exp() and a sum over
     # thousands of keys. float64 inputs stay float64 so gradcheck can run on this function.
@@ -54,6 +85,10 @@ def attention_reference(q, k, v, *, causal: bool = True, key_padding_mask=None, 
     allowed = allowed[None, None]  # (1, 1, Tq, Tk), broadcast over batch and heads
     if key_padding_mask is not None:
         allowed = allowed & key_padding_mask.to(device=q.device, dtype=torch.bool)[:, None, None, :]  # (B, 1, Tq, Tk)
+    if cu_seqlens is not None:
+        doc = document_ids(cu_seqlens, B, Tk, device=q.device)  # (B, T)
+        same = (doc[:, :, None] == doc[:, None, :]) & (doc >= 0)[:, :, None]  # (B, Tq, Tk)
+        allowed = allowed & same[:, None]  # (B, 1, Tq, Tk)
 
     # Masked scores get the most negative finite float rather than -inf: a row where every key is masked then
     # softmaxes to a finite uniform row instead of NaN (exp(-inf - -inf)), and NaN would poison the backward
