@@ -1,276 +1,295 @@
-// Flash attention on the CPU: tiled over queries, keys in chunks merged with an online softmax, only the
-// log-sum-exp saved for a backward that recomputes the scores. Never a (T, T) matrix: each thread holds one
-// (query tile x key chunk) block of scores.
+// Flash attention on the CPU: register-tiled micro-kernels (attention_isa.h, one source compiled per instruction
+// set and chosen at run time: attention_simd.h); keys and values packed once per (batch, kv head); query tiles of
+// 48 rows against key blocks of 256 (L2-sized) with the scale folded into the queries, masking only on blocks that
+// cross a row's visible interval, and an online softmax; a FlashAttention-2-order backward (key blocks outer, dK
+// and dV held in cache); work handed out dynamically, so a thread that another process delays holds up one tile,
+// not a static share. Only the log-sum-exp is saved. Decoding (a few query rows per kv head) reads the KV cache in
+// place, strided, without packing.
 //
-// Layout: q (B, H, Tq, D), k and v (B, H, Tk, D), contiguous, float32 (other dtypes are converted by the caller).
-// causal is bottom-right aligned: query i (absolute position Tk - Tq + i) sees keys 0 .. Tk - Tq + i.
-// key_padding_mask (B, Tk) bool, true = a real key. A query that sees no key returns 0 and lse = -inf.
+// Layout: q (B, H, Tq, D); k, v (B, Hkv, Tk, D) with Hkv dividing H (grouped-query attention), any strides with the
+// last dimension contiguous (a KV cache's filled slice is read in place). float32 at speed, float64 (exact exp2)
+// for gradcheck. Which keys a query sees is an interval per row: causal (bottom-right aligned: query i sits at
+// Tk - Tq + i), cut to its document when cu_seqlens packs several along T, then a key padding mask (B, Tk) on top.
+// A query that sees no key returns 0 and lse = -inf.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <dlfcn.h>
-
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
+#include <atomic>
 #include <cstring>
-#include <limits>
 #include <tuple>
-#include <type_traits>
+#include <vector>
+
+#include "attention_simd.h"
 
 namespace tuneforge {
+namespace attn {
 
-namespace {
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-constexpr int64_t kQTile = 64;      // query rows per task
-constexpr int64_t kKChunk = 1024;  // keys per block of scores (merged across chunks by the online softmax)
-template <typename T>
-constexpr T neg_inf() { return -std::numeric_limits<T>::infinity(); }
-
-// Row-major C (m x n) = alpha op(A) op(B) + beta C on raw pointers. The tiles here are small (64..1024 wide), so
-// the per-call cost of at::mm through the dispatcher shows; the BLAS that torch itself links (its Fortran
-// sgemm_/dgemm_ entry points, found at run time) is called directly where it exists, at::addmm_out on views where
-// not. float64 is there for gradcheck.
-template <typename T>
-using GemmFn = void (*)(const char*, const char*, const int*, const int*, const int*, const T*, const T*, const int*,
-                        const T*, const int*, const T*, T*, const int*);
-
-template <typename T>
-GemmFn<T> blas_gemm() {
-  static const GemmFn<T> fn =
-      reinterpret_cast<GemmFn<T>>(dlsym(RTLD_DEFAULT, std::is_same<T, float>::value ? "sgemm_" : "dgemm_"));
-  return fn;
+// Run work(i, scratch) for i in [0, n) on torch's threads, each thread taking the next task when it finishes one,
+// so a thread that the OS deschedules (another process on the core) delays one task, not a fixed share.
+template <typename T, typename F>
+void dynamic_for(int64_t n, int64_t scratch, const F& work) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    std::vector<T> buf(static_cast<size_t>(scratch));
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) work(i, buf.data());
+  });
 }
 
-template <typename T>
-void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
-          int64_t ldb, T beta, T* c, int64_t ldc) {
-  if (GemmFn<T> fn = blas_gemm<T>()) {  // column-major BLAS computes C^T = op(B)^T op(A)^T
-    const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
-    const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
-    const int LA = static_cast<int>(ldb), LB = static_cast<int>(lda), LC = static_cast<int>(ldc);
-    fn(&ta, &tb, &M, &N, &K, &alpha, b, &LA, a, &LB, &beta, c, &LC);
-    return;
+struct Problem {
+  int64_t B, H, Hkv, G, Tq, Tk, D;
+  at::Tensor q, k, v;   // last dimension contiguous
+  at::Tensor lo, hi;    // (B, Tq) int64: keys [lo, hi) each query row may see (before padding)
+  at::Tensor mask;      // (B, Tk) bool or undefined
+};
+
+at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+// Shapes, dtypes, devices, then each row's interval: [0, Tk), cut by causality and by its document.
+Problem problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
+                const c10::optional<at::Tensor>& key_padding_mask, const c10::optional<at::Tensor>& cu_seqlens) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "tuneforge::flash_attention: q, k, v must be (B, H, T, D)");
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
+              "tuneforge::flash_attention (CPU kernel): q, k, v must be CPU tensors");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "tuneforge::flash_attention: q, k, v of one dtype");
+  Problem p;
+  p.B = q.size(0), p.H = q.size(1), p.Tq = q.size(2), p.D = q.size(3), p.Hkv = k.size(1), p.Tk = k.size(2);
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == p.B && k.size(3) == p.D && p.Hkv > 0 && p.H % p.Hkv == 0,
+              "tuneforge::flash_attention: k, v must be (B, Hkv, Tk, D) with Hkv dividing H; got q ", q.sizes(),
+              ", k ", k.sizes(), ", v ", v.sizes());
+  TORCH_CHECK(!causal || p.Tq <= p.Tk, "tuneforge::flash_attention: causal needs Tq <= Tk, got ", p.Tq, " > ", p.Tk);
+  p.G = p.H / p.Hkv;
+  p.q = last_dim_contiguous(q), p.k = last_dim_contiguous(k), p.v = last_dim_contiguous(v);
+  if (key_padding_mask.has_value()) {
+    const auto& m = *key_padding_mask;
+    TORCH_CHECK(m.device().is_cpu() && m.dim() == 2 && m.size(0) == p.B && m.size(1) == p.Tk,
+                "tuneforge::flash_attention: key_padding_mask must be a CPU (B, Tk) = (", p.B, ", ", p.Tk,
+                ") tensor, got ", m.sizes(), " on ", m.device());
+    p.mask = m.to(at::kBool).contiguous();
   }
-  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  auto A = at::from_blob(const_cast<T*>(a), {trans_a ? k : m, trans_a ? m : k}, {lda, 1}, opts);
-  auto B = at::from_blob(const_cast<T*>(b), {trans_b ? n : k, trans_b ? k : n}, {ldb, 1}, opts);
-  auto C = at::from_blob(c, {m, n}, {ldc, 1}, opts);
-  at::addmm_out(C, C, trans_a ? A.t() : A, trans_b ? B.t() : B, beta, alpha);
-}
-
-// exp(x) for x <= 0-ish, written so the compiler vectorizes the loops that call it (no libm call): Cody-Waite
-// range reduction x = n ln2 + r, a degree-6 polynomial for e^r (Cephes' coefficients, ~1 ulp), then 2^n through
-// the exponent bits. Below -87 (and -inf: a masked score) it is exactly 0.
-inline float exp_approx(float x) {
-  const float xc = std::max(x, -87.f);
-  const float n = std::nearbyint(xc * 1.44269504088896341f);
-  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return x < -87.f ? 0.f : p * scale;
-}
-
-inline double exp_approx(double x) { return std::exp(x); }  // float64 is for gradcheck: exact, not fast
-
-template <typename T>
-T row_max(const T* row, int64_t n, T start) {
-  T mx = start;
-  for (int64_t j = 0; j < n; ++j) mx = row[j] > mx ? row[j] : mx;
-  return mx;
-}
-
-// row[j] = exp(row[j] - m); returns the sum.
-template <typename T>
-T exp_shift_sum(T* row, int64_t n, T m) {
-  for (int64_t j = 0; j < n; ++j) row[j] = exp_approx(row[j] - m);
-  T sum = 0;
-  for (int64_t j = 0; j < n; ++j) sum += row[j];
-  return sum;
-}
-
-// Set to -inf the scores a query may not see: causal band, then padding. s: (rows, cols) for queries
-// q0.. and keys k0.., row stride ld.
-template <typename T>
-void mask_block(T* s, int64_t rows, int64_t cols, int64_t ld, int64_t q0, int64_t k0, int64_t offset,
-                bool causal, const bool* pad) {
-  for (int64_t i = 0; i < rows; ++i) {
-    T* row = s + i * ld;
-    if (causal) {
-      const int64_t last = q0 + i + offset;  // the last key this query sees
-      for (int64_t j = std::max<int64_t>(0, last + 1 - k0); j < cols; ++j) row[j] = neg_inf<T>();
-    }
-    if (pad != nullptr) {
-      for (int64_t j = 0; j < cols; ++j) {
-        if (!pad[k0 + j]) row[j] = neg_inf<T>();
+  p.lo = at::zeros({p.B, p.Tq}, at::kLong);
+  p.hi = at::empty({p.B, p.Tq}, at::kLong);
+  int64_t *lo = p.lo.data_ptr<int64_t>(), *hi = p.hi.data_ptr<int64_t>();
+  const int64_t offset = p.Tk - p.Tq;
+  for (int64_t t = 0; t < p.Tq; ++t) hi[t] = causal ? std::max<int64_t>(0, std::min(p.Tk, t + offset + 1)) : p.Tk;
+  for (int64_t b = 1; b < p.B; ++b) std::copy(hi, hi + p.Tq, hi + b * p.Tq);
+  if (cu_seqlens.has_value()) {
+    const auto cu = cu_seqlens->to(at::kLong).contiguous();
+    TORCH_CHECK(cu.device().is_cpu() && p.Tq == p.Tk && (cu.dim() == 1 || (cu.dim() == 2 && cu.size(0) == p.B)) &&
+                    cu.size(-1) >= 2,
+                "tuneforge::flash_attention: cu_seqlens must be a CPU (S + 1,) or (B, S + 1) tensor with Tq == Tk, "
+                "got ", cu.sizes(), " with Tq ", p.Tq, ", Tk ", p.Tk);
+    const int64_t S = cu.size(-1) - 1;
+    for (int64_t b = 0; b < p.B; ++b) {
+      const int64_t* c = cu.data_ptr<int64_t>() + (cu.dim() == 2 ? b * (S + 1) : 0);
+      TORCH_CHECK(c[0] == 0 && c[S] <= p.Tk, "tuneforge::flash_attention: cu_seqlens must start at 0 and end at "
+                  "most at T = ", p.Tk, "; row ", b, " runs ", c[0], " .. ", c[S]);
+      for (int64_t s = 0; s < S; ++s) {
+        TORCH_CHECK(c[s + 1] >= c[s], "tuneforge::flash_attention: cu_seqlens must never decrease (row ", b, ")");
+        for (int64_t t = c[s]; t < c[s + 1]; ++t) lo[b * p.Tq + t] = c[s], hi[b * p.Tq + t] = std::min(hi[b * p.Tq + t], c[s + 1]);
       }
+      for (int64_t t = c[S]; t < p.Tq; ++t) lo[b * p.Tq + t] = hi[b * p.Tq + t] = 0;  // past the last document
     }
   }
+  return p;
+}
+
+// (B, Tkp) additive bias, 0 on real keys and -inf on padding and on the keys past Tk, or undefined.
+template <typename T>
+at::Tensor padding_bias(const Problem& p, int64_t Tkp) {
+  if (!p.mask.defined()) return at::Tensor();
+  auto bias = at::full({p.B, Tkp}, -std::numeric_limits<T>::infinity(), p.q.options());
+  T* out = bias.template data_ptr<T>();
+  const bool* m = p.mask.data_ptr<bool>();
+  for (int64_t b = 0; b < p.B; ++b)
+    for (int64_t j = 0; j < p.Tk; ++j) out[b * Tkp + j] = m[b * p.Tk + j] ? T(0) : -std::numeric_limits<T>::infinity();
+  return bias;
+}
+
+// Keys (and values) of every (b, kv head) as panels, in parallel; rows read through the tensor's strides.
+template <typename T>
+at::Tensor panels_of(const Kernels<T>& kn, const at::Tensor& x, int64_t Tkp, int64_t Dp) {
+  const int64_t B = x.size(0), Hkv = x.size(1), Tk = x.size(2), D = x.size(3);
+  auto out = at::empty({B * Hkv, Tkp * Dp}, x.options());
+  const T* src = x.template data_ptr<T>();
+  T* dst = out.template data_ptr<T>();
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t s, int64_t e) {
+    for (int64_t i = s; i < e; ++i)
+      kn.pack_panels(src + (i / Hkv) * x.stride(0) + (i % Hkv) * x.stride(1), x.stride(2), Tk, D, Dp, Tkp,
+                     dst + i * Tkp * Dp);
+  });
+  return out;
+}
+
+// Rows of every (b, head) into (B * heads, rows_p, Dp) row-major, zero padded, times `mul`.
+template <typename T>
+at::Tensor rows_of(const Kernels<T>& kn, const at::Tensor& x, int64_t rows_p, int64_t Dp, T mul = T(1)) {
+  const int64_t B = x.size(0), Hx = x.size(1), Tx = x.size(2), D = x.size(3);
+  auto out = at::empty({B * Hx, rows_p * Dp}, x.options());
+  const T* src = x.template data_ptr<T>();
+  T* dst = out.template data_ptr<T>();
+  at::parallel_for(0, B * Hx, 1, [&](int64_t s, int64_t e) {
+    for (int64_t i = s; i < e; ++i)
+      kn.pack_rows(src + (i / Hx) * x.stride(0) + (i % Hx) * x.stride(1), x.stride(2), Tx, D, rows_p, Dp, mul,
+                   dst + i * rows_p * Dp);
+  });
+  return out;
 }
 
 template <typename T>
-std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                     const at::Tensor& v_in, bool causal,
-                                                     const c10::optional<at::Tensor>& key_padding_mask, double scale) {
-  TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4, "tuneforge::flash_attention: q, k, v (B, H, T, D)");
-  const auto q = q_in.detach().contiguous(), k = k_in.detach().contiguous(), v = v_in.detach().contiguous();
-  const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), D = q.size(3), Tk = k.size(2);
-  TORCH_CHECK(!causal || Tq <= Tk, "tuneforge::flash_attention: causal needs Tq <= Tk, got ", Tq, " > ", Tk);
-  const auto mask = key_padding_mask.has_value() ? key_padding_mask->to(at::kBool).contiguous() : at::Tensor();
-  auto out = at::zeros_like(q);
-  at::Tensor lse = at::full({B, H, Tq}, neg_inf<T>(), q.options());
-  // Raw pointers, not tensor indexing, inside the loop: at small sizes (the tiny model's T = 128) the per-task
-  // cost of creating views showed next to the arithmetic.
-  const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
-  T *outp = out.data_ptr<T>(), *lsep = lse.data_ptr<T>();
-  const bool* maskp = mask.defined() ? mask.data_ptr<bool>() : nullptr;
-  const int64_t offset = Tk - Tq, n_tiles = (Tq + kQTile - 1) / kQTile, width = std::min(Tk, kKChunk);
-  at::parallel_for(0, B * H * n_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> scores(kQTile * width), acc(kQTile * D), m(kQTile), l(kQTile);  // this thread's block
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / n_tiles, q0 = (task % n_tiles) * kQTile, b = bh / H;
-      const int64_t rows = std::min(kQTile, Tq - q0);
-      const int64_t k_end = causal ? std::min(Tk, q0 + rows + offset) : Tk;
-      const T* qt = qp + (bh * Tq + q0) * D;                             // (rows, D)
-      const T *kb = kp + bh * Tk * D, *vb = vp + bh * Tk * D;            // (Tk, D)
-      const bool* pad = maskp != nullptr ? maskp + b * Tk : nullptr;
-      std::fill(m.begin(), m.end(), neg_inf<T>());
-      std::fill(l.begin(), l.end(), T(0));
-      T* ap = acc.data();
-      std::fill(ap, ap + rows * D, T(0));
-      for (int64_t k0 = 0; k0 < k_end; k0 += kKChunk) {
-        const int64_t cols = std::min(kKChunk, k_end - k0), ld = width;
-        T* sp = scores.data();
-        gemm(false, true, rows, cols, D, T(scale), qt, D, kb + k0 * D, D, T(0), sp, ld);  // S = scale Q K^T
-        mask_block(sp, rows, cols, ld, q0, k0, offset, causal, pad);
-        for (int64_t i = 0; i < rows; ++i) {                             // online softmax, row by row
-          T* row = sp + i * ld;
-          const T mx = row_max(row, cols, m[i]);
-          if (mx == neg_inf<T>()) {                                      // nothing visible yet in this row
-            std::fill(row, row + cols, T(0));
-            continue;
-          }
-          const T correction = m[i] == neg_inf<T>() ? T(0) : std::exp(m[i] - mx);
-          l[i] = l[i] * correction + exp_shift_sum(row, cols, mx);
-          m[i] = mx;
-          if (correction != T(1)) {
-            for (int64_t d = 0; d < D; ++d) ap[i * D + d] *= correction;
-          }
-        }
-        gemm(false, false, rows, D, cols, T(1), sp, ld, vb + k0 * D, D, T(1), ap, D);  // (rows, D) += P V
+std::tuple<at::Tensor, at::Tensor> forward(const Problem& p, double scale) {
+  const Kernels<T> kn = pick<T>();
+  const int64_t B = p.B, H = p.H, G = p.G, Tq = p.Tq, Tk = p.Tk, D = p.D;
+  auto out = at::empty({B, H, Tq, D}, p.q.options());
+  auto lse = at::empty({B, H, Tq}, p.q.options());
+  if (B * H * Tq == 0) return {out, lse};
+  const int64_t Dp = round_up(D, kn.w), Tkp = round_up(std::max<int64_t>(Tk, 1), kKeyBlockBwd);
+  const T scale2 = static_cast<T>(scale * 1.4426950408889634);
+  const auto bias = padding_bias<T>(p, Tkp);
+  const T* pad = bias.defined() ? bias.template data_ptr<T>() : nullptr;
+  const int64_t *lo = p.lo.data_ptr<int64_t>(), *hi = p.hi.data_ptr<int64_t>();
+  const T *qp = p.q.template data_ptr<T>(), *kp = p.k.template data_ptr<T>(), *vp = p.v.template data_ptr<T>();
+  T *op = out.template data_ptr<T>(), *lp = lse.template data_ptr<T>();
+  if (G * Tq <= kDecodeRows && D <= kMaxDecodeD) {  // decoding: read the cache in place, one task per kv head
+    dynamic_for<T>(B * p.Hkv, kKeyBlock + Dp + kn.w, [&](int64_t i, T* scratch) {
+      const int64_t b = i / p.Hkv, kh = i % p.Hkv;
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t h = kh * G + g;
+        DecodeRows<T> t{qp + b * p.q.stride(0) + h * p.q.stride(1), p.q.stride(2), Tq, lo + b * Tq, hi + b * Tq,
+                        kp + b * p.k.stride(0) + kh * p.k.stride(1), vp + b * p.v.stride(0) + kh * p.v.stride(1),
+                        p.k.stride(2), p.v.stride(2), D, pad != nullptr ? pad + b * Tkp : nullptr, scale2,
+                        op + (b * H + h) * Tq * D, D, lp + (b * H + h) * Tq, 1};
+        kn.decode_rows(t, scratch);
       }
-      T* op = outp + (bh * Tq + q0) * D;
-      T* lp = lsep + bh * Tq + q0;
-      for (int64_t i = 0; i < rows; ++i) {
-        if (l[i] == T(0)) continue;                                      // saw no key: zeros, lse = -inf
-        const T inv = T(1) / l[i];
-        for (int64_t d = 0; d < D; ++d) op[i * D + d] = ap[i * D + d] * inv;
-        lp[i] = m[i] + std::log(l[i]);
-      }
-    }
+    });
+    return {out, lse};
+  }
+  const at::Tensor kpan = panels_of<T>(kn, p.k, Tkp, Dp), vrows = rows_of<T>(kn, p.v, Tkp, Dp);
+  const T *kpan_p = kpan.template data_ptr<T>(), *vrows_p = vrows.template data_ptr<T>();
+  const int64_t n_tiles = (Tq + kQTile - 1) / kQTile;
+  // Last tiles first: under a causal mask they see the most keys, and starting them early balances the end.
+  dynamic_for<T>(B * H * n_tiles, 2 * kQTile * Dp + kQTile * kKeyBlock + 2 * kQTile, [&](int64_t i, T* scratch) {
+    const int64_t tile = n_tiles - 1 - i / (B * H), bh = i % (B * H), b = bh / H, h = bh % H;
+    const int64_t q0 = tile * kQTile, kv = b * p.Hkv + h / G;
+    FwdTile<T> t{qp + b * p.q.stride(0) + h * p.q.stride(1) + q0 * p.q.stride(2), p.q.stride(2),
+                 std::min(kQTile, Tq - q0), lo + b * Tq + q0, hi + b * Tq + q0,
+                 kpan_p + kv * Tkp * Dp, vrows_p + kv * Tkp * Dp, Dp,
+                 pad != nullptr ? pad + b * Tkp : nullptr, D, Dp, scale2, op + (bh * Tq + q0) * D, lp + bh * Tq + q0};
+    kn.forward_tile(t, scratch);
   });
   return {out, lse};
 }
 
-// dq, dk, dv from the scores recomputed block by block: P = exp(S - lse), dV += P^T dO, dP = dO V^T,
-// dS = P (dP - rowsum(dO * O)), dQ = scale dS K, dK += scale dS^T Q. Parallel over (b, h): the key-side
-// gradients of one head accumulate over its query tiles in one thread.
 template <typename T>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
-    const at::Tensor& grad_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-    const at::Tensor& out_in, const at::Tensor& lse_in, bool causal, const c10::optional<at::Tensor>& key_padding_mask,
-    double scale) {
-  const auto q = q_in.detach().contiguous(), k = k_in.detach().contiguous(), v = v_in.detach().contiguous();
-  const auto g = grad_in.detach().contiguous(), o = out_in.detach().contiguous(), lse = lse_in.detach().contiguous();
-  const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), D = q.size(3), Tk = k.size(2);
-  const int64_t offset = Tk - Tq, width = std::min(Tk, kKChunk);
-  const auto mask = key_padding_mask.has_value() ? key_padding_mask->to(at::kBool).contiguous() : at::Tensor();
-  auto dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
-  const auto delta = (g * o).sum(-1).contiguous();                       // (B, H, Tq)
-  const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>(), *gp = g.data_ptr<T>();
-  const T *lsep = lse.data_ptr<T>(), *deltap = delta.data_ptr<T>();
-  T *dqp = dq.data_ptr<T>(), *dkp = dk.data_ptr<T>(), *dvp = dv.data_ptr<T>();
-  const bool* maskp = mask.defined() ? mask.data_ptr<bool>() : nullptr;
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> p_buf(kQTile * width), dp_buf(kQTile * width);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H;
-      const T *kb = kp + bh * Tk * D, *vb = vp + bh * Tk * D;
-      T *dkb = dkp + bh * Tk * D, *dvb = dvp + bh * Tk * D;
-      const bool* pad = maskp != nullptr ? maskp + b * Tk : nullptr;
-      for (int64_t q0 = 0; q0 < Tq; q0 += kQTile) {
-        const int64_t rows = std::min(kQTile, Tq - q0);
-        const int64_t k_end = causal ? std::min(Tk, q0 + rows + offset) : Tk;
-        const T *qt = qp + (bh * Tq + q0) * D, *gt = gp + (bh * Tq + q0) * D;  // (rows, D)
-        T* dqt = dqp + (bh * Tq + q0) * D;
-        const T *lp = lsep + bh * Tq + q0, *dl = deltap + bh * Tq + q0;
-        for (int64_t k0 = 0; k0 < k_end; k0 += kKChunk) {
-          const int64_t cols = std::min(kKChunk, k_end - k0), ld = width;
-          T *pp = p_buf.data(), *dpp = dp_buf.data();
-          const T *kc = kb + k0 * D, *vc = vb + k0 * D;
-          gemm(false, true, rows, cols, D, T(scale), qt, D, kc, D, T(0), pp, ld);  // S
-          mask_block(pp, rows, cols, ld, q0, k0, offset, causal, pad);
-          for (int64_t i = 0; i < rows; ++i) {                           // P = exp(s - lse); masked: 0
-            T* row = pp + i * ld;
-            if (lp[i] == neg_inf<T>()) {
-              std::fill(row, row + cols, T(0));
-            } else {
-              for (int64_t j = 0; j < cols; ++j) row[j] = exp_approx(row[j] - lp[i]);
-            }
-          }
-          gemm(true, false, cols, D, rows, T(1), pp, ld, gt, D, T(1), dvb + k0 * D, D);  // dV += P^T dO
-          gemm(false, true, rows, cols, D, T(1), gt, D, vc, D, T(0), dpp, ld);           // dP = dO V^T
-          for (int64_t i = 0; i < rows; ++i) {                           // dS = P (dP - delta)
-            T* drow = dpp + i * ld;
-            const T* prow = pp + i * ld;
-            for (int64_t j = 0; j < cols; ++j) drow[j] = prow[j] * (drow[j] - dl[i]);
-          }
-          gemm(false, false, rows, D, cols, T(scale), dpp, ld, kc, D, T(1), dqt, D);     // dQ += scale dS K
-          gemm(true, false, cols, D, rows, T(scale), dpp, ld, qt, D, T(1), dkb + k0 * D, D);  // dK += scale dS^T Q
-        }
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const Problem& p, const at::Tensor& grad_in,
+                                                        const at::Tensor& out_in, const at::Tensor& lse_in,
+                                                        double scale) {
+  const Kernels<T> kn = pick<T>();
+  const int64_t B = p.B, H = p.H, Hkv = p.Hkv, G = p.G, Tq = p.Tq, Tk = p.Tk, D = p.D;
+  auto dq = at::zeros({B, H, Tq, D}, p.q.options());
+  auto dk = at::zeros({B, Hkv, Tk, D}, p.q.options()), dv = at::zeros({B, Hkv, Tk, D}, p.q.options());
+  if (B * H * Tq == 0 || Tk == 0) return {dq, dk, dv};
+  const int64_t Dp = round_up(D, kn.w), Tkp = round_up(Tk, kKeyBlockBwd), Tqp = round_up(Tq, kQTile);
+  const auto grad = last_dim_contiguous(grad_in), out = last_dim_contiguous(out_in);
+  const at::Tensor qrows = rows_of<T>(kn, p.q, Tqp, Dp), dorows = rows_of<T>(kn, grad, Tqp, Dp);
+  const at::Tensor kpan = panels_of<T>(kn, p.k, Tkp, Dp), vpan = panels_of<T>(kn, p.v, Tkp, Dp);
+  const at::Tensor krows = rows_of<T>(kn, p.k, Tkp, Dp);
+  const T *qr = qrows.template data_ptr<T>(), *dor = dorows.template data_ptr<T>(), *kpp = kpan.template data_ptr<T>(), *vpp = vpan.template data_ptr<T>();
+  const T* krp = krows.template data_ptr<T>();
+  // lse in base 2 (+inf where a row saw nothing, so its P is 0) and delta = rowsum(dO * O), padded to Tqp
+  auto lse2 = at::full({B * H, Tqp}, std::numeric_limits<T>::infinity(), p.q.options());
+  auto delta = at::zeros({B * H, Tqp}, p.q.options());
+  {
+    const auto l = lse_in.contiguous().view({B * H, Tq}), d = (grad * out).sum(-1).contiguous().view({B * H, Tq});
+    const auto finite = at::isfinite(l);
+    lse2.narrow(1, 0, Tq).copy_(at::where(finite, l * 1.4426950408889634, std::numeric_limits<double>::infinity()));
+    delta.narrow(1, 0, Tq).copy_(d);
+  }
+  // the union interval of each query tile, per batch row: which tiles a key block must visit
+  const int64_t n_tiles = Tqp / kQTile;
+  auto qlo = at::full({B, n_tiles}, std::numeric_limits<int64_t>::max(), at::kLong), qhi = at::zeros({B, n_tiles}, at::kLong);
+  const int64_t *lo = p.lo.data_ptr<int64_t>(), *hi = p.hi.data_ptr<int64_t>();
+  int64_t *qlo_w = qlo.data_ptr<int64_t>(), *qhi_w = qhi.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t t = 0; t < Tq; ++t) {
+      if (lo[b * Tq + t] >= hi[b * Tq + t]) continue;
+      int64_t& a = qlo_w[b * n_tiles + t / kQTile];
+      int64_t& z = qhi_w[b * n_tiles + t / kQTile];
+      a = std::min(a, lo[b * Tq + t]), z = std::max(z, hi[b * Tq + t]);
+    }
+  }
+  const auto bias = padding_bias<T>(p, Tkp);
+  const T* pad = bias.defined() ? bias.template data_ptr<T>() : nullptr;
+  // Enough tasks for every thread: key blocks of one (b, kv head) are dealt round-robin to `splits` tasks, each
+  // with its own dQ accumulator (summed at the end) so nothing is written by two threads.
+  const int64_t n_blocks = Tkp / kKeyBlockBwd;
+  const int64_t splits = std::min(n_blocks, std::max<int64_t>(1, (4 * at::get_num_threads() + B * Hkv - 1) / (B * Hkv)));
+  auto dq_acc = at::zeros({splits, B * H, Tqp * Dp}, p.q.options());
+  T *dkp = dk.template data_ptr<T>(), *dvp = dv.template data_ptr<T>(), *dqa = dq_acc.template data_ptr<T>();
+  const T *l2p = lse2.template data_ptr<T>(), *dlp = delta.template data_ptr<T>();
+  const int64_t *qlop = qlo.data_ptr<int64_t>(), *qhip = qhi.data_ptr<int64_t>();
+  dynamic_for<T>(B * Hkv * splits, 2 * kQTile * kKeyBlockBwd + 2 * kKeyBlockBwd * Dp, [&](int64_t i, T* scratch) {
+    const int64_t split = i % splits, bk = i / splits, b = bk / Hkv, h0 = (bk % Hkv) * G;
+    T* dk_blk = scratch + 2 * kQTile * kKeyBlockBwd;
+    T* dv_blk = dk_blk + kKeyBlockBwd * Dp;
+    for (int64_t blk = split; blk < n_blocks; blk += splits) {
+      const int64_t k0 = blk * kKeyBlockBwd;
+      BwdBlock<T> t{qr + (b * H + h0) * Tqp * Dp, dor + (b * H + h0) * Tqp * Dp, l2p + (b * H + h0) * Tqp,
+                    dlp + (b * H + h0) * Tqp, lo + b * Tq, hi + b * Tq, qlop + b * n_tiles, qhip + b * n_tiles,
+                    G, Tq, Tqp, Dp, kpp + bk * Tkp * Dp, vpp + bk * Tkp * Dp, krp + bk * Tkp * Dp,
+                    pad != nullptr ? pad + b * Tkp : nullptr, k0, kKeyBlockBwd, static_cast<T>(scale),
+                    static_cast<T>(scale * 1.4426950408889634), dqa + (split * B * H + b * H + h0) * Tqp * Dp,
+                    dk_blk, dv_blk};
+      kn.backward_block(t, scratch);
+      for (int64_t r = 0; r < kKeyBlockBwd && k0 + r < Tk; ++r) {
+        std::memcpy(dkp + (bk * Tk + k0 + r) * D, dk_blk + r * Dp, D * sizeof(T));
+        std::memcpy(dvp + (bk * Tk + k0 + r) * D, dv_blk + r * Dp, D * sizeof(T));
       }
     }
   });
+  auto summed = dq_acc.sum(0).view({B, H, Tqp, Dp}).narrow(2, 0, Tq).narrow(3, 0, D);
+  dq.copy_(summed.mul_(scale));
   return {dq, dk, dv};
 }
 
-}  // namespace
+}  // namespace attn
 
 std::tuple<at::Tensor, at::Tensor> flash_attention_forward_cpu(const at::Tensor& q, const at::Tensor& k,
                                                                const at::Tensor& v, bool causal,
                                                                const c10::optional<at::Tensor>& key_padding_mask,
+                                                               const c10::optional<at::Tensor>& cu_seqlens,
                                                                double scale) {
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
-              "tuneforge::flash_attention: q, k, v of one dtype");
-  if (q.scalar_type() == at::kDouble) return attention_forward<double>(q, k, v, causal, key_padding_mask, scale);
+  const auto p = attn::problem(q.detach(), k.detach(), v.detach(), causal, key_padding_mask, cu_seqlens);
+  if (q.scalar_type() == at::kDouble) return attn::forward<double>(p, scale);
   TORCH_CHECK(q.scalar_type() == at::kFloat, "tuneforge::flash_attention (CPU): float32 or float64, got ",
               q.scalar_type(), " (the Python face converts other dtypes)");
-  return attention_forward<float>(q, k, v, causal, key_padding_mask, scale);
+  return attn::forward<float>(p, scale);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cpu(
     const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, bool causal, const c10::optional<at::Tensor>& key_padding_mask, double scale) {
-  if (q.scalar_type() == at::kDouble) {
-    return attention_backward<double>(grad, q, k, v, out, lse, causal, key_padding_mask, scale);
-  }
-  return attention_backward<float>(grad, q, k, v, out, lse, causal, key_padding_mask, scale);
+    const at::Tensor& lse, bool causal, const c10::optional<at::Tensor>& key_padding_mask,
+    const c10::optional<at::Tensor>& cu_seqlens, double scale) {
+  const auto p = attn::problem(q.detach(), k.detach(), v.detach(), causal, key_padding_mask, cu_seqlens);
+  TORCH_CHECK(grad.sizes() == q.sizes() && out.sizes() == q.sizes() && grad.scalar_type() == q.scalar_type(),
+              "tuneforge::flash_attention_backward: grad and out must be like q");
+  if (q.scalar_type() == at::kDouble) return attn::backward<double>(p, grad.detach(), out.detach(), lse.detach(), scale);
+  return attn::backward<float>(p, grad.detach(), out.detach(), lse.detach(), scale);
 }
 
+std::string cpu_isa() { return attn::chosen_isa(); }
+
 TORCH_LIBRARY_FRAGMENT(tuneforge, m) {
-  m.def("flash_attention_forward(Tensor q, Tensor k, Tensor v, bool causal, Tensor? key_padding_mask, float scale) "
-        "-> (Tensor, Tensor)");
+  m.def("flash_attention_forward(Tensor q, Tensor k, Tensor v, bool causal, Tensor? key_padding_mask, "
+        "Tensor? cu_seqlens, float scale) -> (Tensor, Tensor)");
   m.def("flash_attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, "
-        "Tensor? key_padding_mask, float scale) -> (Tensor, Tensor, Tensor)");
+        "Tensor? key_padding_mask, Tensor? cu_seqlens, float scale) -> (Tensor, Tensor, Tensor)");
+  m.def("cpu_isa() -> str", &cpu_isa);
 }
 
 TORCH_LIBRARY_IMPL(tuneforge, CPU, m) {

@@ -10,16 +10,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["SOURCES", "CUDA_SOURCES", "CXX_FLAGS", "NVCC_FLAGS", "csrc", "sources", "include_dirs", "with_cuda",
+__all__ = ["SOURCES", "HEADERS", "CUDA_SOURCES", "CXX_FLAGS", "NVCC_FLAGS", "csrc", "sources", "include_dirs", "with_cuda",
            "cache_dir", "jit_load"]
 
 SOURCES = ["ops.cpp", "attention.cpp"]  # CPU kernels and the op schemas (TORCH_LIBRARY)
+#: headers the units include (attention.cpp compiles attention_isa.h once per instruction set)
+HEADERS = ["attention_simd.h", "attention_isa.h"]
 # CUDA kernels (no torch headers, so nvcc checks them anywhere) and their torch bindings; built where torch has CUDA
 CUDA_SOURCES = ["cuda/kernels.cu", "cuda/ops_cuda.cpp"]
-# -march=native: the kernels are compiled on the machine that runs them (editable install or JIT). The math flags
-# let reductions and the exp loops vectorize; they keep inf and NaN semantics (no -ffinite-math-only).
-CXX_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
-             "-fno-trapping-math"]
+# No -march=native: a build must run on any x86-64 CPU (a wheel, a shared cache, a cluster of mixed nodes). The
+# attention kernels carry AVX-512 and AVX2 code in `#pragma GCC target` regions and pick one at run time
+# (csrc/attention_simd.h). The math flags let reductions vectorize; they keep inf and NaN semantics (no
+# -ffinite-math-only), which the attention masks rely on.
+CXX_FLAGS = ["-O3", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
 NVCC_FLAGS = ["-O3", "--use_fast_math", "-std=c++17"]
 
 

@@ -56,12 +56,5 @@ def attention(q, k, v, *, causal=True, key_padding_mask=None, scale=None, cu_seq
     cast = lambda t: t if t.dtype in native else t.float()  # noqa: E731
     mask = None if key_padding_mask is None else key_padding_mask.to(torch.bool)
     cu = None if cu_seqlens is None else cu_seqlens.to(torch.int64)
-    op = torch.ops.tuneforge.flash_attention_forward
-    if len(op.default._schema.arguments) == 6:  # TEMPORARY (issue 19 in progress): the old kernel's schema
-        if cu is not None or k.size(1) != q.size(1):
-            from tuneforge.kernels.reference import attention_reference
-            return attention_reference(q, k, v, causal=causal, key_padding_mask=mask, scale=s, cu_seqlens=cu)
-        out, _ = op(cast(q), cast(k), cast(v), causal, mask, s)
-        return out.to(q.dtype)
-    out, _ = op(cast(q), cast(k), cast(v), causal, mask, cu, s)
+    out, _ = torch.ops.tuneforge.flash_attention_forward(cast(q), cast(k), cast(v), causal, mask, cu, s)
     return out.to(q.dtype)

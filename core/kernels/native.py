@@ -139,24 +139,25 @@ def _register_attention() -> None:
     lib = "tuneforge::flash_attention_forward"
 
     @torch.library.register_fake(lib)
-    def _fake(q, k, v, causal, key_padding_mask, scale):
+    def _fake(q, k, v, causal, key_padding_mask, cu_seqlens, scale):
         lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32  # float32 unless float64 in
         return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=lse_dtype)
 
     @torch.library.register_fake("tuneforge::flash_attention_backward")
-    def _fake_backward(grad, q, k, v, out, lse, causal, key_padding_mask, scale):
+    def _fake_backward(grad, q, k, v, out, lse, causal, key_padding_mask, cu_seqlens, scale):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     def setup_context(ctx, inputs, output):
-        q, k, v, causal, mask, scale = inputs
-        ctx.save_for_backward(q, k, v, output[0], output[1], mask)
+        q, k, v, causal, mask, cu_seqlens, scale = inputs
+        ctx.save_for_backward(q, k, v, output[0], output[1], mask, cu_seqlens)
         ctx.causal, ctx.scale = causal, scale
         ctx.mark_non_differentiable(output[1])
 
     def backward(ctx, grad, _grad_lse):
-        q, k, v, out, lse, mask = ctx.saved_tensors
-        dq, dk, dv = torch.ops.tuneforge.flash_attention_backward(grad, q, k, v, out, lse, ctx.causal, mask, ctx.scale)
-        return dq, dk, dv, None, None, None
+        q, k, v, out, lse, mask, cu_seqlens = ctx.saved_tensors
+        dq, dk, dv = torch.ops.tuneforge.flash_attention_backward(grad, q, k, v, out, lse, ctx.causal, mask,
+                                                                  cu_seqlens, ctx.scale)
+        return dq, dk, dv, None, None, None, None
 
     torch.library.register_autograd(lib, backward, setup_context=setup_context)
 
