@@ -34,15 +34,21 @@ def plan_input(model, idx, key_padding_mask=None, positions=None, cache=None) ->
 
     The prefix is asked for on a cache's first call only and kept in the cache; positions default to
     past + 0..T-1 and are shifted by each row's real prefix tokens; the padding mask is extended over the prefix.
+    What the prefix contributes to every later call (its positions' shift, its mask columns) is worked out once and
+    kept in the cache too (``cache.prefix_layout``), so a decode step with soft prompts costs one add and one cat.
     """
     B, T = idx.shape
     if cache is not None and cache.length > 0:
         pre, fresh = cache.prefix, False  # the prefix went into the cache with the first tokens
+        layout = getattr(cache, "prefix_layout", None)
+        if layout is None and pre is not None:  # a cache whose first call did not go through plan_input
+            layout = _PrefixLayout.of(pre, B, idx.device)
     else:
         pre = model.prefix(B) if model.prefix is not None else None
         fresh = pre is not None
+        layout = _PrefixLayout.of(pre, B, idx.device) if pre is not None else None
         if cache is not None:
-            cache.prefix = pre
+            cache.prefix, cache.prefix_layout = pre, layout
     K = pre.length if pre is not None else 0
     past = cache.length - K if cache is not None and cache.length > 0 else 0
     context = model.config.max_seq_len
@@ -56,15 +62,36 @@ def plan_input(model, idx, key_padding_mask=None, positions=None, cache=None) ->
         )
     if positions is None:
         positions = torch.arange(past, past + T, device=idx.device).expand(B, T)  # (B, T)
-    if pre is not None:
-        count = pre.count()
-        positions = positions + (count[:, None] if torch.is_tensor(count) else count)  # after the prefix
-        if pre.mask is not None or key_padding_mask is not None:
-            pm = pre.mask if pre.mask is not None else torch.ones(B, K, dtype=torch.bool, device=idx.device)
-            um = key_padding_mask if key_padding_mask is not None else \
-                torch.ones(B, past + T, dtype=torch.bool, device=idx.device)
-            key_padding_mask = torch.cat([pm, um.to(torch.bool)], dim=1)  # (B, K + past + T)
+    if layout is not None:
+        positions = positions + layout.shift  # after the prefix's real tokens
+        if layout.mask is not None or key_padding_mask is not None:
+            um = torch.ones(B, past + T, dtype=torch.bool, device=idx.device) if key_padding_mask is None \
+                else key_padding_mask if key_padding_mask.dtype == torch.bool else key_padding_mask.to(torch.bool)
+            key_padding_mask = torch.cat([layout.full_mask(), um], dim=1)  # (B, K + past + T)
     return InputPlan(pre, K, fresh, past, key_padding_mask, positions)
+
+
+@dataclasses.dataclass
+class _PrefixLayout:
+    """What a prefix adds to every call's input: ``shift`` (an int, or (B, 1) per row) moves the input's positions
+    after the prefix's real tokens; ``mask`` (B, K) bool marks its real columns (None: all real, made on first use)."""
+
+    length: int  # K
+    shift: torch.Tensor | int
+    mask: torch.Tensor | None
+    batch: int
+    device: torch.device
+
+    @classmethod
+    def of(cls, pre, batch: int, device) -> "_PrefixLayout":
+        count = pre.count()
+        return cls(pre.length, count[:, None] if torch.is_tensor(count) else count, pre.mask, batch, device)
+
+    def full_mask(self) -> torch.Tensor:
+        """(B, K) bool: the prefix's columns of a padding mask."""
+        if self.mask is None:
+            self.mask = torch.ones(self.batch, self.length, dtype=torch.bool, device=self.device)
+        return self.mask
 
 
 class Generates:

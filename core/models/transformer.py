@@ -86,6 +86,12 @@ def model_config(spec: "str | ModelConfig | dict", **overrides) -> ModelConfig:
     return build_options(ModelConfig, {**base.to_dict(), **values}, owner=f"model '{spec}'")
 
 
+def _dropout(module: nn.Module, x):
+    """``module(x)`` where it can change x: an ``nn.Dropout`` is the identity in eval mode or at p = 0, and skipping
+    the call there saves a module call and an op per use (nine per token in a decode step of the tiny model)."""
+    return module(x) if module.training and getattr(module, "p", 1.0) > 0 else x
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention; the math itself is ``tuneforge.kernels.flash_attention``."""
 
@@ -101,13 +107,18 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, key_padding_mask=None, cache=None, layer: int = 0):
         B, T, C = x.shape
-        split = lambda t: t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # noqa: E731  (B, H, T, D)
+        H, D = self.n_heads, self.head_dim
+        if T == 1:  # a decode step: (B, 1, C) already lies in memory as (B, H, 1, D), so a view does it
+            split = lambda t: t.view(B, H, 1, D)  # noqa: E731
+        else:
+            split = lambda t: t.view(B, T, H, D).transpose(1, 2)  # noqa: E731  (B, H, T, D)
         q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
         if cache is not None:  # attend to every cached key, then the new ones
-            k, v = cache.append(layer, k, v)  # (B, H, L + T, D)
+            k, v = cache.append(layer, k, v)  # (B, H, L + T, D): views of the cache, read in place
         y = flash_attention(q, k, v, causal=True, key_padding_mask=key_padding_mask)  # (B, H, T, D)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): heads side by side again
-        return self.dropout(self.o(y))
+        # (B, T, C): heads side by side again (with T == 1 the kernel's contiguous output is that already)
+        y = y.reshape(B, T, C) if T == 1 else y.transpose(1, 2).reshape(B, T, C)
+        return _dropout(self.dropout, self.o(y))
 
 
 class MLP(nn.Module):
@@ -120,7 +131,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
-        return self.dropout(self.down(F.gelu(self.up(x))))  # (B, T, C)
+        return _dropout(self.dropout, self.down(F.gelu(self.up(x))))  # (B, T, C)
 
 
 class Block(nn.Module):
@@ -155,17 +166,22 @@ class KVCache:
         self.max_len = max_len
         self.length = 0  # tokens cached (a prefix included); advanced by advance() once every layer has appended
         self.prefix: Prefix | None = None  # the prefix cached with the first tokens, if the model has one
+        self.prefix_layout = None  # what that prefix adds to each later call (see generation.plan_input)
         self._pending = 0
 
     def append(self, layer: int, k, v):
-        T = k.size(2)
-        end = self.length + T
+        """Write the T new keys/values (B, H, T, D) of ``layer`` after the cached ones; return views of the filled
+        part, (B, H, L + T, D), which attention reads in place (strided: the rows run to ``max_len``)."""
+        T, start = k.size(2), self.length
+        end = start + T
         if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} tokens; {end} requested")
-        self.k[layer][:, :, self.length:end] = k
-        self.v[layer][:, :, self.length:end] = v
+            raise ValueError(f"KV cache holds {self.max_len} tokens; {end} requested: make it with "
+                             f"new_cache(batch_size, max_len) of at least {end}")
+        keys, values = self.k[layer], self.v[layer]
+        keys.narrow(2, start, T).copy_(k)  # in place: the cache never moves or grows
+        values.narrow(2, start, T).copy_(v)
         self._pending = T
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, H, L + T, D)
+        return keys.narrow(2, 0, end), values.narrow(2, 0, end)  # (B, H, L + T, D)
 
     def advance(self) -> None:
         self.length += self._pending
@@ -232,7 +248,7 @@ class Transformer(Generates, nn.Module):
         x = self.tok_emb(idx) + self.pos_emb(positions)  # (B, T, C)
         if plan.fresh:
             x = torch.cat([pre.emb.to(x.dtype) + self.pos_emb(pre.positions()), x], dim=1)  # (B, K + T, C)
-        x = self.drop(x)
+        x = _dropout(self.drop, x)
         for block in self.blocks:
             x = block(x, key_padding_mask=key_padding_mask, cache=cache)
         if cache is not None:
