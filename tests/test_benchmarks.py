@@ -25,12 +25,41 @@ def test_kernels_benchmark_quick_agrees_with_its_baselines():
                           text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert report["flash_attention"]["max_abs_diff_vs_sdpa"] < 1e-4  # the same attention as PyTorch's
+    assert report["sgemm_peak_gflops"] > 0 and report["contention"] is False
+    # every attention row computes what PyTorch's does (output and gradients), packed documents included
+    for key, against in (("flash_attention", "sdpa"), ("flash_attention_tiny", "sdpa"),
+                         ("packed_attention", "sdpa_looped")):
+        row = report[key]
+        assert row["parity_against"] == against, key
+        assert row["max_abs_diff"] < 1e-4 and row["grad_max_abs_diff"] < 1e-3, key
+    assert set(report["packed_attention"]["forward_backward"]["vs"]) == {"sdpa_looped", "sdpa_mask"}
     assert report["lora_linear"]["max_abs_diff"] < 1e-4 and report["bottleneck_adapter"]["max_abs_diff"] < 1e-4
+    rows = [report["lora_linear"], report["bottleneck_adapter"], report["flash_attention"]["forward"]]
     for variant in report["multi_lora_linear"].values():
-        assert variant["max_abs_diff"] < 1e-4 and variant["forward"]["tuneforge_ms"] > 0
+        assert variant["max_abs_diff"] < 1e-4  # the op, the in-place loop and the old loop agree
+        rows += [variant["forward"], variant["forward_backward"]]
+        assert variant["forward"]["vs"]["loop_in_place"]["target"] is not None
+        assert variant["forward"]["vs"]["loop_out_of_place_old"]["target"] is None  # history only, no target
+    for row in rows:  # each ratio names the code it was measured against, and each op its share of the peak
+        assert row["tuneforge"]["ms"] > 0 and 0 < row["tuneforge"]["fraction_of_peak"]
+        assert all(b["baseline"] and b["ratio"] > 0 for b in row["vs"].values())
+    assert "index_add_" in report["multi_lora_linear"]["update_only"]["forward"]["vs"]["loop_in_place"]["baseline"]
     step = report["pretrain_step"]
-    assert step["kernels_ms"] > 0 and step["reference_ms"] > 0
+    assert step["kernels_ms"] > 0 and step["reference_ms"] > 0 and step["baseline"]
+
+
+def test_kernels_benchmark_contention_flag_starts_and_stops_its_competitor():
+    """--contention runs one busy process beside the benchmark and ends it (by its pid) when the run is over."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "benchmarks" / "kernels.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with bench.contention(True) as pid:
+        assert pid is not None and Path(f"/proc/{pid}").exists()
+    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    with bench.contention(False) as none:
+        assert none is None
 
 
 def test_distributed_benchmark_quick_runs_both_strategies_against_hand_loops():
