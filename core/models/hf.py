@@ -81,13 +81,20 @@ class HFConfig:
 
 
 class HFCache:
-    """A transformers ``DynamicCache`` plus what ``plan_input`` tracks: tokens held and the cached prefix."""
+    """A transformers cache plus what ``plan_input`` tracks: tokens held and the cached prefix.
 
-    def __init__(self, hf_config):
-        from transformers import DynamicCache
-        self.kv = DynamicCache(config=hf_config)
+    With ``max_len`` known (``generate`` knows it) it is a ``StaticCache``: each layer's keys and values are
+    allocated once and written in place, and attention reads the filled part as a view. Without, a
+    ``DynamicCache``, which grows by concatenating (a copy of the layer's cache per call) but needs no length.
+    """
+
+    def __init__(self, hf_config, max_len: int | None = None):
+        from transformers import DynamicCache, StaticCache
+        self.kv = DynamicCache(config=hf_config) if max_len is None else \
+            StaticCache(config=hf_config, max_cache_len=max_len)
         self.length = 0
         self.prefix = None
+        self.prefix_layout = None  # see generation.plan_input
 
 
 def _transformers():
@@ -202,7 +209,12 @@ class HFCausalLM(Generates, nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> HFCache:
-        return HFCache(self.hf_model.config)  # grows as it goes: batch size and length need not be known
+        """An empty cache: for ``max_len`` tokens, preallocated and written in place (the batch size is taken from
+        the first call), with tuneforge's attention; otherwise one that grows as it goes."""
+        # Preallocated only where attention reads just the filled slots (tuneforge's drops the empty ones by the
+        # padding mask); transformers' eager and sdpa would attend over all max_len slots, masked, every step.
+        static = max_len is not None and self.hf_model.config._attn_implementation == "tuneforge"
+        return HFCache(self.hf_model.config, max_len if static else None)
 
     def forward_hidden(self, idx, *, key_padding_mask=None, positions=None, cache=None):
         """Final-normed hidden states (B, T, C); arguments as for ``Transformer.forward_hidden``."""

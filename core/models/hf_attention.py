@@ -69,11 +69,14 @@ def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
     )
 
     if mask_function is None or mask_function in (causal_mask_function, bidirectional_mask_function):
-        filled = int(q_offset) + q_length  # cached keys so far plus the new ones
-        if attention_mask is None and mask_function is not bidirectional_mask_function and filled < kv_length:
-            # A static cache, preallocated to kv_length: mark the slots filled so far, so that attention() drops
-            # the empty ones instead of treating them as real keys.
-            attention_mask = torch.ones(batch_size, filled, dtype=torch.bool, device=kwargs.get("device"))
+        if attention_mask is None and mask_function is not bidirectional_mask_function:
+            # A static cache's q_offset is a tensor: read it (a host sync on a GPU) only when there is no mask to
+            # say how many slots are filled (tuneforge's own forward always passes one).
+            filled = int(q_offset) + q_length  # cached keys so far plus the new ones
+            if filled < kv_length:
+                # A static cache, preallocated to kv_length: mark the slots filled so far, so that attention() drops
+                # the empty ones instead of treating them as real keys.
+                attention_mask = torch.ones(batch_size, filled, dtype=torch.bool, device=kwargs.get("device"))
         return flash_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset,
                                     attention_mask=attention_mask)
     return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function=mask_function,
@@ -141,14 +144,13 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
         return _fallback(module, query, key, value, attention_mask, is_causal, use_eager,
                          dropout=dropout, scaling=scaling, **kwargs)
 
-    # Grouped-query attention: each of the Hkv key/value heads serves H // Hkv query heads; repeat them so the
-    # kernel sees one key/value head per query head (k[:, h] serves query heads h*n .. h*n + n - 1, as in HF).
-    n_rep = query.size(1) // key.size(1)
-    if n_rep > 1:
-        key = key.repeat_interleave(n_rep, dim=1)  # (B, H, Tk, D)
-        value = value.repeat_interleave(n_rep, dim=1)  # (B, H, Tk, D)
+    # Grouped-query attention goes to the kernel as it is: key/value keep their Hkv heads (key head j serves query
+    # heads j*n .. j*n + n - 1 with n = H // Hkv, as in HF), and a cache's keys are read where they lie, never
+    # repeated into H heads (a copy of the whole cache per layer and step).
+    mask = None if attention_mask is None else \
+        attention_mask if attention_mask.dtype == torch.bool else attention_mask.bool()  # (B, Tk)
     out = flash_attention(query, key, value, causal=bool(is_causal), scale=scaling,
-                          key_padding_mask=None if attention_mask is None else attention_mask.bool())  # (B, H, Tq, D)
+                          key_padding_mask=mask)  # (B, H, Tq, D)
     return out.transpose(1, 2).contiguous(), None  # (B, Tq, H, D)
 
 
