@@ -16,6 +16,8 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <memory>
+#include <thread>
 #include <cstring>
 #include <tuple>
 #include <vector>
@@ -27,15 +29,29 @@ namespace attn {
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// Run work(i, scratch) for i in [0, n) on torch's threads, each thread taking the next task when it finishes one,
-// so a thread that the OS deschedules (another process on the core) delays one task, not a fixed share.
+// Run work(i, scratch) for i in [0, n) in ONE parallel region on torch's threads, each thread taking the next job
+// when it finishes one: a thread that the OS deschedules (another process on the core) delays one job, not a fixed
+// share, and there is no barrier between phases to wait at. Jobs [0, n_prep) prepare shared inputs (packing) and
+// mark them ready; later jobs wait (yielding) for what they read. Jobs are claimed in order, so every prep job a
+// compute job waits on is already running on another thread: nothing can deadlock.
+struct Ready {
+  explicit Ready(int64_t n) : flags(new std::atomic<int>[static_cast<size_t>(std::max<int64_t>(n, 1))]) {
+    for (int64_t i = 0; i < n; ++i) flags[i].store(0, std::memory_order_relaxed);
+  }
+  void done(int64_t i) { flags[i].store(1, std::memory_order_release); }
+  void wait(int64_t i) const {
+    while (flags[i].load(std::memory_order_acquire) == 0) std::this_thread::yield();
+  }
+  std::unique_ptr<std::atomic<int>[]> flags;
+};
+
 template <typename T, typename F>
 void dynamic_for(int64_t n, int64_t scratch, const F& work) {
   if (n <= 0) return;
   std::atomic<int64_t> next{0};
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    std::vector<T> buf(static_cast<size_t>(scratch));
+    std::vector<T> buf(static_cast<size_t>(std::max<int64_t>(scratch, 1)));
     for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) work(i, buf.data());
   });
 }
@@ -111,34 +127,10 @@ at::Tensor padding_bias(const Problem& p, int64_t Tkp) {
   return bias;
 }
 
-// Keys (and values) of every (b, kv head) as panels, in parallel; rows read through the tensor's strides.
+// Pointer to row block (b, head) of a (B, heads, T, D) tensor with the last dimension contiguous.
 template <typename T>
-at::Tensor panels_of(const Kernels<T>& kn, const at::Tensor& x, int64_t Tkp, int64_t Dp) {
-  const int64_t B = x.size(0), Hkv = x.size(1), Tk = x.size(2), D = x.size(3);
-  auto out = at::empty({B * Hkv, Tkp * Dp}, x.options());
-  const T* src = x.template data_ptr<T>();
-  T* dst = out.template data_ptr<T>();
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t s, int64_t e) {
-    for (int64_t i = s; i < e; ++i)
-      kn.pack_panels(src + (i / Hkv) * x.stride(0) + (i % Hkv) * x.stride(1), x.stride(2), Tk, D, Dp, Tkp,
-                     dst + i * Tkp * Dp);
-  });
-  return out;
-}
-
-// Rows of every (b, head) into (B * heads, rows_p, Dp) row-major, zero padded, times `mul`.
-template <typename T>
-at::Tensor rows_of(const Kernels<T>& kn, const at::Tensor& x, int64_t rows_p, int64_t Dp, T mul = T(1)) {
-  const int64_t B = x.size(0), Hx = x.size(1), Tx = x.size(2), D = x.size(3);
-  auto out = at::empty({B * Hx, rows_p * Dp}, x.options());
-  const T* src = x.template data_ptr<T>();
-  T* dst = out.template data_ptr<T>();
-  at::parallel_for(0, B * Hx, 1, [&](int64_t s, int64_t e) {
-    for (int64_t i = s; i < e; ++i)
-      kn.pack_rows(src + (i / Hx) * x.stride(0) + (i % Hx) * x.stride(1), x.stride(2), Tx, D, rows_p, Dp, mul,
-                   dst + i * rows_p * Dp);
-  });
-  return out;
+const T* head_of(const at::Tensor& x, int64_t b, int64_t h) {
+  return x.template data_ptr<T>() + b * x.stride(0) + h * x.stride(1);
 }
 
 template <typename T>
@@ -169,20 +161,60 @@ std::tuple<at::Tensor, at::Tensor> forward(const Problem& p, double scale) {
     });
     return {out, lse};
   }
-  const at::Tensor kpan = panels_of<T>(kn, p.k, Tkp, Dp), vrows = rows_of<T>(kn, p.v, Tkp, Dp);
-  const T *kpan_p = kpan.template data_ptr<T>(), *vrows_p = vrows.template data_ptr<T>();
-  const int64_t n_tiles = (Tq + kQTile - 1) / kQTile;
-  // Last tiles first: under a causal mask they see the most keys, and starting them early balances the end.
-  dynamic_for<T>(B * H * n_tiles, 2 * kQTile * Dp + kQTile * kKeyBlock + 2 * kQTile, [&](int64_t i, T* scratch) {
-    const int64_t tile = n_tiles - 1 - i / (B * H), bh = i % (B * H), b = bh / H, h = bh % H;
+  // Packed keys (panels) and values (rows) of every (b, kv head), filled by the first B * Hkv jobs.
+  auto kpan = at::empty({B * p.Hkv, Tkp * Dp}, p.q.options()), vrows = at::empty({B * p.Hkv, Tkp * Dp}, p.q.options());
+  T *kpan_p = kpan.template data_ptr<T>(), *vrows_p = vrows.template data_ptr<T>();
+  const int64_t n_tiles = (Tq + kQTile - 1) / kQTile, n_prep = B * p.Hkv;
+  Ready ready(n_prep);
+  dynamic_for<T>(n_prep + B * H * n_tiles, 2 * kQTile * Dp + kQTile * kKeyBlock + 2 * kQTile, [&](int64_t i, T* scratch) {
+    if (i < n_prep) {
+      const int64_t b = i / p.Hkv, kh = i % p.Hkv;
+      kn.pack_panels(head_of<T>(p.k, b, kh), p.k.stride(2), Tk, D, Dp, Tkp, kpan_p + i * Tkp * Dp);
+      kn.pack_rows(head_of<T>(p.v, b, kh), p.v.stride(2), Tk, D, Tkp, Dp, T(1), vrows_p + i * Tkp * Dp);
+      ready.done(i);
+      return;
+    }
+    // Last tiles first: under a causal mask they see the most keys, and starting them early balances the end.
+    const int64_t j = i - n_prep, tile = n_tiles - 1 - j / (B * H), bh = j % (B * H), b = bh / H, h = bh % H;
     const int64_t q0 = tile * kQTile, kv = b * p.Hkv + h / G;
+    ready.wait(kv);
     FwdTile<T> t{qp + b * p.q.stride(0) + h * p.q.stride(1) + q0 * p.q.stride(2), p.q.stride(2),
-                 std::min(kQTile, Tq - q0), lo + b * Tq + q0, hi + b * Tq + q0,
-                 kpan_p + kv * Tkp * Dp, vrows_p + kv * Tkp * Dp, Dp,
-                 pad != nullptr ? pad + b * Tkp : nullptr, D, Dp, scale2, op + (bh * Tq + q0) * D, lp + bh * Tq + q0};
+                 std::min(kQTile, Tq - q0), lo + b * Tq + q0, hi + b * Tq + q0, kpan_p + kv * Tkp * Dp,
+                 vrows_p + kv * Tkp * Dp, Dp, pad != nullptr ? pad + b * Tkp : nullptr, D, Dp, scale2,
+                 op + (bh * Tq + q0) * D, lp + bh * Tq + q0};
     kn.forward_tile(t, scratch);
   });
   return {out, lse};
+}
+
+// Pack what the backward of one (b, kv head) reads, into `dst`: its G query heads' q and dO rows, lse in base 2
+// and delta = rowsum(dO * O) (G, Tqp each), then its keys as panels and rows and its values as panels.
+template <typename T>
+void backward_pack(const Kernels<T>& kn, const Problem& p, const at::Tensor& grad, const at::Tensor& out,
+                   const T* lse, int64_t bk, int64_t Tqp, int64_t Tkp, int64_t Dp, T* dst) {
+  const int64_t b = bk / p.Hkv, kh = bk % p.Hkv, G = p.G, Tq = p.Tq, D = p.D;
+  T *q = dst, *dout = q + G * Tqp * Dp, *lse2 = dout + G * Tqp * Dp, *delta = lse2 + G * Tqp;
+  T* kpan = delta + G * Tqp;
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t h = kh * G + g;
+    kn.pack_rows(head_of<T>(p.q, b, h), p.q.stride(2), Tq, D, Tqp, Dp, T(1), q + g * Tqp * Dp);
+    kn.pack_rows(head_of<T>(grad, b, h), grad.stride(2), Tq, D, Tqp, Dp, T(1), dout + g * Tqp * Dp);
+    const T* o = head_of<T>(out, b, h);
+    const T* l = lse + (b * p.H + h) * Tq;
+    for (int64_t r = 0; r < Tqp; ++r) {
+      const bool real = r < Tq && std::isfinite(l[r]);
+      lse2[g * Tqp + r] = real ? l[r] * T(1.4426950408889634) : std::numeric_limits<T>::infinity();
+      T acc = 0;
+      if (r < Tq) {
+        const T* dor = dout + (g * Tqp + r) * Dp;
+        for (int64_t d = 0; d < D; ++d) acc += dor[d] * o[r * out.stride(2) + d];
+      }
+      delta[g * Tqp + r] = acc;
+    }
+  }
+  kn.pack_panels(head_of<T>(p.k, b, kh), p.k.stride(2), p.Tk, D, Dp, Tkp, kpan);
+  kn.pack_rows(head_of<T>(p.k, b, kh), p.k.stride(2), p.Tk, D, Tkp, Dp, T(1), kpan + Tkp * Dp);
+  kn.pack_panels(head_of<T>(p.v, b, kh), p.v.stride(2), p.Tk, D, Dp, Tkp, kpan + 2 * Tkp * Dp);
 }
 
 template <typename T>
@@ -191,69 +223,73 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const Problem& p, const 
                                                         double scale) {
   const Kernels<T> kn = pick<T>();
   const int64_t B = p.B, H = p.H, Hkv = p.Hkv, G = p.G, Tq = p.Tq, Tk = p.Tk, D = p.D;
-  auto dq = at::zeros({B, H, Tq, D}, p.q.options());
-  auto dk = at::zeros({B, Hkv, Tk, D}, p.q.options()), dv = at::zeros({B, Hkv, Tk, D}, p.q.options());
-  if (B * H * Tq == 0 || Tk == 0) return {dq, dk, dv};
+  auto dq = at::empty({B, H, Tq, D}, p.q.options());
+  auto dk = at::empty({B, Hkv, Tk, D}, p.q.options()), dv = at::empty({B, Hkv, Tk, D}, p.q.options());
+  if (B * H * Tq == 0 || Tk == 0) return {dq.zero_(), dk.zero_(), dv.zero_()};
   const int64_t Dp = round_up(D, kn.w), Tkp = round_up(Tk, kKeyBlockBwd), Tqp = round_up(Tq, kQTile);
-  const auto grad = last_dim_contiguous(grad_in), out = last_dim_contiguous(out_in);
-  const at::Tensor qrows = rows_of<T>(kn, p.q, Tqp, Dp), dorows = rows_of<T>(kn, grad, Tqp, Dp);
-  const at::Tensor kpan = panels_of<T>(kn, p.k, Tkp, Dp), vpan = panels_of<T>(kn, p.v, Tkp, Dp);
-  const at::Tensor krows = rows_of<T>(kn, p.k, Tkp, Dp);
-  const T *qr = qrows.template data_ptr<T>(), *dor = dorows.template data_ptr<T>(), *kpp = kpan.template data_ptr<T>(), *vpp = vpan.template data_ptr<T>();
-  const T* krp = krows.template data_ptr<T>();
-  // lse in base 2 (+inf where a row saw nothing, so its P is 0) and delta = rowsum(dO * O), padded to Tqp
-  auto lse2 = at::full({B * H, Tqp}, std::numeric_limits<T>::infinity(), p.q.options());
-  auto delta = at::zeros({B * H, Tqp}, p.q.options());
-  {
-    const auto l = lse_in.contiguous().view({B * H, Tq}), d = (grad * out).sum(-1).contiguous().view({B * H, Tq});
-    const auto finite = at::isfinite(l);
-    lse2.narrow(1, 0, Tq).copy_(at::where(finite, l * 1.4426950408889634, std::numeric_limits<double>::infinity()));
-    delta.narrow(1, 0, Tq).copy_(d);
-  }
+  const auto grad = last_dim_contiguous(grad_in), out = last_dim_contiguous(out_in), lse = lse_in.contiguous();
   // the union interval of each query tile, per batch row: which tiles a key block must visit
   const int64_t n_tiles = Tqp / kQTile;
-  auto qlo = at::full({B, n_tiles}, std::numeric_limits<int64_t>::max(), at::kLong), qhi = at::zeros({B, n_tiles}, at::kLong);
-  const int64_t *lo = p.lo.data_ptr<int64_t>(), *hi = p.hi.data_ptr<int64_t>();
-  int64_t *qlo_w = qlo.data_ptr<int64_t>(), *qhi_w = qhi.data_ptr<int64_t>();
+  std::vector<int64_t> qlo(B * n_tiles, std::numeric_limits<int64_t>::max()), qhi(B * n_tiles, 0);
+  const int64_t *lo = p.lo.template data_ptr<int64_t>(), *hi = p.hi.template data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t t = 0; t < Tq; ++t) {
       if (lo[b * Tq + t] >= hi[b * Tq + t]) continue;
-      int64_t& a = qlo_w[b * n_tiles + t / kQTile];
-      int64_t& z = qhi_w[b * n_tiles + t / kQTile];
-      a = std::min(a, lo[b * Tq + t]), z = std::max(z, hi[b * Tq + t]);
+      const int64_t at = b * n_tiles + t / kQTile;
+      qlo[at] = std::min(qlo[at], lo[b * Tq + t]), qhi[at] = std::max(qhi[at], hi[b * Tq + t]);
     }
   }
   const auto bias = padding_bias<T>(p, Tkp);
   const T* pad = bias.defined() ? bias.template data_ptr<T>() : nullptr;
-  // Enough tasks for every thread: key blocks of one (b, kv head) are dealt round-robin to `splits` tasks, each
-  // with its own dQ accumulator (summed at the end) so nothing is written by two threads.
-  const int64_t n_blocks = Tkp / kKeyBlockBwd;
-  const int64_t splits = std::min(n_blocks, std::max<int64_t>(1, (4 * at::get_num_threads() + B * Hkv - 1) / (B * Hkv)));
-  auto dq_acc = at::zeros({splits, B * H, Tqp * Dp}, p.q.options());
-  T *dkp = dk.template data_ptr<T>(), *dvp = dv.template data_ptr<T>(), *dqa = dq_acc.template data_ptr<T>();
-  const T *l2p = lse2.template data_ptr<T>(), *dlp = delta.template data_ptr<T>();
-  const int64_t *qlop = qlo.data_ptr<int64_t>(), *qhip = qhi.data_ptr<int64_t>();
-  dynamic_for<T>(B * Hkv * splits, 2 * kQTile * kKeyBlockBwd + 2 * kKeyBlockBwd * Dp, [&](int64_t i, T* scratch) {
-    const int64_t split = i % splits, bk = i / splits, b = bk / Hkv, h0 = (bk % Hkv) * G;
+  // Enough jobs for every thread: the key blocks of one (b, kv head) are dealt round-robin to `splits` jobs, each
+  // with its own dQ accumulator, so nothing is written by two threads; with one split a job writes dQ itself.
+  const int64_t n_blocks = Tkp / kKeyBlockBwd, n_kv = B * Hkv;
+  const int64_t splits = std::min(n_blocks, std::max<int64_t>(1, (4 * at::get_num_threads() + n_kv - 1) / n_kv));
+  // Packed per (b, kv head) by the first n_kv jobs: the group's q and dO rows (Tqp, Dp), lse in base 2 (+inf where a
+  // row saw nothing, so its P is 0) and delta = rowsum(dO * O); keys as panels and rows, values as panels.
+  const int64_t qsize = G * Tqp * Dp, ksize = Tkp * Dp;
+  auto packed = at::empty({n_kv, 2 * qsize + 2 * G * Tqp + 3 * ksize}, p.q.options());
+  auto dq_acc = at::empty({splits, B * H, Tqp * Dp}, p.q.options());
+  T *pk = packed.template data_ptr<T>(), *dqa = dq_acc.template data_ptr<T>();
+  T *dqp = dq.template data_ptr<T>(), *dkp = dk.template data_ptr<T>(), *dvp = dv.template data_ptr<T>();
+  const T* lsep = lse.template data_ptr<T>();
+  const int64_t stride = packed.size(1);
+  Ready ready(n_kv);
+  dynamic_for<T>(n_kv + n_kv * splits, 2 * kQTile * kKeyBlockBwd + 2 * kKeyBlockBwd * Dp, [&](int64_t i, T* scratch) {
+    if (i < n_kv) {
+      backward_pack<T>(kn, p, grad, out, lsep, i, Tqp, Tkp, Dp, pk + i * stride);
+      ready.done(i);
+      return;
+    }
+    const int64_t j = i - n_kv, split = j % splits, bk = j / splits, b = bk / Hkv, h0 = (bk % Hkv) * G;
+    ready.wait(bk);
+    const T* base = pk + bk * stride;
+    T* dq_own = dqa + (split * B * H + b * H + h0) * Tqp * Dp;  // (G, Tqp, Dp)
+    std::fill(dq_own, dq_own + qsize, T(0));
     T* dk_blk = scratch + 2 * kQTile * kKeyBlockBwd;
     T* dv_blk = dk_blk + kKeyBlockBwd * Dp;
     for (int64_t blk = split; blk < n_blocks; blk += splits) {
       const int64_t k0 = blk * kKeyBlockBwd;
-      BwdBlock<T> t{qr + (b * H + h0) * Tqp * Dp, dor + (b * H + h0) * Tqp * Dp, l2p + (b * H + h0) * Tqp,
-                    dlp + (b * H + h0) * Tqp, lo + b * Tq, hi + b * Tq, qlop + b * n_tiles, qhip + b * n_tiles,
-                    G, Tq, Tqp, Dp, kpp + bk * Tkp * Dp, vpp + bk * Tkp * Dp, krp + bk * Tkp * Dp,
-                    pad != nullptr ? pad + b * Tkp : nullptr, k0, kKeyBlockBwd, static_cast<T>(scale),
-                    static_cast<T>(scale * 1.4426950408889634), dqa + (split * B * H + b * H + h0) * Tqp * Dp,
-                    dk_blk, dv_blk};
+      BwdBlock<T> t{base, base + qsize, base + 2 * qsize, base + 2 * qsize + G * Tqp, lo + b * Tq, hi + b * Tq,
+                    qlo.data() + b * n_tiles, qhi.data() + b * n_tiles, G, Tq, Tqp, Dp,
+                    base + 2 * qsize + 2 * G * Tqp, base + 2 * qsize + 2 * G * Tqp + 2 * ksize,
+                    base + 2 * qsize + 2 * G * Tqp + ksize, pad != nullptr ? pad + b * Tkp : nullptr, k0,
+                    kKeyBlockBwd, static_cast<T>(scale), static_cast<T>(scale * 1.4426950408889634), dq_own, dk_blk,
+                    dv_blk};
       kn.backward_block(t, scratch);
       for (int64_t r = 0; r < kKeyBlockBwd && k0 + r < Tk; ++r) {
         std::memcpy(dkp + (bk * Tk + k0 + r) * D, dk_blk + r * Dp, D * sizeof(T));
         std::memcpy(dvp + (bk * Tk + k0 + r) * D, dv_blk + r * Dp, D * sizeof(T));
       }
     }
+    if (splits == 1) {  // this job holds the whole dQ of its heads: scale and write it out
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t r = 0; r < Tq; ++r)
+          for (int64_t d = 0; d < D; ++d)
+            dqp[((b * H + h0 + g) * Tq + r) * D + d] = dq_own[(g * Tqp + r) * Dp + d] * static_cast<T>(scale);
+    }
   });
-  auto summed = dq_acc.sum(0).view({B, H, Tqp, Dp}).narrow(2, 0, Tq).narrow(3, 0, D);
-  dq.copy_(summed.mul_(scale));
+  if (splits > 1) dq.copy_(dq_acc.sum(0).view({B, H, Tqp, Dp}).narrow(2, 0, Tq).narrow(3, 0, D).mul_(scale));
   return {dq, dk, dv};
 }
 
