@@ -1,5 +1,6 @@
 """`Transformer.generate` with several stop tokens, padding after a stop, early stopping, the KV cache against
-recomputing the prefix, and the generation benchmark run as a user runs it (timings are never asserted)."""
+recomputing the prefix, and the generation benchmark (with its decode-attention rows) run as a user runs it (timings
+are never asserted)."""
 import json
 import subprocess
 import sys
@@ -158,3 +159,8 @@ def test_generation_benchmark_quick_tokens_match():
     for r in report["results"]:
         assert r["tokens_match"] is True and r["new_tokens"] == 16
         assert r["cache_tok_s"] > 0 and r["recompute_tok_s"] > 0
+        assert 0 < r["ops_per_cached_step"] < 100  # 2 layers: a few dozen, whatever the lead's kernel adds
+    rows = report["decode_attention"]
+    assert [(r["heads"], r["head_dim"]) for r in rows] == [(8, 64), (4, 32)]
+    for r in rows:  # one query over a strided cache view: the same attention as SDPA's
+        assert r["strided"] and r["max_abs_diff_vs_sdpa"] < 1e-4 and r["tuneforge_us"] > 0 and r["sdpa_us"] > 0

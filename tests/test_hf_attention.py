@@ -309,3 +309,62 @@ def test_gpt2_cross_attention_with_encoder_padding(registered):
     real = mask.bool()
     torch.testing.assert_close(a[real], b[real], atol=ATOL, rtol=0)
     assert any(not c["causal"] and c["key_padding_mask"].shape == (3, 4) for c in registered)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_grouped_query_attention_reaches_the_kernel_with_its_kv_heads(name, registered, monkeypatch):
+    """k/v go to the kernel with their Hkv heads (never repeated to H), and the result is transformers' own: eager's
+    and sdpa's, on a left-padded batch."""
+    shapes = []
+    counting = hf_attention.flash_attention
+
+    def recording(q, k, v, **kwargs):
+        shapes.append((q.size(1), k.size(1), v.size(1)))
+        return counting(q, k, v, **kwargs)
+
+    monkeypatch.setattr(hf_attention, "flash_attention", recording)
+    ours, eager = pair(name)
+    sdpa = copy.deepcopy(eager)
+    sdpa.set_attn_implementation("sdpa")
+    ids, mask = left_padded()
+    real = mask.bool()
+    with torch.no_grad():
+        a = ours(ids, attention_mask=mask).logits
+        for theirs in (eager, sdpa):
+            torch.testing.assert_close(a[real], theirs(ids, attention_mask=mask).logits[real], atol=ATOL, rtol=0)
+    kv_heads = ours.config.num_key_value_heads
+    assert kv_heads < ours.config.num_attention_heads
+    assert shapes and all(s == (ours.config.num_attention_heads, kv_heads, kv_heads) for s in shapes)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_hf_folder_generates_the_same_with_and_without_its_cache_read_in_place(family, tmp_path, monkeypatch):
+    """An HF tiny folder through tuneforge's wrapper: sampled tokens with the cache equal recomputing the prefix, and
+    every decode step's attention reads key/value views of the preallocated cache, with their Hkv heads."""
+    from tuneforge.models import hf
+    from tuneforge.tools.hf_tiny import make_tiny
+
+    model = hf.load(make_tiny(tmp_path / family, family, d_model=32, n_layers=2, n_heads=4, context=64,
+                              vocab_size=320))
+    caches, reads = [], []
+    new_cache = model.new_cache
+    monkeypatch.setattr(model, "new_cache", lambda *a: caches.append(new_cache(*a)) or caches[-1])
+    kernel = hf_attention.flash_attention
+
+    def recording(q, k, v, **kwargs):
+        if q.size(2) == 1:  # a decode step
+            reads.append((k.data_ptr(), v.data_ptr(), k.size(1), k.is_contiguous()))
+        return kernel(q, k, v, **kwargs)
+
+    monkeypatch.setattr(hf_attention, "flash_attention", recording)
+    ids, mask = left_padded(T=7, batch_lengths=(7, 4, 2))
+    ids = ids.clamp(max=300)
+    gen = lambda **kw: model.generate(ids, 12, temperature=1.0, key_padding_mask=mask.bool(),  # noqa: E731
+                                      generator=torch.Generator().manual_seed(5), **kw)
+    cached, fresh = gen(), gen(use_cache=False)
+    assert torch.equal(cached, fresh) and cached.shape == (3, 19)
+    layers = caches[0].kv.layers
+    stored = {(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in layers}
+    kv_heads = getattr(model.hf_model.config, "num_key_value_heads", None) or model.config.n_heads
+    assert len(reads) == 11 * len(layers)  # 11 decode steps after the prompt's, every layer
+    assert all((kp, vp) in stored and heads == kv_heads and not contiguous for kp, vp, heads, contiguous in reads)

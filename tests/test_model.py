@@ -120,6 +120,77 @@ def test_module_paths_and_attention_goes_through_the_kernel(model, monkeypatch):
     assert len(calls) == model.config.n_layers
 
 
+def test_decode_step_hands_attention_views_of_the_cache(model, monkeypatch):
+    """A cached step writes its keys/values into the preallocated cache and attention reads the filled part where it
+    lies: the k/v it gets share the cache's storage (strided, rows max_len apart), and nothing copies the cache."""
+    import tuneforge.kernels
+    import tuneforge.models.transformer
+
+    seen = []
+
+    def recording(q, k, v, **kwargs):
+        seen.append((q.shape, k, v))
+        return tuneforge.kernels.flash_attention(q, k, v, **kwargs)
+
+    monkeypatch.setattr(tuneforge.models.transformer, "flash_attention", recording)
+    cache = model.new_cache(2, 40)
+    x = torch.randint(0, 256, (2, 9))
+    with torch.inference_mode():
+        model(x[:, :8], cache=cache)
+        seen.clear()
+        step = model(x[:, 8:], positions=torch.full((2, 1), 8), cache=cache)
+    assert len(seen) == model.config.n_layers
+    for layer, (q_shape, k, v) in enumerate(seen):
+        assert q_shape == (2, 4, 1, 8) and k.shape == v.shape == (2, 4, 9, 8)
+        assert k.data_ptr() == cache.k[layer].data_ptr() and v.data_ptr() == cache.v[layer].data_ptr()
+        assert not k.is_contiguous() and k.stride(1) == 40 * 8  # the view of a 40-slot cache, not a copy
+    torch.testing.assert_close(step, model(x)[:, 8:], atol=1e-5, rtol=1e-5)
+
+
+def test_attention_on_a_strided_cache_view_equals_a_contiguous_copy():
+    from tuneforge.kernels import flash_attention
+    from tuneforge.kernels.reference import attention_reference
+
+    g = torch.Generator().manual_seed(0)
+    for heads, kv_heads, tq in ((4, 4, 1), (4, 4, 3), (6, 2, 1), (6, 3, 2)):  # one query or a few; GQA too
+        q = torch.randn(2, heads, tq, 16, generator=g)
+        cache = torch.randn(2, 2, kv_heads, 50, 16, generator=g)  # (k|v, B, Hkv, Lmax, D)
+        k, v = cache[0, :, :, :37], cache[1, :, :, :37]  # filled part: strided views
+        mask = torch.ones(2, 37, dtype=torch.bool)
+        mask[1, :5] = False  # a left-padded row
+        assert not k.is_contiguous()
+        for kpm in (None, mask):
+            got = flash_attention(q, k, v, causal=True, key_padding_mask=kpm)
+            want = flash_attention(q, k.contiguous(), v.contiguous(), causal=True, key_padding_mask=kpm)
+            truth = attention_reference(q.double(), k.double(), v.double(), causal=True, key_padding_mask=kpm)
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+            torch.testing.assert_close(got.double(), truth, atol=1e-5, rtol=0)
+
+
+def test_a_decode_step_dispatches_no_copy_of_the_cache(model):
+    """The ops one cached token costs on the model's side (the kernel's inside is its own): no cat, clone, repeat or
+    contiguous of keys/values, and no dropout call in eval mode."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    cache = model.new_cache(1, 16)
+    with torch.inference_mode():
+        model(torch.randint(0, 256, (1, 5)), cache=cache)
+        with Ops() as ops:
+            model(torch.randint(0, 256, (1, 1)), positions=torch.full((1, 1), 5), cache=cache)
+    copies = {"cat", "clone", "repeat_interleave", "repeat", "contiguous", "_to_copy", "dropout", "index_select"}
+    assert not copies & set(ops.names), sorted(copies & set(ops.names))
+    assert ops.names.count("copy_") == 2 * model.config.n_layers  # the new key and value, written in place
+
+
 def test_eos_rows_stay_finished(model):
     p = torch.randint(0, 256, (4, 5))
     first = model.generate(p, 1, temperature=0)[:, -1]
