@@ -37,6 +37,7 @@ __all__ = ["HFConfig", "HFCausalLM", "HFCache", "load", "is_hf_spec", "parse_hf_
 
 PREFIX = "hf:"
 ATTENTION = ("tuneforge", "eager", "sdpa")
+DEFAULT_DTYPES = {"cuda": "bfloat16"}  # by device type, when no dtype is asked for (tensor cores); else float32
 
 
 def is_hf_spec(spec) -> bool:
@@ -334,12 +335,12 @@ def _build(transformers, folder: Path, hf_config, weights: str, attn: str, dtype
         return auto.from_config(hf_config, attn_implementation=attn, dtype=dtype)
 
 
-def load(path: str | Path, *, weights: str = "pretrained", attn: str = "tuneforge", dtype: str = "float32",
+def load(path: str | Path, *, weights: str = "pretrained", attn: str = "tuneforge", dtype: str | None = None,
          seed: int = 0, device: str | torch.device | None = None) -> HFCausalLM:
     """A local Hugging Face model folder as a tuneforge model (the Python face of ``--model hf:PATH``).
 
     weights: ``pretrained`` (the folder's weights) or ``random`` (its config.json, transformers' init, seeded).
-    attn: ``tuneforge`` (the fused op), ``eager`` or ``sdpa``. dtype: the parameters' dtype.
+    attn: ``tuneforge`` (the fused op), ``eager`` or ``sdpa``. dtype: the parameters' (None: by device, DEFAULT_DTYPES).
     """
     if weights not in ("pretrained", "random"):
         raise ConfigError(f"weights must be 'pretrained' or 'random', got {weights!r}")
@@ -347,7 +348,7 @@ def load(path: str | Path, *, weights: str = "pretrained", attn: str = "tuneforg
         raise ConfigError(f"attn={attn!r}: use one of {', '.join(ATTENTION)}")
     transformers = _transformers()
     folder = _folder(path)
-    torch_dtype = _dtype(dtype)
+    torch_dtype = _dtype(dtype := dtype or DEFAULT_DTYPES.get(torch.device(device or "cpu").type, "float32"))
     spec = f"hf:{path}"
     read_json(folder / "config.json")  # names the line of a broken config.json, which transformers does not
     with _reading(spec, "config.json"):
