@@ -1,8 +1,14 @@
-"""The Python face of tuneforge's kernels: one function per op, dispatching to the best available backend.
+"""The Python face of tuneforge's kernels: one function per op, each call routed to the path that should run it.
 
-Each op runs its compiled C++/CUDA kernel (``torch.ops.tuneforge.*``, see ``native.py``) where one is built and
-loads, else its pure-torch reference (``reference.py``). ``_IMPLEMENTATIONS`` below is the one place that decides
-which code runs; ``backend()`` reports it.
+Three paths: ``cpp``, the project's compiled kernel (``torch.ops.tuneforge.*``, see ``native.py``); ``sdpa``,
+torch's ``scaled_dot_product_attention`` (attention only, ``sdpa.py``); ``reference``, pure torch
+(``reference.py``). :func:`route` is the one decision, a pure function of the op, the device, the call and
+``TUNEFORGE_KERNELS``; :func:`routes` reports it per op and device, :func:`backend` in short.
+
+Attention on CUDA runs SDPA (torch's flash / cuDNN / memory-efficient backends) unless ``TUNEFORGE_KERNELS=cpp``
+forces the project's kernel, and even then head sizes it lacks and packed calls run SDPA; the reference, which
+builds (B, H, Tq, Tk) scores, runs attention only when ``TUNEFORGE_KERNELS=reference`` (or inside
+:func:`reference_only`). On the CPU attention runs the compiled kernel when it loaded, else SDPA.
 
 Layer: the bottom, beside ``common``. Imports torch and nothing else of tuneforge's.
 """
@@ -13,6 +19,7 @@ import functools
 
 import torch
 
+from tuneforge.kernels import sdpa
 from tuneforge.kernels.fused import CUDA_HEAD_SIZES, check_inputs
 from tuneforge.kernels.fused import attention as fused_attention
 from tuneforge.kernels.reference import (
@@ -22,7 +29,7 @@ from tuneforge.kernels.reference import (
 
 __all__ = [
     "flash_attention", "lora_linear", "multi_lora_linear", "bottleneck_adapter", "multi_bottleneck_adapter",
-    "backend", "reference_only", "ACTIVATIONS", "attention_reference",
+    "backend", "routes", "route", "reference_only", "ACTIVATIONS", "attention_reference", "PATHS", "DEVICES",
 ]
 
 _REFERENCES = {
@@ -32,42 +39,109 @@ _REFERENCES = {
     "bottleneck_adapter": bottleneck_adapter_reference,
     "multi_bottleneck_adapter": multi_bottleneck_adapter_reference,
 }
-# op name -> (backend name, callable). The only dispatch table: models and mechanisms call the functions below,
-# never a backend.
+# op name -> (table name, callable). The only dispatch table: models and mechanisms call the functions below,
+# never a backend. "routed" (attention) and "cpp" entries decide per call with route(); "reference" runs pure torch.
 _IMPLEMENTATIONS = {op: ("reference", fn) for op, fn in _REFERENCES.items()}
 #: ops with a compiled kernel, by name (the rest run their reference wherever they are)
 COMPILED = ("flash_attention", "lora_linear", "multi_lora_linear", "bottleneck_adapter", "multi_bottleneck_adapter")
+#: the paths a call can take, and the device types the report covers
+PATHS, DEVICES = ("cpp", "sdpa", "reference"), ("cpu", "cuda")
+# The registered op that says whether an op has a compiled kernel for a device (attention: its forward).
+_KERNEL = {"flash_attention": "flash_attention_forward"}
+# Fixed at import: TUNEFORGE_KERNELS, whether the compiled ops loaded, whether reference_only() is active.
+_STATE = {"mode": "auto", "loaded": False, "reference_only": False}
+_CUDA_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def route(op: str, device_type: str, *, mode: str = "auto", has_kernel: bool = False, dtype=None, head_dim=None,
+          packed: bool = False) -> tuple[str, str]:
+    """Which path a call of ``op`` on ``device_type`` tensors takes, and why: ``(path, reason)``, path in
+    :data:`PATHS`. Pure: everything it depends on is an argument, so every branch is testable on any machine.
+
+    :param mode: ``TUNEFORGE_KERNELS`` (auto, cpp, reference).
+    :param has_kernel: the loaded extension registered this op's kernel for this device type.
+    :param dtype: the inputs' dtype; head_dim: attention's D; packed: attention gets ``cu_seqlens``. None (dtype,
+        head_dim): not known (a report), the usual case is assumed and the reason names the exceptions.
+    """
+    if mode == "reference":
+        return "reference", "TUNEFORGE_KERNELS=reference: every op's pure-torch reference"
+    if op == "flash_attention":
+        return _route_attention(device_type, mode, has_kernel, dtype, head_dim, packed)
+    if not has_kernel:
+        return "reference", (f"no compiled {op} kernel for {device_type} tensors in this process (not loaded or "
+                             "not built): pure torch (its products are ATen/BLAS calls)")
+    if device_type != "cpu" and dtype is not None and dtype not in _CUDA_DTYPES:
+        return "reference", f"the {device_type} kernel takes float32/bfloat16, not {dtype}: pure torch"
+    return "cpp", f"the project's compiled op on {device_type} tensors" + (
+        "" if device_type == "cpu" or dtype else " (float32/bfloat16; other dtypes: pure torch)")
+
+
+def _route_attention(device_type, mode, has_kernel, dtype, head_dim, packed) -> tuple[str, str]:
+    if device_type == "cpu":
+        if has_kernel:
+            return "cpp", "the project's compiled CPU kernel"
+        return "sdpa", ("compiled kernels unavailable: torch SDPA (the pure-torch reference would build "
+                        "(B, H, Tq, Tk) scores)")
+    if device_type != "cuda":
+        return "sdpa", f"no project kernel for {device_type}: torch SDPA"
+    if mode != "cpp":
+        return "sdpa", ("default on CUDA: torch SDPA (flash / cuDNN / memory-efficient backends); "
+                        "TUNEFORGE_KERNELS=cpp forces the project's kernel")
+    lacks = None
+    if not has_kernel:
+        lacks = "this build has no CUDA kernel"
+    elif packed:
+        lacks = "packed documents (cu_seqlens) have no CUDA kernel"
+    elif head_dim is not None and head_dim not in CUDA_HEAD_SIZES:
+        lacks = f"head size {head_dim} has no CUDA kernel (it has {'/'.join(map(str, CUDA_HEAD_SIZES))})"
+    elif dtype == torch.float64:
+        lacks = "float64 has no CUDA kernel"
+    if lacks:
+        return "sdpa", f"TUNEFORGE_KERNELS=cpp, but {lacks}: torch SDPA"
+    unknown = head_dim is None and dtype is None
+    return "cpp", "TUNEFORGE_KERNELS=cpp forces the project's kernel" + (
+        f" (head sizes {'/'.join(map(str, CUDA_HEAD_SIZES))}, not packed, not float64; other calls: SDPA)"
+        if unknown else "")
 
 
 @functools.lru_cache(maxsize=None)
 def _has_kernel(op: str, device_type: str) -> bool:
     """Whether the loaded extension registered a kernel of ``tuneforge::op`` for this device type."""
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"tuneforge::{op}", key)
+    return (_STATE["loaded"] and key is not None
+            and torch._C._dispatch_has_kernel_for_dispatch_key(f"tuneforge::{_KERNEL.get(op, op)}", key))
+
+
+def _attention(q, k, v, *, causal=True, key_padding_mask=None, scale=None, cu_seqlens=None):
+    """flash_attention as routed: the path :func:`route` picks for these tensors."""
+    check_inputs(q, k, v, causal, key_padding_mask, cu_seqlens)
+    device = q.device.type
+    path, _ = route("flash_attention", device, mode=_STATE["mode"], has_kernel=_has_kernel("flash_attention", device),
+                    dtype=q.dtype, head_dim=q.size(-1), packed=cu_seqlens is not None)
+    if path == "cpp":
+        return _compiled_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
+                                   cu_seqlens=cu_seqlens)
+    run = sdpa.attention if path == "sdpa" else attention_reference
+    return run(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale, cu_seqlens=cu_seqlens)
 
 
 def _compiled_attention(q, k, v, *, causal=True, key_padding_mask=None, scale=None, cu_seqlens=None):
-    """The project's kernel where it runs (CPU; CUDA at the head sizes it has), the reference elsewhere."""
-    check_inputs(q, k, v, causal, key_padding_mask, cu_seqlens)
-    device, D = q.device.type, q.size(-1)
-    cuda_ok = (device == "cuda" and _has_kernel("flash_attention_forward", "cuda") and D in CUDA_HEAD_SIZES
-               and q.dtype != torch.float64 and cu_seqlens is None)
-    if (device != "cpu" and not cuda_ok) or k.size(-2) == 0:
-        return attention_reference(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
-                                   cu_seqlens=cu_seqlens)
+    """The project's kernel (``fused.attention``); no keys at all is answered here (zeros, nothing to compute)."""
+    if k.size(-2) == 0:
+        return sdpa.attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
     return fused_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
                            cu_seqlens=cu_seqlens)
 
 
 def _where_compiled(op: str, compiled):
-    """The compiled op on the devices it has a kernel for, the reference elsewhere. CUDA kernels take float32 and
-    bfloat16; the CPU ops are ATen compositions that take any floating dtype."""
+    """The compiled op where :func:`route` sends the call (its device has a kernel; CUDA kernels take float32 and
+    bfloat16, the CPU ops are ATen compositions that take any floating dtype), the reference elsewhere."""
     reference = _REFERENCES[op]
 
     def run(x, *args):
-        if _has_kernel(op, x.device.type) and (x.device.type == "cpu" or x.dtype in (torch.float32, torch.bfloat16)):
-            return compiled(x, *args)
-        return reference(x, *args)
+        device = x.device.type
+        path, _ = route(op, device, mode=_STATE["mode"], has_kernel=_has_kernel(op, device), dtype=x.dtype)
+        return compiled(x, *args) if path == "cpp" else reference(x, *args)
 
     run.__name__ = op
     return run
@@ -76,11 +150,15 @@ def _where_compiled(op: str, compiled):
 def _use_compiled() -> None:
     from tuneforge.kernels import native
 
+    _STATE["mode"] = native.mode()
+    if _STATE["mode"] == "reference":
+        return  # every op keeps its pure-torch reference, attention on every device included
+    _IMPLEMENTATIONS["flash_attention"] = ("routed", _attention)
     if not native.load():
         return
+    _STATE["loaded"] = True
     ops = torch.ops.tuneforge
     compiled = {
-        "flash_attention": _compiled_attention,
         "lora_linear": _where_compiled("lora_linear", ops.lora_linear),
         "multi_lora_linear": _where_compiled("multi_lora_linear", ops.multi_lora_linear),
         # the op also returns z = down(h) for its backward; the face returns the output alone
@@ -88,8 +166,8 @@ def _use_compiled() -> None:
         "multi_bottleneck_adapter": _where_compiled("multi_bottleneck_adapter",
                                                     lambda *args: ops.multi_bottleneck_adapter(*args)[0]),
     }
-    for op in COMPILED:
-        _IMPLEMENTATIONS[op] = ("cpp", compiled[op])
+    for op, fn in compiled.items():
+        _IMPLEMENTATIONS[op] = ("cpp", fn)
 
 
 _use_compiled()
@@ -133,25 +211,46 @@ def multi_bottleneck_adapter(h, w_down, b_down, w_up, b_up, scales, adapter_ids,
                                                            activation)
 
 
-def backend() -> dict[str, str]:
-    """Which implementation each op runs: ``"reference"`` (pure torch), ``"cpp"`` (compiled, CPU tensors) or
-    ``"cpp+cuda"`` (compiled for CPU and CUDA tensors), e.g. ``{"flash_attention": "cpp", ...}``."""
-    forward = {"flash_attention": "flash_attention_forward"}
-    cuda = torch.cuda.is_available()
+def routes() -> dict[str, dict[str, tuple[str, str]]]:
+    """Per op and device type (:data:`DEVICES`), the path a call takes now and why: ``{"flash_attention": {"cpu":
+    ("cpp", "..."), "cuda": ("sdpa", "default on CUDA: ...")}, ...}``. Where no CUDA device is present the "cuda"
+    entry says what this install would run on one. Calls the report cannot foresee (attention's head size, dtype,
+    cu_seqlens) are named in the reason."""
+    cuda_here = torch.cuda.is_available()
     report = {}
     for op, (name, _) in _IMPLEMENTATIONS.items():
-        report[op] = name + ("+cuda" if name == "cpp" and cuda and _has_kernel(forward.get(op, op), "cuda") else "")
+        per = {}
+        for device in DEVICES:
+            if name == "reference" and _STATE["reference_only"]:
+                path, why = "reference", "inside tuneforge.kernels.reference_only()"
+            else:
+                path, why = route(op, device, mode=_STATE["mode"], has_kernel=_has_kernel(op, device))
+            per[device] = (path, why + ("" if device != "cuda" or cuda_here else
+                                        " [no CUDA device here: what this install would run on one]"))
+        report[op] = per
     return report
+
+
+def backend() -> dict[str, str]:
+    """The short form of :func:`routes`: the path each op takes on CPU tensors (``"cpp"``, ``"sdpa"`` or
+    ``"reference"``), with ``"+cuda"`` where the project's compiled kernel also serves CUDA tensors here, e.g.
+    ``{"flash_attention": "cpp", "lora_linear": "cpp+cuda", ...}``."""
+    cuda_here = torch.cuda.is_available()
+    return {op: per["cpu"][0] + ("+cuda" if cuda_here and per["cpu"][0] == per["cuda"][0] == "cpp" else "")
+            for op, per in routes().items()}
 
 
 @contextlib.contextmanager
 def reference_only():
-    """Run every op's pure-torch reference inside the block, whatever is compiled: to compare the two paths in
-    one process (benchmarks), or to rule the kernels out while debugging. Not thread-safe: it swaps the table."""
-    saved = dict(_IMPLEMENTATIONS)
+    """Run every op's pure-torch reference inside the block, whatever is compiled and on every device (attention
+    too, on CUDA): to compare the paths in one process (benchmarks), or to rule the kernels out while debugging.
+    Not thread-safe: it swaps the table."""
+    saved, was = dict(_IMPLEMENTATIONS), _STATE["reference_only"]
     _IMPLEMENTATIONS.update({op: ("reference", fn) for op, fn in _REFERENCES.items()})
+    _STATE["reference_only"] = True
     try:
         yield
     finally:
         _IMPLEMENTATIONS.clear()
         _IMPLEMENTATIONS.update(saved)
+        _STATE["reference_only"] = was
