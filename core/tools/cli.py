@@ -91,9 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--force", action="store_true",
                    help="replace OUT even when it is a folder tuneforge did not write, and everything in it")
 
-    k = sub.add_parser("kernels", help="which implementation each kernel op runs, and why",
-                       description="Status of tuneforge's ops: compiled (prebuilt tuneforge._C or JIT-compiled with "
-                       "ninja) or the pure-torch reference. TUNEFORGE_KERNELS=auto|cpp|reference chooses.")
+    k = sub.add_parser("kernels", help="which implementation each kernel op runs, per device, and why",
+                       description="Per op and device (cpu, cuda; without a GPU: what would run on one): the "
+                       "project's compiled kernel (cpp), torch SDPA (attention) or the pure-torch reference, and why. "
+                       "TUNEFORGE_KERNELS=auto|cpp|reference chooses.")
     k.add_argument("--json", action="store_true", help="machine-readable output")
 
     h = sub.add_parser("hf-tiny", help="write a tiny random Hugging Face model folder (GPT-2, Llama or Qwen2 style) "
@@ -293,14 +294,21 @@ def _export_hf(args) -> int:
 
 
 def _kernels(args) -> int:
-    from tuneforge.kernels import backend, native
+    import torch
 
-    state, ops = native.status(), backend()
+    from tuneforge.kernels import backend, native, routes
+
+    state, table = native.status(), routes()
     if args.json:
-        print(json.dumps({"ops": ops, "mode": native.mode(), **state}, indent=2))
+        paths = {op: {device: {"path": path, "why": why} for device, (path, why) in per.items()}
+                 for op, per in table.items()}
+        print(json.dumps({"ops": backend(), "routes": paths, "mode": native.mode(),
+                          "cuda_available": torch.cuda.is_available(), **state}, indent=2))
         return 0
-    for op, impl in ops.items():
-        print(f"{op:<26} {impl}")
+    for op, per in table.items():
+        print(op)
+        for device, (path, why) in per.items():
+            print(f"  {device:<5} {path:<10} {why}")
     where = state["how"] if state["loaded"] else state["why"]
     print(f"\nTUNEFORGE_KERNELS={native.mode()}; compiled kernels: {where}")
     return 0
