@@ -179,10 +179,10 @@ def test_sdpa_matches_the_reference(strict_sdpa, dtype, causal, Tq, Tk, H, Hkv):
         assert call["is_causal"] and call["attn_mask"] is None  # the flash backend's form
     if Tq == 1 or not causal:
         assert call["attn_mask"] is None and not call.get("is_causal")
-    if call["attn_mask"] is None:
+    if call["attn_mask"] is None and dtype == torch.bfloat16:  # the flash backend takes grouped k/v as they are
         assert call["enable_gqa"] == (Hkv != H) and call["heads"] == (H, Hkv)
-    else:  # a mask goes to a backend without GQA: k/v arrive expanded
-        assert call["heads"] == (H, H)
+    else:  # float32 or a mask: a backend without GQA, so k/v arrive expanded
+        assert call["heads"] == (H, H) and not call.get("enable_gqa")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -6,9 +6,9 @@ no mask is needed. What this module adds to a bare SDPA call:
 
 - bottom-right causal alignment: ``is_causal=True`` when Tq == Tk (the flash backend), no mask at all for a
   single query (it sees every key), ``causal_lower_right`` for 1 < Tq < Tk (cached decoding of a few tokens);
-- grouped-query k/v: ``enable_gqa`` where no mask is passed (the flash backend takes GQA); with a mask, k/v are
-  expanded to q's heads, because the backend that takes masks (memory-efficient) does not take GQA and SDPA would
-  otherwise fall back to its math backend, which does build the scores;
+- grouped-query k/v: ``enable_gqa`` where no mask is passed and the flash backend takes q (half precision); else
+  k/v are expanded to q's heads, because the memory-efficient backend (masks, float32) does not take GQA and SDPA
+  would otherwise fall back to its math backend, which does build the scores;
 - a key padding mask as a bool ``attn_mask``, and rows that see no key at all (left padding under the causal
   mask, a row of only padding) given zeros: such a row is let see every key, so no NaN enters the forward or the
   backward, then its output is zeroed; no host synchronisation either way;
@@ -93,6 +93,8 @@ def _dense(q, k, v, causal, mask, scale):
     H, Tq = q.size(1), q.size(2)
     Tk, gqa = k.size(2), k.size(1) != H
     if mask is None:
+        if gqa and not _flash_shaped(q):  # SDPA's GQA would fall to its math backend, which builds the scores
+            k, v, gqa = *_expand(k, v, H), False
         if not causal or Tq == 1:  # a single causal query is the newest position: it sees every key
             return _sdpa(q, k, v, scale=scale, enable_gqa=gqa)
         if Tq == Tk:
@@ -114,6 +116,12 @@ def _dense(q, k, v, causal, mask, scale):
     k, v = _expand(k, v, H)
     out = _sdpa(q, k, v, attn_mask=allowed, scale=scale)  # (B, H, Tq, D)
     return out.masked_fill(blind, 0)
+
+
+def _flash_shaped(q) -> bool:
+    """Whether torch's flash backend takes q (half precision, head size a multiple of 8 up to 256): the one that
+    takes grouped-query k/v as they are (``enable_gqa``); the memory-efficient backend does not."""
+    return q.dtype in (torch.float16, torch.bfloat16) and q.size(-1) % 8 == 0 and q.size(-1) <= 256
 
 
 def _expand(k, v, heads: int):
