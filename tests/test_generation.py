@@ -149,6 +149,23 @@ def test_bad_eos_id_is_a_clear_error(model):
         model.generate(torch.zeros(2, 0, dtype=torch.long), 2)
 
 
+def test_decoding_runs_without_onednn_and_restores_it(model):
+    """The decode loop turns oneDNN off (its GELU opens a parallel region per call, see generation._without_onednn)
+    and puts it back afterwards, also when the loop raises."""
+    seen = []
+    hook = model.blocks[0].mlp.register_forward_pre_hook(lambda *_: seen.append(torch.backends.mkldnn.enabled))
+    try:
+        sample(model, torch.zeros(1, 3, dtype=torch.long), 4)
+        assert seen == [False] * 4 and torch.backends.mkldnn.enabled
+        boom = model.blocks[1].register_forward_pre_hook(lambda *_: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            sample(model, torch.zeros(1, 3, dtype=torch.long), 4)
+        boom.remove()
+        assert torch.backends.mkldnn.enabled
+    finally:
+        hook.remove()
+
+
 def test_generation_benchmark_quick_tokens_match():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "generation.py"), "--quick"], capture_output=True,
                           text=True, timeout=300, cwd=ROOT)

@@ -9,6 +9,7 @@ the same on either.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import operator
 
@@ -135,7 +136,7 @@ class Generates:
         total, device = T + max_new_tokens, idx.device
         # The loop runs in inference mode (no autograd bookkeeping on any tensor: about 10% of a small model's
         # decode step); the clone at the end hands back an ordinary tensor, which may then enter autograd.
-        with torch.inference_mode():
+        with torch.inference_mode(), _without_onednn(self):
             # Preallocated for the whole call: step t writes column t of `out` and nothing is concatenated. A
             # generated token is always real, and its position is one past its row's last, so the mask and the
             # positions of every column are known up front (cumsum(mask) - 1 counts each row's real tokens from 0).
@@ -169,6 +170,29 @@ class Generates:
                 if done is not None and bool(done.all()):
                     break
         return (out if t == total else out[:, :t]).clone()
+
+
+@contextlib.contextmanager
+def _without_onednn(model):
+    """oneDNN off around the decode loop of a float32 model on the CPU, and back as it was after.
+
+    Why: torch runs exact GELU on a contiguous float32 CPU tensor through oneDNN, which opens an OpenMP parallel
+    region whatever the size. For one token's 512 values that costs ~9 us against ~1.5 us for ATen's own kernel, and
+    when another process holds a core the region waits for a descheduled thread, often for milliseconds: 128 tokens of
+    the tiny model at batch 1 took 842 ms with it and 179 ms without (2 threads, a busy 2-core machine, median of 5).
+    float32 matmuls run on MKL either way (oneDNN takes only bf16/fp16 ones, hence float32 only). The switch is
+    process-wide (torch has no per-thread one): meanwhile GELUs of other threads run ATen's kernel, equal to ~1 ulp.
+    """
+    param = next(model.parameters(), None)
+    if (param is None or param.device.type != "cpu" or param.dtype != torch.float32
+            or not torch.backends.mkldnn.enabled or torch.backends.flags_frozen()):
+        yield
+        return
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = True
 
 
 def _stop_ids(eos_id, device) -> torch.Tensor | None:
