@@ -135,6 +135,18 @@ def test_an_hf_spec_builds_the_folders_model_and_its_description_round_trips(hf_
     assert not factory.same_architecture("tiny", saved)
 
 
+@pytest.mark.parametrize("device,spec_dtype,expected", [("cuda", None, torch.bfloat16), ("cpu", None, torch.float32),
+                                                        (None, None, torch.float32),
+                                                        ("cuda", "float32", torch.float32)])
+def test_an_hf_model_meant_for_cuda_defaults_to_bfloat16(hf_folder, device, spec_dtype, expected):
+    """The device a run will use picks the HF model's default dtype (bf16 on CUDA: tensor cores, half the memory);
+    an explicit ?dtype= wins. The model itself is built on the CPU, so this runs without a GPU."""
+    spec = f"hf:{hf_folder}" + (f"?dtype={spec_dtype}" if spec_dtype else "")
+    model, description = factory.build(spec, seed=0, device=None if device is None else torch.device(device))
+    assert {p.dtype for p in model.parameters()} == {expected}
+    assert description.dtype == str(expected).removeprefix("torch.")
+
+
 # -- a checkpoint's state.json is read once per build -----------------------------------------------------------------
 
 @pytest.fixture

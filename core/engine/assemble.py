@@ -93,7 +93,7 @@ def build_model(cfg: TrainConfig, device: torch.device | None = None
     """The base model: ``--init``'s model as it was saved (heads, prompts... included), else the one ``--model``
     names (a preset, seeded random init, or a Hugging Face folder). Returns (model, its config, its lineage)."""
     if not cfg.init:
-        model, mcfg = factory.build(cfg.model, seed=cfg.seed)
+        model, mcfg = factory.build(cfg.model, seed=cfg.seed, device=device)
         return model, mcfg, []
     init, state = ckpt.open_checkpoint(cfg.init)
     if cfg.model and not factory.same_architecture(cfg.model, state["model_config"]):

@@ -53,6 +53,11 @@ _STATE = {"mode": "auto", "loaded": False, "reference_only": False}
 _CUDA_DTYPES = (torch.float32, torch.bfloat16)
 
 
+#: ops whose hand-written CUDA kernel no GPU has run yet: on CUDA they run pure torch (cuBLAS) unless forced, so an
+#: unmeasured kernel never slows a user down. Attention on CUDA goes to SDPA (see _route_attention).
+UNPROVEN_ON_CUDA = frozenset({"multi_lora_linear"})
+
+
 def route(op: str, device_type: str, *, mode: str = "auto", has_kernel: bool = False, dtype=None, head_dim=None,
           packed: bool = False) -> tuple[str, str]:
     """Which path a call of ``op`` on ``device_type`` tensors takes, and why: ``(path, reason)``, path in
@@ -72,6 +77,9 @@ def route(op: str, device_type: str, *, mode: str = "auto", has_kernel: bool = F
                              "not built): pure torch (its products are ATen/BLAS calls)")
     if device_type != "cpu" and dtype is not None and dtype not in _CUDA_DTYPES:
         return "reference", f"the {device_type} kernel takes float32/bfloat16, not {dtype}: pure torch"
+    if device_type == "cuda" and op in UNPROVEN_ON_CUDA and mode != "cpp":
+        return "reference", (f"the project's CUDA {op} kernel has not yet been checked on a GPU "
+                             "(benchmarks/gpu_check.py): pure torch (cuBLAS) unless TUNEFORGE_KERNELS=cpp forces it")
     return "cpp", f"the project's compiled op on {device_type} tensors" + (
         "" if device_type == "cpu" or dtype else " (float32/bfloat16; other dtypes: pure torch)")
 

@@ -50,7 +50,8 @@ def load() -> bool:
         if chosen == "cpp":
             raise RuntimeError(f"TUNEFORGE_KERNELS=cpp, but tuneforge's kernels could not be loaded: {exc}") from exc
         reason = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
-        _STATE.update(loaded=False, why=f"compiled kernels unavailable ({reason}); running the pure-torch reference")
+        _STATE.update(loaded=False, why=f"compiled kernels unavailable ({reason}); attention runs torch SDPA, the "
+                                        "other ops their pure-torch reference")
         warnings.warn(f"tuneforge: {_STATE['why']}", RuntimeWarning, stacklevel=3)
         return False
     _STATE.update(loaded=True, how=how)

@@ -42,7 +42,8 @@ class ModelKind:
     :param form: how a spec of this kind is written, as messages show it (``hf:PATH``).
     :param claims: whether a ``--model`` string is of this kind.
     :param owns: whether a saved description (a dict) is of this kind.
-    :param build: ``(spec, seed)`` -> a fresh model; the global torch generator is seeded with ``seed`` by it, so
+    :param build: ``(spec, seed, device)`` -> a fresh model (``device``: where it will run, or None; a kind may
+        choose its default dtype by it, e.g. bfloat16 for an HF model on CUDA); the global torch generator is seeded with ``seed`` by it, so
         what is created after the base (a plugin's new modules) starts from the run's seed.
     :param rebuild: ``(description, pretrained)`` -> a base of the saved architecture, for a checkpoint's weights;
         ``pretrained``: the checkpoint left weights in the model's own files, so they must be read from there.
@@ -53,12 +54,12 @@ class ModelKind:
     form: str  # how a spec of this kind is written, for messages: "hf:PATH"
     claims: Callable[[str], bool]
     owns: Callable[[dict], bool]
-    build: Callable[[str, int], nn.Module]
+    build: Callable[[str, int, "torch.device | None"], nn.Module]
     rebuild: Callable[[dict, bool], nn.Module]
     same: Callable[[str, dict], bool]
 
 
-def _preset_build(spec: str, seed: int) -> nn.Module:
+def _preset_build(spec: str, seed: int, device=None) -> nn.Module:
     name = spec.partition(":")[0].strip()
     if name and name not in PRESETS:  # before its options are parsed: "gguf:x" is an unknown kind, not bad options
         others = ", ".join(k.form for k in KINDS.values())
@@ -73,8 +74,10 @@ def _preset_build(spec: str, seed: int) -> nn.Module:
     return model
 
 
-def _hf_build(spec: str, seed: int) -> nn.Module:
+def _hf_build(spec: str, seed: int, device=None) -> nn.Module:
     path, options = hf.parse_hf_spec(spec)
+    if options.get("dtype") is None and device is not None:  # bfloat16 on CUDA unless ?dtype= says otherwise
+        options = {**options, "dtype": hf.DEFAULT_DTYPES.get(torch.device(device).type, "float32")}
     model = hf.load(path, seed=seed, **options)  # its random init (weights=random) forks the generator
     torch.manual_seed(seed)
     return model
@@ -120,7 +123,8 @@ def kind_of(spec: str | dict) -> ModelKind:
                       "a checkpoint's state.json)")
 
 
-def build(spec: str | dict | None, *, seed: int = 0, pretrained: bool = False) -> tuple[nn.Module, Description]:
+def build(spec: str | dict | None, *, seed: int = 0, pretrained: bool = False,
+          device=None) -> tuple[nn.Module, Description]:
     """The model ``spec`` names, and its description (``description.to_dict()`` is what a checkpoint saves as
     ``model_config``; passing that dict back here rebuilds the same architecture).
 
@@ -128,12 +132,14 @@ def build(spec: str | dict | None, *, seed: int = 0, pretrained: bool = False) -
     :param seed: seeds the global torch generator: the random init of a fresh model, and of what a caller adds
         after it. A saved description is rebuilt after ``torch.manual_seed(seed)`` (its weights come after).
     :param pretrained: for a saved description only: whether the checkpoint left weights in the model's files.
+    :param device: where the model will run (None: not known); it only picks defaults such as an HF model's dtype
+        (bfloat16 on CUDA), the model is built on the CPU. A saved description keeps the dtype it records.
     :raises ConfigError: naming the spec and what to write instead.
     """
     spec = DEFAULT_SPEC if spec is None or spec == "" else spec  # as TrainConfig's model=None means
     kind = kind_of(spec)
     if isinstance(spec, str):
-        model = kind.build(spec, seed)
+        model = kind.build(spec, seed, device)
     else:
         torch.manual_seed(seed)
         model = kind.rebuild(spec, pretrained)
