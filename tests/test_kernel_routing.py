@@ -112,6 +112,9 @@ def test_tuneforge_kernels_shows_each_op_per_device_and_why(capsys):
     assert main(["kernels"]) == 0
     text = capsys.readouterr().out
     assert "cuda  sdpa       default on CUDA" in text and "TUNEFORGE_KERNELS=" in text
+    if report["loaded"]:  # the CPU attention's instruction set, chosen at run time
+        assert report["cpu_isa"] == torch.ops.tuneforge.cpu_isa()
+        assert f"CPU attention instruction set: {report['cpu_isa']}" in text
 
 
 def _routes_in_a_process(mode: str) -> dict:

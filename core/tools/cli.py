@@ -299,10 +299,11 @@ def _kernels(args) -> int:
     from tuneforge.kernels import backend, native, routes
 
     state, table = native.status(), routes()
+    isa = torch.ops.tuneforge.cpu_isa() if state["loaded"] else None  # the CPU attention's instruction set
     if args.json:
         paths = {op: {device: {"path": path, "why": why} for device, (path, why) in per.items()}
                  for op, per in table.items()}
-        print(json.dumps({"ops": backend(), "routes": paths, "mode": native.mode(),
+        print(json.dumps({"ops": backend(), "routes": paths, "mode": native.mode(), "cpu_isa": isa,
                           "cuda_available": torch.cuda.is_available(), **state}, indent=2))
         return 0
     for op, per in table.items():
@@ -311,6 +312,9 @@ def _kernels(args) -> int:
             print(f"  {device:<5} {path:<10} {why}")
     where = state["how"] if state["loaded"] else state["why"]
     print(f"\nTUNEFORGE_KERNELS={native.mode()}; compiled kernels: {where}")
+    if isa:
+        print(f"CPU attention instruction set: {isa} (chosen at run time; TUNEFORGE_CPU_ISA=avx512|avx2|scalar "
+              "forces one)")
     return 0
 
 
