@@ -368,3 +368,19 @@ def test_hf_folder_generates_the_same_with_and_without_its_cache_read_in_place(f
     kv_heads = getattr(model.hf_model.config, "num_key_value_heads", None) or model.config.n_heads
     assert len(reads) == 11 * len(layers)  # 11 decode steps after the prompt's, every layer
     assert all((kp, vp) in stored and heads == kv_heads and not contiguous for kp, vp, heads, contiguous in reads)
+
+
+def test_hf_static_cache_says_when_it_is_full(tmp_path):
+    from tuneforge.models import hf
+    from tuneforge.tools.hf_tiny import make_tiny
+
+    model = hf.load(make_tiny(tmp_path / "llama", "llama", d_model=32, n_layers=2, n_heads=4, context=64,
+                              vocab_size=320))
+    cache = model.new_cache(1, 6)
+    assert isinstance(cache.kv, transformers.StaticCache)
+    ids = torch.randint(3, 300, (1, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(ids[:, :5], cache=cache)
+        with pytest.raises(ValueError, match="holds 6 tokens and 7 would be in it"):
+            model(ids[:, 5:], cache=cache)
+    assert cache.length == 5

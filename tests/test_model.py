@@ -57,6 +57,11 @@ def test_too_long_input_is_a_clear_error(model):
         model(torch.zeros(1, 49, dtype=torch.long))
     with pytest.raises(ValueError, match="at most 8 new tokens fit"):
         model.generate(torch.zeros(1, 40, dtype=torch.long), 9)
+    cache = model.new_cache(1, 10)  # a cache shorter than the context: its own limit, said before anything is written
+    model(torch.zeros(1, 8, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="holds 10 tokens and 11 would be in it"):
+        model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
+    assert cache.length == 8
 
 
 @pytest.mark.parametrize("kw", [dict(temperature=0), dict(temperature=1.0, top_k=20), dict(temperature=0.8, top_p=0.9)])

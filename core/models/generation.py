@@ -56,6 +56,10 @@ def plan_input(model, idx, key_padding_mask=None, positions=None, cache=None) ->
     if K + past + T > context:
         extra = f" (a prefix of {K} + the input)" if K else ""
         raise ValueError(f"{K + past + T} tokens{extra} exceed the model's context of {context}; shorten the input")
+    room = getattr(cache, "max_len", None)
+    if room is not None and K + past + T > room:
+        raise ValueError(f"the KV cache holds {room} tokens and {K + past + T} would be in it; make it with "
+                         f"new_cache(batch_size, max_len) of at least {K + past + T}")
     if key_padding_mask is not None and tuple(key_padding_mask.shape) != (B, past + T):
         raise ValueError(
             f"key_padding_mask must be (batch, cached + new tokens) = ({B}, {past + T}), "

@@ -93,6 +93,7 @@ class HFCache:
         from transformers import DynamicCache, StaticCache
         self.kv = DynamicCache(config=hf_config) if max_len is None else \
             StaticCache(config=hf_config, max_cache_len=max_len)
+        self.max_len = max_len  # None: no limit but the model's context
         self.length = 0
         self.prefix = None
         self.prefix_layout = None  # see generation.plan_input
