@@ -150,13 +150,15 @@ def test_bad_eos_id_is_a_clear_error(model):
 
 
 def test_decoding_runs_without_onednn_and_restores_it(model):
-    """The decode loop turns oneDNN off (its GELU opens a parallel region per call, see generation._without_onednn)
-    and puts it back afterwards, also when the loop raises."""
+    """The cached decode loop turns oneDNN off (its GELU opens a parallel region per call, see
+    generation._without_onednn) and puts it back afterwards, also when the loop raises; recomputing keeps it."""
     seen = []
     hook = model.blocks[0].mlp.register_forward_pre_hook(lambda *_: seen.append(torch.backends.mkldnn.enabled))
     try:
         sample(model, torch.zeros(1, 3, dtype=torch.long), 4)
         assert seen == [False] * 4 and torch.backends.mkldnn.enabled
+        sample(model, torch.zeros(1, 3, dtype=torch.long), 4, use_cache=False)  # whole prefixes: oneDNN's GELU
+        assert seen[4:] == [True] * 4
         boom = model.blocks[1].register_forward_pre_hook(lambda *_: 1 / 0)
         with pytest.raises(ZeroDivisionError):
             sample(model, torch.zeros(1, 3, dtype=torch.long), 4)
