@@ -5,8 +5,9 @@
 // instruction set and the choice is made at run time (cpuid): no -march=native, a built wheel runs on another CPU.
 // No include guard on purpose. Nothing here includes a header: everything it uses is included before the regions.
 //
-// `V` provides: W (lanes), reg, zero(), load(p), store(p, x), set1(s), fma(a, b, c) = a * b + c, mul, sub, max,
-// hmax, hsum, exp2(x) (x <= ~0; exactly 0 below -127), load_part(p, n) / store_part(p, x, n) (the first n lanes),
+// `V` provides: W (lanes), reg, zero(), load(p), store(p, x), set1(s), fma(a, b, c) = a * b + c, add, mul, sub,
+// max, hmax, hsum, load_part(p, n) (the first n lanes, the rest 0), and either exp2(x) (W = 1) or round(x) and
+// pow2(n) (2^n for integral n, exactly 0 at -127) from which vexp2 below builds a vector exp2,
 // MR (rows of the score micro-kernel), NRV (its width in vectors) and rows_for(nv) (rows of the accumulate
 // micro-kernel that keep rows_for(nv) * nv accumulators plus nv loads and a broadcast in registers).
 //
@@ -14,6 +15,29 @@
 // in tiles of kQTile rows. Scores are in base 2: s2 = (q . k) * scale * log2(e), so softmax uses exp2.
 
 constexpr int64_t NR = V::NRV * V::W;  // keys per packed panel
+
+// 2^x for x <= ~0, exactly 0 below -127 (a masked score, -inf, gives 0, never NaN). Vectors: 2^x = 2^n e^(f ln2)
+// with n = round(x), |f| <= 1/2, e^y by its degree-7 Taylor polynomial (relative error ~5e-9, below float32's).
+// The one-lane path is float64's (gradcheck) and the portable one's: the library's exact exp2.
+template <typename U = V>  // a template, so the branch this vector type lacks is never compiled
+inline typename U::reg vexp2(typename U::reg x) {
+  if constexpr (U::W == 1) {
+    return U::exp2(x);
+  } else {
+    x = U::max(x, U::set1(-127.f));
+    const auto n = U::round(x);
+    const auto f = U::mul(U::sub(x, n), U::set1(0.6931471805599453f));
+    auto p = U::set1(1.f / 5040);
+    p = U::fma(p, f, U::set1(1.f / 720));
+    p = U::fma(p, f, U::set1(1.f / 120));
+    p = U::fma(p, f, U::set1(1.f / 24));
+    p = U::fma(p, f, U::set1(1.f / 6));
+    p = U::fma(p, f, U::set1(0.5f));
+    p = U::fma(p, f, U::set1(1.f));
+    p = U::fma(p, f, U::set1(1.f));
+    return U::mul(p, U::pow2(n));
+  }
+}
 
 // C (rows x NV*W) (+)= sum_i A(r, i) B(i, :), A read through strides (a_rs, a_cs) so one kernel serves A and A^T,
 // B rows contiguous with stride ldb. Accumulators stay in registers for the whole reduction over `kdim`.
@@ -137,7 +161,7 @@ inline T exp2_row(T* row, int64_t ncols, T mul, T shift) {
   const auto vm = V::set1(mul), vs = V::set1(-shift);
   auto sum = V::zero();
   for (int64_t j = 0; j < ncols; j += V::W) {
-    const auto p = V::exp2(V::fma(V::load(row + j), vm, vs));
+    const auto p = vexp2(V::fma(V::load(row + j), vm, vs));
     V::store(row + j, p);
     sum = V::add(sum, p);
   }

@@ -100,7 +100,7 @@ struct Scalar {  // portable: any CPU, and float64 (exact exp2) for gradcheck
   static inline T hmax(reg x) { return x; }
   static inline T hsum(reg x) { return x; }
   static inline reg load_part(const T* p, int64_t n) { return n > 0 ? *p : T(0); }
-  static inline reg exp2(reg x) { return std::exp2(x); }
+  static inline reg exp2(reg x) { return std::exp2(x); }  // exact: the scalar path is float64's (gradcheck)
 };
 
 #define TF_KERNELS_OF(ns, label)                                                                             \
@@ -154,21 +154,10 @@ struct V {
     const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lanes));
   }
-  // 2^x = 2^n e^(f ln2), n = round(x), |f| <= 1/2: degree-7 Taylor (error ~5e-9); x <= -127 gives exactly 0
-  static inline reg exp2(reg x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-127.f));
-    const reg n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const reg f = _mm256_mul_ps(_mm256_sub_ps(x, n), _mm256_set1_ps(0.6931471805599453f));
-    reg p = _mm256_set1_ps(1.f / 5040);
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f / 720));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f / 120));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f / 24));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f / 6));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
-    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+  static inline reg round(reg x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  // 2^n for integral n in [-127, 127] through the exponent bits (n = -127 gives exactly 0)
+  static inline reg pow2(reg n) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
   }
 };
 #include "attention_isa.h"
@@ -201,20 +190,9 @@ struct V {
   static inline reg load_part(const float* p, int64_t n) {
     return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1u), p);
   }
-  static inline reg exp2(reg x) {  // as avx2::V::exp2, with the exponent applied by scalef
-    x = _mm512_max_ps(x, _mm512_set1_ps(-127.f));
-    const reg n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const reg f = _mm512_mul_ps(_mm512_sub_ps(x, n), _mm512_set1_ps(0.6931471805599453f));
-    reg p = _mm512_set1_ps(1.f / 5040);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 720));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-    const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+  static inline reg round(reg x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static inline reg pow2(reg n) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
   }
 };
 #include "attention_isa.h"

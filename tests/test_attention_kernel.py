@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from cuda_checks import cuda, worst
 
 from tuneforge.kernels import native
 from tuneforge.kernels.reference import attention_reference
@@ -178,18 +179,6 @@ def test_the_build_has_no_march_native():
 
 # ---- the CUDA kernel (csrc/cuda): where a GPU and a CUDA build are present, skipped elsewhere ---------------------
 
-def _cuda_kernels() -> bool:
-    return torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "tuneforge::flash_attention_forward", "CUDA")
-
-
-cuda = pytest.mark.skipif(not _cuda_kernels(), reason="no CUDA device or no CUDA build of tuneforge's kernels")
-
-
-def _worst(got, truth):
-    return (got.double() - truth).abs().max().item()
-
-
 @cuda
 @pytest.mark.parametrize("Tq,Tk", [(37, 37), (5, 70), (130, 130), (1, 9), (200, 333)])
 @pytest.mark.parametrize("D", [16, 32, 64, 128])
@@ -216,7 +205,7 @@ def test_cuda_kernel_matches_the_reference(Tq, Tk, D, causal, dtype):
     theirs = run(lambda q, k, v, m: attention_reference(q, k, v, causal=causal, key_padding_mask=m), dtype, "cuda")
     for got, pytorch, want in zip(ours, theirs, truth):
         assert torch.isfinite(got).all()
-        assert _worst(got, want) <= 4 * _worst(pytorch, want) + 1e-5
+        assert worst(got, want) <= 4 * worst(pytorch, want) + 1e-5
     assert (ours[0][1] == 0).all()
 
 

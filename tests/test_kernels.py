@@ -2,6 +2,7 @@
 float64, and torch.library.opcheck (schema, fake/meta implementation, autograd registration)."""
 import pytest
 import torch
+from cuda_checks import cuda, worst
 
 from tuneforge.kernels import native
 from tuneforge.kernels.reference import lora_linear_reference
@@ -157,18 +158,6 @@ def test_multi_bottleneck_adapter_gradcheck_and_opcheck():
 
 # ---- CUDA kernels (csrc/cuda): run where a GPU and a CUDA build are present, skipped elsewhere -------------------
 
-def _cuda_kernels() -> bool:
-    return torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "tuneforge::flash_attention_forward", "CUDA")
-
-
-cuda = pytest.mark.skipif(not _cuda_kernels(), reason="no CUDA device or no CUDA build of tuneforge's kernels")
-
-
-def _worst(got, truth):
-    return (got.double() - truth).abs().max().item()
-
-
 @cuda
 @pytest.mark.parametrize("shape", [(9,), (6, 5), (33, 7)])
 @pytest.mark.parametrize("weight", [True, False])
@@ -190,7 +179,7 @@ def test_cuda_multi_lora_linear_matches_the_reference(shape, weight, dtype):
     theirs = run(multi_lora_linear_reference, dtype, "cuda")
     for got, pytorch, want in zip(ours, theirs, truth):
         assert torch.isfinite(got).all()
-        assert _worst(got, want) <= 4 * _worst(pytorch, want) + 1e-4
+        assert worst(got, want) <= 4 * worst(pytorch, want) + 1e-4
 
 
 @cuda
