@@ -4,36 +4,22 @@
 // the fake (meta) implementations are registered from Python (core/kernels/native.py); this file declares the
 // schemas once and gives the CPU implementations. Shapes are written (rows, features) after flattening the
 // leading dimensions of x: M = tokens.
+//
+// The LoRA and adapter ops run over chunks of rows as tasks (adapter_rows.h says why and how).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <tuple>
 #include <vector>
 
+#include "adapter_rows.h"
+
 namespace tuneforge {
 
-namespace {
+using namespace tasks;  // chunks, tasks, adapter pieces and row copies (adapter_rows.h)
 
-at::Tensor rows_of(const at::Tensor& x) {  // (..., in) -> (M, in), a view when x is contiguous
-  return x.reshape({-1, x.size(-1)});
-}
-
-int64_t per_row(const at::Tensor& x) {  // tokens in each row: the product of the dimensions between the first and last
-  int64_t L = 1;
-  for (int64_t d = 1; d + 1 < x.dim(); ++d) L *= x.size(d);
-  return L;
-}
-
-std::vector<int64_t> out_shape(const at::Tensor& x, int64_t out_features) {
-  auto shape = x.sizes().vec();
-  shape.back() = out_features;
-  return shape;
-}
-
-}  // namespace
-
-// x W^T + b + s (x A^T) B^T, accumulated into one output buffer: the base product writes it, the rank-r update
-// is added by a second GEMM with alpha = s (no separate scale or add pass over the (M, out) output).
+// x W^T + b + s (x A^T) B^T, per chunk of rows: the base product writes the chunk, the rank-r update is added by a
+// second GEMM with alpha = s (no separate scale or add pass over the (M, out) output).
 at::Tensor lora_linear_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
                            const c10::optional<at::Tensor>& bias, const at::Tensor& lora_a, const at::Tensor& lora_b,
                            double scaling) {
@@ -42,18 +28,26 @@ at::Tensor lora_linear_cpu(const at::Tensor& x, const c10::optional<at::Tensor>&
               " inputs, x has ", x.size(-1));
   TORCH_CHECK(lora_b.size(1) == lora_a.size(0), "tuneforge::lora_linear: rank of lora_b (", lora_b.size(1),
               ") != rank of lora_a (", lora_a.size(0), ")");
+  if (weight.has_value())
+    TORCH_CHECK(weight->size(0) == lora_b.size(0) && weight->size(1) == x.size(-1), "tuneforge::lora_linear: weight "
+                "is ", weight->sizes(), ", lora_b is ", lora_b.sizes(), ", x has ", x.size(-1), " features");
   const auto x2 = rows_of(x);                     // (M, in)
-  const auto low = at::mm(x2, lora_a.t());        // (M, r)
-  at::Tensor out;                                 // (M, out)
-  if (weight.has_value()) {
-    const auto& w = *weight;
-    TORCH_CHECK(w.size(0) == lora_b.size(0) && w.size(1) == x.size(-1), "tuneforge::lora_linear: weight is ",
-                w.sizes(), ", lora_b is ", lora_b.sizes(), ", x has ", x.size(-1), " features");
-    out = bias.has_value() ? at::addmm(*bias, x2, w.t()) : at::mm(x2, w.t());
-    out.addmm_(low, lora_b.t(), /*beta=*/1, /*alpha=*/scaling);
-  } else {
-    out = at::mm(low.mul(scaling), lora_b.t());  // scale the small (M, r) side, not the (M, out) result
-  }
+  const int64_t M = x2.size(0);
+  auto out = at::empty({M, lora_b.size(0)}, x.options());  // (M, out)
+  const int64_t n = chunks_for(x, M);
+  for_each_task(n, [&](int64_t i) {
+    const auto [r0, rows] = chunk(i, n, M);
+    const auto xc = x2.narrow(0, r0, rows);
+    auto oc = out.narrow(0, r0, rows);
+    const auto low = at::mm(xc, lora_a.t());    // (rows, r)
+    if (weight.has_value()) {
+      if (bias.has_value()) at::addmm_out(oc, *bias, xc, weight->t());
+      else at::mm_out(oc, xc, weight->t());
+      oc.addmm_(low, lora_b.t(), /*beta=*/1, /*alpha=*/scaling);
+    } else {
+      at::mm_out(oc, low.mul_(scaling), lora_b.t());  // scale the small (rows, r) side, not the output
+    }
+  });
   return out.view(out_shape(x, lora_b.size(0)));
 }
 
@@ -67,23 +61,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
   for (size_t i = 0; i < 5; ++i) needs[i] = needs_list.get(i);
   const auto g = rows_of(grad);                   // (M, out)
   const auto x2 = rows_of(x);                     // (M, in)
+  const int64_t M = g.size(0), r = lora_a.size(0);
+  const int64_t n = chunks_for(x, M);
   at::Tensor dx, dw, db, da, dbb;
-  const bool want_low_grad = needs[0] || needs[3];
-  at::Tensor g_b;                                 // (M, r) = g B, shared by dx and dA
-  if (want_low_grad) g_b = at::mm(g, lora_b);
-  if (needs[0]) {
-    if (weight.has_value()) {
-      dx = at::mm(g, *weight);                    // (M, in)
-      dx.addmm_(g_b, lora_a, /*beta=*/1, /*alpha=*/scaling);
-    } else {
-      dx = at::mm(g_b.mul(scaling), lora_a);
+  if (needs[1] && weight.has_value()) dw = at::mm(g.t(), x2);  // (out, in): one call over every row
+  if (needs[0]) dx = at::empty(x2.sizes(), x.options());
+  const auto pdb = needs[2] ? at::empty({n, g.size(1)}, g.options()) : at::Tensor();  // per-chunk partials
+  const auto pda = needs[3] ? at::empty({n, r, x2.size(1)}, x.options()) : at::Tensor();
+  const auto pdbb = needs[4] ? at::empty({n, g.size(1), r}, x.options()) : at::Tensor();
+  for_each_task(n, [&](int64_t i) {
+    const auto [r0, rows] = chunk(i, n, M);
+    const auto gc = g.narrow(0, r0, rows), xc = x2.narrow(0, r0, rows);
+    at::Tensor gbs;                               // (rows, r) = s g B, shared by dx and dA
+    if (needs[0] || needs[3]) gbs = at::mm(gc, lora_b).mul_(scaling);
+    if (needs[0]) {
+      auto dxc = dx.narrow(0, r0, rows);
+      if (weight.has_value()) {
+        at::mm_out(dxc, gc, *weight);
+        dxc.addmm_(gbs, lora_a);
+      } else {
+        at::mm_out(dxc, gbs, lora_a);
+      }
     }
-    dx = dx.view(x.sizes());
-  }
-  if (needs[1] && weight.has_value()) dw = at::mm(g.t(), x2);  // (out, in)
-  if (needs[2]) db = g.sum(0);
-  if (needs[3]) da = at::mm(g_b.t(), x2).mul_(scaling);        // (r, in)
-  if (needs[4]) dbb = at::mm(g.t(), at::mm(x2, lora_a.t())).mul_(scaling);  // (out, r)
+    if (needs[2]) {
+      auto dst = pdb[i];
+      at::sum_out(dst, gc, 0);
+    }
+    if (needs[3]) {
+      auto dst = pda[i];
+      at::mm_out(dst, gbs.t(), xc);               // (r, in)
+    }
+    if (needs[4]) {
+      auto dst = pdbb[i];
+      at::mm_out(dst, gc.t(), at::mm(xc, lora_a.t()).mul_(scaling));  // (out, r)
+    }
+  });
+  if (needs[0]) dx = dx.view(x.sizes());
+  if (needs[2]) db = total(pdb);
+  if (needs[3]) da = total(pda);
+  if (needs[4]) dbb = total(pdbb);
   return {dx, dw, db, da, dbb};
 }
 
@@ -107,72 +123,72 @@ at::Tensor activation_backward(const at::Tensor& grad, const at::Tensor& z, c10:
 
 }  // namespace
 
-// h + up(act(down(h))) with the residual and the up bias accumulated by the up GEMM itself (beta = 1 onto a
-// buffer that already holds h + b_up): one pass over the (M, C) output instead of three. Also returns
-// z = down(h), (M, m), small, which the backward needs (saved instead of recomputing a GEMM over h).
+// h + up(act(down(h))) per chunk of rows, with the residual and the up bias accumulated by the up GEMM itself (beta
+// = 1 onto the chunk of the output that already holds h + b_up): one pass over the (M, C) output instead of three,
+// and the chunk of h read from cache the second time. Also returns z = down(h), (M, m), small, which the backward
+// needs (saved instead of recomputing a GEMM over h).
 std::tuple<at::Tensor, at::Tensor> bottleneck_adapter_cpu(const at::Tensor& h, const at::Tensor& w_down,
                                                           const at::Tensor& b_down, const at::Tensor& w_up,
                                                           const at::Tensor& b_up, c10::string_view activation,
                                                           bool residual) {
   TORCH_CHECK(w_down.dim() == 2 && w_up.dim() == 2 && w_down.size(1) == h.size(-1) && w_up.size(1) == w_down.size(0),
               "tuneforge::bottleneck_adapter: w_down (m, C), w_up (C, m) with C = h's last dimension");
+  activate(at::zeros({0}, h.options()), activation);  // an unknown name fails here, before any task runs
   const auto h2 = rows_of(h);                                   // (M, C)
-  const auto z = at::addmm(b_down, h2, w_down.t());             // (M, m)
-  const auto a = activate(z, activation);                       // (M, m)
-  at::Tensor out = residual ? h2.add(b_up) : b_up.expand({h2.size(0), w_up.size(0)}).contiguous();  // (M, C)
-  out.addmm_(a, w_up.t());
+  const int64_t M = h2.size(0);
+  auto out = at::empty({M, w_up.size(0)}, h.options());        // (M, C)
+  auto z = at::empty({M, w_down.size(0)}, h.options());         // (M, m)
+  const int64_t n = chunks_for(h, M);
+  for_each_task(n, [&](int64_t i) {
+    const auto [r0, rows] = chunk(i, n, M);
+    const auto hc = h2.narrow(0, r0, rows);
+    auto zc = z.narrow(0, r0, rows), oc = out.narrow(0, r0, rows);
+    at::addmm_out(zc, b_down, hc, w_down.t());
+    if (residual) at::add_out(oc, hc, b_up);
+    else oc.copy_(b_up.expand_as(oc));
+    oc.addmm_(activate(zc, activation), w_up.t());
+  });
   return {out.view(h.sizes()), z.view(out_shape(h, z.size(1)))};
 }
 
-// Gradients: (dh, dw_down, db_down, dw_up, db_up), from z saved by the forward.
+// Gradients: (dh, dw_down, db_down, dw_up, db_up), from z saved by the forward. Per chunk: dz from g W_up, dh with
+// the residual's g as the GEMM's starting value, and the chunk's partial weight gradients while g, h and a are in
+// cache.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bottleneck_adapter_backward_cpu(
     const at::Tensor& grad, const at::Tensor& h, const at::Tensor& z, const at::Tensor& w_down,
     const at::Tensor& w_up, c10::string_view activation, bool residual) {
   const auto g = rows_of(grad);                                 // (M, C)
   const auto h2 = rows_of(h);
   const auto z2 = rows_of(z);                                   // (M, m)
-  const auto a = activate(z2, activation);                      // cheap next to the GEMMs
-  const auto dz = activation_backward(at::mm(g, w_up), z2, activation);  // (M, m)
-  // the residual's gradient plus the adapter's, written in one GEMM (beta = 1 onto a copy of g)
-  at::Tensor dh = residual ? at::addmm(g, dz, w_down) : at::mm(dz, w_down);
-  return {dh.view(h.sizes()), at::mm(dz.t(), h2), dz.sum(0), at::mm(g.t(), a), g.sum(0)};
+  const int64_t M = g.size(0), C = g.size(1), m = z2.size(1);
+  const int64_t n = chunks_for(h, M);
+  auto dh = at::empty({M, h2.size(1)}, h.options());
+  auto pwd = at::empty({n, m, h2.size(1)}, h.options()), pbd = at::empty({n, m}, h.options());  // partials
+  auto pwu = at::empty({n, C, m}, h.options()), pbu = at::empty({n, C}, h.options());
+  for_each_task(n, [&](int64_t i) {
+    const auto [r0, rows] = chunk(i, n, M);
+    const auto gc = g.narrow(0, r0, rows), hc = h2.narrow(0, r0, rows), zc = z2.narrow(0, r0, rows);
+    const auto dz = activation_backward(at::mm(gc, w_up), zc, activation);  // (rows, m)
+    auto dhc = dh.narrow(0, r0, rows);
+    if (residual) {
+      dhc.copy_(gc);
+      dhc.addmm_(dz, w_down);
+    } else {
+      at::mm_out(dhc, dz, w_down);
+    }
+    auto wu = pwu[i], bu = pbu[i], wd = pwd[i], bd = pbd[i];
+    at::mm_out(wu, gc.t(), activate(zc, activation));           // (C, m)
+    at::sum_out(bu, gc, 0);
+    at::mm_out(wd, dz.t(), hc);                                  // (m, C)
+    at::sum_out(bd, dz, 0);
+  });
+  return {dh.view(h.sizes()), total(pwd), total(pbd), total(pwu), total(pbu)};
 }
 
-namespace {
 
-// The rows that have an adapter, grouped by adapter (one stable sort of the ids, no per-adapter search), and
-// each adapter's segment (adapter, start, count) in that order.
-struct Segments {
-  at::Tensor order;                                       // (R,) row indices, adapter by adapter
-  std::vector<std::tuple<int64_t, int64_t, int64_t>> spans;  // (adapter, start, count) into order
-};
-
-Segments segments(const at::Tensor& adapter_ids, int64_t n_adapters) {
-  TORCH_CHECK(adapter_ids.dim() == 1 && adapter_ids.scalar_type() == at::kLong,
-              "tuneforge::multi_lora_linear: adapter_ids must be (N,) int64");
-  Segments seg;
-  if (adapter_ids.numel() == 0) {
-    seg.order = adapter_ids.new_empty({0});
-    return seg;
-  }
-  const auto ids = adapter_ids.contiguous();
-  TORCH_CHECK(ids.max().item<int64_t>() < n_adapters, "tuneforge::multi_lora_linear: an adapter id is >= the ",
-              n_adapters, " adapters given");
-  const auto counts = at::bincount(ids + 1, {}, n_adapters + 1).to(at::kCPU).contiguous();  // slot 0: rows without one
-  const int64_t* c = counts.data_ptr<int64_t>();
-  seg.order = at::argsort(ids, /*stable=*/true).slice(0, c[0]);  // drop the rows with id -1 (sorted first)
-  int64_t start = 0;
-  for (int64_t a = 0; a < n_adapters; ++a) {
-    if (c[a + 1] > 0) seg.spans.emplace_back(a, start, c[a + 1]);
-    start += c[a + 1];
-  }
-  return seg;
-}
-
-}  // namespace
-
-// Base product for every row, then per adapter: gather its rows, two products, add them back. Each segment's
-// buffers are small enough to stay in cache (gathering every row at once into one buffer measured slower).
+// Base product for every row (one BLAS call), then per piece of one adapter's rows: gather them, two products,
+// write them back (rows are disjoint, so pieces run side by side). With the base product the piece's output rows
+// are the second GEMM's starting value (beta = 1); without it they are written once, and rows with no adapter zeroed.
 at::Tensor multi_lora_linear_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
                                  const c10::optional<at::Tensor>& bias, const at::Tensor& lora_a,
                                  const at::Tensor& lora_b, const at::Tensor& scalings, const at::Tensor& adapter_ids) {
@@ -181,60 +197,97 @@ at::Tensor multi_lora_linear_cpu(const at::Tensor& x, const c10::optional<at::Te
   TORCH_CHECK(adapter_ids.size(0) == x.size(0), "tuneforge::multi_lora_linear: ", adapter_ids.size(0),
               " adapter ids for ", x.size(0), " rows");
   const int64_t N = x.size(0), L = per_row(x), in = x.size(-1), out_f = lora_b.size(1);
-  const auto x3 = x.reshape({N, L, in});                        // (N, L, in)
-  const auto x2 = x3.reshape({N * L, in});
+  const auto x3 = x.reshape({N, L * in}).contiguous();         // (N, L in): a row's tokens side by side
+  const auto x2 = x3.view({N * L, in});
   at::Tensor out = weight.has_value() ? (bias.has_value() ? at::addmm(*bias, x2, weight->t()) : at::mm(x2, weight->t()))
-                                      : at::zeros({N * L, out_f}, x.options());
-  auto out3 = out.view({N, L, out_f});
+                                      : at::empty({N * L, out_f}, x.options());
+  auto out3 = out.view({N, L * out_f});
   const auto s = scalings.to(at::kCPU, at::kDouble).contiguous();  // read on the host
-  const auto seg = segments(adapter_ids, lora_a.size(0));
-  for (const auto& [a, start, n] : seg.spans) {
-    const auto rows = seg.order.narrow(0, start, n);
-    const auto xa = x3.index_select(0, rows).view({n * L, in});
-    const auto low = at::mm(xa, lora_a[a].t()).mul_(s.data_ptr<double>()[a]);  // (n L, r), scaled while small
-    out3.index_add_(0, rows, at::mm(low, lora_b[a].t()).view({n, L, out_f}));
+  const double* sp = s.data_ptr<double>();
+  const auto p = pieces(adapter_ids, lora_a.size(0), piece_rows(x, N, L));
+  const int64_t* order = p.order.data_ptr<int64_t>();
+  if (!weight.has_value()) {
+    for (int64_t i = 0; i < p.unused; ++i) out3[order[i]].zero_();
   }
+  for_each_task(static_cast<int64_t>(p.adapter.size()), [&](int64_t t) {
+    const int64_t a = p.adapter[t], n = p.count[t];
+    const int64_t* rows = order + p.start[t];
+    auto xa = at::empty({n * L, in}, x.options());
+    gather(x3, rows, n, xa);
+    const auto low = at::mm(xa, lora_a[a].t()).mul_(sp[a]);   // (n L, r), scaled while small
+    auto ya = at::empty({n * L, out_f}, x.options());
+    if (weight.has_value()) {
+      gather(out3, rows, n, ya);
+      ya.addmm_(low, lora_b[a].t());
+    } else {
+      at::mm_out(ya, low, lora_b[a].t());
+    }
+    scatter(ya, rows, n, out3);
+  });
   return out.view(out_shape(x, out_f));
 }
 
-// Gradients (dx, dweight, dbias, dlora_a, dlora_b); `needs` as for lora_linear_backward.
+// Gradients (dx, dweight, dbias, dlora_a, dlora_b); `needs` as for lora_linear_backward. dA and dB of an adapter are
+// summed from its pieces' partials.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_lora_linear_backward_cpu(
     const at::Tensor& grad, const at::Tensor& x, const c10::optional<at::Tensor>& weight, const at::Tensor& lora_a,
     const at::Tensor& lora_b, const at::Tensor& scalings, const at::Tensor& adapter_ids, c10::List<bool> needs_list) {
   bool needs[5];
   for (size_t i = 0; i < 5; ++i) needs[i] = needs_list.get(i);
-  const int64_t N = x.size(0), L = per_row(x), in = x.size(-1), out_f = lora_b.size(1);
-  const auto x3 = x.reshape({N, L, in});
-  const auto g3 = grad.reshape({N, L, out_f});
-  const auto g2 = g3.reshape({N * L, out_f});
+  const int64_t N = x.size(0), L = per_row(x), in = x.size(-1), out_f = lora_b.size(1), r = lora_a.size(1);
+  const auto x3 = x.reshape({N, L * in}).contiguous();
+  const auto g3 = grad.reshape({N, L * out_f}).contiguous();
+  const auto g2 = g3.view({N * L, out_f});
   at::Tensor dx, dw, db, da, dbb;
-  if (needs[0]) dx = weight.has_value() ? at::mm(g2, *weight) : at::zeros({N * L, in}, x.options());
-  if (needs[1] && weight.has_value()) dw = at::mm(g2.t(), x3.reshape({N * L, in}));
+  if (needs[0]) dx = weight.has_value() ? at::mm(g2, *weight) : at::empty({N * L, in}, x.options());
+  if (needs[1] && weight.has_value()) dw = at::mm(g2.t(), x3.view({N * L, in}));
   if (needs[2]) db = g2.sum(0);
+  if (!(needs[0] || needs[3] || needs[4])) return {dx, dw, db, da, dbb};
+  const auto s = scalings.to(at::kCPU, at::kDouble).contiguous();  // read on the host
+  const double* sp = s.data_ptr<double>();
+  const auto p = pieces(adapter_ids, lora_a.size(0), piece_rows(x, N, L));
+  const int64_t* order = p.order.data_ptr<int64_t>();
+  const int64_t n_pieces = static_cast<int64_t>(p.adapter.size());
+  auto dx3 = needs[0] ? dx.view({N, L * in}) : at::Tensor();
+  if (needs[0] && !weight.has_value()) {
+    for (int64_t i = 0; i < p.unused; ++i) dx3[order[i]].zero_();
+  }
+  const auto pda = needs[3] ? at::empty({n_pieces, r, in}, x.options()) : at::Tensor();
+  const auto pdb = needs[4] ? at::empty({n_pieces, out_f, r}, x.options()) : at::Tensor();
+  for_each_task(n_pieces, [&](int64_t t) {
+    const int64_t a = p.adapter[t], n = p.count[t];
+    const int64_t* rows = order + p.start[t];
+    auto ga = at::empty({n * L, out_f}, x.options());
+    gather(g3, rows, n, ga);
+    const auto gb = at::mm(ga, lora_b[a]).mul_(sp[a]);         // (n L, r)
+    if (needs[0]) {
+      auto dxa = at::empty({n * L, in}, x.options());
+      if (weight.has_value()) {
+        gather(dx3, rows, n, dxa);
+        dxa.addmm_(gb, lora_a[a]);
+      } else {
+        at::mm_out(dxa, gb, lora_a[a]);
+      }
+      scatter(dxa, rows, n, dx3);
+    }
+    if (!(needs[3] || needs[4])) return;
+    auto xa = at::empty({n * L, in}, x.options());
+    gather(x3, rows, n, xa);
+    if (needs[3]) {
+      auto dst = pda[t];
+      at::mm_out(dst, gb.t(), xa);                              // (r, in)
+    }
+    if (needs[4]) {
+      auto dst = pdb[t];
+      at::mm_out(dst, ga.t(), at::mm(xa, lora_a[a].t()).mul_(sp[a]));  // (out, r)
+    }
+  });
   if (needs[3]) da = at::zeros_like(lora_a);
   if (needs[4]) dbb = at::zeros_like(lora_b);
-  if (needs[0] || needs[3] || needs[4]) {
-    auto dx3 = needs[0] ? dx.view({N, L, in}) : at::Tensor();
-    const auto s = scalings.to(at::kCPU, at::kDouble).contiguous();  // read on the host
-    const auto seg = segments(adapter_ids, lora_a.size(0));
-    for (const auto& [a, start, n] : seg.spans) {
-      const double sa = s.data_ptr<double>()[a];
-      const auto rows = seg.order.narrow(0, start, n);
-      const auto ga = g3.index_select(0, rows).view({n * L, out_f});  // (n L, out)
-      const auto gb = at::mm(ga, lora_b[a]).mul_(sa);                 // (n L, r)
-      if (needs[0]) dx3.index_add_(0, rows, at::mm(gb, lora_a[a]).view({n, L, in}));
-      if (needs[3] || needs[4]) {
-        const auto xa = x3.index_select(0, rows).view({n * L, in});
-        if (needs[3]) {
-          auto dst = da[a];
-          at::mm_out(dst, gb.t(), xa);
-        }
-        if (needs[4]) {
-          auto dst = dbb[a];
-          at::mm_out(dst, ga.t(), at::mm(xa, lora_a[a].t()).mul_(sa));
-        }
-      }
-    }
+  for (int64_t a = 0; a < lora_a.size(0); ++a) {
+    if (p.n_pieces[a] == 0) continue;
+    if (needs[3]) da[a].copy_(total(pda.narrow(0, p.first[a], p.n_pieces[a])));
+    if (needs[4]) dbb[a].copy_(total(pdb.narrow(0, p.first[a], p.n_pieces[a])));
   }
   if (needs[0]) dx = dx.view(x.sizes());
   return {dx, dw, db, da, dbb};
@@ -254,9 +307,11 @@ std::tuple<at::Tensor, at::Tensor> multi_bottleneck_adapter_cpu(
   auto out = at::zeros({N, L, C}, h.options());
   auto z = at::zeros({N, L, m}, h.options());
   const auto s = scales.to(at::kCPU, at::kDouble).contiguous();  // read on the host
-  const auto seg = segments(adapter_ids, w_down.size(0));
-  for (const auto& [a, start, n] : seg.spans) {
-    const auto rows = seg.order.narrow(0, start, n);
+  const auto p = pieces(adapter_ids, w_down.size(0), std::max<int64_t>(N, 1));  // one piece per adapter
+  const auto order = p.order.to(h.device());
+  for (size_t t = 0; t < p.adapter.size(); ++t) {
+    const int64_t a = p.adapter[t], n = p.count[t];
+    const auto rows = order.narrow(0, p.start[t], n);
     const auto hs = h3.index_select(0, rows).view({n * L, C});
     const auto za = at::addmm(b_down[a], hs, w_down[a].t());            // (n L, m)
     z.index_copy_(0, rows, za.view({n, L, m}));
@@ -278,9 +333,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_bot
   auto dwd = at::zeros_like(w_down), dbd = at::zeros({w_down.size(0), m}, h.options());
   auto dwu = at::zeros_like(w_up), dbu = at::zeros({w_up.size(0), C}, h.options());
   const auto s = scales.to(at::kCPU, at::kDouble).contiguous();  // read on the host
-  const auto seg = segments(adapter_ids, w_down.size(0));
-  for (const auto& [a, start, n] : seg.spans) {
-    const auto rows = seg.order.narrow(0, start, n);
+  const auto p = pieces(adapter_ids, w_down.size(0), std::max<int64_t>(N, 1));  // one piece per adapter
+  const auto order = p.order.to(h.device());
+  for (size_t t = 0; t < p.adapter.size(); ++t) {
+    const int64_t a = p.adapter[t], n = p.count[t];
+    const auto rows = order.narrow(0, p.start[t], n);
     const auto ga = g3.index_select(0, rows).view({n * L, C}).mul(s.data_ptr<double>()[a]);  // scaled gradient
     const auto za = z3.index_select(0, rows).view({n * L, m});
     const auto ha = h3.index_select(0, rows).view({n * L, C});

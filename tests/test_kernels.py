@@ -125,6 +125,69 @@ def test_multi_lora_linear_refuses_an_id_past_the_adapters():
     inputs, scalings, _ = _multi_inputs((3,), 2, 2, 4, 3)
     with pytest.raises(RuntimeError, match="adapter id is >= the 2 adapters"):
         torch.ops.tuneforge.multi_lora_linear(*inputs, scalings, torch.tensor([0, 2, 1]))
+    with pytest.raises(RuntimeError, match="or < -1"):
+        torch.ops.tuneforge.multi_lora_linear(*inputs, scalings, torch.tensor([0, -2, 1]))
+
+
+# ---- many rows: the ops cut their rows into chunks run as tasks (csrc/adapter_rows.h) where the build has OpenMP
+# and torch more than one thread; these shapes give several chunks (and several pieces per adapter) there -------------
+
+def _many_rows_cases():
+    """(name, run(inputs) -> output, reference(inputs) -> output, inputs) with 1,100+ rows, small features."""
+    from tuneforge.kernels.reference import (
+        bottleneck_adapter_reference, lora_linear_reference, multi_lora_linear_reference,
+    )
+
+    lora = _lora_inputs((1100,), 24, 20, 4, seed=1)
+    adapter = _adapter_inputs((550, 2), 24, 6, seed=2)
+    multi, scalings, ids = _multi_inputs((700, 3), 3, 4, 24, 20, seed=3)  # 2,100 tokens, about 1/4 without adapter
+    return [
+        ("lora_linear", lambda *t: torch.ops.tuneforge.lora_linear(*t, 0.7), lambda *t: lora_linear_reference(*t, 0.7),
+         lora),
+        ("bottleneck_adapter", lambda *t: torch.ops.tuneforge.bottleneck_adapter(*t, "gelu", True)[0],
+         lambda *t: bottleneck_adapter_reference(*t, "gelu", True), adapter),
+        ("multi_lora_linear", lambda *t: torch.ops.tuneforge.multi_lora_linear(*t, scalings, ids),
+         lambda *t: multi_lora_linear_reference(*t, scalings, ids), multi),
+        ("multi_lora_linear_update_only", lambda x, _w, _b, a, bb: torch.ops.tuneforge.multi_lora_linear(
+            x, None, None, a, bb, scalings, ids), lambda x, _w, _b, a, bb: multi_lora_linear_reference(
+            x, None, None, a, bb, scalings, ids), multi),
+    ]
+
+
+def _grads(fn, inputs, g):
+    """fn's output and every input's gradient for the output gradient g, on fresh copies of the inputs."""
+    copies = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*copies)
+    out.backward(g)
+    return [out.detach()] + [t.grad for t in copies]
+
+
+@pytest.mark.parametrize("case", range(4), ids=lambda i: _many_rows_cases()[i][0])
+def test_many_rows_match_the_reference_and_repeat_exactly(case):
+    name, run, reference, inputs = _many_rows_cases()[case]
+    g = torch.randn(run(*inputs).shape, generator=torch.Generator().manual_seed(5))
+    got, want, again = _grads(run, inputs, g), _grads(reference, inputs, g), _grads(run, inputs, g)
+    for a, b, c in zip(got, want, again):
+        if a is None:  # an input the variant does not use (the update-only call's weight and bias)
+            continue
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        assert torch.equal(a, c), f"{name}: two runs differ (partials must be summed in a fixed order)"
+
+
+def test_many_rows_agree_on_one_thread_and_on_all():
+    """One thread runs each op as one chunk of whole-matrix products; several threads run it in chunks."""
+    threads = torch.get_num_threads()
+    for name, run, _, inputs in _many_rows_cases():
+        g = torch.randn(run(*inputs).shape, generator=torch.Generator().manual_seed(6))
+        chunked = _grads(run, inputs, g)
+        torch.set_num_threads(1)
+        try:
+            whole = _grads(run, inputs, g)
+        finally:
+            torch.set_num_threads(threads)
+        for a, b in zip(chunked, whole):
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
 
 
 def _multi_adapter_inputs(shape, A, m, C, dtype=torch.float32, seed=0):
