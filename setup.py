@@ -29,9 +29,11 @@ def _extensions():
     srcs = [os.path.relpath(s, root) for s in build.sources(cuda=cuda)]
     if cuda:
         ext = CUDAExtension("tuneforge._C", srcs, include_dirs=build.include_dirs(),
-                            extra_compile_args={"cxx": build.CXX_FLAGS, "nvcc": build.NVCC_FLAGS})
+                            extra_compile_args={"cxx": build.CXX_FLAGS, "nvcc": build.NVCC_FLAGS},
+                            extra_link_args=build.LINK_FLAGS)
     else:
-        ext = CppExtension("tuneforge._C", srcs, extra_compile_args={"cxx": build.CXX_FLAGS})
+        ext = CppExtension("tuneforge._C", srcs, extra_compile_args={"cxx": build.CXX_FLAGS},
+                           extra_link_args=build.LINK_FLAGS)
     return {"build_ext": BuildExtension.with_options(use_ninja=True)}, [ext]
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["SOURCES", "HEADERS", "CUDA_SOURCES", "CXX_FLAGS", "NVCC_FLAGS", "csrc", "sources", "include_dirs", "with_cuda",
+__all__ = ["SOURCES", "HEADERS", "CUDA_SOURCES", "CXX_FLAGS", "LINK_FLAGS", "NVCC_FLAGS", "csrc", "sources", "include_dirs", "with_cuda",
            "cache_dir", "jit_load"]
 
 SOURCES = ["ops.cpp", "attention.cpp"]  # CPU kernels and the op schemas (TORCH_LIBRARY)
@@ -22,7 +22,11 @@ CUDA_SOURCES = ["cuda/kernels.cu", "cuda/ops_cuda.cpp"]
 # attention kernels carry AVX-512 and AVX2 code in `#pragma GCC target` regions and pick one at run time
 # (csrc/attention_simd.h). The math flags let reductions vectorize; they keep inf and NaN semantics (no
 # -ffinite-math-only), which the attention masks rely on.
-CXX_FLAGS = ["-O3", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
+# -fopenmp: at::parallel_for is a header template that runs its body serially unless the unit is compiled with
+# OpenMP, so without it every kernel here would use one thread. The extension then needs libgomp.so.1, which
+# resolves to the copy torch has already loaded (same soname): one OpenMP runtime, sized by torch.set_num_threads.
+CXX_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
+LINK_FLAGS = ["-fopenmp"]
 NVCC_FLAGS = ["-O3", "--use_fast_math", "-std=c++17"]
 
 
@@ -70,5 +74,6 @@ def jit_load() -> None:
 
     cuda = with_cuda()
     load(name="tuneforge_C", sources=sources(cuda=cuda), build_directory=str(cache_dir()),
-         extra_cflags=CXX_FLAGS, extra_cuda_cflags=NVCC_FLAGS, extra_include_paths=include_dirs(),
+         extra_cflags=CXX_FLAGS, extra_ldflags=LINK_FLAGS, extra_cuda_cflags=NVCC_FLAGS,
+         extra_include_paths=include_dirs(),
          with_cuda=cuda, is_python_module=False, verbose=False)
