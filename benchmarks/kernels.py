@@ -59,7 +59,9 @@ def interleaved(fns: dict, repeats: int) -> dict:
 
 
 def sgemm_peak(n: int, repeats: int) -> float:
-    """GFLOP/s of torch.mm on (n, n) float32 matrices with this process's threads, best of the repeats."""
+    """GFLOP/s of torch.mm on (n, n) float32 matrices with this process's threads, best of the repeats. Measured
+    at the start, between the sections and at the end; the best of them is the peak every op is compared with (a
+    single measurement on a shared machine can land while another process runs)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     c = torch.mm(a, b)
     best = float("inf")
@@ -86,59 +88,50 @@ def contention(on: bool):
         proc.wait(timeout=30)
 
 
-def speed(seconds: float, flops: float, peak: float) -> dict:
-    gflops = flops / seconds / 1e9
-    return {"ms": seconds * 1e3, "gflops": gflops, "fraction_of_peak": gflops / peak}
-
-
-def compare(t: dict, ours: str, flops: float, peak: float, baselines: dict, targets: dict) -> dict:
+def compare(t: dict, ours: str, flops: float, baselines: dict, targets: dict) -> dict:
     """One row: tuneforge's time and speed, and per baseline its time, its exact code, the ratio and the target."""
-    row = {"tuneforge": speed(t[ours], flops, peak), "vs": {}}
+    row = {"tuneforge": {"ms": t[ours] * 1e3, "gflops": flops / t[ours] / 1e9}, "vs": {}}
     for name, code in baselines.items():
         row["vs"][name] = {"baseline": code, "ms": t[name] * 1e3, "ratio": t[name] / t[ours],
                            "target": targets.get(name)}
     return row
 
 
+def training(fn, params, g):
+    """One forward (``fn()``) and backward with the output gradient g, the params' gradients cleared first."""
+    def run():
+        for p in params:
+            p.grad = None
+        fn().backward(g)
+    return run
+
+
 def say(label: str, row: dict) -> None:
     tf = row["tuneforge"]
-    parts = [f"{label}: tuneforge {tf['ms']:.1f} ms, {tf['gflops']:.1f} GFLOP/s = {tf['fraction_of_peak']:.0%} of peak"]
+    parts = [f"{label}: tuneforge {tf['ms']:.1f} ms, {tf['gflops']:.1f} GFLOP/s"]
     for name, b in row["vs"].items():
         goal = f", target >= {b['target']}x" if b["target"] else ""
         parts.append(f"{name} {b['ms']:.1f} ms -> {b['ratio']:.2f}x{goal}  [{b['baseline']}]")
     print("\n    ".join(parts))
 
 
-def attention_rows(fns: dict, inputs, pairs: int, peak: float, repeats: int, codes: dict, targets: dict) -> dict:
+def attention_rows(fns: dict, inputs, pairs: int, repeats: int, codes: dict, targets: dict) -> dict:
     """Forward and forward + backward of each attention function on the same q, k, v. ``pairs``: the (query,
     key) pairs the mask allows per head; useful FLOPs are 2 products forward (QK^T, PV) and 6 with the
     backward (+ dV, dP, dQ, dK; recomputation not counted)."""
     q, k, v, g = inputs
-    D, BH = q.size(-1), q.size(0) * q.size(1)
-
-    def forward(fn):
-        return torch.no_grad()(lambda: fn(q, k, v))
-
-    def train(fn):
-        def run():
-            q.grad = k.grad = v.grad = None
-            fn(q, k, v).backward(g)
-        return run
-
     first = next(iter(codes))  # parity against the first baseline, output and gradients
     grads = []
     for name in ("tuneforge", first):
-        q.grad = k.grad = v.grad = None
-        out = fns[name](q, k, v)
-        out.backward(g)
-        grads.append([out.detach(), q.grad, k.grad, v.grad])
+        training(lambda name=name: fns[name](q, k, v), (q, k, v), g)()
+        grads.append([fns[name](q, k, v).detach(), q.grad, k.grad, v.grad])
     gap = (grads[0][0] - grads[1][0]).abs().max().item()
     grad_gap = max((a - b).abs().max().item() for a, b in zip(grads[0][1:], grads[1][1:]))
-    product = 2 * BH * pairs * D
-    fwd = compare(interleaved({n: forward(f) for n, f in fns.items()}, repeats), "tuneforge", 2 * product, peak,
-                  codes, targets.get("forward", {}))
-    both = compare(interleaved({n: train(f) for n, f in fns.items()}, repeats), "tuneforge", 6 * product, peak,
-                   codes, targets.get("forward_backward", {}))
+    product = 2 * q.size(0) * q.size(1) * pairs * q.size(-1)
+    t = interleaved({n: torch.no_grad()(lambda f=f: f(q, k, v)) for n, f in fns.items()}, repeats)
+    fwd = compare(t, "tuneforge", 2 * product, codes, targets.get("forward", {}))
+    t = interleaved({n: training(lambda f=f: f(q, k, v), (q, k, v), g) for n, f in fns.items()}, repeats)
+    both = compare(t, "tuneforge", 6 * product, codes, targets.get("forward_backward", {}))
     return {"max_abs_diff": gap, "grad_max_abs_diff": grad_gap, "parity_against": first, "forward": fwd,
             "forward_backward": both}
 
@@ -149,7 +142,7 @@ def qkv(B: int, H: int, T: int, D: int):
     return q, k, v, torch.randn(B, H, T, D)
 
 
-def bench_attention(B, H, T, D, peak, repeats, targets) -> dict:
+def bench_attention(B, H, T, D, repeats, targets) -> dict:
     scale = D ** -0.5
     future = torch.ones(T, T, dtype=torch.bool).triu(1)  # (T, T) keys after the query
 
@@ -160,7 +153,7 @@ def bench_attention(B, H, T, D, peak, repeats, targets) -> dict:
            "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), "eager": eager}
     codes = {"sdpa": f"{SDPA}(q, k, v, is_causal=True)",
              "eager": "(q @ k.transpose(-2, -1) * scale).masked_fill(future, -inf).softmax(-1) @ v"}
-    row = attention_rows(fns, qkv(B, H, T, D), T * (T + 1) // 2, peak, repeats, codes, targets)
+    row = attention_rows(fns, qkv(B, H, T, D), T * (T + 1) // 2, repeats, codes, targets)
     return {"B": B, "H": H, "T": T, "D": D, "causal": True, **row}
 
 
@@ -170,7 +163,7 @@ def packed_offsets(T: int) -> list[int]:
     return [0] + [sum(lengths[:i + 1]) for i in range(len(lengths))]
 
 
-def bench_packed(B, H, T, D, peak, repeats) -> dict:
+def bench_packed(B, H, T, D, repeats) -> dict:
     """Causal attention within 8 documents packed back to back in each row (the same offsets in every row)."""
     cu = packed_offsets(T)
     spans = list(itertools.pairwise(cu))  # read once, as a user's collate function would have them
@@ -190,11 +183,11 @@ def bench_packed(B, H, T, D, peak, repeats) -> dict:
              "sdpa_mask": f"{SDPA}(q, k, v, attn_mask=mask)  # (T, T) bool: same document and causal"}
     pairs = sum((b - a) * (b - a + 1) // 2 for a, b in spans)
     both = {"sdpa_mask": 3.0, "sdpa_looped": 1.3}
-    row = attention_rows(fns, qkv(B, H, T, D), pairs, peak, repeats, codes, {"forward_backward": both})
+    row = attention_rows(fns, qkv(B, H, T, D), pairs, repeats, codes, {"forward_backward": both})
     return {"B": B, "H": H, "T": T, "D": D, "documents": [b - a for a, b in spans], **row}
 
 
-def bench_lora(tokens: int, d: int, r: int, peak: float, repeats: int) -> dict:
+def bench_lora(tokens: int, d: int, r: int, repeats: int) -> dict:
     torch.manual_seed(0)
     x = torch.randn(tokens, d, requires_grad=True)
     base = torch.nn.Linear(d, d).requires_grad_(False)
@@ -203,47 +196,31 @@ def bench_lora(tokens: int, d: int, r: int, peak: float, repeats: int) -> dict:
     torch.nn.init.normal_(lora_b.weight, std=0.02)
     s = 2.0
     g = torch.randn(tokens, d)  # the gradient a loss would send back (dense, like a real one)
-
-    def eager():
-        x.grad = lora_a.weight.grad = lora_b.weight.grad = None
-        (base(x) + lora_b(lora_a(x)) * s).backward(g)
-
-    def fused():
-        x.grad = lora_a.weight.grad = lora_b.weight.grad = None
-        kernels.lora_linear(x, base.weight, base.bias, lora_a.weight, lora_b.weight, s).backward(g)
-
+    fns = {"eager": lambda: base(x) + lora_b(lora_a(x)) * s,
+           "tuneforge": lambda: kernels.lora_linear(x, base.weight, base.bias, lora_a.weight, lora_b.weight, s)}
     with torch.no_grad():
-        gap = (kernels.lora_linear(x, base.weight, base.bias, lora_a.weight, lora_b.weight, s)
-               - (base(x) + lora_b(lora_a(x)) * s)).abs().max().item()
+        gap = (fns["tuneforge"]() - fns["eager"]()).abs().max().item()
+    params = (x, lora_a.weight, lora_b.weight)
     flops = 4 * tokens * d * d + 12 * tokens * d * r  # x W^T, g W; the six rank-r products
-    row = compare(interleaved({"eager": eager, "tuneforge": fused}, repeats), "tuneforge", flops, peak,
+    row = compare(interleaved({n: training(f, params, g) for n, f in fns.items()}, repeats), "tuneforge", flops,
                   {"eager": "(base(x) + lora_B(lora_A(x)) * s).backward(g)  # base frozen, x.requires_grad"},
                   {"eager": 1.10})
     return {"tokens": tokens, "d": d, "rank": r, "max_abs_diff": gap, **row}
 
 
-def bench_bottleneck(tokens: int, d: int, m: int, peak: float, repeats: int) -> dict:
+def bench_bottleneck(tokens: int, d: int, m: int, repeats: int) -> dict:
     torch.manual_seed(0)
     h = torch.randn(tokens, d, requires_grad=True)
     down, up = torch.nn.Linear(d, m), torch.nn.Linear(m, d)
     torch.nn.init.normal_(up.weight, std=0.02)
     params = [h, *down.parameters(), *up.parameters()]
     g = torch.randn(tokens, d)
-
-    def eager():
-        for p in params:
-            p.grad = None
-        (h + up(F.gelu(down(h)))).backward(g)
-
-    def fused():
-        for p in params:
-            p.grad = None
-        kernels.bottleneck_adapter(h, down.weight, down.bias, up.weight, up.bias, "gelu", True).backward(g)
-
+    fns = {"eager": lambda: h + up(F.gelu(down(h))),
+           "tuneforge": lambda: kernels.bottleneck_adapter(h, down.weight, down.bias, up.weight, up.bias, "gelu")}
     with torch.no_grad():
-        gap = (kernels.bottleneck_adapter(h, down.weight, down.bias, up.weight, up.bias, "gelu", True)
-               - (h + up(F.gelu(down(h))))).abs().max().item()
-    row = compare(interleaved({"eager": eager, "tuneforge": fused}, repeats), "tuneforge", 12 * tokens * d * m, peak,
+        gap = (fns["tuneforge"]() - fns["eager"]()).abs().max().item()
+    t = interleaved({n: training(f, params, g) for n, f in fns.items()}, repeats)
+    row = compare(t, "tuneforge", 12 * tokens * d * m,
                   {"eager": "(h + up(gelu(down(h)))).backward(g)"}, {"eager": 1.2})
     return {"tokens": tokens, "d": d, "bottleneck": m, "max_abs_diff": gap, **row}
 
@@ -254,7 +231,7 @@ LOOP_OLD = ("for a in range(A): rows = (ids == a).nonzero(); out = out.index_add
             "a host sync per adapter: the old baseline, kept for history")
 
 
-def bench_multi_lora(tokens, d, r, n_adapters, peak, repeats, *, base: bool) -> dict:
+def bench_multi_lora(tokens, d, r, n_adapters, repeats, *, base: bool) -> dict:
     """Rows (tokens) interleaved over the adapters (row i uses adapter i % A), with or without the base product."""
     torch.manual_seed(0)
     x = torch.randn(tokens, d, requires_grad=True)
@@ -284,12 +261,6 @@ def bench_multi_lora(tokens, d, r, n_adapters, peak, repeats, *, base: bool) -> 
     def fused():
         return kernels.multi_lora_linear(x, w, None, lora_a, lora_b, scalings, ids)
 
-    def train(fn):
-        def run():
-            x.grad = lora_a.grad = lora_b.grad = None
-            fn().backward(g)
-        return run
-
     with torch.no_grad():
         gap = max((fused() - loop()).abs().max().item(), (loop_old() - loop()).abs().max().item())
     fns = {"loop_in_place": loop, "loop_out_of_place_old": loop_old, "tuneforge": fused}
@@ -297,9 +268,9 @@ def bench_multi_lora(tokens, d, r, n_adapters, peak, repeats, *, base: bool) -> 
     goal = {"loop_in_place": 1.25 if base else 1.3}
     update = 4 * tokens * d * r  # two rank-r products per row
     fwd = compare(interleaved({n: torch.no_grad()(f) for n, f in fns.items()}, repeats), "tuneforge",
-                  update + (2 * tokens * d * d if base else 0), peak, codes, goal)
-    both = compare(interleaved({n: train(f) for n, f in fns.items()}, repeats), "tuneforge",
-                   3 * update + (4 * tokens * d * d if base else 0), peak, codes, goal)
+                  update + (2 * tokens * d * d if base else 0), codes, goal)
+    both = compare(interleaved({n: training(f, (x, lora_a, lora_b), g) for n, f in fns.items()}, repeats), "tuneforge",
+                   3 * update + (4 * tokens * d * d if base else 0), codes, goal)
     return {"tokens": tokens, "d": d, "rank": r, "adapters": n_adapters, "base_product": base, "max_abs_diff": gap,
             "forward": fwd, "forward_backward": both}
 
@@ -331,31 +302,43 @@ def bench_pretrain_step(repeats: int, batch: int) -> dict:
             "baseline": "the same step inside tuneforge.kernels.reference_only() (pure-torch ops)"}
 
 
+def with_fractions(report: dict, peak: float) -> list:
+    """Add each op row's fraction of the peak (in place); returns (name, GFLOP/s, fraction) for the summary."""
+    rows = []
+    for name, value in report.items():
+        if isinstance(value, dict) and "gflops" in value:
+            value["fraction_of_peak"] = value["gflops"] / peak
+            rows.append((name, value["gflops"], value["fraction_of_peak"]))
+        elif isinstance(value, dict):
+            rows += [(f"{name}.{sub}", g, f) for sub, g, f in with_fractions(value, peak)]
+    return rows
+
+
 def run(args) -> dict:
-    q = args.quick
-    peak = sgemm_peak(512 if q else 2048, args.repeats)
-    print(f"sgemm peak: {peak:.1f} GFLOP/s (torch.mm {512 if q else 2048}^2 float32, {torch.get_num_threads()} "
-          "threads, best of the repeats)")
-    report = {"sgemm_peak_gflops": peak}
+    q, n = args.quick, 512 if args.quick else 2048
+    peaks = [sgemm_peak(n, args.repeats)]
+    print(f"sgemm peak at the start: {peaks[0]:.1f} GFLOP/s (torch.mm {n}^2 float32, {torch.get_num_threads()} "
+          "threads)")
+    report = {}
     targets = {"forward": {"sdpa": 1.15}, "forward_backward": {"sdpa": 1.25}}
-    report["flash_attention"] = at = bench_attention(2, 8, args.seq, 64, peak, args.repeats, targets)
+    report["flash_attention"] = at = bench_attention(2, 8, args.seq, 64, args.repeats, targets)
     for part in ("forward", "forward_backward"):
         say(f"flash_attention B2 H8 T{args.seq} D64 causal, {part}", at[part])
     tiny_t = {"forward": {"sdpa": 1.0}, "forward_backward": {"sdpa": 1.0}}
-    report["flash_attention_tiny"] = tiny = bench_attention(2 if q else 16, 4, 64 if q else 256, 32, peak,
-                                                             args.repeats, tiny_t)
+    report["flash_attention_tiny"] = tiny = bench_attention(2 if q else 16, 4, 64 if q else 256, 32, args.repeats,
+                                                             tiny_t)
     for part in ("forward", "forward_backward"):
         say(f"flash_attention (tiny model) B{tiny['B']} H4 T{tiny['T']} D32 causal, {part}", tiny[part])
-    report["packed_attention"] = pk = bench_packed(1 if q else 2, 2 if q else 8, 256 if q else 2048, 64, peak,
-                                                   args.repeats)
+    report["packed_attention"] = pk = bench_packed(1 if q else 2, 2 if q else 8, 256 if q else 2048, 64, args.repeats)
     say(f"packed attention, documents {pk['documents']} in rows of {pk['T']}, fwd+bwd", pk["forward_backward"])
-    report["lora_linear"] = r = bench_lora(args.tokens, args.d, args.rank, peak, args.repeats)
+    peaks.append(sgemm_peak(n, args.repeats))
+    report["lora_linear"] = r = bench_lora(args.tokens, args.d, args.rank, args.repeats)
     say(f"lora_linear fwd+bwd, tokens {args.tokens}, d {args.d}, rank {args.rank}", r)
-    report["bottleneck_adapter"] = a = bench_bottleneck(args.tokens, args.d, args.bottleneck, peak, args.repeats)
+    report["bottleneck_adapter"] = a = bench_bottleneck(args.tokens, args.d, args.bottleneck, args.repeats)
     say(f"bottleneck_adapter fwd+bwd, tokens {args.tokens}, d {args.d}, bottleneck {args.bottleneck}", a)
     report["multi_lora_linear"] = {}
     for with_base in (False, True):
-        mr = bench_multi_lora(args.tokens, args.d, args.rank, args.adapters, peak, args.repeats, base=with_base)
+        mr = bench_multi_lora(args.tokens, args.d, args.rank, args.adapters, args.repeats, base=with_base)
         report["multi_lora_linear"]["with_base" if with_base else "update_only"] = mr
         label = "with the base product" if with_base else "the updates alone"
         for part in ("forward", "forward_backward"):
@@ -364,6 +347,12 @@ def run(args) -> dict:
     report["pretrain_step"] = ps = bench_pretrain_step(args.repeats, batch=2 if q else 16)
     print(f"tiny pretrain step (batch {ps['batch']} x {ps['seq_len']}): kernels {ps['kernels_ms']:.1f} ms, reference "
           f"path {ps['reference_ms']:.1f} ms, ratio {ps['ratio']:.2f}x (target >= 1.1x)")
+    peaks.append(sgemm_peak(n, args.repeats))
+    report["sgemm_peak_gflops"], report["sgemm_peaks_measured"] = max(peaks), peaks
+    print(f"sgemm peak: {max(peaks):.1f} GFLOP/s, the best of {', '.join(f'{p:.1f}' for p in peaks)} (start, middle, "
+          "end); each op's useful GFLOP/s (median time) and its fraction of that peak:")
+    for name, gflops, fraction in with_fractions(report, max(peaks)):
+        print(f"    {name.replace('.tuneforge', '')}: {gflops:.1f} GFLOP/s = {fraction:.0%}")
     return report
 
 
