@@ -15,21 +15,19 @@ op (``attn_implementation="tuneforge"``, see :mod:`tuneforge.models.hf_attention
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import inspect
-import pickle
 import re
-from logging.handlers import BufferingHandler
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from tuneforge.errors import CheckpointError, ConfigError, TuneforgeError
+from tuneforge.errors import CheckpointError, ConfigError
 from tuneforge.models.families import FAMILIES, Family, family_for
 from tuneforge.models.generation import Generates, plan_input
+from tuneforge.models.hf_reading import quiet, reading, safetensors_problem
 from tuneforge.models.hf_tokenizer import HFTokenizer, read_json
 from tuneforge.models.tokenizer import check_vocabulary
 
@@ -277,56 +275,6 @@ class HFCausalLM(Generates, nn.Module):
         return load(self.config.hf, weights="random", attn=self.config.attn, dtype=self.config.dtype, seed=seed)
 
 
-@contextlib.contextmanager
-def _quiet(transformers):
-    """No "Loading weights" bar of transformers' own in the middle of tuneforge's output, and its log held back
-    until the block succeeds: a failed load is then one error line, not a load report followed by the error."""
-    logging = transformers.utils.logging
-    shown = logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()
-    root, held = logging.get_logger(), BufferingHandler(1 << 20)
-    handlers, root.handlers = root.handlers, [held]
-    try:
-        yield
-        for record in held.buffer:  # success: what it had to say, as it would have said it
-            for handler in handlers:
-                handler.handle(record)
-    finally:
-        root.handlers = handlers
-        if shown:
-            logging.enable_progress_bar()
-
-
-def _safetensors_problem(f: Path) -> str | None:
-    """What safetensors finds wrong with a file's framing (it checks that the file covers every tensor its header
-    lists, reading the header only), else None: a cut-off copy is caught here, not deep inside the loader."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(f), framework="pt"):
-            return None
-    except Exception as exc:  # safetensors raises its own error type, and OSError for an unreadable file
-        return f"is truncated or damaged ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
-
-
-@contextlib.contextmanager
-def _reading(spec: str, what: str):
-    """What transformers, safetensors or torch raise about a folder they cannot read, as one ConfigError naming
-    the folder, the file and the fix."""
-    from safetensors import SafetensorError
-    try:
-        yield
-    except TuneforgeError:
-        raise
-    except (OSError, ValueError, KeyError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if "mismatched" in first:  # its own text points at a load report held back by _quiet
-            first = "config.json gives other tensor shapes than the weight files hold"
-        raise ConfigError(f"--model {spec}: transformers cannot load its {what} ({first}); the folder is incomplete "
-                          "or damaged: copy or download it again, or save the model again with save_pretrained"
-                          ) from None
-
-
 def _build(transformers, folder: Path, hf_config, weights: str, attn: str, dtype: torch.dtype, seed: int):
     auto = transformers.AutoModelForCausalLM
     if weights == "pretrained":
@@ -352,15 +300,15 @@ def load(path: str | Path, *, weights: str = "pretrained", attn: str = "tuneforg
     torch_dtype = _dtype(dtype := dtype or DEFAULT_DTYPES.get(torch.device(device or "cpu").type, "float32"))
     spec = f"hf:{path}"
     read_json(folder / "config.json")  # names the line of a broken config.json, which transformers does not
-    with _reading(spec, "config.json"):
+    with reading(spec, "config.json"):
         hf_config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
     if weights == "pretrained":
         for f in sorted(folder.glob("*.safetensors")):
-            problem = _safetensors_problem(f)
+            problem = safetensors_problem(f)
             if problem:
                 raise ConfigError(f"--model {spec}: {f} {problem}; it was not copied or downloaded completely: "
                                   "copy it again")
-    with _quiet(transformers), _reading(spec, "weights" if weights == "pretrained" else "model from config.json"):
+    with quiet(transformers), reading(spec, "weights" if weights == "pretrained" else "model from config.json"):
         causal_lm = _build(transformers, folder, hf_config, weights, attn, torch_dtype, seed)
     _linearize(causal_lm)
     c = causal_lm.config

@@ -81,7 +81,7 @@ def export_hf(source, out: str | Path, *, lora: str | None = None, force: bool =
 
     ``out`` may be new, empty or an earlier export, which is replaced; another folder is refused with nothing
     changed unless ``force`` (see :func:`tuneforge.common.names.write_export`); a file is always refused."""
-    from tuneforge.models import hf
+    from tuneforge.models import hf, hf_reading
     from tuneforge.engine.loop import load_model
 
     check_export(out, command="export-hf", force=force)  # before loading a model that may take minutes
@@ -112,7 +112,7 @@ def export_hf(source, out: str | Path, *, lora: str | None = None, force: bool =
     tokenizer_files = [Path(model.config.hf) / name for name in TOKENIZER_FILES]
 
     def fill(tmp: Path) -> None:
-        with hf._quiet(transformers):
+        with hf_reading.quiet(transformers):
             target.save_pretrained(str(tmp))
         for f in tokenizer_files:
             if f.is_file() and not (tmp / f.name).exists():

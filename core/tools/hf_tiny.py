@@ -98,7 +98,7 @@ def make_tiny(folder: str | Path, family: str = "gpt2", *, d_model: int = 64, n_
             model = transformers.AutoModelForCausalLM.from_config(config)
             if train_steps:
                 _pretrain(model, tok, train_steps, context, seed)
-        from tuneforge.models.hf import _quiet
+        from tuneforge.models.hf_reading import quiet as _quiet
         with _quiet(transformers):
             model.save_pretrained(str(tmp))
         (tmp / MARKER).write_text(json.dumps({"format": "tuneforge.models.hf-tiny", "family": family}) + "\n")
