@@ -86,7 +86,8 @@ Problem problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, b
     TORCH_CHECK(m.device().is_cpu() && m.dim() == 2 && m.size(0) == p.B && m.size(1) == p.Tk,
                 "tuneforge::flash_attention: key_padding_mask must be a CPU (B, Tk) = (", p.B, ", ", p.Tk,
                 ") tensor, got ", m.sizes(), " on ", m.device());
-    p.mask = m.to(at::kBool).contiguous();
+    // read in place when it already is bool rows with unit stride (generate passes a slice of a wider mask)
+    p.mask = m.scalar_type() == at::kBool && m.stride(1) == 1 ? m : m.to(at::kBool).contiguous();
   }
   p.lo = at::zeros({p.B, p.Tq}, at::kLong);
   p.hi = at::empty({p.B, p.Tq}, at::kLong);
@@ -123,7 +124,8 @@ at::Tensor padding_bias(const Problem& p, int64_t Tkp) {
   T* out = bias.template data_ptr<T>();
   const bool* m = p.mask.data_ptr<bool>();
   for (int64_t b = 0; b < p.B; ++b)
-    for (int64_t j = 0; j < p.Tk; ++j) out[b * Tkp + j] = m[b * p.Tk + j] ? T(0) : -std::numeric_limits<T>::infinity();
+    for (int64_t j = 0; j < p.Tk; ++j)
+      out[b * Tkp + j] = m[b * p.mask.stride(0) + j] ? T(0) : -std::numeric_limits<T>::infinity();
   return bias;
 }
 

@@ -54,7 +54,9 @@ def attention(q, k, v, *, causal=True, key_padding_mask=None, scale=None, cu_seq
     s = 1.0 / math.sqrt(q.size(-1)) if scale is None else float(scale)
     native = (torch.float32, torch.bfloat16) if q.device.type == "cuda" else (torch.float32, torch.float64)
     cast = lambda t: t if t.dtype in native else t.float()  # noqa: E731
-    mask = None if key_padding_mask is None else key_padding_mask.to(torch.bool)
-    cu = None if cu_seqlens is None else cu_seqlens.to(torch.int64)
+    # no-op conversions skipped: each is a dispatched op, and a decode step calls this once per layer
+    mask = key_padding_mask if key_padding_mask is None or key_padding_mask.dtype == torch.bool else \
+        key_padding_mask.to(torch.bool)
+    cu = cu_seqlens if cu_seqlens is None or cu_seqlens.dtype == torch.int64 else cu_seqlens.to(torch.int64)
     out, _ = torch.ops.tuneforge.flash_attention_forward(cast(q), cast(k), cast(v), causal, mask, cu, s)
-    return out.to(q.dtype)
+    return out if out.dtype == q.dtype else out.to(q.dtype)
