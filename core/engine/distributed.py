@@ -21,6 +21,7 @@ import contextlib
 import datetime
 import hashlib
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -194,6 +195,10 @@ class _Distributed(Parallel):
         if dist.is_initialized():
             if together:  # a rank tearing gloo down while another still talks to it can abort at exit
                 dist.barrier()
+                # gloo's worker thread frees the barrier's work after it completes, and needs the GIL to do so; a
+                # group torn down now (its destructor joins that thread while holding the GIL) can deadlock, as
+                # seen on a loaded 2-core machine. Sleeping releases the GIL and lets the thread finish first.
+                time.sleep(0.05)
             dist.destroy_process_group()
 
 
