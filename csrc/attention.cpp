@@ -45,11 +45,16 @@ struct Ready {
   std::unique_ptr<std::atomic<int>[]> flags;
 };
 
+// Below this many multiply-adds per thread a parallel region costs more than it saves: waking a thread is
+// microseconds, more when another process holds the core, and one decode step of a small model is ~50K.
+constexpr int64_t kMinWorkPerThread = 1 << 18;
+
 template <typename T, typename F>
-void dynamic_for(int64_t n, int64_t scratch, const F& work) {
+void dynamic_for(int64_t n, int64_t scratch, int64_t macs, const F& work) {
   if (n <= 0) return;
   std::atomic<int64_t> next{0};
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  const int64_t by_work = std::max<int64_t>(1, macs / kMinWorkPerThread);
+  const int64_t threads = std::max<int64_t>(1, std::min({static_cast<int64_t>(at::get_num_threads()), n, by_work}));
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     std::vector<T> buf(static_cast<size_t>(std::max<int64_t>(scratch, 1)));
     for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) work(i, buf.data());
@@ -150,7 +155,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const Problem& p, double scale) {
   const T *qp = p.q.template data_ptr<T>(), *kp = p.k.template data_ptr<T>(), *vp = p.v.template data_ptr<T>();
   T *op = out.template data_ptr<T>(), *lp = lse.template data_ptr<T>();
   if (G * Tq <= kDecodeRows && D <= kMaxDecodeD) {  // decoding: read the cache in place, one task per kv head
-    dynamic_for<T>(B * p.Hkv, kKeyBlock + Dp + kn.w, [&](int64_t i, T* scratch) {
+    dynamic_for<T>(B * p.Hkv, kKeyBlock + Dp + kn.w, 2 * B * H * Tq * Tk * D, [&](int64_t i, T* scratch) {
       const int64_t b = i / p.Hkv, kh = i % p.Hkv;
       for (int64_t g = 0; g < G; ++g) {
         const int64_t h = kh * G + g;
@@ -168,7 +173,8 @@ std::tuple<at::Tensor, at::Tensor> forward(const Problem& p, double scale) {
   T *kpan_p = kpan.template data_ptr<T>(), *vrows_p = vrows.template data_ptr<T>();
   const int64_t n_tiles = (Tq + kQTile - 1) / kQTile, n_prep = B * p.Hkv;
   Ready ready(n_prep);
-  dynamic_for<T>(n_prep + B * H * n_tiles, 2 * kQTile * Dp + kQTile * kKeyBlock + 2 * kQTile, [&](int64_t i, T* scratch) {
+  dynamic_for<T>(n_prep + B * H * n_tiles, 2 * kQTile * Dp + kQTile * kKeyBlock + 2 * kQTile, 2 * B * H * Tq * Tk * D,
+                 [&](int64_t i, T* scratch) {
     if (i < n_prep) {
       const int64_t b = i / p.Hkv, kh = i % p.Hkv;
       kn.pack_panels(head_of<T>(p.k, b, kh), p.k.stride(2), Tk, D, Dp, Tkp, kpan_p + i * Tkp * Dp);
@@ -257,7 +263,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const Problem& p, const 
   const T* lsep = lse.template data_ptr<T>();
   const int64_t stride = packed.size(1);
   Ready ready(n_kv);
-  dynamic_for<T>(n_kv + n_kv * splits, 2 * kQTile * kKeyBlockBwd + 2 * kKeyBlockBwd * Dp, [&](int64_t i, T* scratch) {
+  dynamic_for<T>(n_kv + n_kv * splits, 2 * kQTile * kKeyBlockBwd + 2 * kKeyBlockBwd * Dp, 5 * B * H * Tq * Tk * D,
+                 [&](int64_t i, T* scratch) {
     if (i < n_kv) {
       backward_pack<T>(kn, p, grad, out, lsep, i, Tqp, Tkp, Dp, pk + i * stride);
       ready.done(i);
