@@ -24,18 +24,18 @@
 namespace tuneforge {
 namespace tasks {
 
-
-at::Tensor rows_of(const at::Tensor& x) {  // (..., in) -> (M, in), a view when x is contiguous
+inline at::Tensor rows_of(const at::Tensor& x) {  // (..., in) -> (M, in), a view when x is contiguous
   return x.reshape({-1, x.size(-1)});
 }
 
-int64_t per_row(const at::Tensor& x) {  // tokens in each row: the product of the dimensions between the first and last
+// Tokens in each row: the product of the dimensions between the first and the last.
+inline int64_t per_row(const at::Tensor& x) {
   int64_t L = 1;
   for (int64_t d = 1; d + 1 < x.dim(); ++d) L *= x.size(d);
   return L;
 }
 
-std::vector<int64_t> out_shape(const at::Tensor& x, int64_t out_features) {
+inline std::vector<int64_t> out_shape(const at::Tensor& x, int64_t out_features) {
   auto shape = x.sizes().vec();
   shape.back() = out_features;
   return shape;
@@ -50,18 +50,18 @@ constexpr bool kThreads = false;
 // [256, 1024] rows. Measured at M = 4096, C = 1024 on 2 threads: 512-row chunks beat 128, 256 and 1024-2048.
 constexpr int64_t kMinChunk = 256, kMaxChunk = 1024;
 
-int64_t chunk_rows(int64_t M) {
+inline int64_t chunk_rows(int64_t M) {
   return std::clamp<int64_t>(M / (4 * at::get_num_threads()), kMinChunk, kMaxChunk);
 }
 
 // How many row chunks an op over M rows runs as (see the top of this file).
-int64_t chunks_for(const at::Tensor& t, int64_t M) {
+inline int64_t chunks_for(const at::Tensor& t, int64_t M) {
   if (!kThreads || !t.is_cpu() || at::get_num_threads() < 2 || at::in_parallel_region()) return 1;
   return std::max<int64_t>(1, M / chunk_rows(M));
 }
 
 // Rows [first, first + count) of chunk i of n over M rows.
-std::pair<int64_t, int64_t> chunk(int64_t i, int64_t n, int64_t M) {
+inline std::pair<int64_t, int64_t> chunk(int64_t i, int64_t n, int64_t M) {
   return {M * i / n, M * (i + 1) / n - M * i / n};
 }
 
@@ -85,11 +85,9 @@ void for_each_task(int64_t n, const F& task) {
 }
 
 // The sum over dimension 0 of per-chunk partials (n, ...); with one chunk, the partial itself.
-at::Tensor total(const at::Tensor& partials) {
+inline at::Tensor total(const at::Tensor& partials) {
   return partials.size(0) == 1 ? partials.select(0, 0) : partials.sum(0);
 }
-
-
 
 // The rows of each adapter, found by one stable sort of the ids (no per-adapter search), cut into pieces of at most
 // `piece` rows: the tasks. order[0, unused) are the rows without an adapter (id -1).
@@ -100,7 +98,7 @@ struct Pieces {
   std::vector<int64_t> first, n_pieces;        // per adapter: its first piece and how many (0: no rows)
 };
 
-Pieces pieces(const at::Tensor& adapter_ids, int64_t n_adapters, int64_t piece) {
+inline Pieces pieces(const at::Tensor& adapter_ids, int64_t n_adapters, int64_t piece) {
   TORCH_CHECK(adapter_ids.dim() == 1 && adapter_ids.scalar_type() == at::kLong,
               "tuneforge::multi_lora_linear: adapter_ids must be (N,) int64");
   Pieces p;
@@ -133,22 +131,29 @@ Pieces pieces(const at::Tensor& adapter_ids, int64_t n_adapters, int64_t piece) 
 
 // Copy rows (each `bytes` long) between a (N, ...) tensor and a packed buffer: dst[i] = src[rows[i]] (gather) or
 // dst[rows[i]] = src[i] (scatter). Both contiguous, on the CPU.
-void gather(const at::Tensor& src, const int64_t* rows, int64_t n, at::Tensor& dst) {
+inline void gather(const at::Tensor& src, const int64_t* rows, int64_t n, at::Tensor& dst) {
   const int64_t bytes = src.numel() ? src.nbytes() / src.size(0) : 0;
   const auto* s = static_cast<const char*>(src.data_ptr());
   auto* d = static_cast<char*>(dst.data_ptr());
   for (int64_t i = 0; i < n; ++i) std::memcpy(d + i * bytes, s + rows[i] * bytes, bytes);
 }
 
-void scatter(const at::Tensor& src, const int64_t* rows, int64_t n, at::Tensor& dst) {
+inline void scatter(const at::Tensor& src, const int64_t* rows, int64_t n, at::Tensor& dst) {
   const int64_t bytes = dst.numel() ? dst.nbytes() / dst.size(0) : 0;
   const auto* s = static_cast<const char*>(src.data_ptr());
   auto* d = static_cast<char*>(dst.data_ptr());
   for (int64_t i = 0; i < n; ++i) std::memcpy(d + rows[i] * bytes, s + i * bytes, bytes);
 }
 
+// dst[rows[i]] = 0 for i < n (all-zero bytes are 0 in every floating type).
+inline void zero_rows(const int64_t* rows, int64_t n, at::Tensor& dst) {
+  const int64_t bytes = dst.numel() ? dst.nbytes() / dst.size(0) : 0;
+  auto* d = static_cast<char*>(dst.data_ptr());
+  for (int64_t i = 0; i < n; ++i) std::memset(d + rows[i] * bytes, 0, bytes);
+}
+
 // Rows per piece: about a chunk of tokens when tasks run side by side, else each adapter's rows in one piece.
-int64_t piece_rows(const at::Tensor& x, int64_t N, int64_t L) {
+inline int64_t piece_rows(const at::Tensor& x, int64_t N, int64_t L) {
   const int64_t tokens = N * L;
   if (chunks_for(x, tokens) == 1) return std::max<int64_t>(N, 1);
   return std::max<int64_t>(1, chunk_rows(tokens) / std::max<int64_t>(L, 1));

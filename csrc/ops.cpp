@@ -206,9 +206,7 @@ at::Tensor multi_lora_linear_cpu(const at::Tensor& x, const c10::optional<at::Te
   const double* sp = s.data_ptr<double>();
   const auto p = pieces(adapter_ids, lora_a.size(0), piece_rows(x, N, L));
   const int64_t* order = p.order.data_ptr<int64_t>();
-  if (!weight.has_value()) {
-    for (int64_t i = 0; i < p.unused; ++i) out3[order[i]].zero_();
-  }
+  if (!weight.has_value()) zero_rows(order, p.unused, out3);  // rows without an adapter
   for_each_task(static_cast<int64_t>(p.adapter.size()), [&](int64_t t) {
     const int64_t a = p.adapter[t], n = p.count[t];
     const int64_t* rows = order + p.start[t];
@@ -249,9 +247,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_lor
   const int64_t* order = p.order.data_ptr<int64_t>();
   const int64_t n_pieces = static_cast<int64_t>(p.adapter.size());
   auto dx3 = needs[0] ? dx.view({N, L * in}) : at::Tensor();
-  if (needs[0] && !weight.has_value()) {
-    for (int64_t i = 0; i < p.unused; ++i) dx3[order[i]].zero_();
-  }
+  if (needs[0] && !weight.has_value()) zero_rows(order, p.unused, dx3);
   const auto pda = needs[3] ? at::empty({n_pieces, r, in}, x.options()) : at::Tensor();
   const auto pdb = needs[4] ? at::empty({n_pieces, r, out_f}, x.options()) : at::Tensor();  // dB^T partials
   for_each_task(n_pieces, [&](int64_t t) {
