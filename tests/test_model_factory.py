@@ -95,7 +95,7 @@ class _Toy(nn.Module):
 def test_a_new_kind_is_one_entry_in_kinds(monkeypatch):
     toy = factory.ModelKind(
         name="toy", form="toy:WIDTH", claims=lambda spec: spec.startswith("toy:"),
-        owns=lambda saved: saved.get("n_heads") == 1, build=lambda spec, seed: _Toy(int(spec[4:])),
+        owns=lambda saved: saved.get("n_heads") == 1, build=lambda spec, seed, device: _Toy(int(spec[4:])),
         rebuild=lambda saved, pretrained: _Toy(saved["d_model"]),
         same=lambda spec, saved: int(spec[4:]) == saved["d_model"])
     monkeypatch.setitem(factory.KINDS, "toy", toy)
