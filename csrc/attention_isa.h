@@ -8,7 +8,8 @@
 // `V` provides: W (lanes), reg, zero(), load(p), store(p, x), set1(s), fma(a, b, c) = a * b + c, add, mul, sub,
 // max, hmax, hsum, load_part(p, n) (the first n lanes, the rest 0), and either exp2(x) (W = 1) or round(x) and
 // pow2(n) (2^n for integral n, exactly 0 at -127) from which vexp2 below builds a vector exp2,
-// MR (rows of the score micro-kernel), NRV (its width in vectors) and rows_for(nv) (rows of the accumulate
+// MR (rows of the score micro-kernel), NRV (its width in vectors), CV (the most vectors one accumulate pass holds
+// in registers) and rows_for(nv) (rows of the accumulate
 // micro-kernel that keep rows_for(nv) * nv accumulators plus nv loads and a broadcast in registers).
 //
 // Shapes: Dp = D rounded up to a multiple of W; keys padded to Tkp (a multiple of kKeyBlockBwd, zero rows); queries
@@ -82,7 +83,7 @@ inline void accumulate(int64_t m, int64_t n_vec, int64_t k, const T* a, int64_t 
     const int64_t nv = std::min<int64_t>(V::CV, n_vec - x0);
     const T* bx = b + x0 * V::W;
     T* cx = c + x0 * V::W;
-    switch (nv) {
+    switch (nv) {  // nv <= V::CV; the `? : 1` only keeps cases this width never reaches compiling
       case 1: accumulate_chunk<1>(m, k, a, a_rs, a_cs, bx, ldb, cx, ldc); break;
       case 2: accumulate_chunk<2>(m, k, a, a_rs, a_cs, bx, ldb, cx, ldc); break;
       case 3: accumulate_chunk<3 <= V::CV ? 3 : 1>(m, k, a, a_rs, a_cs, bx, ldb, cx, ldc); break;
