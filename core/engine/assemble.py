@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from tuneforge.engine import checkpoint as ckpt
+from tuneforge.engine import defaults
 from tuneforge.engine.config import TrainConfig
 from tuneforge.errors import CheckpointError, ConfigError, TuneforgeError
 from tuneforge.models import factory
@@ -125,6 +126,7 @@ def assemble(cfg: TrainConfig, *, out: Path | None = None, resume: Path | None =
     model, mcfg, lineage = build_model(cfg, device)
     run = Run(cfg, mcfg, tokenizer_of(model), device, reg.plugins, reg.hook, out=out, objective=reg.objective,
               checkpoint=resume, rank=getattr(parallel, "rank", 0), world_size=getattr(parallel, "world_size", 1))
+    base_params = {id(p) for p in model.parameters()}
     model = _modify(reg, model, run)
     run.model_config, run.tokenizer = model.config, tokenizer_of(model)  # a plugin may have replaced the model
     model.to(device)
@@ -144,6 +146,12 @@ def assemble(cfg: TrainConfig, *, out: Path | None = None, resume: Path | None =
     for p in model.parameters():
         p.requires_grad_(id(p) in chosen)
     params = [p for p in model.parameters() if p.requires_grad]
+    pretrained = bool(cfg.init) or getattr(mcfg, "weights", None) == "pretrained"
+    chosen_defaults = defaults.resolve(cfg, run.model_config, pretrained=pretrained,
+                                       only_new=not any(id(p) in base_params for p in params), device=device)
+    run.config = chosen_defaults.config
+    for line in chosen_defaults.lines:
+        run.log(f"default {line}")
     if params and reg.objective is None:
         who = ", ".join(f"{n} ({c:,})" for n, c in run.trainable.items() if c)
         raise ConfigError(

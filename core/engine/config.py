@@ -29,10 +29,12 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["TrainConfig", "load_config", "STRATEGIES", "FIELD_HELP"]
+__all__ = ["TrainConfig", "load_config", "STRATEGIES", "PRECISIONS", "FIELD_HELP", "checkpointing_every"]
 
 #: How the processes of a torchrun job share the work (see tuneforge.engine.distributed).
 STRATEGIES = ("ddp", "fsdp")
+#: --precision: fp32; bf16-mixed (autocast to bfloat16 over fp32 master weights); bf16 (weights in bfloat16 too).
+PRECISIONS = ("fp32", "bf16-mixed", "bf16")
 
 
 # Help for each TrainConfig field, which becomes a --flag of `tuneforge train` (one source of truth for names),
@@ -45,12 +47,16 @@ FIELD_HELP = {
     "eval_data": "held-out data (default: the builtin test split, or the last part of a file)",
     "out": "run folder for checkpoints, metrics.jsonl, summary.json (default: write nothing)",
     "steps": "optimizer steps (default: 300)",
-    "batch_size": "sequences per micro-batch, per process (default: 16); N processes train on N micro-batches at once",
-    "seq_len": "tokens per sequence (default: the model's context length)",
+    "batch_size": "sequences per micro-batch, per process (default: 16 on the embedded models; on a pretrained model "
+                  "the largest of 8, 4, 2, 1 whose activations fit a quarter of the free memory; printed at start); "
+                  "N processes train on N micro-batches at once",
+    "seq_len": "tokens per sequence (default: the model's context length, at most 1024; printed at start)",
     "grad_accum": "micro-batches per optimizer step (default: 1)",
-    "lr": "peak learning rate of AdamW (default: 3e-3)",
+    "lr": "peak learning rate of AdamW (default: 3e-3 when the whole model trains from scratch; on a pretrained "
+          "model 2e-4 when only parameters the mechanisms added train (LoRA, adapters, soft prompts, a new head), "
+          "else 3e-5; printed at start)",
     "min_lr_ratio": "the cosine schedule ends at lr * this (default: 0.1)",
-    "warmup": "linear warmup steps (default: 30)",
+    "warmup": "linear warmup steps (default: 30, at most a tenth of --steps)",
     "weight_decay": "AdamW weight decay on matrices (default: 0.1)",
     "beta1": "AdamW beta1 (default: 0.9)",
     "beta2": "AdamW beta2 (default: 0.95)",
@@ -67,6 +73,10 @@ FIELD_HELP = {
                 "sharded over the processes) (default: ddp)",
     "max_nonfinite": "stop after this many non-finite losses in a row (default: 10)",
     "log_every": "steps between log lines when stderr is not a terminal (default: 50)",
+    "checkpointing": "activation checkpointing: none, blocks (recompute every block's activations in the backward "
+                     "instead of keeping them) or every:N (every N-th block) (default: none)",
+    "precision": "fp32, bf16-mixed (autocast to bfloat16 with float32 master weights, optimizer state and "
+                 "checkpoints) or bf16 (weights in bfloat16 too) (default: fp32)",
     "verify_frozen": "hash every frozen weight before and after the run and record in summary.json that none "
                      "changed (default: true; false skips the hashing on very large models)",
 }
@@ -82,12 +92,12 @@ class TrainConfig:
     eval_data: Optional[str] = None  # held-out data; default: the builtin test split, or the objective's own
     out: Optional[str] = None  # run folder: checkpoints, metrics.jsonl, summary.json; None = write nothing
     steps: int = 300  # optimizer steps
-    batch_size: int = 16  # sequences per micro-batch
-    seq_len: Optional[int] = None  # tokens per sequence; default the model's context length
+    batch_size: Optional[int] = None  # sequences per micro-batch; None = sized to the model (engine/defaults.py)
+    seq_len: Optional[int] = None  # tokens per sequence; None = the model's context length, at most 1024
     grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 3e-3
+    lr: Optional[float] = None  # peak learning rate; None = by what trains (engine/defaults.py)
     min_lr_ratio: float = 0.1  # the cosine schedule decays to lr * min_lr_ratio
-    warmup: int = 30  # linear warmup steps
+    warmup: Optional[int] = None  # linear warmup steps; None = 30, at most steps // 10
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -102,19 +112,22 @@ class TrainConfig:
     strategy: str = "ddp"  # under torchrun: ddp (replicas) or fsdp (FSDP2 shards); one process ignores it
     max_nonfinite: int = 10  # stop after this many non-finite losses in a row
     log_every: int = 50  # steps between log lines when stderr is not a terminal
+    checkpointing: str = "none"  # none | blocks | every:N: recompute block activations in the backward
+    precision: str = "fp32"  # fp32 | bf16-mixed | bf16
     verify_frozen: bool = True  # hash every frozen weight before and after, proving it did not change
 
     def __post_init__(self):
         # OptionError names the field; build_options turns it into "--lr must be ..." on the command line.
         positive = ("steps", "batch_size", "grad_accum", "keep_last", "max_nonfinite", "log_every")
         for name in positive:
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise OptionError(name, f"must be at least 1, got {getattr(self, name)}")
         for name in ("eval_every", "save_every", "warmup"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise OptionError(name, f"must be 0 or more, got {getattr(self, name)}")
         # Every float is checked for finiteness too: NaN slips through any comparison and trains NaN weights.
-        check_range(self, "lr", "(0, inf)", " (the peak learning rate, e.g. 3e-3)")
+        if self.lr is not None:
+            check_range(self, "lr", "(0, inf)", " (the peak learning rate, e.g. 3e-3)")
         check_range(self, "min_lr_ratio", "[0, 1]", " (a share of --lr)")
         check_range(self, "weight_decay", "[0, inf)", " (0 = none)")
         check_range(self, "beta1", "[0, 1)", " (AdamW's decay of the gradient average)")
@@ -126,6 +139,9 @@ class TrainConfig:
             raise OptionError("strategy", f"must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         if self.seq_len is not None and self.seq_len < 2:
             raise OptionError("seq_len", f"must be at least 2, got {self.seq_len}")
+        if self.precision not in PRECISIONS:
+            raise OptionError("precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        checkpointing_every(self.checkpointing)  # raises OptionError on a bad value
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -145,6 +161,22 @@ class TrainConfig:
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
+
+
+def checkpointing_every(value: str) -> int:
+    """``--checkpointing`` as the stride of checkpointed blocks: 0 for none, 1 for blocks, N for every:N.
+
+    :raises OptionError: naming the flag and the accepted forms.
+    """
+    text = str(value).strip().lower()
+    if text == "none":
+        return 0
+    if text == "blocks":
+        return 1
+    head, _, tail = text.partition(":")
+    if head == "every" and tail.isdigit() and int(tail) >= 1:
+        return int(tail)
+    raise OptionError("checkpointing", f"must be none, blocks or every:N with N >= 1, got {value!r}")
 
 
 def _flag(field: str) -> str:

@@ -171,8 +171,12 @@ def _setup(cfg: TrainConfig, par: distributed.Parallel, out: Path | None, owner:
         ckpt.clean_stale(out)  # what a kill while saving or rotating left
     # (checkpoint folder, its state.json): read once, here, for everything resuming needs
     resume_path, resume_state = _resume_from(cfg, out, owner) if cfg.resume else (None, None)
+    if resume_state is not None:  # options left to the engine keep what the checkpoint's run chose
+        saved = resume_state.get("train") or {}
+        cfg = cfg.replace(**{k: saved[k] for k in _ENGINE_CHOSEN if getattr(cfg, k) is None and saved.get(k) is not None})
     built = assemble(cfg, out=out, resume=resume_path, parallel=par)
     reg, run, model = built.reg, built.run, built.model
+    cfg = run.config  # with the defaults sized to the model (engine/defaults.py)
     if resume_path is not None:
         _resume_changes(resume_path, resume_state, cfg, run)
     total = sum(p.numel() for p in model.parameters())
@@ -357,6 +361,9 @@ def _resume_from(cfg: TrainConfig, out: Path | None, owner: bool) -> tuple[Path 
             say(f"{problem}: set {folder.name} aside as {moved.name}; resuming from {found[0].name}")
     return found if found is not None else (None, None)  # nothing yet: the first launch starts afresh
 
+
+# Options a run may leave to the engine (None: sized to the model, see engine/defaults.py).
+_ENGINE_CHOSEN = ("batch_size", "seq_len", "lr", "warmup")
 
 # Options whose change on --resume says nothing about the weights or the data stream.
 _FREE_ON_RESUME = {"resume", "out", "device", "log_every", "verify_frozen"}
