@@ -4,11 +4,12 @@ Every form a model can be named in resolves here, through :func:`build`:
 
 - ``tiny``, ``small``, ``tiny:n_layers=2,d_model=64``: a preset of the embedded :class:`Transformer`, seeded;
 - ``hf:PATH`` (``hf:PATH?attn=eager&dtype=bfloat16``): a local Hugging Face folder (:mod:`tuneforge.models.hf`);
+- ``gguf:PATH`` and named models (``smollm2-135m``), same options: a GGUF file, converted once into a cached
+  Hugging Face folder (:mod:`tuneforge.models.gguf`);
 - a saved description (``model_config`` in a checkpoint's ``state.json``, the ``to_dict()`` of what ``build``
   returned): a fresh base of the same architecture, for the checkpoint's weights to be loaded into.
 
-Each form is a :class:`ModelKind` in :data:`KINDS`. A new form (``gguf:PATH``, a named model) is one more entry
-there: what it claims, how it builds, how it rebuilds from its saved description, and how its specs are written
+Each form is a :class:`ModelKind` in :data:`KINDS`. A new form is one more entry there: what it claims, how it builds, how it rebuilds from its saved description, and how its specs are written
 (for messages). A spec no entry claims names a preset (:data:`PRESET`), whose error lists the presets and the
 other kinds' forms.
 """
@@ -23,7 +24,7 @@ import torch.nn as nn
 
 from tuneforge.common.options import suggest
 from tuneforge.errors import ConfigError
-from tuneforge.models import hf
+from tuneforge.models import gguf, hf
 from tuneforge.models.tokenizer import check_vocabulary, id_limit, tokenizer_of
 from tuneforge.models.transformer import PRESETS, ModelConfig, Transformer, model_config
 
@@ -32,7 +33,7 @@ __all__ = ["Description", "ModelKind", "KINDS", "PRESET", "DEFAULT_SPEC", "kind_
 DEFAULT_SPEC = "tiny"  # what a run without --model (and without --init) trains
 
 # What a run records about its base model (``run.model_config``); ``to_dict()`` is saved as ``model_config``.
-Description = ModelConfig | hf.HFConfig
+Description = ModelConfig | hf.HFConfig  # (a GGUF model's is a gguf.GGUFConfig, an HFConfig with its file)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +64,8 @@ def _preset_build(spec: str, seed: int, device=None) -> nn.Module:
     name = spec.partition(":")[0].strip()
     if name and name not in PRESETS:  # before its options are parsed: "gguf:x" is an unknown kind, not bad options
         others = ", ".join(k.form for k in KINDS.values())
-        raise ConfigError(f"unknown model preset '{name}'{suggest(name, PRESETS)}; presets: {', '.join(PRESETS)}"
+        raise ConfigError(f"unknown model preset '{name}'{suggest(name, [*PRESETS, *gguf.NAMED])}; presets: "
+                          f"{', '.join(PRESETS)}"
                           + (f" (other models: {others})" if others else ""))
     mcfg = model_config(spec)
     torch.manual_seed(seed)
@@ -74,13 +76,30 @@ def _preset_build(spec: str, seed: int, device=None) -> nn.Module:
     return model
 
 
-def _hf_build(spec: str, seed: int, device=None) -> nn.Module:
-    path, options = hf.parse_hf_spec(spec)
+def _by_device(options: dict, device) -> dict:
     if options.get("dtype") is None and device is not None:  # bfloat16 on CUDA unless ?dtype= says otherwise
         options = {**options, "dtype": hf.DEFAULT_DTYPES.get(torch.device(device).type, "float32")}
-    model = hf.load(path, seed=seed, **options)  # its random init (weights=random) forks the generator
+    return options
+
+
+def _hf_build(spec: str, seed: int, device=None) -> nn.Module:
+    path, options = hf.parse_hf_spec(spec)
+    model = hf.load(path, seed=seed, **_by_device(options, device))  # its random init forks the generator
     torch.manual_seed(seed)
     return model
+
+
+def _gguf_build(spec: str, seed: int, device=None) -> nn.Module:
+    _, _, options = gguf.parse_gguf_spec(spec)  # the spec's options; load reads them again, and they win
+    model = gguf.load(spec, seed=seed, dtype=_by_device(options, device).get("dtype"))
+    torch.manual_seed(seed)
+    return model
+
+
+def _gguf_same(spec: str, saved: dict) -> bool:
+    """The same file: by path, or by content (a named model's package reinstalled elsewhere)."""
+    file = gguf.parse_gguf_spec(spec)[0]
+    return str(file) == saved.get("gguf") or gguf.file_hash(file) == saved.get("sha256")
 
 
 def _hf_same(spec: str, saved: dict) -> bool:
@@ -98,12 +117,35 @@ PRESET = ModelKind(
     same=lambda spec, saved: model_config(spec) == ModelConfig.from_dict(saved),
 )
 
+def _named(name: str) -> ModelKind:
+    return ModelKind(
+        name=name,
+        form=name,
+        claims=lambda spec: isinstance(spec, str) and spec.partition("?")[0] == name,
+        owns=lambda saved: "gguf" in saved and saved.get("named") == name,
+        build=_gguf_build,
+        rebuild=lambda saved, pretrained: gguf.from_saved_config(saved, pretrained=pretrained),
+        same=_gguf_same,
+    )
+
+
+# Order matters for saved descriptions: a GGUFConfig is also an HFConfig (it has "hf"), so gguf kinds come first.
 KINDS: dict[str, ModelKind] = {
+    **{name: _named(name) for name in gguf.NAMED},
+    "gguf": ModelKind(
+        name="gguf",
+        form="gguf:PATH",
+        claims=lambda spec: isinstance(spec, str) and spec.startswith(gguf.PREFIX),
+        owns=lambda saved: "gguf" in saved and not saved.get("named"),
+        build=_gguf_build,
+        rebuild=lambda saved, pretrained: gguf.from_saved_config(saved, pretrained=pretrained),
+        same=_gguf_same,
+    ),
     "hf": ModelKind(
         name="hf",
         form="hf:PATH",
         claims=hf.is_hf_spec,
-        owns=lambda saved: "hf" in saved,  # an HFConfig: the folder the model came from
+        owns=lambda saved: "hf" in saved and "gguf" not in saved,  # an HFConfig: the folder the model came from
         build=_hf_build,
         rebuild=lambda saved, pretrained: hf.from_saved_config(saved, pretrained=pretrained),
         same=_hf_same,

@@ -31,7 +31,8 @@ from tuneforge.models.hf_reading import quiet, reading, safetensors_problem
 from tuneforge.models.hf_tokenizer import HFTokenizer, read_json
 from tuneforge.models.tokenizer import check_vocabulary
 
-__all__ = ["HFConfig", "HFCausalLM", "HFCache", "load", "is_hf_spec", "parse_hf_spec", "from_saved_config"]
+__all__ = ["HFConfig", "HFCausalLM", "HFCache", "load", "is_hf_spec", "parse_hf_spec", "parse_options",
+           "from_saved_config", "DEFAULT_DTYPES"]
 
 PREFIX = "hf:"
 ATTENTION = ("tuneforge", "eager", "sdpa")
@@ -44,7 +45,12 @@ def is_hf_spec(spec) -> bool:
 
 def parse_hf_spec(spec: str) -> tuple[str, dict]:
     """``hf:PATH`` or ``hf:PATH?attn=eager&dtype=bfloat16`` -> (PATH, options)."""
-    body = spec[len(PREFIX):]
+    return parse_options(spec, spec[len(PREFIX):])
+
+
+def parse_options(spec: str, body: str) -> tuple[str, dict]:
+    """``PATH?attn=eager&dtype=bfloat16`` (``body``, the part of ``spec`` after its kind) -> (PATH, options);
+    shared by every spec that ends in a transformers model (``hf:``, ``gguf:``, named models)."""
     path, _, query = body.partition("?")
     options = {}
     for item in filter(None, query.split("&")):
@@ -272,7 +278,9 @@ class HFCausalLM(Generates, nn.Module):
         """The same architecture and tokenizer with random weights (transformers' own init), seeded."""
         if self.config.weights == "random":
             return self
-        return load(self.config.hf, weights="random", attn=self.config.attn, dtype=self.config.dtype, seed=seed)
+        fresh = load(self.config.hf, weights="random", attn=self.config.attn, dtype=self.config.dtype, seed=seed)
+        fresh.config = dataclasses.replace(self.config, weights="random")  # a GGUF model's stays a GGUFConfig
+        return fresh
 
 
 def _build(transformers, folder: Path, hf_config, weights: str, attn: str, dtype: torch.dtype, seed: int):
@@ -285,11 +293,14 @@ def _build(transformers, folder: Path, hf_config, weights: str, attn: str, dtype
 
 
 def load(path: str | Path, *, weights: str = "pretrained", attn: str = "tuneforge", dtype: str | None = None,
-         seed: int = 0, device: str | torch.device | None = None) -> HFCausalLM:
+         seed: int = 0, device: str | torch.device | None = None, source: dict | None = None) -> HFCausalLM:
     """A local Hugging Face model folder as a tuneforge model (the Python face of ``--model hf:PATH``).
 
     weights: ``pretrained`` (the folder's weights) or ``random`` (its config.json, transformers' init, seeded).
     attn: ``tuneforge`` (the fused op), ``eager`` or ``sdpa``. dtype: the parameters' (None: by device, DEFAULT_DTYPES).
+    source: where the folder's weights come from, as checkpoints record it (``{"folder": ..., "files": [[name,
+    size, hash], ...]}``); default: the folder and its weight files. A folder converted from another file (a
+    GGUF) names that file, so a checkpoint is checked against what the user has, not against a cache.
     """
     if weights not in ("pretrained", "random"):
         raise ConfigError(f"weights must be 'pretrained' or 'random', got {weights!r}")
@@ -326,7 +337,7 @@ def load(path: str | Path, *, weights: str = "pretrained", attn: str = "tuneforg
     model = HFCausalLM(causal_lm, config, family, tokenizer)
     if weights == "pretrained":
         model._folder_ids = {id(p) for p in model.parameters()}
-        model._folder_source = {"folder": str(folder), "files": _fingerprint(folder)}
+        model._folder_source = source or {"folder": str(folder), "files": _fingerprint(folder)}
     if device is not None:
         model.to(device)
     return model.train(False)
