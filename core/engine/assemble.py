@@ -14,11 +14,12 @@ import torch
 
 from tuneforge.engine import checkpoint as ckpt
 from tuneforge.engine import defaults
-from tuneforge.engine.config import TrainConfig
+from tuneforge.engine.config import TrainConfig, checkpointing_every
 from tuneforge.errors import CheckpointError, ConfigError, TuneforgeError
-from tuneforge.models import factory
+from tuneforge.models import checkpointing, factory
 from tuneforge.engine.registry import Registered, build_manager, call_impl, objectives_installed
 from tuneforge.engine.run import Run
+from tuneforge.models.protocol import prefix_length
 from tuneforge.models.tokenizer import tokenizer_of
 
 __all__ = ["Assembled", "assemble", "build_model", "load_model", "device_of", "lineage_entry"]
@@ -129,6 +130,7 @@ def assemble(cfg: TrainConfig, *, out: Path | None = None, resume: Path | None =
     base_params = {id(p) for p in model.parameters()}
     model = _modify(reg, model, run)
     run.model_config, run.tokenizer = model.config, tokenizer_of(model)  # a plugin may have replaced the model
+    run.prefix_tokens = prefix_length(model)
     model.to(device)
 
     chosen: set[int] = set()
@@ -148,7 +150,8 @@ def assemble(cfg: TrainConfig, *, out: Path | None = None, resume: Path | None =
     params = [p for p in model.parameters() if p.requires_grad]
     pretrained = bool(cfg.init) or getattr(mcfg, "weights", None) == "pretrained"
     chosen_defaults = defaults.resolve(cfg, run.model_config, pretrained=pretrained,
-                                       only_new=not any(id(p) in base_params for p in params), device=device)
+                                       only_new=not any(id(p) in base_params for p in params), device=device,
+                                       prefix_tokens=run.prefix_tokens)
     run.config = chosen_defaults.config
     for line in chosen_defaults.lines:
         run.log(f"default {line}")
@@ -158,5 +161,8 @@ def assemble(cfg: TrainConfig, *, out: Path | None = None, resume: Path | None =
             f"{who} would train parameters, but no mechanism in this run says what to optimise (none implements "
             f"tuneforge_data and tuneforge_loss). Add an objective: {', '.join(objectives_installed()) or 'none installed'}."
         )
+    # after every plugin's change (a replaced model, inserted parts): the blocks as they will train
+    every = checkpointing_every(cfg.checkpointing)
+    run.summary["checkpointed_blocks"] = checkpointing.apply(model, every)
     reg.hook.tuneforge_validate(run=run, model=model)
     return Assembled(reg, run, model, params, lineage)

@@ -56,15 +56,16 @@ def _activation_bytes(model_config, seq_len: int) -> int:
 
 
 def resolve(cfg: TrainConfig, model_config, *, pretrained: bool, only_new: bool, device: torch.device,
-            free_bytes: int | None = None) -> Resolved:
+            prefix_tokens: int = 0, free_bytes: int | None = None) -> Resolved:
     """Fill the options ``cfg`` leaves as None.
 
     :param pretrained: the base holds trained weights (a Hugging Face or GGUF model, or ``--init``).
     :param only_new: every trainable parameter was added by a mechanism (none of the base's trains).
+    :param prefix_tokens: context positions a soft prompt takes before each row.
     :param free_bytes: memory left for activations (default: measured on ``device``).
     """
     changes, lines = {}, []
-    context = int(model_config.max_seq_len)
+    context = int(model_config.max_seq_len) - prefix_tokens
     if cfg.seq_len is None and context > MAX_DEFAULT_SEQ_LEN:
         changes["seq_len"] = MAX_DEFAULT_SEQ_LEN
         lines.append(f"--seq-len {MAX_DEFAULT_SEQ_LEN} (the model's context is {context}; ask for more with --seq-len)")

@@ -49,6 +49,9 @@ class Run:
     # The checkpoint whose weights will be loaded into the model right after tuneforge_modify_model (on resume,
     # and when a saved model is rebuilt): plugins that size their modules from saved state read it there.
     checkpoint: Path | None = None
+    # Context positions the model's prefix (soft prompts) takes before each row's tokens, whichever mechanism
+    # brings the objective: windows of text and labelled rows leave this much room (models.protocol.prefix_length).
+    prefix_tokens: int = 0
 
     @property
     def seed(self) -> int:

@@ -15,7 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-__all__ = ["LanguageModel", "ModelConfig", "Tokenizer", "Prefix"]
+__all__ = ["LanguageModel", "ModelConfig", "Tokenizer", "Prefix", "prefix_length"]
 
 
 @runtime_checkable
@@ -50,7 +50,9 @@ class LanguageModel(Protocol):
 
     ``blocks`` hold the layers (adapters and LoRA go inside them), ``tok_emb`` the input embeddings, ``ln_f`` the
     final norm and ``lm_head`` the output layer (``finetune:head=classify`` and ``reward-model`` replace it).
-    ``prefix`` is a slot for a module that returns a :class:`Prefix` (soft prompts) or ``None``.
+    ``prefix`` is a slot for a module that returns a :class:`Prefix` (soft prompts) or ``None``; its ``max_length``
+    (an int attribute or property) is the most positions it prepends, which objectives keep free in the context
+    (:func:`prefix_length`).
     """
 
     config: ModelConfig
@@ -101,3 +103,10 @@ class Prefix:
         if self.mask is None:
             return torch.arange(self.length, device=self.emb.device)
         return (self.mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def prefix_length(model) -> int:
+    """Context positions ``model.prefix`` may take before a row's own tokens (0 without a prefix module, or for one
+    that does not say: ``max_length``)."""
+    prefix = getattr(model, "prefix", None)
+    return int(getattr(prefix, "max_length", 0) or 0) if prefix is not None else 0

@@ -105,7 +105,7 @@ class _LabelledTask:
                               f"than one batch of {run.config.batch_size}; lower --batch-size or add records")
 
     def _room(self, run) -> int:
-        return run.model_config.max_seq_len - self.reserve
+        return run.model_config.max_seq_len - max(self.reserve, getattr(run, "prefix_tokens", 0))
 
     def _note_truncation(self, run) -> None:
         if self.truncated:

@@ -100,10 +100,11 @@ class TextTask:
     def setup(self, run) -> "TextTask":
         if self.train is not None:
             return self
-        cfg, context = run.config, run.model_config.max_seq_len - self.reserve
+        reserve = max(self.reserve, getattr(run, "prefix_tokens", 0))
+        cfg, context = run.config, run.model_config.max_seq_len - reserve
         seq_len = cfg.seq_len or context
         if seq_len > context:
-            room = f" minus {self.reserve} prefix tokens" if self.reserve else ""
+            room = f" minus {reserve} prefix tokens" if reserve else ""
             raise ConfigError(f"{self.owner}: seq_len {seq_len} exceeds the model's context of "
                               f"{run.model_config.max_seq_len}{room}; lower --seq-len")
         fields = {self.field: str}

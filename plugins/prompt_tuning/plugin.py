@@ -139,7 +139,7 @@ class PromptTuning(PartMechanism):
     def tuneforge_modify_model(self, model, run):
         sp = self._slot(model)  # the slot is checked before anything is loaded
         super().tuneforge_modify_model(model, run)
-        longest = max((p.size(0) for p in sp.prompts.values()), default=0)
+        longest = sp.max_length
         if longest >= model.config.max_seq_len:
             raise ConfigError(f"prompt-tuning: a prompt of {longest} tokens leaves no room in the model's context of "
                               f"{model.config.max_seq_len}; lower tokens=")
@@ -154,7 +154,7 @@ class PromptTuning(PartMechanism):
             run.log(f"prompt-tuning: training {sizes}; every model weight is frozen")
 
     def objective_reserve(self) -> int:
-        return max(p.size(0) for p in self.module.prompts.values())
+        return self.module.max_length
 
 
 def load_prompts(spec: str) -> dict[str, tuple[torch.Tensor, dict]]:

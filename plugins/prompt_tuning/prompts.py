@@ -42,6 +42,11 @@ class SoftPrompts(nn.Module, TaskModule):
         self.prompts[name] = nn.Parameter(value.detach().clone())
 
     @property
+    def max_length(self) -> int:
+        """The longest prompt's tokens: positions objectives keep free in the model's context."""
+        return max((p.size(0) for p in self.prompts.values()), default=0)
+
+    @property
     def names(self) -> list[str]:
         return list(self.prompts.keys())
 
