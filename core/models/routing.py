@@ -15,6 +15,9 @@ and each such module asks :func:`select` during the forward. Three states:
   prompts for others), but a name that *no* module in the forward holds is a mistake (a typo), raised as a
   ``ConfigError`` (a ``ValueError``) when the block exits;
 - ``base()``: every per-task part is off, for every row: the base model (RLHF's frozen reference).
+
+Code that runs part of a forward again later (activation checkpointing recomputes a block during the backward,
+after the ``with`` block has exited) takes the routing along with :func:`carried`.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ import torch
 
 from tuneforge.errors import ConfigError
 
-__all__ = ["rows", "base", "current", "select", "Selection"]
+__all__ = ["rows", "base", "current", "carried", "select", "Selection"]
 
 
 @dataclasses.dataclass
@@ -77,6 +80,26 @@ def base():
         yield
     finally:
         _ROUTE.reset(token)
+
+
+def carried():
+    """A context manager that re-enters the routing in force *now*, whenever it is entered later.
+
+    The recompute of a checkpointed block runs during ``backward()``, usually after the caller's ``rows(...)``
+    block exited: without this, its per-task modules would select for an unrouted forward and compute other
+    activations than those whose gradients the backward needs. The same route object comes back, so its
+    per-row id tensors are reused and what it records of the names stays consistent."""
+    route = _ROUTE.get()
+
+    @contextmanager
+    def again():
+        token = _ROUTE.set(route)
+        try:
+            yield
+        finally:
+            _ROUTE.reset(token)
+
+    return again()
 
 
 def current() -> tuple[str, ...] | None:

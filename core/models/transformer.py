@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from tuneforge.errors import ConfigError
 from tuneforge.kernels import flash_attention
+from tuneforge.models.checkpointing import Checkpointable
 from tuneforge.common.options import build_options, check_range, parse_spec, suggest
 from tuneforge.models.generation import Generates, plan_input
 from tuneforge.models.protocol import Prefix
@@ -134,7 +135,10 @@ class MLP(nn.Module):
         return _dropout(self.dropout, self.down(F.gelu(self.up(x))))  # (B, T, C)
 
 
-class Block(nn.Module):
+class Block(Checkpointable, nn.Module):
+    """One pre-norm layer. ``--checkpointing`` may mark it (see ``tuneforge.models.checkpointing``): its work then
+    runs again in the backward instead of keeping its activations."""
+
     def __init__(self, cfg: ModelConfig, index: int):
         super().__init__()
         self.index = index  # which cache layer this block reads and writes
@@ -144,6 +148,11 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, key_padding_mask=None, cache=None):
+        if cache is not None:  # never recomputed: a second run would append the same keys to the cache again
+            return self.layers(x, key_padding_mask, cache)
+        return self.checkpointed(self.layers, x, key_padding_mask)
+
+    def layers(self, x, key_padding_mask=None, cache=None):
         # Pre-norm: each sub-layer sees a normalised input and adds to an un-normalised residual stream,
         # which keeps gradients well-scaled without warm-up tricks at this depth.
         x = x + self.attn(self.ln1(x), key_padding_mask=key_padding_mask, cache=cache, layer=self.index)
