@@ -27,13 +27,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from tuneforge.engine import precision
 from tuneforge.engine.config import STRATEGIES
 from tuneforge.errors import ConfigError
 from tuneforge.engine.integrity import weights_digest
 from tuneforge.engine.registry import call_impl
 
 __all__ = ["STRATEGIES", "Parallel", "start", "launched", "Objective", "torchrun_command"]
-
 
 
 def launched() -> bool:
@@ -71,6 +71,8 @@ class Parallel:
     def __init__(self, device: torch.device):
         self.device = device
         self.objective: nn.Module | None = None
+        self.run = None  # the run being trained, set by wrap()
+        self.said_low_loss = False
 
     @property
     def distributed(self) -> bool:
@@ -80,11 +82,16 @@ class Parallel:
         """Prepare ``model`` for training with ``loss_fn``; return the parameters to optimise (FSDP2 replaces them
         with sharded ones, so the optimizer must be built from this list)."""
         self.objective = Objective(model, loss_fn, run)
+        self.run = run
         return [p for p in model.parameters() if p.requires_grad]
 
     def loss(self, batch):
-        """``(loss, metrics)`` of one micro-batch."""
-        return self.objective(batch)
+        """``(loss, metrics)`` of one micro-batch, its forward under the run's ``--precision`` (autocast for
+        bf16-mixed; the caller runs the backward outside it)."""
+        with precision.autocast(self.run.config.precision, self.device):
+            loss, parts = self.objective(batch)
+        self.said_low_loss = self.said_low_loss or precision.say_low_loss(loss, self.run)  # once a run
+        return loss, parts
 
     def accumulate(self, last: bool):
         """Around the forward and backward of a micro-batch: gradients are synchronised only on the ``last``."""

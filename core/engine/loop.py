@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 
 from tuneforge.engine import checkpoint as ckpt
-from tuneforge.engine import distributed
+from tuneforge.engine import distributed, precision
 from tuneforge.engine.assemble import Assembled, assemble, build_model, load_model
 from tuneforge.engine.config import TrainConfig
 from tuneforge.errors import CheckpointError, ConfigError, NonFiniteLossError
@@ -76,7 +76,7 @@ def _stop_on_signals(run: Run):
 def _evaluate(model, run: Run, par: distributed.Parallel) -> dict[str, float]:
     model.eval()
     try:
-        with torch.no_grad(), par.gathered(model):
+        with torch.no_grad(), par.gathered(model), precision.autocast(run.config.precision, run.device):
             results = run.hook.tuneforge_evaluate(model=model, run=run)
     finally:
         model.train()
@@ -179,6 +179,8 @@ def _setup(cfg: TrainConfig, par: distributed.Parallel, out: Path | None, owner:
     cfg = run.config  # with the defaults sized to the model (engine/defaults.py)
     if resume_path is not None:
         _resume_changes(resume_path, resume_state, cfg, run)
+    # Before a checkpoint loads (float32 weights load into float32 master weights) and the optimizer is made.
+    precision.prepare_run(model, run, resumed=resume_state)
     total = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in built.params)
     if resume_path is not None:

@@ -5,13 +5,13 @@ of micro-batches and trains on its own share of it (see :mod:`tuneforge.engine.d
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 import time
 
 import torch
 
+from tuneforge.engine import precision
 from tuneforge.engine.config import TrainConfig
 from tuneforge.errors import DataError
 from tuneforge.engine.registry import call_impl, takes
@@ -80,7 +80,12 @@ class Batches:
     def next(self):
         """This rank's next micro-batch: one of the next ``world_size`` of the stream."""
         par = self.parallel
-        with par.gathered(self.model) if self.uses_model else contextlib.nullcontext():
+        if not self.uses_model:
+            drawn = [self._draw() for _ in range(par.world_size)]
+            return drawn[par.rank]
+        # Data made with the model (rollouts and their log-probs) runs in the precision the loss runs in: PPO's
+        # ratio of new to old log-probs then starts at 1 instead of at the gap between bfloat16 and float32.
+        with par.gathered(self.model), precision.autocast(self.run.config.precision, self.run.device):
             drawn = [self._draw() for _ in range(par.world_size)]
         return drawn[par.rank]
 
