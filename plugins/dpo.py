@@ -7,9 +7,9 @@ many pairs it is in, and each pair weighs ``1 / (pairs of its ranking)``. The lo
 r) is ``-log σ(β [(log π(c) - log π_ref(c)) - (log π(r) - log π_ref(r))])`` on the responses' summed token
 log-probabilities (their ``eos`` included, so the policy learns where to stop).
 
-The reference log-probabilities of every training response are computed in one pass before the first step
-(the reference never changes) and cached; every checkpoint keeps the cache (``dpo_reference.safetensors``), so a
-resumed run does not recompute them. The reference itself is the same model with every LoRA, adapter and soft prompt
+The reference log-probabilities of a training response are computed the first time a batch holds it (the reference
+never changes) and cached, so the first step starts at once and no response is scored twice; every checkpoint keeps
+the cache (``dpo_reference.safetensors``, NaN where not yet known), so a resumed run does not recompute them. The reference itself is the same model with every LoRA, adapter and soft prompt
 switched off when only those train, else the starting model loaded once (see :mod:`tuneforge.rlhf.policy`); it is
 needed again only for evaluation: the win rate of the policy over it on held-out prompts, judged by the
 embedded world's hidden preference (``judge=world``, default on ``builtin:rankings``), the KL per token, and the
@@ -62,7 +62,7 @@ class DPO:
         self.options = options
         self.train = self.held_out = None
         self.reference = None
-        self.ref_logp: torch.Tensor | None = None  # (records, max responses): the cache
+        self.ref_logp: torch.Tensor | None = None  # (records, max responses): the cache, NaN = not computed yet
 
     def _read(self, run) -> None:
         if self.train is None:
@@ -80,23 +80,31 @@ class DPO:
             run.log(f"dpo: the reference policy is {self.reference.note}")
         return self.reference
 
+    def _cache(self, run) -> torch.Tensor:
+        """The cache of reference log-probabilities, (records, max responses), NaN until a batch needs them (a
+        resumed run gets what its checkpoint had, see ``tuneforge_load``)."""
+        if self.ref_logp is None:
+            self.ref_logp = torch.full((len(self.train), max(len(r.responses) for r in self.train)), float("nan"),
+                                       device=run.device)
+            run.log(f"dpo: reference log-probabilities of the {sum(len(r.responses) for r in self.train):,} training "
+                    "responses are computed as batches first hold them, then cached")
+        return self.ref_logp
+
     @torch.no_grad()
-    def _cache(self, run, model) -> torch.Tensor:
-        """Reference log-probabilities of every training response, (records, max responses), computed once (a
-        resumed run gets them back from its checkpoint, see ``tuneforge_load``)."""
-        if self.ref_logp is not None:
-            return self.ref_logp
-        reference = self._reference(run, model)
-        out = torch.zeros(len(self.train), max(len(r.responses) for r in self.train), device=run.device)
-        run.log(f"dpo: reference log-probabilities of {sum(len(r.responses) for r in self.train):,} responses "
-                "(once, then cached)")
-        for b in range(0, len(self.train), 64):
-            batch = ranking_batch(self.train[b:b + 64], run.tokenizer, run.model_config.max_seq_len, device=run.device)
-            ids = batch["input"]
-            out[batch["record"] + b, batch["response"]] = response_logprobs(reference(ids), ids, batch["start"],
-                                                                             batch["last"])
-        self.ref_logp = out
-        return out
+    def _reference_logprobs(self, run, model, batch) -> torch.Tensor:
+        """(N,) reference log-probabilities of the batch's responses: from the cache, scored now where missing."""
+        cache = self._cache(run)
+        at = (batch["index"].to(cache.device), batch["response"].to(cache.device))
+        known = cache[at]  # (N,)
+        missing = known.isnan()
+        if bool(missing.any()):  # one sync per batch; only the responses never scored go through the reference
+            rows = missing.nonzero().squeeze(1).to(batch["input"].device)
+            ids = batch["input"][rows].to(run.device)  # (M, T)
+            scored = response_logprobs(self._reference(run, model)(ids), ids, batch["start"][rows].to(run.device),
+                                       batch["last"][rows].to(run.device))  # (M,)
+            cache[at[0][missing], at[1][missing]] = scored.to(cache.device, cache.dtype)
+            known = cache[at]
+        return known
 
     # -- hooks -------------------------------------------------------------------------------------------------
 
@@ -116,9 +124,8 @@ class DPO:
         return self._epoch(run, model)
 
     def _epoch(self, run, model):
-        cache = self._cache(run, model)
         for batch in ranking_epoch(self.train, run, run.tokenizer, run.model_config.max_seq_len, with_ties=False):
-            batch["ref_logp"] = cache[batch["index"].to(cache.device), batch["response"].to(cache.device)]
+            batch["ref_logp"] = self._reference_logprobs(run, model, batch)
             yield batch
 
     @hookimpl

@@ -200,24 +200,33 @@ def _rankings_file(path, records):
     return str(path)
 
 
-def test_dpo_computes_reference_logprobs_once_and_keeps_the_reference_frozen(pretrained, tmp_path, monkeypatch):
+def test_dpo_scores_each_reference_response_once_as_needed_and_keeps_the_reference_frozen(pretrained, tmp_path,
+                                                                                           monkeypatch):
     train_file = _rankings_file(tmp_path / "train.jsonl", builtin("rankings")[:70])
     eval_file = _rankings_file(tmp_path / "eval.jsonl", builtin("rankings", "test")[:20])
-    calls = []
+    calls = []  # rows of each reference call, in order
     original = Reference.__call__
-    monkeypatch.setattr(Reference, "__call__", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    monkeypatch.setattr(Reference, "__call__", lambda self, ids, *a, **k: calls.append(ids.size(0))
+                        or original(self, ids, *a, **k))
 
     def run(steps, out, **kw):
         calls.clear()
         result = tuneforge.train(init=str(pretrained), mechanisms=["dpo:judge=none,beta=0.5"], data=train_file,
                                  eval_data=eval_file, steps=steps, batch_size=8, lr=3e-3, warmup=1, eval_every=0,
                                  out=str(out), **kw)
-        return result, len(calls)
+        return result, list(calls)
 
-    short, n_short = run(2, tmp_path / "a")
-    long, n_long = run(12, tmp_path / "b")
-    # 70 training rankings in batches of 64: 2 reference passes, then 1 for the held-out evaluation, however long
-    assert n_short == n_long == 3
+    def scored(result):  # responses whose reference log-probability is cached
+        return int((~result.run.plugins["dpo"].ref_logp.isnan()).sum())
+
+    short, c_short = run(2, tmp_path / "a")
+    # the first step needs only its own batch: two training batches scored, then one pass for the held-out evaluation
+    assert len(c_short) == 3 and sum(c_short[:2]) == scored(short)
+    assert scored(short) < sum(len(r.responses) for r in short.run.plugins["dpo"].train) / 2  # not all up front
+    long, c_long = run(12, tmp_path / "b")
+    # 12 batches of 8 rankings cover more than the 70 once: every response is scored once, none twice
+    assert sum(c_long[:-1]) == scored(long) <= sum(len(r.responses) for r in long.run.plugins["dpo"].train)
+    assert len(c_long) - 1 < 12  # later batches found their responses in the cache
     assert long.metrics["loss"] < math.log(2)  # moved away from the reference's log 2
     # every base weight trained, so the reference is a copy of the starting model, and it stayed that
     plugin = long.run.plugins["dpo"]
@@ -226,9 +235,9 @@ def test_dpo_computes_reference_logprobs_once_and_keeps_the_reference_frozen(pre
     for name, p in plugin.reference.model.named_parameters():
         assert torch.equal(p, start[name]) and not p.requires_grad, name
     assert not torch.equal(dict(long.model.named_parameters())["blocks.0.attn.q.weight"], start["blocks.0.attn.q.weight"])
-    # a resumed run reads the cache from its checkpoint: only the evaluation calls the reference
-    more, n_more = run(14, tmp_path / "b", resume="auto")
-    assert more.run.step == 14 and n_more == 1
+    # a resumed run reads the cache from its checkpoint: it scores only responses the checkpoint had not
+    more, c_more = run(14, tmp_path / "b", resume="auto")
+    assert more.run.step == 14 and sum(c_more[:-1]) == scored(more) - scored(long)
 
 
 def test_auto_judges_by_the_hidden_preference_where_the_data_has_one():
