@@ -221,7 +221,7 @@ def test_hugging_face_layers_with_lora(hf_folders, family):
 # -- runs ------------------------------------------------------------------------------------------------------
 
 def _train(tmp_path, name, checkpointing_value, **kw):
-    args = dict(model=DROPOUT, mechanisms=["pretrain"], data="builtin:text", steps=4, batch_size=4, seq_len=32,
+    args = dict(model=DROPOUT, mechanisms=["pretrain"], data="builtin:text", steps=3, batch_size=4, seq_len=32,
                 lr=3e-3, warmup=1, eval_every=0, out=str(tmp_path / name), checkpointing=checkpointing_value)
     args.update(kw)
     return tuneforge.train(**args)
@@ -254,3 +254,47 @@ def test_a_run_on_mixed_task_data_routes_the_recompute(tmp_path):
     torch.testing.assert_close(_losses(ckpt), _losses(plain), rtol=0, atol=1e-6)
     moved = [n for n, m in lora_layers(ckpt.model) for b in m.lora_b.values() if b.abs().sum() > 0]
     assert moved
+
+
+# -- under torchrun: 2 CPU processes (gloo), as tests/test_distributed.py launches them ------------------------------
+
+DIST = ["--model", "tiny:n_layers=2,d_model=32,n_heads=2,max_seq_len=64", "--steps", "3", "--batch-size", "4",
+        "--seq-len", "32", "--eval-every", "0", "--warmup", "1", "--lr", "3e-3"]
+
+
+def _launch(args):
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, TUNEFORGE_LOAD_PLUGINS="", PYTHONUNBUFFERED="1")
+    env.pop("TUNEFORGE_STRICT_PLUGINS", None)
+    proc = subprocess.run([sys.executable, "-m", "tuneforge", "train", *args], capture_output=True, text=True,
+                          timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The reference: one process without checkpointing, two micro-batches a step (the global batch of 2 ranks)."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    _launch(["-m", "pretrain", *DIST, "--grad-accum", "2", "--out", str(out)])
+    return out
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_with_checkpointing_take_the_same_steps(one_process, tmp_path, strategy):
+    from safetensors.torch import load_file
+    out = tmp_path / strategy
+    _launch(["-m", "pretrain", *DIST, "--checkpointing", "blocks", "--strategy", strategy, "--nproc-per-node", "2",
+             "--out", str(out)])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["strategy"] == strategy
+    assert summary["checkpointed_blocks"] == [0, 1]
+    losses = [[json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+              for run in (out, one_process)]
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    a, b = (load_file(str(run / "step-00000003" / "model.safetensors")) for run in (out, one_process))
+    shared = a.keys() & b.keys()  # tied weights may be stored under either name
+    assert len(shared) >= len(b) - 1
+    for k in shared:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
