@@ -5,7 +5,8 @@
 // schemas once and gives the CPU implementations. Shapes are written (rows, features) after flattening the
 // leading dimensions of x: M = tokens.
 //
-// The LoRA and adapter ops run over chunks of rows as tasks (adapter_rows.h says why and how).
+// The LoRA and adapter ops run over chunks of rows as tasks (adapter_rows.h says why and how). The fused linear +
+// cross-entropy (linear_ce.h) runs over chunks of rows one after the other, each with multithreaded GEMMs.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -13,6 +14,7 @@
 #include <vector>
 
 #include "adapter_rows.h"
+#include "linear_ce.h"
 
 namespace tuneforge {
 
@@ -365,6 +367,10 @@ TORCH_LIBRARY(tuneforge, m) {
         "bool residual) -> (Tensor, Tensor)");
   m.def("bottleneck_adapter_backward(Tensor grad, Tensor h, Tensor z, Tensor w_down, Tensor w_up, "
         "str activation, bool residual) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("linear_cross_entropy(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, int ignore_index, "
+        "float label_smoothing, str reduction, bool[] needs, int chunk) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("linear_cross_entropy_backward(Tensor grad, Tensor hidden, Tensor weight, Tensor? bias, Tensor target, "
+        "int ignore_index, float label_smoothing, bool[] needs, int chunk) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(tuneforge, CPU, m) {
@@ -376,6 +382,8 @@ TORCH_LIBRARY_IMPL(tuneforge, CPU, m) {
   m.impl("multi_bottleneck_adapter_backward", &multi_bottleneck_adapter_backward_cpu);
   m.impl("bottleneck_adapter", &bottleneck_adapter_cpu);
   m.impl("bottleneck_adapter_backward", &bottleneck_adapter_backward_cpu);
+  m.impl("linear_cross_entropy", &linear_cross_entropy_cpu);
+  m.impl("linear_cross_entropy_backward", &linear_cross_entropy_backward_cpu);
 }
 
 // These compositions are ATen calls only, so they serve CUDA tensors as they are (their cost is the GEMMs, which

@@ -22,14 +22,15 @@ import torch
 from tuneforge.kernels import sdpa
 from tuneforge.kernels.fused import CUDA_HEAD_SIZES, check_inputs
 from tuneforge.kernels.fused import attention as fused_attention
+from tuneforge.kernels import linear_ce
 from tuneforge.kernels.reference import (
-    ACTIVATIONS, attention_reference, bottleneck_adapter_reference, lora_linear_reference,
-    multi_bottleneck_adapter_reference, multi_lora_linear_reference,
+    ACTIVATIONS, attention_reference, bottleneck_adapter_reference, linear_cross_entropy_reference,
+    lora_linear_reference, multi_bottleneck_adapter_reference, multi_lora_linear_reference,
 )
 
 __all__ = [
     "flash_attention", "lora_linear", "multi_lora_linear", "bottleneck_adapter", "multi_bottleneck_adapter",
-    "backend", "routes", "route", "reference_only", "ACTIVATIONS", "attention_reference", "PATHS", "DEVICES",
+    "linear_cross_entropy", "linear_token_logprobs", "backend", "routes", "route", "reference_only", "ACTIVATIONS", "attention_reference", "PATHS", "DEVICES",
 ]
 
 _REFERENCES = {
@@ -38,12 +39,14 @@ _REFERENCES = {
     "multi_lora_linear": multi_lora_linear_reference,
     "bottleneck_adapter": bottleneck_adapter_reference,
     "multi_bottleneck_adapter": multi_bottleneck_adapter_reference,
+    "linear_cross_entropy": linear_cross_entropy_reference,  # chunked: never the (N, V) logits
 }
 # op name -> (table name, callable). The only dispatch table: models and mechanisms call the functions below,
 # never a backend. "routed" (attention) and "cpp" entries decide per call with route(); "reference" runs pure torch.
 _IMPLEMENTATIONS = {op: ("reference", fn) for op, fn in _REFERENCES.items()}
 #: ops with a compiled kernel, by name (the rest run their reference wherever they are)
-COMPILED = ("flash_attention", "lora_linear", "multi_lora_linear", "bottleneck_adapter", "multi_bottleneck_adapter")
+COMPILED = ("flash_attention", "lora_linear", "multi_lora_linear", "bottleneck_adapter", "multi_bottleneck_adapter",
+            "linear_cross_entropy")
 #: the paths a call can take, and the device types the report covers
 PATHS, DEVICES = ("cpp", "sdpa", "reference"), ("cpu", "cuda")
 # The registered op that says whether an op has a compiled kernel for a device (attention: its forward).
@@ -146,10 +149,10 @@ def _where_compiled(op: str, compiled):
     bfloat16, the CPU ops are ATen compositions that take any floating dtype), the reference elsewhere."""
     reference = _REFERENCES[op]
 
-    def run(x, *args):
+    def run(x, *args, **kw):
         device = x.device.type
         path, _ = route(op, device, mode=_STATE["mode"], has_kernel=_has_kernel(op, device), dtype=x.dtype)
-        return compiled(x, *args) if path == "cpp" else reference(x, *args)
+        return compiled(x, *args, **kw) if path == "cpp" else reference(x, *args, **kw)
 
     run.__name__ = op
     return run
@@ -173,6 +176,8 @@ def _use_compiled() -> None:
         "bottleneck_adapter": _where_compiled("bottleneck_adapter", lambda *args: ops.bottleneck_adapter(*args)[0]),
         "multi_bottleneck_adapter": _where_compiled("multi_bottleneck_adapter",
                                                     lambda *args: ops.multi_bottleneck_adapter(*args)[0]),
+        # CPU only: CUDA tensors run the chunked pure-torch twin (cuBLAS products), see route()
+        "linear_cross_entropy": _where_compiled("linear_cross_entropy", linear_ce.compiled),
     }
     for op, fn in compiled.items():
         _IMPLEMENTATIONS[op] = ("cpp", fn)
@@ -217,6 +222,36 @@ def multi_bottleneck_adapter(h, w_down, b_down, w_up, b_up, scales, adapter_ids,
     w_down: (A, m, C), b_down: (A, m), w_up: (A, C, m), b_up: (A, C), scales: (A,)."""
     return _IMPLEMENTATIONS["multi_bottleneck_adapter"][1](h, w_down, b_down, w_up, b_up, scales, adapter_ids,
                                                            activation)
+
+
+def linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index: int = -100,
+                         label_smoothing: float = 0.0, reduction: str = "mean"):
+    """``F.cross_entropy(hidden @ weight.T + bias, target, ...)`` without the (N, V) logits: computed over chunks
+    of rows, with the gradients of hidden, weight and bias.
+
+    hidden: (..., C), weight: (V, C), target: (...) class indices, bias: (V,) or None. ``reduction``: ``"mean"``
+    over rows whose target is not ``ignore_index`` (like F.cross_entropy, but 0, not NaN, with zero gradients when
+    every row is ignored), ``"sum"``, or ``"none"``: per-row losses of target's shape, 0 at ignored rows.
+    ``label_smoothing`` eps: ``(1 - eps) * nll + eps * mean over the vocabulary of -log p``, as F.cross_entropy.
+    Per-token log-probabilities of the targets are ``-linear_cross_entropy(..., reduction="none")`` (see
+    :func:`linear_token_logprobs`).
+
+    The loss is float32 whatever the inputs (float64 stays float64), accumulated in float32; gradients come back in
+    the inputs' dtypes. Under ``torch.autocast`` hidden, weight and bias are cast to the autocast dtype as F.linear
+    would cast them; the loss stays float32. For mean and sum the gradients are computed in the forward while the
+    logits are at hand (when grad mode is on and an input requires grad) and the backward scales them (no double
+    backward). CPU tensors run the compiled op, others the chunked pure torch.
+    """
+    h2, w, t, b, shape = linear_ce.prepare(hidden, weight, target, bias, ignore_index, label_smoothing, reduction)
+    loss = _IMPLEMENTATIONS["linear_cross_entropy"][1](
+        h2, w, t, b, ignore_index=int(ignore_index), label_smoothing=float(label_smoothing), reduction=reduction)
+    return loss.view(shape) if reduction == "none" else loss
+
+
+def linear_token_logprobs(hidden, weight, target, bias=None, *, ignore_index: int = -100):
+    """log p(target) of each position under softmax(hidden @ weight.T + bias), float32, target's shape (0 where the
+    target is ``ignore_index``), without the (N, V) logits: ``-linear_cross_entropy(..., reduction="none")``."""
+    return -linear_cross_entropy(hidden, weight, target, bias, ignore_index=ignore_index, reduction="none")
 
 
 def routes() -> dict[str, dict[str, tuple[str, str]]]:

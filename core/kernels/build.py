@@ -15,8 +15,8 @@ __all__ = ["SOURCES", "HEADERS", "CUDA_SOURCES", "CXX_FLAGS", "LINK_FLAGS", "NVC
 
 SOURCES = ["ops.cpp", "attention.cpp"]  # CPU kernels and the op schemas (TORCH_LIBRARY)
 #: headers the units include (attention.cpp compiles attention_isa.h once per instruction set; ops.cpp runs its
-#: row chunks through adapter_rows.h)
-HEADERS = ["attention_simd.h", "attention_isa.h", "adapter_rows.h"]
+#: row chunks through adapter_rows.h, and includes linear_ce.h, the fused linear + cross-entropy)
+HEADERS = ["attention_simd.h", "attention_isa.h", "adapter_rows.h", "linear_ce.h"]
 # CUDA kernels (no torch headers, so nvcc checks them anywhere) and their torch bindings; built where torch has CUDA
 CUDA_SOURCES = ["cuda/kernels.cu", "cuda/ops_cuda.cpp"]
 # No -march=native: a build must run on any x86-64 CPU (a wheel, a shared cache, a cluster of mixed nodes). The

@@ -107,6 +107,56 @@ def _register() -> None:
     _register_bottleneck()
     _register_attention()
     _register_multi_bottleneck()
+    _register_linear_cross_entropy()
+
+
+def _register_linear_cross_entropy() -> None:
+    lib = "tuneforge::linear_cross_entropy"
+
+    def grads_fake(hidden, weight, bias, needs):  # an unneeded gradient is its own empty tensor (never aliased)
+        return (hidden.new_empty(hidden.shape if needs[0] else 0), weight.new_empty(weight.shape if needs[1] else 0),
+                weight.new_empty(weight.size(0) if needs[2] and bias is not None else 0))
+
+    @torch.library.register_fake(lib)
+    def _fake(hidden, weight, bias, target, ignore_index, label_smoothing, reduction, needs, chunk):
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32  # the loss: float32 at least
+        loss = hidden.new_empty((hidden.size(0),) if reduction == "none" else (), dtype=acc)
+        return loss, *grads_fake(hidden, weight, bias, needs if reduction != "none" else [False] * 3)
+
+    @torch.library.register_fake("tuneforge::linear_cross_entropy_backward")
+    def _fake_backward(grad, hidden, weight, bias, target, ignore_index, label_smoothing, needs, chunk):
+        return grads_fake(hidden, weight, bias, needs)
+
+    def setup_context(ctx, inputs, output):
+        hidden, weight, bias, target, ignore_index, label_smoothing, reduction, needs, chunk = inputs
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.reduction, ctx.args = reduction, (ignore_index, label_smoothing)
+        ctx.chunk, ctx.made = chunk, list(needs)
+        if reduction == "none":  # the backward recomputes each chunk's logits with each row's upstream gradient
+            ctx.save_for_backward(hidden, weight, bias, target)
+        else:  # the forward made the gradients; the backward scales them
+            ctx.save_for_backward(*output[1:])
+
+    def backward(ctx, grad, *_grads_of_grads):
+        wanted = list(ctx.needs_input_grad[:3])
+        if ctx.reduction == "none":
+            hidden, weight, bias, target = ctx.saved_tensors
+            wanted[2] = wanted[2] and bias is not None
+            grads = torch.ops.tuneforge.linear_cross_entropy_backward(grad.contiguous(), hidden, weight, bias, target,
+                                                                      *ctx.args, wanted, ctx.chunk)
+        else:
+            if any(w and not m for w, m in zip(wanted, ctx.made)):
+                raise RuntimeError("tuneforge::linear_cross_entropy: a gradient was asked for that the forward was "
+                                   "told not to make (its `needs` flags); call it through tuneforge.kernels")
+            grads = ctx.saved_tensors
+            # The usual upstream gradient of a loss is exactly 1: the saved gradients are then the answer, handed on
+            # as they are (autograd frees its saved copy before accumulating, so no second (V, C) buffer is made).
+            # Checked in eager CPU calls only (a compiled graph's tensors have no value to read).
+            if not (type(grad) is torch.Tensor and grad.device.type == "cpu" and grad.item() == 1.0):
+                grads = [g * grad.to(g.dtype) for g in grads]
+        return (*(g if w else None for g, w in zip(grads, wanted)), None, None, None, None, None, None)
+
+    torch.library.register_autograd(lib, backward, setup_context=setup_context)
 
 
 def _register_multi_bottleneck() -> None:

@@ -12,7 +12,7 @@ import torch
 
 __all__ = [
     "attention_reference", "document_ids", "lora_linear_reference", "multi_lora_linear_reference", "bottleneck_adapter_reference",
-    "multi_bottleneck_adapter_reference", "ACTIVATIONS",
+    "multi_bottleneck_adapter_reference", "linear_cross_entropy_reference", "ACTIVATIONS",
 ]
 
 #: The activations a bottleneck adapter may use, by name (the name is what files and kernels carry).
@@ -172,3 +172,96 @@ def multi_bottleneck_adapter_reference(h, w_down, b_down, w_up, b_up, scales, ad
     out = torch.baddbmm(b_up.index_select(0, idx)[:, None, :], z, w_up.index_select(0, idx).transpose(1, 2))
     s = scales.to(h.dtype).index_select(0, idx) * has.to(h.dtype)  # (N,)
     return (out * s[:, None, None]).reshape(h.shape)  # (N, ..., C)
+
+
+def linear_cross_entropy_reference(hidden, weight, target, bias=None, *, ignore_index: int = -100,
+                                   label_smoothing: float = 0.0, reduction: str = "mean", chunk_rows=None):
+    """``F.cross_entropy(hidden @ weight.T + bias, target)`` computed over chunks of rows, never holding the (N, V)
+    logits: the pure-torch twin of ``tuneforge::linear_cross_entropy`` and what runs where that op is not compiled
+    (CUDA included: its cost there is the cuBLAS products, as unfused).
+
+    hidden: (..., C), weight: (V, C), target: (...) int64, bias: (V,) or None, checked and cast by the face.
+    Reduction ``mean`` averages over rows whose target is not ``ignore_index`` (0 when there are none, never NaN),
+    ``sum`` adds them, ``none`` returns (N,) with 0 at ignored rows. The loss is float32 at least; gradients come
+    back in the inputs' dtypes. Label smoothing eps: ``(1 - eps) * nll + eps * mean_v(-log p_v)``.
+
+    The algorithm of the compiled op: per chunk, logits by one product, then log-sum-exp, loss and (when gradients
+    are wanted) the logits' gradient in place, then dx_c = G W and dW += G^T x_c. For mean and sum the gradients
+    are made in the forward and the backward scales them; for none the backward recomputes each chunk's logits.
+    """
+    rows = chunk_rows or max(16, min(1024, (32 << 20) // (4 * max(weight.size(0), 1))))
+    loss = _ChunkedLinearCrossEntropy.apply(hidden.reshape(-1, hidden.size(-1)), weight, bias, target.reshape(-1),
+                                            ignore_index, float(label_smoothing), reduction, int(rows))
+    return loss.view(target.shape) if reduction == "none" else loss
+
+
+def _chunked_sweep(x, w, b, target, ignore_index, eps, scale, needs, rows, losses=None):
+    """One pass over the rows in chunks: per-row losses into ``losses`` (N,) when given, and (dx, dW, db) as
+    ``needs`` asks (None otherwise). ``scale``: a 0-dim tensor (every row) or (N,) (each row's upstream gradient)."""
+    N, C = x.shape
+    V = w.size(0)
+    acc = torch.promote_types(x.dtype, torch.float32)  # float32 pass and accumulators for bf16/fp16 inputs
+    dx = torch.empty_like(x) if needs[0] else None
+    dw = torch.zeros(V, C, dtype=acc, device=x.device) if needs[1] else None
+    db = torch.zeros(V, dtype=acc, device=x.device) if needs[2] else None
+    for r0 in range(0, N, rows):
+        xc, tc = x[r0:r0 + rows], target[r0:r0 + rows]
+        logits = torch.nn.functional.linear(xc, w, b).to(acc)  # (rows, V)
+        keep = tc != ignore_index  # (rows,)
+        safe = torch.where(keep, tc, 0)[:, None]  # (rows, 1): ignored rows read column 0, then get weight 0
+        lse = torch.logsumexp(logits, dim=-1)  # (rows,)
+        if losses is not None:
+            nll = lse - logits.gather(1, safe)[:, 0]
+            loss = (1 - eps) * nll + eps * (lse - logits.mean(-1)) if eps else nll
+            losses[r0:r0 + rows] = loss.masked_fill(~keep, 0)
+        if dx is None and dw is None and db is None:
+            continue
+        s = (scale if scale.dim() == 0 else scale[r0:r0 + rows]).to(acc) * keep  # (rows,) or per row; 0 if ignored
+        g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+        if eps:
+            g.sub_(eps / V)
+        g.scatter_add_(1, safe, torch.full_like(lse, -(1 - eps))[:, None])
+        g.mul_(s[:, None])  # (rows, V): d loss / d logits
+        if dx is not None:
+            dx[r0:r0 + rows] = g.to(x.dtype) @ w
+        if dw is not None:
+            dw.addmm_(g.t(), xc.to(acc))
+        if db is not None:
+            db += g.sum(0)
+    return dx, dw, db
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, ignore_index, eps, reduction, rows):
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"linear_cross_entropy: reduction must be mean, sum or none, got {reduction!r}")
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        needs = [n and reduction != "none" for n in ctx.needs_input_grad[:3]]
+        count = (target != ignore_index).sum().clamp(min=1)  # mean's divisor, a tensor: no host sync on CUDA
+        scale = (1.0 / count.to(acc)) if reduction == "mean" else torch.ones((), dtype=acc, device=hidden.device)
+        losses = torch.empty(hidden.size(0), dtype=acc, device=hidden.device)  # (N,)
+        with torch.autocast(hidden.device.type, enabled=False):  # the accumulations stay in float32
+            grads = _chunked_sweep(hidden, weight, bias, target, ignore_index, eps, scale, needs, rows, losses)
+        ctx.reduction, ctx.args = reduction, (ignore_index, eps, rows)
+        if reduction == "none":
+            ctx.save_for_backward(hidden, weight, bias, target)
+            return losses
+        ctx.save_for_backward(*(g.to(t.dtype) if g is not None else None
+                                for g, t in zip(grads, (hidden, weight, bias))))
+        return losses.sum() * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.reduction == "none":
+            hidden, weight, bias, target = ctx.saved_tensors
+            ignore_index, eps, rows = ctx.args
+            with torch.autocast(hidden.device.type, enabled=False):
+                dx, dw, db = _chunked_sweep(hidden, weight, bias, target, ignore_index, eps, grad, ctx.needs_input_grad,
+                                            rows)
+            grads = [g.to(t.dtype) if g is not None else None for g, t in zip((dx, dw, db), (hidden, weight, bias))]
+        else:  # made by the forward; an upstream gradient of exactly 1 (read on the CPU only) hands them on as they are
+            grads = ctx.saved_tensors
+            if not (grad.device.type == "cpu" and grad.item() == 1.0):
+                grads = [g * grad.to(g.dtype) if g is not None else None for g in grads]
+        return (*grads, None, None, None, None, None)
