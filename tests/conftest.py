@@ -87,3 +87,20 @@ def check_mixed_equals_alone(model, tasks, x, params):
     for n, p in params():
         torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
     return grads
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct (``--model smollm2-135m``), converted from its GGUF file once: the cache
+    (``$TUNEFORGE_CACHE``, by default ``~/.cache/tuneforge``) outlives the run, so only a machine's first run pays
+    the conversion. Skips, naming the install line, where the package that ships the file is not installed."""
+    from types import SimpleNamespace
+
+    from tuneforge.errors import ConfigError
+    from tuneforge.models import gguf
+
+    try:
+        file = gguf.named_file("smollm2-135m")
+    except ConfigError:
+        pytest.skip(f"SmolLM2-135M is not installed: {gguf.NAMED['smollm2-135m'].install}")
+    return SimpleNamespace(spec="smollm2-135m", file=file, folder=gguf.convert(file))

@@ -1,6 +1,7 @@
 """A model trained on ``--model hf:PATH`` written back as a Hugging Face folder: ``tuneforge export-hf RUN OUT``.
 
-The result is what ``save_pretrained`` writes (config, safetensors weights, the source folder's tokenizer files),
+The result is what ``save_pretrained`` writes (config, safetensors weights, the source folder's tokenizer files
+and chat template),
 so transformers, PEFT-free serving stacks and other tools load it as they load the original. Weights a run
 changed (fine-tuned blocks) are written as trained; a part that is a change of weights (a LoRA) is folded into
 its layer's weight first. GPT-2's layers go back to transformers' ``Conv1D`` layout (weight (in, out)).
@@ -30,8 +31,11 @@ from tuneforge.common.names import check_export, write_export
 
 __all__ = ["export_hf", "folding_plugins", "TOKENIZER_FILES"]
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                   "vocab.json", "merges.txt", "tokenizer.model")
+# Everything transformers' tokenizer reads from a folder, chat templates included (``apply_chat_template`` needs
+# them: transformers 5 saves the template as chat_template.jinja, older versions inside tokenizer_config.json).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "generation_config.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model",
+                   "chat_template.jinja", "chat_template.json", "additional_chat_templates")
 
 
 def folding_plugins() -> dict[str, type]:
@@ -115,7 +119,11 @@ def export_hf(source, out: str | Path, *, lora: str | None = None, force: bool =
         with hf_reading.quiet(transformers):
             target.save_pretrained(str(tmp))
         for f in tokenizer_files:
-            if f.is_file() and not (tmp / f.name).exists():
+            if (tmp / f.name).exists():  # save_pretrained's own (generation_config.json)
+                continue
+            if f.is_file():
                 shutil.copy2(f, tmp / f.name)
+            elif f.is_dir():  # additional_chat_templates/: one .jinja file per named template
+                shutil.copytree(f, tmp / f.name)
 
     return write_export(out, fill, command="export-hf", force=force)
