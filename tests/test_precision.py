@@ -153,6 +153,38 @@ def test_attention_under_autocast_matches_the_float32_reference(cast):
     assert leaf.grad.dtype == cast and torch.isfinite(leaf.grad.float()).all()
 
 
+# Attention gets q, k, v of mixed dtypes under autocast: a float32 KV cache beside bfloat16 queries (generation in
+# the evaluations of dpo, ppo, prompting), and HF's rotary embedding gives float32 q, k beside a bfloat16 v. The
+# kernels' face must cast them to the autocast dtype, as SDPA's own autocast rule does (a change in
+# tuneforge.kernels.flash_attention, not made here); strict: these fail loudly once it lands, to drop the marker.
+NEEDS_ATTENTION_RULE = pytest.mark.xfail(strict=True, raises=ValueError,
+                                         reason="flash_attention does not yet follow autocast for mixed q/k/v dtypes")
+
+
+@NEEDS_ATTENTION_RULE
+def test_the_embedded_model_generates_under_autocast():
+    from tuneforge.models import factory
+
+    model, _ = factory.build("tiny:n_layers=1,d_model=16,n_heads=2,max_seq_len=16", seed=0)
+    prompt = torch.tensor([[1, 5, 6, 7]])
+    with torch.no_grad(), precision.autocast("bf16-mixed", torch.device("cpu")):
+        out = model.eval().generate(prompt, 4, temperature=0.0)
+    assert out.shape == (1, 8) and torch.equal(out[:, :4], prompt)
+
+
+@NEEDS_ATTENTION_RULE
+def test_a_float32_hf_model_runs_under_autocast(hf_folder):
+    from tuneforge.models import factory
+
+    model, _ = factory.build(f"hf:{hf_folder}", seed=0)
+    ids = torch.tensor([[1, 5, 6, 7]])
+    with torch.no_grad():
+        want = model.eval()(ids)
+        with precision.autocast("bf16-mixed", torch.device("cpu")):
+            got = model(ids)
+    assert got.dtype == torch.bfloat16 and _close(got, want, 2)
+
+
 def test_lora_trains_under_bf16_mixed_with_float32_parameters(tmp_path, loss_dtypes):
     watch = Watch()
     result = tuneforge.train(micro_config(tmp_path, precision="bf16-mixed", mechanisms=["lora", watch], **FAST))
