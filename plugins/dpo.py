@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tuneforge.sdk import (ConfigError, Reference, block_parameters, check_layers, check_range, compare, dpo_loss,
-    hookimpl, judge_for, pair_right, ranking_batch, ranking_epoch, resolve_layers, response_logprobs, split_rankings,
+    hookimpl, judge_for, pair_right, ranking_batch, ranking_epoch, resolve_layers, sequence_logprobs, split_rankings,
     untie_head)
 
 __all__ = ["DPO"]
@@ -100,7 +100,7 @@ class DPO:
         if bool(missing.any()):  # one sync per batch; only the responses never scored go through the reference
             rows = missing.nonzero().squeeze(1).to(batch["input"].device)
             ids = batch["input"][rows].to(run.device)  # (M, T)
-            scored = response_logprobs(self._reference(run, model)(ids), ids, batch["start"][rows].to(run.device),
+            scored = sequence_logprobs(self._reference(run, model), ids, batch["start"][rows].to(run.device),
                                        batch["last"][rows].to(run.device))  # (M,)
             cache[at[0][missing], at[1][missing]] = scored.to(cache.device, cache.dtype)
             known = cache[at]
@@ -131,7 +131,7 @@ class DPO:
     @hookimpl
     def tuneforge_loss(self, model, batch):
         ids = batch["input"]
-        logp = response_logprobs(model(ids), ids, batch["start"], batch["last"])  # (N,)
+        logp = sequence_logprobs(model, ids, batch["start"], batch["last"])  # (N,)
         ref = batch["ref_logp"]
         b, w = batch["better"], batch["worse"]
         loss, margin = dpo_loss(logp[b], logp[w], ref[b], ref[w], self.options.beta)
@@ -152,8 +152,8 @@ class DPO:
             batch = ranking_batch(held[b:b + 64], run.tokenizer, run.model_config.max_seq_len, with_ties=False,
                                   device=run.device)
             ids = batch["input"]
-            implicit = (response_logprobs(model(ids), ids, batch["start"], batch["last"])
-                        - response_logprobs(reference(ids), ids, batch["start"], batch["last"]))  # (N,)
+            implicit = (sequence_logprobs(model, ids, batch["start"], batch["last"])
+                        - sequence_logprobs(reference, ids, batch["start"], batch["last"]))  # (N,)
             margin = implicit[batch["better"]] - implicit[batch["worse"]]
             right += float(pair_right(margin).sum())
             total += margin.numel()

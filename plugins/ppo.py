@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from tuneforge.sdk import (ConfigError, Reference, RolloutBuffer, ScalarHead, block_parameters, check_layers,
     check_range, compare, epoch_generator, gae, hookimpl, judge_for, load_model, masked_mean, prompt_ids,
-    read_records, resolve_layers, sample, score, split_held_out, token_logprobs, untie_head, whiten)
+    read_records, resolve_layers, sample, score, split_held_out, hidden_logprobs, model_logprobs, untie_head, whiten)
 
 __all__ = ["PPO", "ValueHead"]
 
@@ -175,9 +175,9 @@ class PPO:
                        generator=torch.Generator(device=run.device).manual_seed(int(torch.randint(2**62, (1,), generator=g))),
                        device=run.device)
             hidden = model.forward_hidden(s.input)  # (R, T, C)
-            logp = token_logprobs(model.lm_head(hidden).float() / o.temperature, s.input)  # (R, T-1)
+            logp = hidden_logprobs(model, hidden, s.input, temperature=o.temperature)  # (R, T-1)
             values = model.value_head(hidden).squeeze(-1)[:, :-1].float()  # (R, T-1): the state before each token
-            ref_logp = token_logprobs(self.reference(s.input).float() / o.temperature, s.input)
+            ref_logp = model_logprobs(self.reference, s.input, temperature=o.temperature)  # (R, T-1)
         finally:
             model.train(was_training)
         mask = s.mask.float()  # (R, T-1)
@@ -204,7 +204,7 @@ class PPO:
         o = self.options
         ids, mask = batch["input"], batch["mask"]
         hidden = model.forward_hidden(ids)  # (B, T, C)
-        logp = token_logprobs(model.lm_head(hidden).float() / o.temperature, ids)  # (B, T-1)
+        logp = hidden_logprobs(model, hidden, ids, temperature=o.temperature)  # (B, T-1)
         values = model.value_head(hidden).squeeze(-1)[:, :-1].float()  # (B, T-1)
         ratio = torch.exp(logp - batch["logp"])
         adv = batch["advantages"]

@@ -205,8 +205,8 @@ def test_dpo_scores_each_reference_response_once_as_needed_and_keeps_the_referen
     train_file = _rankings_file(tmp_path / "train.jsonl", builtin("rankings")[:70])
     eval_file = _rankings_file(tmp_path / "eval.jsonl", builtin("rankings", "test")[:20])
     calls = []  # rows of each reference call, in order
-    original = Reference.__call__
-    monkeypatch.setattr(Reference, "__call__", lambda self, ids, *a, **k: calls.append(ids.size(0))
+    original = Reference.logprobs
+    monkeypatch.setattr(Reference, "logprobs", lambda self, ids, *a, **k: calls.append(ids.size(0))
                         or original(self, ids, *a, **k))
 
     def run(steps, out, **kw):

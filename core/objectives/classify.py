@@ -22,7 +22,7 @@ from tuneforge.data.records import split_held_out
 from tuneforge.errors import ConfigError, DataError
 from tuneforge.data.labelled import Labelled, Template, default_template, read_labelled, resolve_labels, verbalizer
 from tuneforge.data.batching import epoch_generator, fit_context, pad_right
-from tuneforge.objectives.next_token import next_token_loss
+from tuneforge.models.lm_loss import next_token_loss_of, target_logprobs
 
 __all__ = ["VerbalizedTask", "HeadTask", "score_candidates"]
 
@@ -61,9 +61,7 @@ def score_candidates(model, prompts: Sequence[list[int]], candidates: Sequence[S
         for r, (i, j) in enumerate(chunk):
             answer[r, len(prompts[i]):len(prompts[i]) + len(candidates[i][j])] = True
         with routing.rows([tasks[i] for i, _ in chunk] if tasks is not None else None):
-            logp = F.log_softmax(model(ids).float(), dim=-1)  # (R, T, V)
-        # token t is predicted at position t - 1
-        token_logp = logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)  # (R, T-1)
+            token_logp = target_logprobs(model, ids)  # (R, T-1): token t is predicted at position t - 1
         sums = (token_logp * answer[:, 1:]).sum(-1).tolist()  # one host sync per batch
         for (i, j), value in zip(chunk, sums):
             out[i][j] = value
@@ -168,9 +166,8 @@ class VerbalizedTask(_LabelledTask):
             yield batch
 
     def loss(self, model, batch) -> tuple[torch.Tensor, dict[str, float]]:
-        with routing.rows(batch.get("task")):
-            logits = model(batch["input"])  # (B, T, V)
-        loss = next_token_loss(logits, batch["target"])
+        with routing.rows(batch.get("task")):  # the head too: a routed LoRA may sit on it
+            loss = next_token_loss_of(model, batch["input"], batch["target"])
         return loss, {"tokens": float((batch["target"] != -100).sum())}
 
     def predict(self, model, run, texts: Sequence[str], tasks: Sequence[str] | None = None,

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from tuneforge.data.batching import epoch_generator
 from tuneforge.data.records import held_out_source, read_records
 from tuneforge.errors import ConfigError
+from tuneforge.models.lm_loss import next_token_loss_of
 
 __all__ = ["TokenWindows", "TextTask", "next_token_loss", "unigram_entropy"]
 
@@ -127,8 +128,8 @@ class TextTask:
         return self.setup(run).train.epoch(run.epoch, run.seed, run.config.batch_size)
 
     def loss(self, model, batch) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = model(batch["input"])  # (B, T, V)
-        return next_token_loss(logits, batch["target"]), {"tokens": batch["target"].numel()}
+        # the head's logits are computed a chunk of rows at a time, never all (B, T, V) at once (models/lm_loss.py)
+        return next_token_loss_of(model, batch["input"], batch["target"]), {"tokens": batch["target"].numel()}
 
     def evaluate(self, model, run) -> dict[str, float] | None:
         held = self.setup(run).held_out
@@ -136,9 +137,8 @@ class TextTask:
             return None
         total, count = 0.0, 0
         for batch in held.in_order(run.config.batch_size, limit=self.eval_batches):
-            logits = model(batch["input"].to(run.device))
             n = batch["target"].numel()
-            total += float(next_token_loss(logits, batch["target"].to(run.device))) * n
+            total += float(next_token_loss_of(model, batch["input"].to(run.device), batch["target"].to(run.device))) * n
             count += n
         loss = total / count
         return {"loss": loss, "bits_per_token": loss / math.log(2), "perplexity": math.exp(min(loss, 50.0))}

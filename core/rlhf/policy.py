@@ -22,12 +22,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tuneforge.models import routing
+from tuneforge.models.lm_loss import target_logprobs
 from tuneforge.parts.modules import task_modules
 from tuneforge.errors import ConfigError
 from tuneforge.engine.registry import plugin_hooks
 
 __all__ = ["check_layers", "others_choose_params", "resolve_layers", "block_parameters", "untie_head", "Reference",
-           "token_logprobs", "response_mask", "response_logprobs"]
+           "token_logprobs", "response_mask", "response_logprobs", "model_logprobs", "sequence_logprobs"]
 
 
 def check_layers(layers: str, *, allow_auto: bool = True) -> str:
@@ -103,6 +104,15 @@ class Reference:
                     return self.model(idx, **kwargs)
             return self.model(idx, **kwargs)
 
+    def logprobs(self, ids, *, temperature: float = 1.0) -> torch.Tensor:
+        """(B, T-1) log-probabilities of each next token of ``ids`` under the reference, without the (B, T, V)
+        logits (:func:`tuneforge.models.lm_loss.target_logprobs`) and without gradients."""
+        with torch.no_grad():
+            if self.shared:
+                with routing.base():
+                    return target_logprobs(self.model, ids, temperature=temperature)
+            return target_logprobs(self.model, ids, temperature=temperature)
+
     def generate(self, idx, max_new_tokens: int, **kwargs) -> torch.Tensor:
         if self.shared:
             with routing.base():
@@ -127,3 +137,18 @@ def response_logprobs(logits: torch.Tensor, ids: torch.Tensor, start: torch.Tens
                       ) -> torch.Tensor:
     """Sum of the log-probabilities of each row's response tokens ``start..last``: (B,)."""
     return (token_logprobs(logits, ids) * response_mask(ids, start, last)).sum(-1)
+
+
+def model_logprobs(policy, ids: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+    """(B, T-1) log p(ids[:, t+1] | ids[:, :t+1]) under ``policy`` (a model, or a :class:`Reference`), float32,
+    computed from the hidden states without the (B, T, V) logits where the head is a plain linear map; equal to
+    ``token_logprobs(policy(ids) / temperature, ids)``."""
+    if isinstance(policy, Reference):
+        return policy.logprobs(ids, temperature=temperature)
+    return target_logprobs(policy, ids, temperature=temperature)
+
+
+def sequence_logprobs(policy, ids: torch.Tensor, start: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """Sum of the log-probabilities of each row's response tokens ``start..last`` under ``policy`` (a model or a
+    :class:`Reference`): (B,); ``response_logprobs(policy(ids), ids, start, last)`` without the logits."""
+    return (model_logprobs(policy, ids) * response_mask(ids, start, last)).sum(-1)

@@ -14,7 +14,7 @@ import torch
 
 from tuneforge.data.batching import pad_right
 from tuneforge.errors import ConfigError
-from tuneforge.rlhf.policy import response_mask, token_logprobs
+from tuneforge.rlhf.policy import model_logprobs, response_mask
 from tuneforge.data.rankings import prompt_ids
 from tuneforge.data.world import hidden_judge, judge_of
 
@@ -155,8 +155,8 @@ def compare(policy, reference, tokenizer, prompts: Sequence[str], *, judge: Judg
         scores += a
         ref_scores += r
         mask = mine.mask
-        own = token_logprobs(policy(mine.input).float() / temperature, mine.input)
-        ref = token_logprobs(reference(mine.input).float() / temperature, mine.input)
+        own = model_logprobs(policy, mine.input, temperature=temperature)
+        ref = model_logprobs(reference, mine.input, temperature=temperature)
         kl_sum += float(((own - ref) * mask).sum())
         tokens += float(mask.sum())
         n += len(chunk)

@@ -39,6 +39,7 @@ from tuneforge.errors import CheckpointError, ConfigError, DataError, NonFiniteL
 from tuneforge.hookspecs import hookimpl
 from tuneforge.models import routing
 from tuneforge.models.families import FAMILIES, Family, expand_targets, family_of
+from tuneforge.models.lm_loss import hidden_logprobs, next_token_loss_of, target_logprobs, token_losses
 from tuneforge.models.protocol import LanguageModel, Prefix
 from tuneforge.models.tokenizer import tokenizer_of
 from tuneforge.objectives.classify import HeadTask, VerbalizedTask, score_candidates
@@ -50,7 +51,8 @@ from tuneforge.parts.modules import (TaskModule, base_fingerprint, layer_of, mat
                                      task_modules, using)
 from tuneforge.rlhf.buffer import RolloutBuffer
 from tuneforge.rlhf.policy import (Reference, block_parameters, check_layers, others_choose_params, resolve_layers,
-                                   response_logprobs, response_mask, token_logprobs, untie_head)
+                                   model_logprobs, response_logprobs, response_mask, sequence_logprobs, token_logprobs,
+                                   untie_head)
 from tuneforge.rlhf.preference import TIE_MODELS, dpo_loss, outcome_logprobs, pair_nll, pair_right
 from tuneforge.rlhf.reward import ScalarHead, rewards, score
 from tuneforge.rlhf.rollout import Samples, compare, gae, judge_for, masked_mean, sample, whiten
@@ -63,7 +65,7 @@ __all__ = [
     "open_text", "resolve_checkpoint", "MODEL_FILE", "STATE_FILE", "plugin_hooks",
     # the model
     "LanguageModel", "Prefix", "tokenizer_of", "Family", "FAMILIES", "family_of", "expand_targets", "routing",
-    "kernels", "load_model",
+    "kernels", "load_model", "token_losses", "next_token_loss_of", "hidden_logprobs", "target_logprobs",
     # data
     "Records", "read_records", "split_held_out", "Labelled", "Template", "read_labelled", "has_labels",
     "Ranking", "read_rankings", "split_rankings", "ranking_pairs", "ranking_text", "prompt_ids", "ranking_ids",
@@ -76,7 +78,7 @@ __all__ = [
     "PartOptions", "part_generator", "save_part", "read_part", "is_part", "WHOLE", "NUMBER", "one_of",
     # steering a policy
     "Reference", "check_layers", "resolve_layers", "others_choose_params", "block_parameters", "untie_head",
-    "token_logprobs", "response_logprobs", "response_mask", "TIE_MODELS", "outcome_logprobs", "pair_nll",
+    "token_logprobs", "response_logprobs", "model_logprobs", "sequence_logprobs", "response_mask", "TIE_MODELS", "outcome_logprobs", "pair_nll",
     "pair_right", "dpo_loss", "ScalarHead", "rewards", "score", "Samples", "sample", "compare", "judge_for",
     "masked_mean", "whiten", "gae", "RolloutBuffer",
 ]
