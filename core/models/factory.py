@@ -28,7 +28,8 @@ from tuneforge.models import gguf, hf
 from tuneforge.models.tokenizer import check_vocabulary, id_limit, tokenizer_of
 from tuneforge.models.transformer import PRESETS, ModelConfig, Transformer, model_config
 
-__all__ = ["Description", "ModelKind", "KINDS", "PRESET", "DEFAULT_SPEC", "kind_of", "build", "same_architecture"]
+__all__ = ["Description", "ModelKind", "KINDS", "PRESET", "DEFAULT_SPEC", "kind_of", "build", "same_architecture",
+           "available", "FOLDER_FORMS"]
 
 DEFAULT_SPEC = "tiny"  # what a run without --model (and without --init) trains
 
@@ -192,3 +193,40 @@ def same_architecture(spec: str, saved: dict) -> bool:
     """Whether ``--model spec`` names the architecture of a saved description (``--model`` beside ``--init``)."""
     kind = kind_of(spec)
     return kind is kind_of(saved) and kind.same(spec, saved)
+
+
+# The forms that name a model file or folder of the user's own (what `tuneforge models` lists beside the names).
+FOLDER_FORMS = {
+    "hf:PATH": "a Hugging Face model folder (config.json, *.safetensors, tokenizer.json), as save_pretrained or "
+               "huggingface-cli download writes it",
+    "gguf:PATH": "a .gguf file (llama.cpp's format) of an architecture transformers reads, converted once into a "
+                 "cached Hugging Face folder",
+}
+SPEC_OPTIONS = "?attn=tuneforge|eager|sdpa&dtype=float32|bfloat16|float16 (after hf:, gguf: and named models)"
+
+
+def available() -> dict:
+    """What ``--model`` can name without a download: the presets (with their sizes), the named models (installed
+    or not, with the install line) and the forms for local files. ``tuneforge models`` prints it."""
+    presets = []
+    for name, cfg in PRESETS.items():
+        with torch.device("meta"):  # counted without allocating or initialising anything
+            params = sum(p.numel() for p in Transformer(cfg).parameters())
+        presets.append({"name": name, "params": params, "d_model": cfg.d_model, "n_layers": cfg.n_layers,
+                        "n_heads": cfg.n_heads, "max_seq_len": cfg.max_seq_len, "vocab_size": cfg.vocab_size,
+                        "weights": "random", "default": name == DEFAULT_SPEC})
+    named = []
+    for name, entry in gguf.NAMED.items():
+        row = {"name": name, "params": entry.params, "about": entry.about, "weights": "pretrained",
+               "distribution": entry.distribution, "install": entry.install, "installed": False, "file": None,
+               "converted": False}
+        try:
+            file = gguf.named_file(name)
+        except ConfigError as exc:
+            row["problem"] = str(exc)
+        else:
+            row.update(installed=True, file=str(file), converted=gguf.is_converted(file))
+        named.append(row)
+    forms = [{"form": form, "about": about} for form, about in FOLDER_FORMS.items()]
+    return {"presets": presets, "named": named, "local": forms, "options": SPEC_OPTIONS,
+            "cache": str(gguf.cache_root())}

@@ -35,7 +35,7 @@ from tuneforge.models import hf
 from tuneforge.models.hf_reading import quiet
 
 __all__ = ["GGUFConfig", "Named", "NAMED", "PREFIX", "is_gguf_spec", "parse_gguf_spec", "named_file", "cache_root",
-           "file_hash", "cached_folder", "convert", "load", "from_saved_config"]
+           "file_hash", "cached_folder", "is_converted", "convert", "load", "from_saved_config"]
 
 PREFIX = "gguf:"
 MARKER = "tuneforge-gguf.json"  # written last into a converted folder: what it was made from
@@ -129,6 +129,11 @@ def file_hash(file: Path) -> str:
 
 def cached_folder(sha256: str) -> Path:
     return cache_root() / sha256
+
+
+def is_converted(file: Path) -> bool:
+    """Whether ``file`` has been converted already (the next load is then seconds)."""
+    return (cached_folder(file_hash(file)) / MARKER).is_file()
 
 
 def _say(message: str) -> None:

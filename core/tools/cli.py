@@ -1,4 +1,4 @@
-"""The ``tuneforge`` command: train, generate, plugins, data, export-peft, export-hf, kernels, hf-tiny, demo."""
+"""The ``tuneforge`` command: train, generate, plugins, models, data, export-peft, export-hf, kernels, hf-tiny, demo."""
 from __future__ import annotations
 
 import argparse
@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plugins", help="list installed plugins, their hooks and load status")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    ms = sub.add_parser("models", help="the models --model can name offline: presets, named models, local files",
+                        description="The embedded presets (random init) with their sizes, the named pretrained models "
+                        "(installed or not, with the install line) and how to name a local folder or file.")
+    ms.add_argument("--json", action="store_true", help="machine-readable output")
 
     d = sub.add_parser("data", help="show or export an embedded builtin: dataset",
                        description="Look at the embedded data world (see docs/data-world.md).")
@@ -241,6 +246,15 @@ def _plugins(args) -> int:
     return 0
 
 
+def _models(args) -> int:
+    from tuneforge.models.factory import available
+    from tuneforge.tools.catalog import render
+
+    found = available()
+    print(json.dumps(found, indent=2) if args.json else render(found))
+    return 0
+
+
 def _data(args) -> int:
     from tuneforge.data.records import read_records
 
@@ -362,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
-    handlers = {"train": _train, "generate": _generate, "plugins": _plugins, "data": _data,
+    handlers = {"train": _train, "generate": _generate, "plugins": _plugins, "models": _models, "data": _data,
                 "export-peft": _export_peft, "export-hf": _export_hf, "kernels": _kernels, "demo": _demo,
                 "hf-tiny": _hf_tiny, "new-plugin": _new_plugin}
     try:
