@@ -155,13 +155,9 @@ def test_attention_under_autocast_matches_the_float32_reference(cast):
 
 # Attention gets q, k, v of mixed dtypes under autocast: a float32 KV cache beside bfloat16 queries (generation in
 # the evaluations of dpo, ppo, prompting), and HF's rotary embedding gives float32 q, k beside a bfloat16 v. The
-# kernels' face must cast them to the autocast dtype, as SDPA's own autocast rule does (a change in
-# tuneforge.kernels.flash_attention, not made here); strict: these fail loudly once it lands, to drop the marker.
-NEEDS_ATTENTION_RULE = pytest.mark.xfail(strict=True, raises=ValueError,
-                                         reason="flash_attention does not yet follow autocast for mixed q/k/v dtypes")
+# kernels' face casts them to the autocast dtype, as SDPA's own autocast rule does.
 
 
-@NEEDS_ATTENTION_RULE
 def test_the_embedded_model_generates_under_autocast():
     from tuneforge.models import factory
 
@@ -172,7 +168,6 @@ def test_the_embedded_model_generates_under_autocast():
     assert out.shape == (1, 8) and torch.equal(out[:, :4], prompt)
 
 
-@NEEDS_ATTENTION_RULE
 def test_a_float32_hf_model_runs_under_autocast(hf_folder):
     from tuneforge.models import factory
 

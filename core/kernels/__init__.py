@@ -197,6 +197,11 @@ def flash_attention(q, k, v, *, causal: bool = True, key_padding_mask=None, scal
     positions past c_S see nothing (see ``reference.document_ids``). A query that sees no key returns zeros (never
     NaN). Softmax runs in float32 at least.
     """
+    if not (q.dtype == k.dtype == v.dtype) and torch.is_autocast_enabled(q.device.type):
+        # Under autocast a model's q/k may come out of float32 math (rotary embeddings) beside a bfloat16 v; run in
+        # the autocast dtype, as torch's SDPA does under autocast (custom ops are not autocast-aware by themselves).
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     impl = _IMPLEMENTATIONS["flash_attention"][1]
     return impl(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale, cu_seqlens=cu_seqlens)
 
