@@ -13,7 +13,7 @@ import torch
 
 import tuneforge
 from tuneforge.errors import CheckpointError
-from tuneforge.models import gguf
+from tuneforge.models import factory, gguf
 
 from test_hf import TEXTS, _ids
 
@@ -109,6 +109,14 @@ def test_greedy_generation_equals_transformers(smollm2, model, reference):
     assert "Paris" in model.tokenizer.decode(ours[0, T:].tolist())  # a real model: it knows something
 
 
+def test_a_run_meant_for_cuda_gets_bfloat16_unless_the_spec_says(smollm2):
+    model, description = factory.build("smollm2-135m", device=torch.device("cuda"))  # built on the CPU
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16} and description.dtype == "bfloat16"
+    model, description = factory.build("smollm2-135m?dtype=float32&attn=sdpa", device=torch.device("cuda"))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert (description.dtype, description.attn) == ("float32", "sdpa")
+
+
 # -- every kind of mechanism learns on it ----------------------------------------------------------------------------
 
 RUNS = {  # mechanisms, lr
@@ -152,9 +160,16 @@ def test_a_lora_run_checkpoints_against_the_file_and_exports_to_peft(smollm2, tw
     with torch.no_grad():
         ours = result.model.eval()(ids)
         assert torch.allclose(loaded(ids), ours, atol=1e-5)
+    # --model beside --init: the same file, by path or by name
+    saved = state["model_config"]
+    assert factory.same_architecture(f"gguf:{copy}", saved) and factory.same_architecture("smollm2-135m", saved)
+    assert not factory.same_architecture("tiny", saved)
+    resumed = _train(f"gguf:{copy}", ["lora:targets=attn,rank=4"], two_windows, 5e-3, steps=3, out=str(out),
+                     resume="auto")
+    assert resumed.run.resumed_from is not None and len(_losses(resumed)) == 1  # one more step, from step 2
 
     from tuneforge.plugins.lora import export_peft
-    folder = export_peft(out, tmp_path / "peft")
+    folder = export_peft(out / "step-00000002", tmp_path / "peft")  # the model of `ours` (resume went on)
     theirs = peft.PeftModel.from_pretrained(reference, str(folder)).eval()
     try:
         with torch.no_grad():

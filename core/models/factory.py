@@ -97,6 +97,10 @@ def _gguf_build(spec: str, seed: int, device=None) -> nn.Module:
     return model
 
 
+def _gguf_rebuild(saved: dict, pretrained: bool) -> nn.Module:
+    return gguf.from_saved_config(saved, pretrained=pretrained)
+
+
 def _gguf_same(spec: str, saved: dict) -> bool:
     """The same file: by path, or by content (a named model's package reinstalled elsewhere)."""
     file = gguf.parse_gguf_spec(spec)[0]
@@ -125,7 +129,7 @@ def _named(name: str) -> ModelKind:
         claims=lambda spec: isinstance(spec, str) and spec.partition("?")[0] == name,
         owns=lambda saved: "gguf" in saved and saved.get("named") == name,
         build=_gguf_build,
-        rebuild=lambda saved, pretrained: gguf.from_saved_config(saved, pretrained=pretrained),
+        rebuild=_gguf_rebuild,
         same=_gguf_same,
     )
 
@@ -139,7 +143,7 @@ KINDS: dict[str, ModelKind] = {
         claims=lambda spec: isinstance(spec, str) and spec.startswith(gguf.PREFIX),
         owns=lambda saved: "gguf" in saved and not saved.get("named"),
         build=_gguf_build,
-        rebuild=lambda saved, pretrained: gguf.from_saved_config(saved, pretrained=pretrained),
+        rebuild=_gguf_rebuild,
         same=_gguf_same,
     ),
     "hf": ModelKind(
@@ -190,9 +194,10 @@ def build(spec: str | dict | None, *, seed: int = 0, pretrained: bool = False,
 
 
 def same_architecture(spec: str, saved: dict) -> bool:
-    """Whether ``--model spec`` names the architecture of a saved description (``--model`` beside ``--init``)."""
-    kind = kind_of(spec)
-    return kind is kind_of(saved) and kind.same(spec, saved)
+    """Whether ``--model spec`` names the architecture of a saved description (``--model`` beside ``--init``).
+    Kinds that rebuild alike describe models alike: ``gguf:PATH`` and the named model of the same file match."""
+    kind, saved_kind = kind_of(spec), kind_of(saved)
+    return (kind is saved_kind or kind.rebuild is saved_kind.rebuild) and kind.same(spec, saved)
 
 
 # The forms that name a model file or folder of the user's own (what `tuneforge models` lists beside the names).

@@ -140,6 +140,22 @@ def _say(message: str) -> None:
     print(f"tuneforge: {message}", file=sys.stderr, flush=True)
 
 
+def _remove_abandoned(root: Path, sha256: str) -> None:
+    """Temporary folders of this file's conversions whose process is gone (killed): hundreds of MB each."""
+    for tmp in root.glob(f".tmp-{sha256[:16]}-*"):
+        pid = tmp.name.rpartition("-")[2]
+        alive = pid.isdigit() and int(pid) != os.getpid()
+        if alive:
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                alive = False
+            except PermissionError:  # another user's process: still running
+                pass
+        if not alive:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def convert(file: Path, sha256: str | None = None) -> Path:
     """The Hugging Face folder of GGUF ``file``, converted on first use (tens of seconds for 135M parameters)
     and cached by the file's SHA-256."""
@@ -149,9 +165,15 @@ def convert(file: Path, sha256: str | None = None) -> Path:
         return final
     if final.exists():  # not written by a finished conversion (a copy, a hand edit): made again
         shutil.rmtree(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".tmp-{sha256[:16]}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned(final.parent, sha256)
+        if not os.access(final.parent, os.W_OK):
+            raise PermissionError(13, "permission denied")
+    except OSError as exc:
+        raise ConfigError(f"converting {file.name} needs a writable cache, but {final.parent} is not "
+                          f"({exc.strerror or exc}): set TUNEFORGE_CACHE to a folder you can write") from None
     start = time.monotonic()
     _say(f"converting {file.name} to a Hugging Face folder (once; cached in {final})")
     try:
