@@ -130,6 +130,7 @@ def _register_linear_cross_entropy() -> None:
     def setup_context(ctx, inputs, output):
         hidden, weight, bias, target, ignore_index, label_smoothing, reduction, needs, chunk = inputs
         ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)  # else autograd would hand the backward zeros of dW's size for output 2
         ctx.reduction, ctx.args = reduction, (ignore_index, label_smoothing)
         ctx.chunk, ctx.made = chunk, list(needs)
         if reduction == "none":  # the backward recomputes each chunk's logits with each row's upstream gradient
@@ -139,6 +140,8 @@ def _register_linear_cross_entropy() -> None:
 
     def backward(ctx, grad, *_grads_of_grads):
         wanted = list(ctx.needs_input_grad[:3])
+        if grad is None:  # the loss took no part in what was differentiated
+            return (None,) * 9
         if ctx.reduction == "none":
             hidden, weight, bias, target = ctx.saved_tensors
             wanted[2] = wanted[2] and bias is not None
