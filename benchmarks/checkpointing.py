@@ -2,7 +2,7 @@
 embedded ``small`` model, without it, with ``every:2`` and with ``blocks``, side by side in one run.
 
     python benchmarks/checkpointing.py [--model small] [--batch 16] [--seq 256] [--repeats 5] [--threads N]
-    python benchmarks/checkpointing.py --quick   # tiny sizes, 2 repeats: a smoke test, a few seconds
+    python benchmarks/checkpointing.py --quick   # tiny sizes, 1 repeat: a smoke test, a few seconds
 
 The step is what ``tuneforge train -m pretrain`` does per micro-batch: forward, next-token cross-entropy,
 backward, AdamW; blocks are marked with ``tuneforge.models.checkpointing.apply``, the call the engine makes.
@@ -142,7 +142,8 @@ def main(argv=None) -> dict:
     p.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
-        args.model, args.batch, args.seq, args.repeats = "tiny:n_layers=4,d_model=64,n_heads=2", 8, 128, 2
+        args.model, args.batch, args.seq = "tiny:n_layers=2,d_model=32,n_heads=2,max_seq_len=64", 4, 32
+        args.repeats, args.memory_steps = 1, 1
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:

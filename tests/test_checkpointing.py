@@ -1,6 +1,7 @@
 """--checkpointing: gradients as without it (every mechanism, routed mixed batches, dropout, Hugging Face layers),
 exactly the blocks asked for recomputed, none in eval / no_grad / with a cache, and real runs (one process, DDP,
 FSDP2) taking the same steps as without it."""
+import contextlib
 import json
 
 import pytest
@@ -109,7 +110,7 @@ def _routed_model():
     return model.train()
 
 
-def test_a_routed_mixed_batch_recomputes_each_row_with_its_own_parts():
+def test_a_routed_mixed_batch_recomputes_each_row_with_its_own_parts(monkeypatch):
     model = _routed_model()
     x = torch.randint(0, 256, (4, 12))
     tasks = ["s", "t", "", "t"]
@@ -118,13 +119,10 @@ def test_a_routed_mixed_batch_recomputes_each_row_with_its_own_parts():
     # ...and the check can fail: a recompute that lost the routing (and applied a default to every row instead)
     # computes something else, which checkpoint notices by the tensors it saves
     set_active(model, ["t"])
-    saved = checkpointing._contexts
-    checkpointing._contexts = lambda: (saved()[0], saved()[0])  # nothing re-entered around the recompute
-    try:
+    with monkeypatch.context() as m:
+        m.setattr(routing, "carried", contextlib.nullcontext)  # nothing re-entered around the recompute
         with pytest.raises(torch.utils.checkpoint.CheckpointError, match="different number of tensors"):
             _grads(model, x, 1, tasks)
-    finally:
-        checkpointing._contexts = saved
 
 
 def _calls_per_block(model):
@@ -298,3 +296,19 @@ def test_two_processes_with_checkpointing_take_the_same_steps(one_process, tmp_p
     assert len(shared) >= len(b) - 1
     for k in shared:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_the_benchmark_runs_and_its_variants_take_the_same_steps():
+    """benchmarks/checkpointing.py --quick as a user runs it: figures for every variant, and the same losses
+    (memory and time are reported, never asserted)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "checkpointing.py"), "--quick"],
+                          capture_output=True, text=True, timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(report["variants"]) == {"none", "every:2", "blocks"}
+    for row in report["variants"].values():
+        assert row["max_loss_diff"] <= 1e-6 and row["step_ms"] > 0 and row["baseline_mib"] > 0

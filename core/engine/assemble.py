@@ -162,7 +162,10 @@ def assemble(cfg: TrainConfig, *, out: Path | None = None, resume: Path | None =
             f"tuneforge_data and tuneforge_loss). Add an objective: {', '.join(objectives_installed()) or 'none installed'}."
         )
     # after every plugin's change (a replaced model, inserted parts): the blocks as they will train
-    every = checkpointing_every(cfg.checkpointing)
-    run.summary["checkpointed_blocks"] = checkpointing.apply(model, every)
+    recomputed = checkpointing.apply(model, checkpointing_every(run.config.checkpointing))
+    run.summary["checkpointed_blocks"] = recomputed
+    if recomputed:
+        run.log(f"checkpointing: blocks {', '.join(map(str, recomputed))} of {len(model.blocks)} recompute their "
+                "activations in the backward")
     reg.hook.tuneforge_validate(run=run, model=model)
     return Assembled(reg, run, model, params, lineage)
