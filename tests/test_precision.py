@@ -102,7 +102,8 @@ def test_the_shared_losses_and_log_probs_reduce_in_float32_under_autocast():
         loss, logp = next_token_loss(low, target), token_logprobs(low, target)
     assert loss.dtype == logp.dtype == torch.float32
     # the same numbers as in float32 but for the bfloat16 rounding of the logits themselves
-    assert torch.allclose(loss, next_token_loss(low.float(), target)) and torch.allclose(logp, token_logprobs(low.float(), target))
+    assert torch.allclose(loss, next_token_loss(low.float(), target))
+    assert torch.allclose(logp, token_logprobs(low.float(), target))
 
 
 # -- the compiled ops under autocast ---------------------------------------------------------------------------------
@@ -186,7 +187,8 @@ def test_lora_trains_under_bf16_mixed_with_float32_parameters(tmp_path, loss_dty
     model = result.model
     lora = [p for n, p in model.named_parameters() if p.requires_grad]
     assert lora and {p.dtype for p in model.parameters()} == {torch.float32}
-    assert any(float(p.detach().abs().max()) > 0 for n, p in model.named_parameters() if "lora_b" in n)  # B left zero: trained
+    # B starts at zero: a non-zero one trained
+    assert any(float(p.detach().abs().max()) > 0 for n, p in model.named_parameters() if "lora_b" in n)
     assert watch.dtypes(training=True) == {torch.bfloat16} and set(loss_dtypes) == {torch.float32}
     assert all(map(lambda v: v == v, _losses(result)))  # finite
     assert result.summary["frozen_weights"]["unchanged"]

@@ -73,8 +73,9 @@ def _register_composed_ops(device_type: str) -> None:
         return
     key = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}[device_type]
     for op in _COMPOSED_OPS:  # an op that already has a rule (registered where it is defined) keeps it
-        if hasattr(torch.ops.tuneforge, op) and not torch._C._dispatch_has_kernel_for_dispatch_key(f"tuneforge::{op}", key):
-            torch.library.register_autocast(f"tuneforge::{op}", device_type, _LOW)
+        name = f"tuneforge::{op}"
+        if hasattr(torch.ops.tuneforge, op) and not torch._C._dispatch_has_kernel_for_dispatch_key(name, key):
+            torch.library.register_autocast(name, device_type, _LOW)
 
 
 def prepare_run(model: torch.nn.Module, run, *, resumed: dict | None = None) -> None:
