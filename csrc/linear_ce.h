@@ -9,8 +9,12 @@
 //
 // Float32 and float64 inputs are processed in place in one buffer. Narrower inputs (bfloat16, float16) get their
 // logits from a GEMM in their own dtype, as F.linear would, but the row pass and every accumulation (loss, dW,
-// db) run in float32: G is float32, dW accumulates G^T x_c in float32, and dx_c = G W runs in the input dtype on
-// a copy of G.
+// db) run in float32: the logits are copied into a float32 G, dW accumulates G^T x_c in float32, and dx_c = G W
+// runs in the input dtype on a copy of G.
+//
+// The row pass is memory-light but exp-heavy (one exp per logit); the float32 version runs 8 lanes wide in a
+// `#pragma GCC target("avx2,fma")` region chosen at run time (no -march=native, like attention_simd.h), with a
+// polynomial exp; float64 (gradcheck) and CPUs without AVX2 take the portable loop with std::exp.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -21,6 +25,11 @@
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <type_traits>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
 
 namespace tuneforge {
 namespace linear_ce {
@@ -43,31 +52,138 @@ inline Reduction parse_reduction(c10::string_view r) {
   return Reduction::None;
 }
 
-// One row: logits l (V,) of type T -> its loss; when g is not null, g (V,) of type A receives scale * dloss/dl
-// (g may alias l when T == A: every read of l[v] happens before g[v] is written). An ignored row: loss 0, g 0.
-template <typename T, typename A>
-A row(const T* l, A* g, int64_t V, int64_t t, int64_t ignore_index, A eps, A scale) {
-  if (t == ignore_index) {
-    if (g) std::fill(g, g + V, A(0));
-    return A(0);
-  }
+// One row, in place: logits l (V,) -> its loss; when `grads`, l is overwritten with scale * dloss/dl. Three passes
+// over the row (in L1/L2): max and sum; exp(l - max) written back and summed; the gradient. An ignored row: loss 0,
+// gradient 0. This portable version serves float64 (gradcheck) and CPUs without AVX2.
+template <typename A>
+A row_portable(A* l, bool grads, int64_t V, int64_t t, A eps, A scale) {
   A m = -std::numeric_limits<A>::infinity(), total = 0;
   for (int64_t v = 0; v < V; ++v) {
-    const A x = static_cast<A>(l[v]);
-    m = std::max(m, x);
-    total += x;  // for label smoothing: mean over the vocabulary of -log p = lse - mean(l)
+    m = std::max(m, l[v]);
+    total += l[v];  // for label smoothing: mean over the vocabulary of -log p = lse - mean(l)
   }
+  const A target_logit = l[t];
   A s = 0;
-  for (int64_t v = 0; v < V; ++v) s += std::exp(static_cast<A>(l[v]) - m);
-  const A lse = m + std::log(s);
-  const A target_logit = static_cast<A>(l[t]);
-  const A loss = (1 - eps) * (lse - target_logit) + eps * (lse - total / static_cast<A>(V));
-  if (g) {
-    const A off = scale * eps / static_cast<A>(V);
-    for (int64_t v = 0; v < V; ++v) g[v] = scale * std::exp(static_cast<A>(l[v]) - lse) - off;
-    g[t] -= scale * (1 - eps);
+  for (int64_t v = 0; v < V; ++v) {
+    const A e = std::exp(l[v] - m);
+    if (grads) l[v] = e;
+    s += e;
   }
-  return loss;
+  const A lse = m + std::log(s);
+  if (grads) {
+    const A k = scale / s, off = scale * eps / static_cast<A>(V);
+    for (int64_t v = 0; v < V; ++v) l[v] = l[v] * k - off;
+    l[t] -= scale * (1 - eps);
+  }
+  return (1 - eps) * (lse - target_logit) + eps * (lse - total / static_cast<A>(V));
+}
+
+#if defined(__x86_64__) || defined(_M_X64)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+
+inline float hsum(__m256 x) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+inline float hmax(__m256 x) {
+  const __m128 s = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  const __m128 t = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t)));
+}
+
+// e^x for x <= 0 (the row's max is subtracted first): Cody-Waite reduction by ln 2, a degree-6 polynomial (Cephes
+// expf, ~1 ulp), 2^n through the exponent bits. Below -87 the result is 0 (x is clamped so 2^n stays normal).
+inline __m256 exp(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  const __m256 r2 = _mm256_mul_ps(r, r);
+  const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.0f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256 e = _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+  return _mm256_and_ps(e, _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_GT_OQ));  // 0 where clamped
+}
+
+inline float scalar_exp(float x) {  // the same function on one value (row tails), so every element agrees
+  return _mm_cvtss_f32(_mm256_castps256_ps128(exp(_mm256_set1_ps(x))));
+}
+
+// row_portable<float> with 8 lanes and two accumulators per pass.
+inline float row(float* l, bool grads, int64_t V, int64_t t, float eps, float scale) {
+  const int64_t V16 = V / 16 * 16, V8 = V / 8 * 8;
+  __m256 m0 = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), m1 = m0;
+  __m256 t0 = _mm256_setzero_ps(), t1 = t0;
+  for (int64_t v = 0; v < V16; v += 16) {
+    const __m256 a = _mm256_loadu_ps(l + v), b = _mm256_loadu_ps(l + v + 8);
+    m0 = _mm256_max_ps(m0, a), m1 = _mm256_max_ps(m1, b);
+    t0 = _mm256_add_ps(t0, a), t1 = _mm256_add_ps(t1, b);
+  }
+  float m = hmax(_mm256_max_ps(m0, m1)), total = hsum(_mm256_add_ps(t0, t1));
+  for (int64_t v = V16; v < V; ++v) m = std::max(m, l[v]), total += l[v];
+  const float target_logit = l[t];
+  const __m256 mv = _mm256_set1_ps(m);
+  __m256 s0 = _mm256_setzero_ps(), s1 = s0;
+  for (int64_t v = 0; v < V16; v += 16) {
+    const __m256 a = exp(_mm256_sub_ps(_mm256_loadu_ps(l + v), mv));
+    const __m256 b = exp(_mm256_sub_ps(_mm256_loadu_ps(l + v + 8), mv));
+    if (grads) _mm256_storeu_ps(l + v, a), _mm256_storeu_ps(l + v + 8, b);
+    s0 = _mm256_add_ps(s0, a), s1 = _mm256_add_ps(s1, b);
+  }
+  float s = hsum(_mm256_add_ps(s0, s1));
+  for (int64_t v = V16; v < V; ++v) {
+    const float e = scalar_exp(l[v] - m);
+    if (grads) l[v] = e;
+    s += e;
+  }
+  const float lse = m + std::log(s);
+  if (grads) {
+    const float k = scale / s, off = scale * eps / static_cast<float>(V);
+    const __m256 kv = _mm256_set1_ps(k), offv = _mm256_set1_ps(off);
+    for (int64_t v = 0; v < V8; v += 8) _mm256_storeu_ps(l + v, _mm256_fmsub_ps(_mm256_loadu_ps(l + v), kv, offv));
+    for (int64_t v = V8; v < V; ++v) l[v] = l[v] * k - off;
+    l[t] -= scale * (1 - eps);
+  }
+  return (1 - eps) * (lse - target_logit) + eps * (lse - total / static_cast<float>(V));
+}
+
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+
+inline bool has_avx2() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+// One row of type A (float or double), in place, see row_portable. Ignored rows: loss 0, gradient 0.
+template <typename A>
+A row(A* l, bool grads, int64_t V, int64_t t, int64_t ignore_index, A eps, A scale) {
+  if (t == ignore_index) {
+    if (grads) std::fill(l, l + V, A(0));
+    return A(0);
+  }
+#if defined(__x86_64__) || defined(_M_X64)
+  if constexpr (std::is_same_v<A, float>) {
+    if (has_avx2()) return avx2::row(l, grads, V, t, eps, scale);
+  }
+#endif
+  return row_portable<A>(l, grads, V, t, eps, scale);
 }
 
 // The chunked sweep shared by forward and backward. `scale` is the constant factor of every row's gradient
@@ -88,7 +204,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> sweep(
   at::Tensor db = needs[2] ? at::zeros({V}, acc) : at::Tensor();
   const int64_t rows_max = std::min<int64_t>(chunk > 0 ? chunk : chunk_rows(V), std::max<int64_t>(N, 1));
   auto logits = at::empty({rows_max, V}, x.options());                           // (rows, V), reused
-  auto g = (grads && narrow) ? at::empty({rows_max, V}, acc) : logits;            // in place unless narrow
+  auto g = narrow ? at::empty({rows_max, V}, acc) : logits;  // the row pass's float32 copy, else in place
   const auto tgt = target.contiguous();
   const int64_t* tp = tgt.data_ptr<int64_t>();
   const auto rs = row_scale.defined() ? row_scale.to(acc_type).contiguous() : at::Tensor();
@@ -98,10 +214,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> sweep(
     auto lc = logits.narrow(0, 0, rows), gc = g.narrow(0, 0, rows);
     if (bias.has_value()) at::addmm_out(lc, *bias, xc, w.t());
     else at::mm_out(lc, xc, w.t());
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "linear_cross_entropy", [&] {
-      using A = at::opmath_type<scalar_t>;
-      const scalar_t* lp = lc.data_ptr<scalar_t>();
-      A* gp = grads ? gc.data_ptr<A>() : nullptr;
+    if (narrow) gc.copy_(lc);
+    AT_DISPATCH_FLOATING_TYPES(acc_type, "linear_cross_entropy", [&] {
+      using A = scalar_t;
+      A* gp = gc.data_ptr<A>();
       A* outp = losses.defined() ? losses.data_ptr<A>() + r0 : nullptr;
       const A* sp = rs.defined() ? rs.data_ptr<A>() + r0 : nullptr;
       at::parallel_for(0, rows, 8, [&](int64_t b, int64_t e) {
@@ -110,8 +226,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> sweep(
           TORCH_CHECK(t == ignore_index || (t >= 0 && t < V), "tuneforge::linear_cross_entropy: target ", t,
                       " at row ", r0 + i, " is outside [0, ", V, ") and is not ignore_index (", ignore_index, ")");
           const A s = sp ? sp[i] : static_cast<A>(scale);
-          const A loss = row<scalar_t, A>(lp + i * V, gp ? gp + i * V : nullptr, V, t, ignore_index,
-                                          static_cast<A>(eps), s);
+          const A loss = row<A>(gp + i * V, grads, V, t, ignore_index, static_cast<A>(eps), s);
           if (outp) outp[i] = loss;
         }
       });

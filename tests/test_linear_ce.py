@@ -57,7 +57,7 @@ def _run(fn, inputs, seed=1, **kw):
     """Loss and the gradients of every input that requires one, after a backward with a random upstream grad."""
     h, w, t, b = inputs
     loss = fn(h, w, t, b, **kw)
-    up = torch.randn(loss.shape, generator=torch.Generator().manual_seed(seed), dtype=loss.dtype)
+    up = torch.randn(loss.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(loss.dtype)
     loss.backward(up)
     grads = [x.grad for x in (h, w, b) if x is not None]
     for x in (h, w, b):
@@ -84,6 +84,26 @@ def _check_against_truth(path, inputs, rtol=1e-9, atol=1e-10, **kw):
                                                  (1, 5, 3, True, 0.3), (16, 17, 33, False, 0.0)])
 def test_loss_and_gradients_match_cross_entropy_on_the_whole_logits(path, reduction, N, C, V, bias, eps):
     _check_against_truth(path, _inputs(N, C, V, bias=bias, seed=N), reduction=reduction, label_smoothing=eps)
+
+
+@pytest.mark.parametrize("path", ["face", "op-chunk5"])
+@pytest.mark.parametrize("V, spread", [(7, 3), (16, 3), (37, 30), (259, 3), (1000, 300)])
+def test_float32_rows_match_in_every_vector_tail(path, V, spread):
+    """float32 runs the vectorised row pass (8 lanes, a polynomial exp, scalar tails); spread 300 pushes most
+    exponents below float32's range (exactly 0, never NaN)."""
+    if path.startswith("op") and not COMPILED:
+        pytest.skip("compiled kernels not loaded")
+    exact = _inputs(19, 16, V, seed=V)
+    with torch.no_grad():
+        exact[1].mul_(spread / 3)
+    low = [x if not x.is_floating_point() else x.detach().float().requires_grad_() for x in exact]
+    for reduction in ("mean", "none"):
+        got, got_grads = _run(PATHS[path], low, reduction=reduction, label_smoothing=0.05)
+        want, want_grads = _run(_truth, exact, reduction=reduction, label_smoothing=0.05)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5 * spread)
+        for a, e in zip(got_grads, want_grads):
+            torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=2e-5 * e.abs().max())
 
 
 @pytest.mark.parametrize("path", list(PATHS))
