@@ -28,7 +28,7 @@ import torch
 
 from tuneforge.errors import ConfigError
 
-__all__ = ["MIXED", "compute_dtype", "master_dtype", "autocast", "prepare_run", "prepare_model", "asked_dtype",
+__all__ = ["MIXED", "master_dtype", "autocast", "prepare_run", "prepare_model", "asked_dtype",
            "resume_note", "low_precision_loss", "say_low_loss"]
 
 MIXED = "bf16-mixed"
@@ -37,11 +37,6 @@ _LOW = torch.bfloat16
 # itself and needs no rule). The rule belongs beside their registration in tuneforge.kernels.native.
 _COMPOSED_OPS = ("lora_linear", "multi_lora_linear", "bottleneck_adapter", "multi_bottleneck_adapter")
 _REGISTERED: set[str] = set()
-
-
-def compute_dtype(precision: str) -> torch.dtype:
-    """The dtype the matrix products of a run's forwards run in."""
-    return torch.float32 if precision == "fp32" else _LOW
 
 
 def master_dtype(precision: str) -> torch.dtype:
