@@ -95,7 +95,9 @@ def build_model(cfg: TrainConfig, device: torch.device | None = None
     """The base model: ``--init``'s model as it was saved (heads, prompts... included), else the one ``--model``
     names (a preset, seeded random init, or a Hugging Face folder). Returns (model, its config, its lineage)."""
     if not cfg.init:
-        model, mcfg = factory.build(cfg.model, seed=cfg.seed, device=device)
+        # The device picks a kind's default dtype (bfloat16 for an HF model on CUDA): only where the run computes in
+        # bfloat16 anyway; under fp32 a float32 folder would otherwise train on weights rounded to bfloat16.
+        model, mcfg = factory.build(cfg.model, seed=cfg.seed, device=device if cfg.precision != "fp32" else None)
         return model, mcfg, []
     init, state = ckpt.open_checkpoint(cfg.init)
     if cfg.model and not factory.same_architecture(cfg.model, state["model_config"]):

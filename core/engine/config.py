@@ -75,8 +75,10 @@ FIELD_HELP = {
     "log_every": "steps between log lines when stderr is not a terminal (default: 50)",
     "checkpointing": "activation checkpointing: none, blocks (recompute every block's activations in the backward "
                      "instead of keeping them) or every:N (every N-th block) (default: none)",
-    "precision": "fp32, bf16-mixed (autocast to bfloat16 with float32 master weights, optimizer state and "
-                 "checkpoints) or bf16 (weights in bfloat16 too) (default: fp32)",
+    "precision": "fp32; bf16-mixed (recommended: forwards under torch.autocast to bfloat16 over float32 master "
+                 "weights, optimizer state and checkpoints; losses reduced in float32); or bf16 (weights, optimizer "
+                 "state and checkpoints in bfloat16: half the memory, but updates smaller than a weight's bfloat16 "
+                 "spacing are lost) (default: fp32)",
     "verify_frozen": "hash every frozen weight before and after the run and record in summary.json that none "
                      "changed (default: true; false skips the hashing on very large models)",
 }
