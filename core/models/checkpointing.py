@@ -11,7 +11,8 @@ Both kinds of model take the same two attributes, those of transformers' ``Gradi
 ``gradient_checkpointing`` (on or off) and ``_gradient_checkpointing_func`` (how to run the block). Hugging Face
 decoder layers (transformers 5) checkpoint their own ``forward`` when both are set; the embedded model's blocks
 do the same through :class:`Checkpointable`. Either way the checkpoint sits inside ``forward``, so module
-hooks (FSDP2's all-gather and reshard, a test's counter) run once and stay out of the recompute.
+hooks on the block (FSDP2's all-gather and reshard) run once and stay out of the recompute; hooks on its
+sub-layers (adapters) run again with it.
 
 What the recompute must see as the first forward did:
 
@@ -19,6 +20,12 @@ What the recompute must see as the first forward did:
 - per-row routing (:mod:`tuneforge.models.routing`): a context variable, which the caller's ``rows(...)`` block
   has reset by the time the backward runs. It is captured when the block runs and re-entered around the
   recompute (``context_fn``), so LoRA, adapters and routed parts select the same parts for the same rows.
+  The parts chosen model-wide (``tuneforge.parts.modules.set_active``) are read again at the recompute: change
+  them between a forward and its backward and the recompute differs (``checkpoint`` then raises, most often).
+
+A KV cache is written in place, so an embedded block given one is never recomputed. Transformers' layers
+instead drop a cache they are given while checkpointing; tuneforge passes one only without gradients
+(generation), where nothing is checkpointed.
 """
 from __future__ import annotations
 
