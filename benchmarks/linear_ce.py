@@ -12,9 +12,10 @@ the start and the end) is measured in the same run and the fused op reports its 
 Peak memory: each variant runs in a fresh process (``--memory VARIANT``), which builds the inputs, runs one
 warm-up step (so one-time allocations of the BLAS and the allocator are not counted), clears the gradients, resets
 the kernel's high-water mark (``echo 5 > /proc/self/clear_refs``) and records the resident size, runs one more
-forward + backward and reads ``VmHWM``: peak = high-water mark - resident size before the step. Both variants end
-the step holding W.grad (N V... no: V x C float32), so it is inside both peaks. Ratio = fused / baseline (< 1:
-fused smaller). Targets (issue 20, CPU float32, N 2048, C 576, V 49,152): memory <= 0.15x at time >= 1.0x.
+forward + backward and reads ``VmHWM``: peak = high-water mark - resident size before the step. The children run
+with ``MALLOC_MMAP_THRESHOLD_=65536`` so every tensor is its own mapping, returned when freed (else glibc keeps
+freed chunks of the warm-up for reuse and the step's own peak is under-counted). Both variants end the step holding
+W.grad (V x C float32), so it is inside both peaks. Ratio = fused / baseline (< 1: fused smaller). Targets (issue 20, CPU float32, N 2048, C 576, V 49,152): memory <= 0.15x at time >= 1.0x.
 
 Timings on a shared machine are noisy: record the load.
 """
@@ -111,7 +112,10 @@ def measure_memory(name: str, N: int, C: int, V: int) -> dict:
 def memory_in_subprocess(name: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--memory", name, "--tokens", str(args.tokens), "--d",
            str(args.d), "--vocab", str(args.vocab)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    # every allocation above 64 KiB its own mapping, unmapped when freed: the kernel's high-water mark then sees each
+    # tensor come and go (glibc would otherwise keep freed chunks for reuse, hiding them from the measurement)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"memory run of {name} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -160,7 +164,8 @@ def main():
         "fraction_of_peak": {name: flops / s / 1e9 / peak for name, s in t.items()},
         "time_ratio": t["baseline"] / t["fused"], "peak_mb": mem, "memory_ratio": mem["fused"] / mem["baseline"],
         "targets": TARGETS,
-        "memory_method": "fresh process per variant; second step; VmHWM after clear_refs=5 minus VmRSS before",
+        "memory_method": "fresh process per variant (MALLOC_MMAP_THRESHOLD_=65536); second step; VmHWM after "
+                         "clear_refs=5 minus VmRSS before",
     }
     print(f"linear + cross-entropy, N {N} C {C} V {V}, float32, {report['threads']} threads "
           f"(sgemm peak {peak:.1f} GFLOP/s; measured {', '.join(f'{p:.1f}' for p in peaks)})")

@@ -189,7 +189,7 @@ def linear_cross_entropy_reference(hidden, weight, target, bias=None, *, ignore_
     are wanted) the logits' gradient in place, then dx_c = G W and dW += G^T x_c. For mean and sum the gradients
     are made in the forward and the backward scales them; for none the backward recomputes each chunk's logits.
     """
-    rows = chunk_rows or max(16, min(1024, (32 << 20) // (4 * max(weight.size(0), 1))))
+    rows = chunk_rows or max(16, min(1024, (48 << 20) // (4 * max(weight.size(0), 1)))) // 16 * 16  # as the op
     loss = _ChunkedLinearCrossEntropy.apply(hidden.reshape(-1, hidden.size(-1)), weight, bias, target.reshape(-1),
                                             ignore_index, float(label_smoothing), reduction, int(rows))
     return loss.view(target.shape) if reduction == "none" else loss
