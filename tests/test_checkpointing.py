@@ -95,6 +95,24 @@ def test_gradients_with_checkpointing_equal_those_without(setup):
     _assert_same(_grads(model, x, 2), plain)
 
 
+def test_the_recompute_runs_under_the_forwards_autocast():
+    """--precision bf16-mixed: the backward runs outside the autocast block, the recompute must be in bfloat16."""
+    model = _model(DROPOUT, _pretrain)
+    x = torch.randint(0, 256, (3, 14))
+
+    def grads(every):
+        checkpointing.apply(model, every)
+        model.zero_grad()
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(x).float().pow(2).mean()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+    plain, ckpt = grads(0), grads(1)
+    for n in plain:
+        torch.testing.assert_close(ckpt[n], plain[n], rtol=0, atol=1e-6, msg=n)
+
+
 def _routed_model():
     torch.manual_seed(0)
     model = Transformer(model_config(DROPOUT))
