@@ -204,26 +204,38 @@ def _chunked_sweep(x, w, b, target, ignore_index, eps, scale, needs, rows, losse
     dx = torch.empty_like(x) if needs[0] else None
     dw = torch.zeros(V, C, dtype=acc, device=x.device) if needs[1] else None
     db = torch.zeros(V, dtype=acc, device=x.device) if needs[2] else None
+    # one logits buffer for every chunk (plus a float32 one for narrow inputs), written in place: never two chunks
+    buf = x.new_empty(min(rows, max(N, 1)), V)  # (rows, V)
+    fbuf = buf if acc == x.dtype else torch.empty(buf.shape, dtype=acc, device=x.device)
     for r0 in range(0, N, rows):
         xc, tc = x[r0:r0 + rows], target[r0:r0 + rows]
-        logits = torch.nn.functional.linear(xc, w, b).to(acc)  # (rows, V)
-        keep = tc != ignore_index  # (rows,)
-        safe = torch.where(keep, tc, 0)[:, None]  # (rows, 1): ignored rows read column 0, then get weight 0
-        lse = torch.logsumexp(logits, dim=-1)  # (rows,)
+        r = xc.size(0)
+        if b is None:
+            torch.mm(xc, w.t(), out=buf[:r])
+        else:
+            torch.addmm(b, xc, w.t(), out=buf[:r])
+        logits = fbuf[:r] if fbuf is buf else fbuf[:r].copy_(buf[:r])  # (r, V) in acc
+        keep = tc != ignore_index  # (r,)
+        safe = torch.where(keep, tc, 0)[:, None]  # (r, 1): ignored rows read column 0, then get weight 0
+        m = logits.amax(dim=-1, keepdim=True)  # (r, 1)
+        target_logit = logits.gather(1, safe)[:, 0]
+        mean = logits.mean(-1) if eps else None
+        e = logits.sub_(m).exp_()  # (r, V): exp(l - max), in place of the logits
+        total = e.sum(-1)  # (r,)
+        lse = m[:, 0] + total.log()
         if losses is not None:
-            nll = lse - logits.gather(1, safe)[:, 0]
-            loss = (1 - eps) * nll + eps * (lse - logits.mean(-1)) if eps else nll
-            losses[r0:r0 + rows] = loss.masked_fill(~keep, 0)
+            nll = lse - target_logit
+            loss = (1 - eps) * nll + eps * (lse - mean) if eps else nll
+            losses[r0:r0 + r] = loss.masked_fill(~keep, 0)
         if dx is None and dw is None and db is None:
             continue
-        s = (scale if scale.dim() == 0 else scale[r0:r0 + rows]).to(acc) * keep  # (rows,) or per row; 0 if ignored
-        g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+        s = (scale if scale.dim() == 0 else scale[r0:r0 + r]).to(acc) * keep  # (r,): 0 for ignored rows
+        g = e.mul_((s / total)[:, None])  # (r, V): scale * softmax, in place
         if eps:
-            g.sub_(eps / V)
-        g.scatter_add_(1, safe, torch.full_like(lse, -(1 - eps))[:, None])
-        g.mul_(s[:, None])  # (rows, V): d loss / d logits
+            g.sub_((s * (eps / V))[:, None])
+        g.scatter_add_(1, safe, (-(1 - eps) * s)[:, None])  # (r, V): d loss / d logits
         if dx is not None:
-            dx[r0:r0 + rows] = g.to(x.dtype) @ w
+            torch.mm(g if g.dtype == x.dtype else g.to(x.dtype), w, out=dx[r0:r0 + r])
         if dw is not None:
             dw.addmm_(g.t(), xc.to(acc))
         if db is not None:
