@@ -247,6 +247,14 @@ def test_bad_inputs_say_what_is_wrong(change, error, match):
         kernels.linear_cross_entropy(*change(h, w, t, b))
 
 
+@needs_compiled
+def test_the_op_itself_refuses_a_target_outside_the_vocabulary():
+    h, w, t, b = (x.detach() for x in _inputs(6, 8, 10, dtype=torch.float32, ignored=0))
+    t[3] = 10
+    with pytest.raises(RuntimeError, match="target 10 at row 3 is outside"):
+        torch.ops.tuneforge.linear_cross_entropy(h, w, b, t, IGNORE, 0.0, "mean", [False] * 3, 0)
+
+
 @pytest.mark.parametrize("kw, match", [({"reduction": "avg"}, "reduction"), ({"label_smoothing": 1.5}, "label_smoothing")])
 def test_bad_options_say_what_is_wrong(kw, match):
     h, w, t, b = (x.detach() for x in _inputs(6, 8, 10, dtype=torch.float32))
