@@ -9,6 +9,8 @@ Attention on CUDA runs SDPA (torch's flash / cuDNN / memory-efficient backends) 
 forces the project's kernel, and even then head sizes it lacks and packed calls run SDPA; the reference, which
 builds (B, H, Tq, Tk) scores, runs attention only when ``TUNEFORGE_KERNELS=reference`` (or inside
 :func:`reference_only`). On the CPU attention runs the compiled kernel when it loaded, else SDPA.
+``linear_cross_entropy`` runs the compiled op on CPU tensors and its reference elsewhere (CUDA included): that
+reference is itself chunked pure torch, so no path holds the (N, V) logits.
 
 Layer: the bottom, beside ``common``. Imports torch and nothing else of tuneforge's.
 """
