@@ -25,6 +25,7 @@ from tuneforge.kernels import sdpa
 from tuneforge.kernels.fused import CUDA_HEAD_SIZES, check_inputs
 from tuneforge.kernels.fused import attention as fused_attention
 from tuneforge.kernels import linear_ce
+from tuneforge.kernels.gated import silu_mul
 from tuneforge.kernels.reference import (
     ACTIVATIONS, attention_reference, bottleneck_adapter_reference, linear_cross_entropy_reference,
     lora_linear_reference, multi_bottleneck_adapter_reference, multi_lora_linear_reference,
@@ -32,7 +33,7 @@ from tuneforge.kernels.reference import (
 
 __all__ = [
     "flash_attention", "lora_linear", "multi_lora_linear", "bottleneck_adapter", "multi_bottleneck_adapter",
-    "linear_cross_entropy", "linear_token_logprobs", "backend", "routes", "route", "reference_only", "ACTIVATIONS", "attention_reference", "PATHS", "DEVICES",
+    "linear_cross_entropy", "linear_token_logprobs", "silu_mul", "backend", "routes", "route", "reference_only", "ACTIVATIONS", "attention_reference", "PATHS", "DEVICES",
 ]
 
 _REFERENCES = {

@@ -12,7 +12,7 @@ import torch
 
 __all__ = [
     "attention_reference", "document_ids", "lora_linear_reference", "multi_lora_linear_reference", "bottleneck_adapter_reference",
-    "multi_bottleneck_adapter_reference", "linear_cross_entropy_reference", "ACTIVATIONS",
+    "multi_bottleneck_adapter_reference", "linear_cross_entropy_reference", "silu_mul_reference", "ACTIVATIONS",
 ]
 
 #: The activations a bottleneck adapter may use, by name (the name is what files and kernels carry).
@@ -277,3 +277,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if not (grad.device.type == "cpu" and grad.item() == 1.0):
                 grads = [g * grad.to(g.dtype) if g is not None else None for g in grads]
         return (*grads, None, None, None, None, None)
+
+
+def silu_mul_reference(gate, up):
+    """``silu(gate) * up`` as torch ops (autograd keeps gate, silu(gate) and up): the twin of ``kernels.silu_mul``."""
+    return torch.nn.functional.silu(gate) * up

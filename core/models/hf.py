@@ -28,6 +28,7 @@ from tuneforge.errors import CheckpointError, ConfigError
 from tuneforge.models.families import FAMILIES, Family, family_for
 from tuneforge.models.generation import Generates, plan_input
 from tuneforge.models.hf_reading import quiet, reading, safetensors_problem
+from tuneforge.models.hf_mlp import fuse_gated_mlps
 from tuneforge.models.hf_tokenizer import HFTokenizer, read_json
 from tuneforge.models.tokenizer import check_vocabulary
 
@@ -335,6 +336,8 @@ def load(path: str | Path, *, weights: str = "pretrained", attn: str = "tuneforg
         f"tokenizer files in {folder}, or resize the model to the tokenizer (model.resize_token_embeddings"
         "(len(tokenizer)) in transformers) and save it again"))
     model = HFCausalLM(causal_lm, config, family, tokenizer)
+    if attn == "tuneforge":  # tuneforge's own path; eager/sdpa stay transformers' code, for comparisons
+        fuse_gated_mlps(model.blocks, family)
     if weights == "pretrained":
         model._folder_ids = {id(p) for p in model.parameters()}
         model._folder_source = source or {"folder": str(folder), "files": _fingerprint(folder)}
