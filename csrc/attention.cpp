@@ -144,7 +144,9 @@ template <typename T>
 std::tuple<at::Tensor, at::Tensor> forward(const Problem& p, double scale) {
   const Kernels<T> kn = pick<T>();
   const int64_t B = p.B, H = p.H, G = p.G, Tq = p.Tq, Tk = p.Tk, D = p.D;
-  auto out = at::empty({B, H, Tq, D}, p.q.options());
+  // (B, H, Tq, D) over (B, Tq, H, D) memory: the caller's transpose(1, 2) back to token-major is then free, and the
+  // output projection's saved input shares this storage with what the backward keeps (one copy, not two).
+  auto out = at::empty({B, Tq, H, D}, p.q.options()).transpose(1, 2);
   auto lse = at::empty({B, H, Tq}, p.q.options());
   if (B * H * Tq == 0) return {out, lse};
   const int64_t Dp = round_up(D, kn.w), Tkp = round_up(std::max<int64_t>(Tk, 1), kKeyBlockBwd);
@@ -162,7 +164,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const Problem& p, double scale) {
         DecodeRows<T> t{qp + b * p.q.stride(0) + h * p.q.stride(1), p.q.stride(2), Tq, lo + b * Tq, hi + b * Tq,
                         kp + b * p.k.stride(0) + kh * p.k.stride(1), vp + b * p.v.stride(0) + kh * p.v.stride(1),
                         p.k.stride(2), p.v.stride(2), D, pad != nullptr ? pad + b * Tkp : nullptr, scale2,
-                        op + (b * H + h) * Tq * D, D, lp + (b * H + h) * Tq, 1};
+                        op + b * out.stride(0) + h * out.stride(1), out.stride(2), lp + (b * H + h) * Tq, 1};
         kn.decode_rows(t, scratch);
       }
     });
@@ -189,7 +191,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const Problem& p, double scale) {
     FwdTile<T> t{qp + b * p.q.stride(0) + h * p.q.stride(1) + q0 * p.q.stride(2), p.q.stride(2),
                  std::min(kQTile, Tq - q0), lo + b * Tq + q0, hi + b * Tq + q0, kpan_p + kv * Tkp * Dp,
                  vrows_p + kv * Tkp * Dp, Dp, pad != nullptr ? pad + b * Tkp : nullptr, D, Dp, scale2,
-                 op + (bh * Tq + q0) * D, lp + bh * Tq + q0};
+                 op + b * out.stride(0) + h * out.stride(1) + q0 * out.stride(2), out.stride(2), lp + bh * Tq + q0};
     kn.forward_tile(t, scratch);
   });
   return {out, lse};

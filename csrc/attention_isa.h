@@ -209,7 +209,7 @@ inline void forward_tile(const FwdTile<T>& t, T* scratch) {
     accumulate(rows_p, Dp / V::W, ncols, s, kKeyBlock, 1, t.v + k0 * t.v_ld, t.v_ld, acc, Dp);
   }
   for (int64_t r = 0; r < t.rows; ++r) {
-    T* o = t.out + r * t.D;
+    T* o = t.out + r * t.out_ld;
     if (l[r] == T(0)) {  // saw no key: zeros, lse = -inf
       std::fill(o, o + t.D, T(0));
       t.lse[r] = ninf;

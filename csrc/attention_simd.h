@@ -35,7 +35,8 @@ struct FwdTile {
   const T* pad;              // (Tkp,) padding bias of this batch row (0 or -inf), or nullptr
   int64_t D, Dp;
   T scale2;                  // scale * log2(e)
-  T* out;                    // (rows, D) contiguous
+  T* out;                    // rows strided by out_ld
+  int64_t out_ld;
   T* lse;                    // (rows,) natural log-sum-exp
 };
 

@@ -75,6 +75,10 @@ def _linear_grads_fake(grad, x, weight, lora_a, lora_b, needs):
             lora_b.new_empty(lora_b.shape) if needs[4] else e)
 
 
+#: The ops given an autocast rule at registration (see the end of _register).
+COMPOSED_OPS = ("lora_linear", "multi_lora_linear", "bottleneck_adapter", "multi_bottleneck_adapter")
+
+
 def _register() -> None:
     lib = "tuneforge::lora_linear"
 
@@ -108,6 +112,12 @@ def _register() -> None:
     _register_attention()
     _register_multi_bottleneck()
     _register_linear_cross_entropy()
+    # The CPU kernels of these ops are ATen compositions: without a rule, autocast would reach inside them and mix
+    # float32 and bfloat16 matrices. With it their floating inputs are cast to bfloat16 and each op runs whole, as
+    # autocast runs F.linear. (attention and linear_cross_entropy follow autocast in their Python faces.)
+    for op in COMPOSED_OPS:
+        for device_type in ("cpu", "cuda"):
+            torch.library.register_autocast(f"tuneforge::{op}", device_type, torch.bfloat16)
 
 
 def _register_linear_cross_entropy() -> None:
@@ -195,7 +205,10 @@ def _register_attention() -> None:
     @torch.library.register_fake(lib)
     def _fake(q, k, v, causal, key_padding_mask, cu_seqlens, scale):
         lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32  # float32 unless float64 in
-        return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=lse_dtype)
+        B, H, Tq, D = q.shape
+        # the CPU kernel writes (B, H, Tq, D) over token-major (B, Tq, H, D) memory (csrc/attention.cpp)
+        out = q.new_empty(B, Tq, H, D).transpose(1, 2) if q.device.type == "cpu" else q.new_empty(q.shape)
+        return out, q.new_empty(q.shape[:-1], dtype=lse_dtype)
 
     @torch.library.register_fake("tuneforge::flash_attention_backward")
     def _fake_backward(grad, q, k, v, out, lse, causal, key_padding_mask, cu_seqlens, scale):

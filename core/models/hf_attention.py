@@ -151,6 +151,8 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
         attention_mask if attention_mask.dtype == torch.bool else attention_mask.bool()  # (B, Tk)
     out = flash_attention(query, key, value, causal=bool(is_causal), scale=scaling,
                           key_padding_mask=mask)  # (B, H, Tq, D)
+    # free on the CPU kernel, whose output already lies token-major in memory; so o_proj's saved input is the very
+    # storage the attention's backward keeps
     return out.transpose(1, 2).contiguous(), None  # (B, Tq, H, D)
 
 
