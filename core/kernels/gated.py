@@ -23,13 +23,15 @@ class _SiluMul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
+        # In place where possible: the first backward runs while every activation is still held, so its
+        # temporaries are the step's peak (three (tokens, ffn) buffers here, not seven).
         sig = torch.sigmoid(gate)
         d_gate = d_up = None
         if ctx.needs_input_grad[1]:
-            d_up = grad * gate * sig
+            d_up = (gate * sig).mul_(grad)  # silu(g) * grad
         if ctx.needs_input_grad[0]:
             # d silu(g) / dg = sig(g) (1 + g (1 - sig(g)))
-            d_gate = grad * up * sig * (1 + gate * (1 - sig))
+            d_gate = torch.sub(1, sig).mul_(gate).add_(1).mul_(sig).mul_(up).mul_(grad)
         return d_gate, d_up
 
 
