@@ -26,15 +26,16 @@ import gc
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 from tuneforge import kernels
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kernels import interleaved, sgemm_peak  # noqa: E402  (benchmarks/kernels.py: the same timing for every op)
 from tuneforge.kernels import native
 from tuneforge.kernels.reference import linear_cross_entropy_reference
 
@@ -60,31 +61,6 @@ def step(name: str, x, w, y):
     loss = VARIANTS[name](x, w, y)
     loss.backward()
     return loss
-
-
-def interleaved(fns: dict, repeats: int) -> dict:
-    """Median seconds per function; the functions alternate within each repeat so load changes hit all alike."""
-    for fn in fns.values():
-        fn()  # warm-up
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-def sgemm_peak(n: int, repeats: int) -> float:
-    """GFLOP/s of torch.mm on (n, n) float32 matrices with this process's threads, best of the repeats."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    c = torch.mm(a, b)
-    best = float("inf")
-    for _ in range(max(repeats, 3)):
-        t0 = time.perf_counter()
-        torch.mm(a, b, out=c)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best / 1e9
 
 
 def _status_kb(field: str) -> int:

@@ -75,3 +75,13 @@ def test_distributed_benchmark_quick_runs_both_strategies_against_hand_loops():
     # FSDP on 2 processes holds half the parameters, gradients and AdamW state of DDP (up to shard padding)
     ratio = fsdp["tuneforge"]["model_state_mib"] / ddp["tuneforge"]["model_state_mib"]
     assert 0.45 < ratio < 0.6
+
+
+def test_linear_ce_benchmark_quick_agrees_with_its_baseline():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "linear_ce.py"), "--quick"], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["max_abs_diff"]["loss"] < 1e-4 and report["max_abs_diff"]["dx"] < 1e-4  # the same computation
+    assert report["peak_mb"]["fused"] < report["peak_mb"]["baseline"]  # never the whole logits
+    assert report["ms"]["fused"] > 0 and report["sgemm_peak_gflops"] > 0

@@ -16,9 +16,8 @@ master weights and its frozen ones stay bfloat16 (autocast computes in bfloat16 
 user asked for in ``--model`` is refused (the two options contradict each other) and a default one is cast to
 float32, said in the log.
 
-Dispatching: the compiled LoRA and adapter ops are ATen compositions that autocast would otherwise reach inside
-(mixing float32 and bfloat16 matrices); :func:`autocast` registers an autocast rule for them that casts their
-floating inputs to bfloat16 and runs them as a whole, as autocast runs ``F.linear``.
+Dispatching: the compiled ops follow autocast by rules registered with them (:mod:`tuneforge.kernels.native`) or in
+their Python faces (attention, linear_cross_entropy).
 """
 from __future__ import annotations
 
@@ -33,10 +32,6 @@ __all__ = ["MIXED", "master_dtype", "autocast", "prepare_run", "prepare_model", 
 
 MIXED = "bf16-mixed"
 _LOW = torch.bfloat16
-# The compiled ops whose CPU kernels are ATen compositions (attention's Python face casts bfloat16 to float32
-# itself and needs no rule). The rule belongs beside their registration in tuneforge.kernels.native.
-_COMPOSED_OPS = ("lora_linear", "multi_lora_linear", "bottleneck_adapter", "multi_bottleneck_adapter")
-_REGISTERED: set[str] = set()
 
 
 def master_dtype(precision: str) -> torch.dtype:
@@ -53,24 +48,7 @@ def autocast(precision: str, device: torch.device):
     if not torch.amp.is_autocast_available(device.type):
         raise ConfigError(f"--precision {MIXED}: torch has no autocast for {device.type} tensors; use --precision "
                           "fp32 or bf16 on this device")
-    _register_composed_ops(device.type)
     return torch.autocast(device.type, dtype=_LOW)
-
-
-def _register_composed_ops(device_type: str) -> None:
-    """Autocast rules for the compiled ops that are ATen compositions, once per device type (see the module doc)."""
-    if device_type in _REGISTERED or device_type not in ("cpu", "cuda"):
-        return
-    _REGISTERED.add(device_type)
-    from tuneforge.kernels import native
-
-    if not native.load():  # pure-torch references: autocast treats their ATen calls one by one, correctly
-        return
-    key = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}[device_type]
-    for op in _COMPOSED_OPS:  # an op that already has a rule (registered where it is defined) keeps it
-        name = f"tuneforge::{op}"
-        if hasattr(torch.ops.tuneforge, op) and not torch._C._dispatch_has_kernel_for_dispatch_key(name, key):
-            torch.library.register_autocast(name, device_type, _LOW)
 
 
 def prepare_run(model: torch.nn.Module, run, *, resumed: dict | None = None) -> None:
