@@ -88,7 +88,7 @@ def test_scale_and_backend_report():
     torch.testing.assert_close(flash_attention(q, k, v, scale=0.5), flash_attention(q * 0.5 * 8 ** 0.5, k, v))
     report = backend()
     assert set(report) == {"flash_attention", "lora_linear", "multi_lora_linear", "bottleneck_adapter",
-                           "multi_bottleneck_adapter"}
+                           "multi_bottleneck_adapter", "linear_cross_entropy"}
     from tuneforge.kernels import native
 
     loaded = native.load()

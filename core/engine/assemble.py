@@ -74,7 +74,7 @@ def _rebuild(found: Path, state: dict, device: torch.device) -> torch.nn.Module:
     try:
         cfg = TrainConfig.build(train_values, source=str(found / ckpt.STATE_FILE))
     except TuneforgeError:
-        cfg = TrainConfig()
+        cfg = TrainConfig(batch_size=defaults.SCRATCH_BATCH)  # a plugin rebuilding its head may read it
     model, mcfg = factory.build(state["model_config"], seed=cfg.seed, pretrained=bool(state.get("folder_weights")))
     for entry in state.get("lineage", []):
         try:
@@ -127,7 +127,10 @@ def assemble(cfg: TrainConfig, *, out: Path | None = None, resume: Path | None =
     reg = build_manager(cfg.mechanisms)
     device = parallel.device if parallel is not None else device_of(cfg.device)
     model, mcfg, lineage = build_model(cfg, device)
-    run = Run(cfg, mcfg, tokenizer_of(model), device, reg.plugins, reg.hook, out=out, objective=reg.objective,
+    pretrained = bool(cfg.init) or getattr(mcfg, "weights", None) == "pretrained"
+    # The batch size first: a plugin may read data while it changes the model (a head sized from the labels).
+    sized = defaults.resolve(cfg, mcfg, pretrained=pretrained, only_new=None, device=device)
+    run = Run(sized.config, mcfg, tokenizer_of(model), device, reg.plugins, reg.hook, out=out, objective=reg.objective,
               checkpoint=resume, rank=getattr(parallel, "rank", 0), world_size=getattr(parallel, "world_size", 1))
     base_params = {id(p) for p in model.parameters()}
     model = _modify(reg, model, run)
@@ -150,12 +153,11 @@ def assemble(cfg: TrainConfig, *, out: Path | None = None, resume: Path | None =
     for p in model.parameters():
         p.requires_grad_(id(p) in chosen)
     params = [p for p in model.parameters() if p.requires_grad]
-    pretrained = bool(cfg.init) or getattr(mcfg, "weights", None) == "pretrained"
-    chosen_defaults = defaults.resolve(cfg, run.model_config, pretrained=pretrained,
+    chosen_defaults = defaults.resolve(sized.config, run.model_config, pretrained=pretrained,
                                        only_new=not any(id(p) in base_params for p in params), device=device,
                                        prefix_tokens=run.prefix_tokens)
     run.config = chosen_defaults.config
-    for line in chosen_defaults.lines:
+    for line in sized.lines + chosen_defaults.lines:
         run.log(f"default {line}")
     if params and reg.objective is None:
         who = ", ".join(f"{n} ({c:,})" for n, c in run.trainable.items() if c)

@@ -14,7 +14,7 @@ import torch
 
 from tuneforge.engine.config import TrainConfig
 
-__all__ = ["Resolved", "resolve", "MAX_DEFAULT_SEQ_LEN", "SCRATCH_LR", "NEW_PARAMS_LR", "PRETRAINED_LR"]
+__all__ = ["Resolved", "resolve", "MAX_DEFAULT_SEQ_LEN", "SCRATCH_LR", "NEW_PARAMS_LR", "PRETRAINED_LR", "SCRATCH_BATCH"]
 
 MAX_DEFAULT_SEQ_LEN = 1024  # a longer context is asked for with --seq-len
 SCRATCH_LR = 3e-3  # the embedded presets from random weights
@@ -55,21 +55,26 @@ def _activation_bytes(model_config, seq_len: int) -> int:
     return seq_len * model_config.n_layers * model_config.d_model * _ACT_BYTES_PER_TOKEN_LAYER_WIDTH
 
 
-def resolve(cfg: TrainConfig, model_config, *, pretrained: bool, only_new: bool, device: torch.device,
+def resolve(cfg: TrainConfig, model_config, *, pretrained: bool, only_new: bool | None, device: torch.device,
             prefix_tokens: int = 0, free_bytes: int | None = None) -> Resolved:
     """Fill the options ``cfg`` leaves as None.
 
+    The engine calls it twice: before the plugins change the model (``only_new`` None: the batch size alone, which
+    a plugin may read while it does, e.g. a head sized from the data), then once what trains and the soft prompt's
+    length are known (the rest).
+
     :param pretrained: the base holds trained weights (a Hugging Face or GGUF model, or ``--init``).
-    :param only_new: every trainable parameter was added by a mechanism (none of the base's trains).
+    :param only_new: every trainable parameter was added by a mechanism (none of the base's trains); None: not
+        known yet, only ``batch_size`` is filled.
     :param prefix_tokens: context positions a soft prompt takes before each row.
     :param free_bytes: memory left for activations (default: measured on ``device``).
     """
     changes, lines = {}, []
     context = int(model_config.max_seq_len) - prefix_tokens
-    if cfg.seq_len is None and context > MAX_DEFAULT_SEQ_LEN:
+    if cfg.seq_len is None and context > MAX_DEFAULT_SEQ_LEN and only_new is not None:
         changes["seq_len"] = MAX_DEFAULT_SEQ_LEN
         lines.append(f"--seq-len {MAX_DEFAULT_SEQ_LEN} (the model's context is {context}; ask for more with --seq-len)")
-    seq_len = changes.get("seq_len") or cfg.seq_len or context
+    seq_len = changes.get("seq_len") or cfg.seq_len or min(context, MAX_DEFAULT_SEQ_LEN)
     if cfg.batch_size is None:
         if not pretrained:
             changes["batch_size"] = SCRATCH_BATCH
@@ -80,6 +85,8 @@ def resolve(cfg: TrainConfig, model_config, *, pretrained: bool, only_new: bool,
             changes["batch_size"] = fits[0] if fits else 1
             lines.append(f"--batch-size {changes['batch_size']} (activations ~{per_row * changes['batch_size'] / 2**30:.1f} "
                          f"GiB for {seq_len} tokens a row, within a quarter of the {free / 2**30:.1f} GiB free)")
+    if only_new is None:
+        return Resolved(cfg.replace(**changes) if changes else cfg, lines)
     if cfg.lr is None:
         if not pretrained:
             changes["lr"] = SCRATCH_LR
