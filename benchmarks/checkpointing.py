@@ -44,6 +44,9 @@ import torch
 import torch.nn.functional as F
 
 from tuneforge.models import checkpointing
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import rss  # noqa: E402  (the peak-RSS method shared by the benchmarks)
 from tuneforge.models.transformer import Transformer, model_config
 
 VARIANTS = {"none": 0, "every:2": 2, "blocks": 1}
@@ -75,38 +78,24 @@ def step(model, optimizer, x, after_forward=None) -> float:
 
 # -- memory: one child process per variant ----------------------------------------------------------------------
 
-def _status(field: str) -> int:
-    """A /proc/self/status figure in bytes (VmRSS: resident now, VmHWM: resident peak since the last reset)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current VmRSS (Linux >= 4.0)
-
-
 def child(args) -> dict:
     model, optimizer = build(args.model)
     checkpointing.apply(model, VARIANTS[args.child])
     x = batch(model, args.batch, args.seq)
     losses = [step(model, optimizer, x)]  # warm-up: gradients and optimizer state are allocated
-    baseline = _status("VmRSS")
+    baseline = rss.status_bytes("VmRSS")
     peaks, held = [], []
     for _ in range(args.memory_steps):
-        _reset_peak()
-        start = _status("VmRSS")
-        losses.append(step(model, optimizer, x, after_forward=lambda: held.append(_status("VmRSS") - start)))
-        peaks.append(_status("VmHWM") - start)
+        rss.reset_peak()
+        start = rss.status_bytes("VmRSS")
+        losses.append(step(model, optimizer, x, after_forward=lambda: held.append(rss.status_bytes("VmRSS") - start)))
+        peaks.append(rss.status_bytes("VmHWM") - start)
     return {"baseline_mib": baseline / 2**20, "peak_mib": max(peaks) / 2**20, "held_mib": max(held) / 2**20,
             "losses": losses}
 
 
 def measure_memory(args, variant: str) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(torch.get_num_threads()))
+    env = rss.child_env(OMP_NUM_THREADS=str(torch.get_num_threads()))
     cmd = [sys.executable, __file__, "--child", variant, "--model", args.model, "--batch", str(args.batch),
            "--seq", str(args.seq), "--memory-steps", str(args.memory_steps)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)

@@ -38,8 +38,6 @@ object.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import importlib.util
 import json
 import os
@@ -55,11 +53,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import rss  # noqa: E402  (the peak-RSS method shared by the benchmarks)
+
 RANK, ALPHA, LR = 8, 16.0, 1e-3
 ADAPTER = "default"  # PEFT's adapter name; tuneforge's LoRA is given the same one
 # First- and second-step losses must agree this closely (float32: different kernels, same math).
 LOSS_TOL = {"float32": 1e-4, "bfloat16": 5e-2}
-MMAP_BYTES = "65536"  # CPU memory processes: glibc mmaps every block from this size up (see the docstring)
 PEFT_SKIPPED = "transformers + PEFT: skipped (peft is not installed: pip install peft)"
 SIDES = ("tuneforge", "peft")
 LABEL = {"tuneforge": "tuneforge", "peft": "transformers + PEFT"}
@@ -185,30 +185,6 @@ def stepper(params, forward, data, device):
 # -- memory: one side per fresh process -----------------------------------------------------------------------
 
 
-def _status_kib(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise KeyError(key)
-
-
-def _trim_heap() -> None:
-    """Give freed heap back to the OS, so the resident set before the steps counts live memory only."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the current resident set
-        return True
-    except OSError:
-        return False
-
-
 def worker(args) -> None:
     """Measure one side's memory in this (fresh) process; print one JSON line."""
     device = torch.device(args.device)
@@ -233,15 +209,15 @@ def worker(args) -> None:
         measure = ("torch.cuda.max_memory_allocated during the steps minus memory_allocated before them (after "
                    "model load, data and one warm-up step)")
     else:
-        _trim_heap()
-        exact = _reset_peak_rss()
-        before = _status_kib("VmRSS") * 1024
+        rss.trim_heap()
+        exact = rss.reset_peak()
+        before = rss.status_bytes("VmRSS")
         losses = [step() for _ in range(args.mem_steps)]
         if exact:
-            peak = _status_kib("VmHWM") * 1024
+            peak = rss.status_bytes("VmHWM")
             measure = ("peak resident set during the steps (VmHWM reset before them) minus the resident set before "
                        "them (after imports, model load, data, one warm-up step, malloc_trim)"
-                       + (", blocks over 64 KiB mmapped" if os.environ.get("MALLOC_MMAP_THRESHOLD_") == MMAP_BYTES
+                       + (", blocks over 64 KiB mmapped" if os.environ.get("MALLOC_MMAP_THRESHOLD_") == rss.MMAP_BYTES
                           else ""))
         else:  # no clear_refs: ru_maxrss is the lifetime peak, so it may include a transient peak of loading
             import resource
@@ -260,7 +236,7 @@ def measure_memory(side: str, folder: Path, a_file: Path, args) -> dict:
             cmd += [f"--{key.replace('_', '-')}", str(value)]
     env = dict(os.environ)
     if args.device == "cpu":  # freed tensors go straight back to the OS: the resident set tracks live memory
-        env["MALLOC_MMAP_THRESHOLD_"] = MMAP_BYTES
+        env["MALLOC_MMAP_THRESHOLD_"] = rss.MMAP_BYTES
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"the {side} memory subprocess failed:\n{proc.stderr[-3000:]}")

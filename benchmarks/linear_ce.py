@@ -36,6 +36,7 @@ from tuneforge import kernels
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernels import interleaved, sgemm_peak  # noqa: E402  (benchmarks/kernels.py: the same timing for every op)
+import rss  # noqa: E402  (the peak-RSS method shared by the benchmarks)
 from tuneforge.kernels import native
 from tuneforge.kernels.reference import linear_cross_entropy_reference
 
@@ -63,34 +64,23 @@ def step(name: str, x, w, y):
     return loss
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def measure_memory(name: str, N: int, C: int, V: int) -> dict:
     """In this (fresh) process: MB of resident memory the second forward + backward of ``name`` adds at its peak."""
     x, w, y = inputs(N, C, V)
     step(name, x, w, y)  # warm-up: BLAS buffers, the allocator's arenas, the kernels' first call
     x.grad = w.grad = None
     gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current resident size
-    base = _status_kb("VmRSS")
+    rss.reset_peak()
+    base = rss.status_bytes("VmRSS")
     step(name, x, w, y)
-    peak = _status_kb("VmHWM")
-    return {"variant": name, "peak_above_inputs_mb": (peak - base) / 1024, "rss_before_mb": base / 1024}
+    peak = rss.status_bytes("VmHWM")
+    return {"variant": name, "peak_above_inputs_mb": (peak - base) / 2**20, "rss_before_mb": base / 2**20}
 
 
 def memory_in_subprocess(name: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--memory", name, "--tokens", str(args.tokens), "--d",
            str(args.d), "--vocab", str(args.vocab)]
-    # every allocation above 64 KiB its own mapping, unmapped when freed: the kernel's high-water mark then sees each
-    # tensor come and go (glibc would otherwise keep freed chunks for reuse, hiding them from the measurement)
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    env = rss.child_env()
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"memory run of {name} failed:\n{done.stderr[-3000:]}")

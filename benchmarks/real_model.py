@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -44,7 +43,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import hf_training as shared  # noqa: E402  (the data, timing and memory-measuring helpers)
+import hf_training as shared  # noqa: E402  (the data and timing helpers)
+import rss  # noqa: E402  (the peak-RSS method)
 
 RANK, ALPHA, LR = 16, 32.0, 1e-3
 ADAPTER = "default"
@@ -141,11 +141,11 @@ def worker(args) -> None:
     _, params, loss_of, precision = build(args.worker, folder, args.variant, device, Path(args.lora_a))
     step = stepper(params, loss_of, data, device, precision)
     warm = step()  # thread pools and AdamW's state are not the step's
-    shared._trim_heap()
-    exact = shared._reset_peak_rss()
-    before = shared._status_kib("VmRSS") * 1024
+    rss.trim_heap()
+    exact = rss.reset_peak()
+    before = rss.status_bytes("VmRSS")
     losses = [step() for _ in range(args.mem_steps)]
-    peak = shared._status_kib("VmHWM") * 1024 if exact else float("nan")
+    peak = rss.status_bytes("VmHWM") if exact else float("nan")
     print(json.dumps({"side": args.worker, "variant": args.variant, "losses": [warm, *losses],
                       "loaded_mib": before / 2**20, "step_mib": (peak - before) / 2**20}))
 
@@ -154,7 +154,7 @@ def measure_memory(side: str, variant: str, folder: Path, a_file: Path, args) ->
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", side, "--variant", variant, "--folder",
            str(folder), "--lora-a", str(a_file), "--batch", str(args.batch), "--seq", str(args.seq),
            "--batches", str(args.batches), "--seed", str(args.seed), "--mem-steps", str(args.mem_steps)]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": shared.MMAP_BYTES}
+    env = rss.child_env()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"the {side} {variant} memory process failed:\n{proc.stderr[-3000:]}")
