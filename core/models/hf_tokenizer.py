@@ -44,6 +44,22 @@ def _token_text(value) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _chat_template(folder: Path, cfg: dict) -> str | None:
+    """The folder's default chat template: ``chat_template.jinja`` (transformers >= 4.43 saves it there), else
+    ``tokenizer_config.json``'s ``chat_template`` (a string, or a list of named templates: the one named default)."""
+    path = folder / "chat_template.jinja"
+    if path.is_file():
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path} cannot be read ({exc}); copy it again from where the model came from") from None
+    value = cfg.get("chat_template")
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        value = named.get("default")
+    return value if isinstance(value, str) else None
+
+
 class HFTokenizer:
     """The tokenizer of a Hugging Face model folder; see the module docstring."""
 
@@ -75,6 +91,9 @@ class HFTokenizer:
             self.bos_id = self.eos_id
         pad = self._special(cfg.get("pad_token"), ids.get("pad_token_id"))
         self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
+        self.bos_token = self._tok.id_to_token(self.bos_id) if self.bos_id is not None else None
+        self.eos_token = self._tok.id_to_token(self.eos_id) if self.eos_id is not None else None
+        self.chat_template = _chat_template(folder, cfg)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         # ids need not be contiguous: the largest one bounds what the model's embedding must hold
         self.id_limit = max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
@@ -96,6 +115,11 @@ class HFTokenizer:
         if eos and self.eos_id is not None:
             ids.append(self.eos_id)
         return ids
+
+    def encode_rendered(self, text: str) -> list[int]:
+        """Ids of text a chat template rendered: special tokens written as text (``<|im_start|>``) are read as those
+        tokens, and nothing is added (the template decides where bos and eos go)."""
+        return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Iterable[int], *, skip_special: bool = True) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)

@@ -1,9 +1,13 @@
 """Byte-level tokenizer: every UTF-8 byte is a token, plus three specials. Nothing to download or train."""
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 __all__ = ["ByteTokenizer", "tokenizer_of", "id_limit", "check_vocabulary"]
+
+
+_SPECIALS = re.compile("(<bos>|<eos>)")
 
 
 class ByteTokenizer:
@@ -14,6 +18,9 @@ class ByteTokenizer:
     pad_id = 258
     vocab_size = 259
     name = "bytes"
+    #: how the special tokens are written in text a chat template renders (see :meth:`encode_rendered`)
+    bos_token, eos_token = "<bos>", "<eos>"
+    chat_template = None  # no template of its own: tuneforge.data.chat renders with its built-in one
 
     def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
         ids = list(text.encode("utf-8"))
@@ -21,6 +28,15 @@ class ByteTokenizer:
             ids.insert(0, self.bos_id)
         if eos:
             ids.append(self.eos_id)
+        return ids
+
+    def encode_rendered(self, text: str) -> list[int]:
+        """Ids of text a chat template rendered, where ``<bos>`` and ``<eos>`` stand for those tokens (a template
+        writes special tokens as text; bytes alone could never produce them)."""
+        ids: list[int] = []
+        for piece in _SPECIALS.split(text):
+            special = {self.bos_token: self.bos_id, self.eos_token: self.eos_id}.get(piece)
+            ids.extend([special] if special is not None else self.encode(piece))
         return ids
 
     def decode(self, ids: Iterable[int], *, skip_special: bool = True) -> str:
