@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import operator
+from collections.abc import Callable
 
 import torch
 
@@ -104,7 +105,8 @@ class Generates:
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, *, temperature: float = 1.0, top_k=None, top_p=None, eos_id=None,
-                 pad_id: int | None = None, generator=None, key_padding_mask=None, use_cache: bool = True):
+                 pad_id: int | None = None, generator=None, key_padding_mask=None, use_cache: bool = True,
+                 on_token: Callable[[torch.Tensor], None] | None = None):
         """Continue ``idx`` (B, T) by ``max_new_tokens``; returns (B, T + new). temperature 0 = greedy.
 
         Prompts of different lengths are left-padded with ``key_padding_mask`` False on the padding; each row's
@@ -117,6 +119,9 @@ class Generates:
         sampled (and overwritten), so each row's tokens do not depend on when the others finish.
 
         ``use_cache=False`` recomputes the whole prefix every step (same tokens, for tests and benchmarks).
+        ``on_token`` is called after each step with that step's (B,) tokens, as they go into the output (a done
+        row's pad or stop token included): a caller streams text with it. It gets an ordinary tensor, outside
+        inference mode, and runs synchronously, so a slow callback slows generation.
         Call ``.eval()`` first when dropout > 0.
         """
         B, T = idx.shape
@@ -171,6 +176,9 @@ class Generates:
                     done |= (nxt == stop) if stop is not None else torch.isin(nxt, stops)
                 out[:, t] = nxt
                 t += 1
+                if on_token is not None:
+                    with torch.inference_mode(False):  # an ordinary tensor: the callback may use it in autograd
+                        on_token(nxt.clone())
                 if done is not None and bool(done.all()):
                     break
         return (out if t == total else out[:, :t]).clone()
