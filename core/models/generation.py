@@ -3,7 +3,8 @@ prefix and a KV cache (:func:`plan_input`), and sampling continuations (:class:`
 
 A model that uses them has ``config.max_seq_len``, a ``prefix`` slot (a module returning a ``Prefix`` or
 None), ``new_cache(batch_size, max_len)`` returning a cache with ``length`` and ``prefix``, and a forward
-``model(idx, key_padding_mask=, positions=, cache=)`` giving logits (B, T, V). The embedded ``Transformer``
+``model(idx, key_padding_mask=, positions=, cache=)`` giving logits (B, T, V). ``plan_input`` also lays out packed
+rows (``cu_seqlens``, see :mod:`tuneforge.models.packing`) and refuses what cannot go with them. The embedded ``Transformer``
 and the Hugging Face wrapper (``tuneforge.models.hf``) both do, so generation, soft prompts and left padding behave
 the same on either.
 """
@@ -16,6 +17,7 @@ from collections.abc import Callable
 
 import torch
 
+from tuneforge.models.packing import check_offsets, packed_positions
 from tuneforge.models.sampling import sample_next
 
 __all__ = ["InputPlan", "plan_input", "Generates"]
@@ -29,10 +31,14 @@ class InputPlan:
     past: int  # tokens of the input already in the cache (prefix not counted)
     key_padding_mask: torch.Tensor | None  # (B, K + past + T) with a prefix, else as given
     positions: torch.Tensor  # (B, T) position ids of the input, after the prefix's real tokens
+    cu_seqlens: torch.Tensor | None = None  # packed documents' offsets, checked, on idx's device
 
 
-def plan_input(model, idx, key_padding_mask=None, positions=None, cache=None) -> InputPlan:
+def plan_input(model, idx, key_padding_mask=None, positions=None, cache=None, cu_seqlens=None) -> InputPlan:
     """Check an input (B, T) against the context and lay it out after the model's prefix and cache.
+
+    Packed rows (``cu_seqlens``): positions default to restarting at 0 per document; a KV cache or a soft-prompt
+    prefix is refused (a prefix would be seen by the first document only; a cache holds one sequence per row).
 
     The prefix is asked for on a cache's first call only and kept in the cache; positions default to
     past + 0..T-1 and are shifted by each row's real prefix tokens; the padding mask is extended over the prefix.
@@ -40,6 +46,11 @@ def plan_input(model, idx, key_padding_mask=None, positions=None, cache=None) ->
     kept in the cache too (``cache.prefix_layout``), so a decode step with soft prompts costs one add and one cat.
     """
     B, T = idx.shape
+    if cu_seqlens is not None:
+        if cache is not None:
+            raise ValueError("packed rows (cu_seqlens) cannot be combined with a KV cache, which continues one "
+                             "sequence per row: run packed batches without a cache (training, scoring)")
+        cu_seqlens = check_offsets(cu_seqlens, B, T, device=idx.device)
     if cache is not None and cache.length > 0:
         pre, fresh = cache.prefix, False  # the prefix went into the cache with the first tokens
         layout = getattr(cache, "prefix_layout", None)
@@ -47,6 +58,9 @@ def plan_input(model, idx, key_padding_mask=None, positions=None, cache=None) ->
             layout = _PrefixLayout.of(pre, B, idx.device)
     else:
         pre = model.prefix(B) if model.prefix is not None else None
+        if pre is not None and cu_seqlens is not None:
+            raise ValueError("packing cannot be combined with soft prompts: only the first document of a packed row "
+                             "would see the prompt; set packing=false (or train without prompt-tuning)")
         fresh = pre is not None
         layout = _PrefixLayout.of(pre, B, idx.device) if pre is not None else None
         if cache is not None:
@@ -66,7 +80,9 @@ def plan_input(model, idx, key_padding_mask=None, positions=None, cache=None) ->
             f"key_padding_mask must be (batch, cached + new tokens) = ({B}, {past + T}), "
             f"got {tuple(key_padding_mask.shape)}; with a cache it covers the cached tokens too"
         )
-    if positions is None:
+    if positions is None and cu_seqlens is not None:
+        positions = packed_positions(cu_seqlens, B, T)  # (B, T): 0, 1, ... from each document's first token
+    elif positions is None:
         positions = torch.arange(past, past + T, device=idx.device).expand(B, T)  # (B, T)
     if layout is not None:
         positions = positions + layout.shift  # after the prefix's real tokens
@@ -74,7 +90,7 @@ def plan_input(model, idx, key_padding_mask=None, positions=None, cache=None) ->
             um = torch.ones(B, past + T, dtype=torch.bool, device=idx.device) if key_padding_mask is None \
                 else key_padding_mask if key_padding_mask.dtype == torch.bool else key_padding_mask.to(torch.bool)
             key_padding_mask = torch.cat([layout.full_mask(), um], dim=1)  # (B, K + past + T)
-    return InputPlan(pre, K, fresh, past, key_padding_mask, positions)
+    return InputPlan(pre, K, fresh, past, key_padding_mask, positions, cu_seqlens)
 
 
 @dataclasses.dataclass

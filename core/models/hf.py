@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from tuneforge.errors import CheckpointError, ConfigError
+from tuneforge.models import hf_attention
 from tuneforge.models.families import FAMILIES, Family, family_for
 from tuneforge.models.generation import Generates, plan_input
 from tuneforge.models.hf_reading import quiet, reading, safetensors_problem
@@ -110,7 +111,6 @@ def _transformers():
     except ImportError:
         raise ConfigError("--model hf:PATH needs Hugging Face transformers: pip install 'tuneforge[hf]' "
                           "(transformers and tokenizers)") from None
-    from tuneforge.models import hf_attention
     hf_attention.register()
     return transformers
 
@@ -223,9 +223,16 @@ class HFCausalLM(Generates, nn.Module):
         static = max_len is not None and self.hf_model.config._attn_implementation == "tuneforge"
         return HFCache(self.hf_model.config, max_len if static else None)
 
-    def forward_hidden(self, idx, *, key_padding_mask=None, positions=None, cache=None):
-        """Final-normed hidden states (B, T, C); arguments as for ``Transformer.forward_hidden``."""
-        plan = plan_input(self, idx, key_padding_mask, positions, cache)
+    def forward_hidden(self, idx, *, key_padding_mask=None, positions=None, cache=None, cu_seqlens=None):
+        """Final-normed hidden states (B, T, C); arguments as for ``Transformer.forward_hidden``.
+
+        Packed rows (``cu_seqlens``) need tuneforge's attention (``attn=tuneforge``, the default), which receives
+        the offsets from every layer (see ``hf_attention``); a model loaded with eager or sdpa attention refuses
+        them (ConfigError), as does one whose layers do not hand transformers' attention kwargs on.
+        """
+        if cu_seqlens is not None:
+            self._check_packing()
+        plan = plan_input(self, idx, key_padding_mask, positions, cache, cu_seqlens)
         B = idx.size(0)
         x = self.tok_emb(idx)  # (B, T, C)
         pos = plan.positions  # (B, T)
@@ -239,7 +246,15 @@ class HFCausalLM(Generates, nn.Module):
             seen = (cache.length if cache is not None else 0) + x.size(1)
             mask = torch.ones(B, seen, dtype=torch.long, device=idx.device)  # (B, cached + K + T)
         kwargs = {self._cache_arg: cache.kv, "use_cache": True} if cache is not None else {"use_cache": False}
+        packed = None
+        if plan.cu_seqlens is not None:  # through transformers' **kwargs to every attention call
+            packed = kwargs[hf_attention.PACKED_KWARG] = hf_attention.PackedRows(plan.cu_seqlens)
         out = self.base(inputs_embeds=x, attention_mask=mask.long(), position_ids=pos.long(), **kwargs)
+        if packed is not None and packed.calls < len(self.blocks):
+            raise ConfigError(
+                f"packed rows reached the attention of {packed.calls} of this {self.config.model_type} model's "
+                f"{len(self.blocks)} layers: its layers do not pass transformers' attention kwargs on, so "
+                "documents would see each other; set packing=false for this model")
         if cache is not None:
             cache.length += x.size(1)
         h = out.last_hidden_state  # (B, K + T, C)
@@ -248,6 +263,15 @@ class HFCausalLM(Generates, nn.Module):
     def forward(self, idx, **kwargs):
         """Next-token logits (B, T, V); keyword arguments as in :meth:`forward_hidden`."""
         return self.lm_head(self.forward_hidden(idx, **kwargs))
+
+    def _check_packing(self) -> None:
+        """Packed rows need tuneforge's attention: transformers' eager and sdpa never see the offsets (and a 4-D mask
+        built here would replace the model's own mask patterns, such as sliding windows)."""
+        impl = self.hf_model.config._attn_implementation
+        if impl != hf_attention.attention_implementation_name:
+            raise ConfigError(
+                f"packed rows (cu_seqlens) need tuneforge's attention, but this model runs attn={impl}: load it "
+                f"with ?attn=tuneforge (the default, e.g. --model hf:{self.config.hf}) or set packing=false")
 
     # -- weights that stay in the folder (see tuneforge.engine.checkpoint) ------------------------------------------------
 

@@ -29,21 +29,41 @@ Fallbacks. The fused op cannot do everything a model may ask for. These cases ru
 Outputs of the fused path match eager attention on every real (non-padding) query; a query that sees no key at all
 (a left-padding position) gets zeros, where eager gets an average of the values: no real token ever reads it.
 
+Packed rows. ``HFCausalLM.forward_hidden(cu_seqlens=...)`` hands the documents' offsets to every attention call
+through transformers' ``**kwargs`` as :data:`PACKED_KWARG` (a :class:`PackedRows`); :func:`attention` gives them to
+the kernel, or, on a fallback, turns them into a block-diagonal 4-D mask combined with the other masks. Each call
+counts itself on the ``PackedRows``, so a model whose layers do not forward the kwargs is caught, not run unpacked.
+
 This module imports without transformers; only :func:`register` (and the functions it registers) need it.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 import warnings
 
 import torch
 
 from tuneforge.kernels import flash_attention
+from tuneforge.models.packing import document_mask
 
-__all__ = ["attention_implementation_name", "register", "attention", "padding_mask"]
+__all__ = ["attention_implementation_name", "register", "attention", "padding_mask", "PACKED_KWARG", "PackedRows"]
 
 #: the ``attn_implementation`` name that :func:`register` makes available
 attention_implementation_name = "tuneforge"
+
+#: the keyword the packed documents travel under, from the model's forward to :func:`attention`. Not transformers'
+#: own ``cu_seq_lens_q``: that is flash-attention's varlen layout (one flattened row, batch 1), which some model code
+#: reads itself (linear-attention and state-space layers); our offsets are per row, (S + 1,) or (B, S + 1).
+PACKED_KWARG = "tuneforge_packed_rows"
+
+
+@dataclasses.dataclass
+class PackedRows:
+    """Packed documents on their way to the attention layers (the value of :data:`PACKED_KWARG`)."""
+
+    cu_seqlens: torch.Tensor  # (S + 1,) or (B, S + 1) int offsets, as tuneforge.kernels.flash_attention takes them
+    calls: int = 0  # attention calls that applied them: the model checks that every layer's did
 
 # Reasons already warned about: a fallback is usually hit by every layer on every step, one warning is enough.
 _warned: set[str] = set()
@@ -95,7 +115,18 @@ def _allowed(attention_mask, q_len: int, k_len: int, causal: bool, device) -> to
     return allowed
 
 
-def _fallback(module, query, key, value, attention_mask, causal: bool, use_eager: bool, **kwargs):
+def _within_documents(attention_mask, cu_seqlens, query, key) -> torch.Tensor:
+    """A 4-D mask (bool: True = may attend; float: additive) narrowed to pairs inside one packed document."""
+    B, T = query.size(0), query.size(-2)
+    if key.size(-2) != T:
+        raise ValueError(f"packed rows need as many keys as queries (no cache), got {key.size(-2)} keys for {T}")
+    same = document_mask(cu_seqlens, B, T, causal=False)  # (B, 1, T, T); causality is already in the mask
+    if attention_mask.dtype == torch.bool:
+        return attention_mask & same
+    return torch.where(same, attention_mask, torch.finfo(attention_mask.dtype).min)
+
+
+def _fallback(module, query, key, value, attention_mask, causal: bool, use_eager: bool, cu_seqlens=None, **kwargs):
     """transformers' sdpa (or the model's own eager) attention, given a mask in the form that function takes."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -103,6 +134,8 @@ def _fallback(module, query, key, value, attention_mask, causal: bool, use_eager
         # Our mask function gave a padding mask (or none); the 4-D mask makes causality explicit too, as eager never
         # applies it on its own and sdpa's own is_causal is top-left aligned.
         attention_mask = _allowed(attention_mask, query.size(-2), key.size(-2), causal, query.device)
+    if cu_seqlens is not None:  # packed rows: never dropped, whichever attention runs
+        attention_mask = _within_documents(attention_mask, cu_seqlens, query, key)
     eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
     if not use_eager or eager is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, is_causal=causal, **kwargs)
@@ -117,9 +150,15 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
 
     query: (B, H, Tq, D); key, value: (B, Hkv, Tk, D) with H a multiple of Hkv (grouped-query attention);
     attention_mask: what :func:`padding_mask` built, (B, Tk') bool or None, or a caller's 4-D mask.
-    Returns ``(output (B, Tq, H, D) contiguous, None)``; no attention weights, like sdpa.
+    Returns ``(output (B, Tq, H, D) contiguous, None)``; no attention weights, like sdpa. Packed rows come as
+    ``kwargs[PACKED_KWARG]`` (see the module docstring).
     """
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    packed = kwargs.pop(PACKED_KWARG, None)
+    cu_seqlens = None
+    if packed is not None:
+        packed.calls += 1
+        cu_seqlens = packed.cu_seqlens
     if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.size(-1) < key.size(-2):
         # A static cache's keys run to its full length; the padding mask covers only the slots filled so far,
         # and the queries are the last of those. Drop the empty slots (as transformers' flash attention does).
@@ -141,7 +180,7 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
         reason, use_eager = "an additive position_bias is not supported by the fused kernel", False
     if reason is not None:
         _warn_once(reason)
-        return _fallback(module, query, key, value, attention_mask, is_causal, use_eager,
+        return _fallback(module, query, key, value, attention_mask, is_causal, use_eager, cu_seqlens=cu_seqlens,
                          dropout=dropout, scaling=scaling, **kwargs)
 
     # Grouped-query attention goes to the kernel as it is: key/value keep their Hkv heads (key head j serves query
@@ -149,8 +188,8 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
     # repeated into H heads (a copy of the whole cache per layer and step).
     mask = None if attention_mask is None else \
         attention_mask if attention_mask.dtype == torch.bool else attention_mask.bool()  # (B, Tk)
-    out = flash_attention(query, key, value, causal=bool(is_causal), scale=scaling,
-                          key_padding_mask=mask)  # (B, H, Tq, D)
+    out = flash_attention(query, key, value, causal=bool(is_causal), scale=scaling, key_padding_mask=mask,
+                          cu_seqlens=cu_seqlens)  # (B, H, Tq, D)
     # free on the CPU kernel, whose output already lies token-major in memory; so o_proj's saved input is the very
     # storage the attention's backward keeps
     return out.transpose(1, 2).contiguous(), None  # (B, Tq, H, D)

@@ -64,8 +64,16 @@ class LanguageModel(Protocol):
     prefix: nn.Module | None
 
     def forward_hidden(self, idx: torch.Tensor, *, key_padding_mask: torch.Tensor | None = None,
-                       positions: torch.Tensor | None = None, cache: Any = None) -> torch.Tensor:
-        """Hidden states after ``ln_f``, (B, T, C), for ids (B, T); the prefix's K positions are not returned."""
+                       positions: torch.Tensor | None = None, cache: Any = None,
+                       cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states after ``ln_f``, (B, T, C), for ids (B, T); the prefix's K positions are not returned.
+
+        ``cu_seqlens``: packed rows, several documents back to back in each row, as int (S + 1,) offsets shared by
+        every row or (B, S + 1) per row (:mod:`tuneforge.models.packing`). Each document then gives the hidden
+        states it would alone: attention never crosses a boundary, positions restart at 0 per document (unless
+        ``positions`` says otherwise), and positions past the last offset are padding. Refused (ValueError) with a
+        ``cache`` or a soft-prompt ``prefix``.
+        """
         ...
 
     def forward(self, idx: torch.Tensor, **kwargs) -> torch.Tensor:

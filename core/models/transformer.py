@@ -106,7 +106,7 @@ class CausalSelfAttention(nn.Module):
         self.o = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, key_padding_mask=None, cache=None, layer: int = 0):
+    def forward(self, x, key_padding_mask=None, cache=None, layer: int = 0, cu_seqlens=None):
         B, T, C = x.shape
         H, D = self.n_heads, self.head_dim
         if T == 1:  # a decode step: (B, 1, C) already lies in memory as (B, H, 1, D), so a view does it
@@ -116,7 +116,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
         if cache is not None:  # attend to every cached key, then the new ones
             k, v = cache.append(layer, k, v)  # (B, H, L + T, D): views of the cache, read in place
-        y = flash_attention(q, k, v, causal=True, key_padding_mask=key_padding_mask)  # (B, H, T, D)
+        y = flash_attention(q, k, v, causal=True, key_padding_mask=key_padding_mask,
+                            cu_seqlens=cu_seqlens)  # (B, H, T, D)
         # (B, T, C): heads side by side again (with T == 1 the kernel's contiguous output is that already)
         y = y.reshape(B, T, C) if T == 1 else y.transpose(1, 2).reshape(B, T, C)
         return _dropout(self.dropout, self.o(y))
@@ -147,15 +148,17 @@ class Block(Checkpointable, nn.Module):
         self.ln2 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, key_padding_mask=None, cache=None):
+    def forward(self, x, key_padding_mask=None, cache=None, cu_seqlens=None):
         if cache is not None:  # never recomputed: a second run would append the same keys to the cache again
             return self.layers(x, key_padding_mask, cache)
-        return self.checkpointed(self.layers, x, key_padding_mask)
+        return self.checkpointed(self.layers, x, key_padding_mask, None, cu_seqlens)
 
-    def layers(self, x, key_padding_mask=None, cache=None):
+    def layers(self, x, key_padding_mask=None, cache=None, cu_seqlens=None):
         # Pre-norm: each sub-layer sees a normalised input and adds to an un-normalised residual stream,
         # which keeps gradients well-scaled without warm-up tricks at this depth.
-        x = x + self.attn(self.ln1(x), key_padding_mask=key_padding_mask, cache=cache, layer=self.index)
+        # cu_seqlens only when packed, so a plugin's attention module without the argument still runs the rest
+        packed = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+        x = x + self.attn(self.ln1(x), key_padding_mask=key_padding_mask, cache=cache, layer=self.index, **packed)
         x = x + self.mlp(self.ln2(x))
         return x  # (B, T, C)
 
@@ -241,7 +244,7 @@ class Transformer(Generates, nn.Module):
         w = self.tok_emb.weight
         return KVCache(self.config, batch_size, max_len or self.config.max_seq_len, w.device, w.dtype)
 
-    def forward_hidden(self, idx, *, key_padding_mask=None, positions=None, cache=None):
+    def forward_hidden(self, idx, *, key_padding_mask=None, positions=None, cache=None, cu_seqlens=None):
         """Final-normed hidden states (B, T, C) of token ids ``idx`` (B, T).
 
         past = the tokens of this input already in ``cache`` (0 without a cache), padding included; a prefix the
@@ -251,15 +254,18 @@ class Transformer(Generates, nn.Module):
             own (``generate`` uses cumsum(mask) - 1, so each row's first real token is position 0). With a prefix,
             each row's positions are shifted by its real prefix tokens.
         cache: a ``KVCache`` from ``new_cache``; this call appends the T new tokens (and the prefix, first) to it.
+        cu_seqlens: packed rows, int (S + 1,) or (B, S + 1) document offsets (``tuneforge.models.packing``):
+            attention stays within each document, positions default to restarting at 0 per document. Not with a
+            cache or a prefix (ValueError).
         """
-        plan = plan_input(self, idx, key_padding_mask, positions, cache)
+        plan = plan_input(self, idx, key_padding_mask, positions, cache, cu_seqlens)
         pre, K, key_padding_mask, positions = plan.prefix, plan.length, plan.key_padding_mask, plan.positions
         x = self.tok_emb(idx) + self.pos_emb(positions)  # (B, T, C)
         if plan.fresh:
             x = torch.cat([pre.emb.to(x.dtype) + self.pos_emb(pre.positions()), x], dim=1)  # (B, K + T, C)
         x = _dropout(self.drop, x)
         for block in self.blocks:
-            x = block(x, key_padding_mask=key_padding_mask, cache=cache)
+            x = block(x, key_padding_mask=key_padding_mask, cache=cache, cu_seqlens=plan.cu_seqlens)
         if cache is not None:
             cache.advance()
         if plan.fresh:

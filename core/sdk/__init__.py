@@ -40,6 +40,7 @@ from tuneforge.hookspecs import hookimpl
 from tuneforge.models import routing
 from tuneforge.models.families import FAMILIES, Family, expand_targets, family_of
 from tuneforge.models.lm_loss import hidden_logprobs, next_token_loss_of, target_logprobs, token_losses
+from tuneforge.models.packing import packed_positions
 from tuneforge.models.protocol import LanguageModel, Prefix
 from tuneforge.models.tokenizer import tokenizer_of
 from tuneforge.objectives.classify import HeadTask, VerbalizedTask, score_candidates
@@ -66,6 +67,7 @@ __all__ = [
     # the model
     "LanguageModel", "Prefix", "tokenizer_of", "Family", "FAMILIES", "family_of", "expand_targets", "routing",
     "kernels", "load_model", "token_losses", "next_token_loss_of", "hidden_logprobs", "target_logprobs",
+    "packed_positions",
     # data
     "Records", "read_records", "split_held_out", "Labelled", "Template", "read_labelled", "has_labels",
     "Ranking", "read_rankings", "split_rankings", "ranking_pairs", "ranking_text", "prompt_ids", "ranking_ids",
