@@ -1,6 +1,7 @@
 """``finetune``: continue training a pretrained model (``--init``) on the last N blocks, or all of it.
 
-Objectives, chosen by the options and the data:
+Its objective is a default: another objective in the run (``sft``) replaces it, and finetune then only says which
+blocks train. Alone, chosen by the options and the data:
 
 - ``head=lm`` on text: next-token cross-entropy (domain adaptation);
 - ``head=lm`` on labelled records: the model learns to answer with the label's word (see
@@ -118,17 +119,18 @@ class Finetune:
         layers, head_trains = self._layers(run)
         return block_parameters(model, layers, head=head_trains)
 
-    @hookimpl
+    # A default objective (trylast): beside another objective (sft) finetune only says which blocks train.
+    @hookimpl(trylast=True)
     def tuneforge_data(self, run):
         return self._task(run).epoch(run)
 
-    @hookimpl
+    @hookimpl(trylast=True)
     def tuneforge_loss(self, model, batch):
         return self.task.loss(model, batch)
 
     @hookimpl
     def tuneforge_evaluate(self, model, run):
-        return self._task(run).evaluate(model, run)
+        return self._task(run).evaluate(model, run) if run.is_objective(self) else None
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ The names, by what a mechanism does with them:
 - **the model**: :class:`LanguageModel` (the interface), :class:`Prefix`, :func:`tokenizer_of`, the architecture
   families (:func:`family_of`, :func:`expand_targets`), :mod:`routing` (which task each row is) and :mod:`kernels`
   (the fused ops); :func:`load_model` rebuilds a trained model from a run or checkpoint folder.
-- **data**: records, labelled data, rankings, and batching (:func:`pad_right`, :func:`fit_context`,
+- **data**: records, labelled data, rankings, chat records and the model's chat template, and batching (:func:`pad_right`, :func:`fit_context`,
   :func:`epoch_generator`).
 - **objectives to delegate to**: :class:`TextTask` (next tokens), :class:`VerbalizedTask` / :class:`HeadTask`
   (classification), :class:`DefaultObjective` (what a parameterisation learns when no objective is named).
@@ -26,11 +26,12 @@ The names, by what a mechanism does with them:
 from tuneforge import kernels
 from tuneforge.common.names import check_name, inside, is_name, replace_folder, write_export
 from tuneforge.common.options import OptionError, check_range, suggest
+from tuneforge.data.chat import TRAIN_ON, ChatExample, ChatTemplate, chat_messages, is_chat_record, template_of
 from tuneforge.data.batching import epoch_generator, fit_context, pad_right
 from tuneforge.data.labelled import Labelled, Template, has_labels, read_labelled
 from tuneforge.data.rankings import (Ranking, prompt_ids, ranking_batch, ranking_epoch, ranking_ids, ranking_pairs,
                                      ranking_text, read_rankings, split_rankings)
-from tuneforge.data.records import Records, read_records, split_held_out
+from tuneforge.data.records import Records, held_out_source, holdout_cut, read_records, split_held_out
 from tuneforge.engine.checkpoint import MODEL_FILE, STATE_FILE, resolve_checkpoint
 from tuneforge.engine.loop import load_model
 from tuneforge.engine.registry import plugin_hooks
@@ -69,7 +70,9 @@ __all__ = [
     "kernels", "load_model", "token_losses", "next_token_loss_of", "hidden_logprobs", "target_logprobs",
     "packed_positions",
     # data
-    "Records", "read_records", "split_held_out", "Labelled", "Template", "read_labelled", "has_labels",
+    "Records", "read_records", "split_held_out", "held_out_source", "holdout_cut", "Labelled", "Template",
+    "read_labelled", "has_labels",
+    "chat_messages", "is_chat_record", "template_of", "ChatTemplate", "ChatExample", "TRAIN_ON",
     "Ranking", "read_rankings", "split_rankings", "ranking_pairs", "ranking_text", "prompt_ids", "ranking_ids",
     "ranking_batch", "ranking_epoch", "pad_right", "fit_context", "epoch_generator",
     # objectives
