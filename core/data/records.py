@@ -59,9 +59,11 @@ def read_records(spec: str, *, split: str = "train", fields: dict[str, type | tu
     else:
         path = Path(spec)
         if not path.is_file():
+            from tuneforge.data.world import BUILTIN_DATASETS
+
             raise DataError(
                 f"data '{spec}' is not a file. Give a .txt or .jsonl file, or one of the embedded datasets "
-                "builtin:text, builtin:sentiment, builtin:topic, builtin:rankings."
+                + ", ".join(BUILTIN_PREFIX + name for name in BUILTIN_DATASETS) + "."
             )
         if path.suffix == ".txt":
             data = _read_bytes(path)

@@ -10,9 +10,10 @@ every machine sees the same data and every later mechanism has an answer key:
 - ``topic``: short notes labelled food/weather/travel/sport by their topic words (:func:`topic_of`).
 - ``rankings``: a prompt with 3-5 responses, ranked by a hidden preference (:meth:`World.preference`) as a
   scripted stand-in for human labellers; equal scores are ties (``"C > B = D > A"``).
+- ``instruct``: a scene, review or note with a question about it, answered from it (:mod:`tuneforge.data.instruct`).
 
-The classification test splits never appear in the text corpus, so held-out accuracy is honest.
-See docs/data-world.md.
+The classification test splits never appear in the text corpus, so held-out accuracy is honest. The town's words
+and their ground truth are in ``town.py``. See docs/data-world.md.
 """
 from __future__ import annotations
 
@@ -21,9 +22,18 @@ import functools
 import random
 import re
 
+# The vocabulary and ground truth live in town.py, which instruct.py reads too (it cannot read this module, which
+# builds builtin:instruct with it); imported here, they are tuneforge.data.world.NAME as they always were.
+from tuneforge.data.instruct import generate_instruct
+from tuneforge.data.town import (ASPECTS, DISHES, FOOD_WORDS, LABELS, NAMES, NEGATIVE, PLACES, POSITIVE,
+                                 TOPIC_TEMPLATES, TOPIC_WORDS, VERBALIZERS, review, sentiment_of, topic_note,
+                                 topic_of)
+
 __all__ = [
     "DEFAULT_SEED", "World", "builtin", "BUILTIN_DATASETS", "LABELS", "VERBALIZERS",
     "sentiment_of", "topic_of", "preference", "rank", "SPLITS", "hidden_judge", "judge_of",
+    # the town's vocabulary (town.py), read by the tests and by anyone writing data in the world's words
+    "NAMES", "PLACES", "DISHES", "POSITIVE", "NEGATIVE", "FOOD_WORDS", "ASPECTS", "TOPIC_WORDS", "TOPIC_TEMPLATES",
 ]
 
 DEFAULT_SEED = 0
@@ -33,53 +43,9 @@ BUILTIN_DATASETS = {
     "sentiment": "reviews labelled positive / negative (train 4000, test 500)",
     "topic": "notes labelled food / weather / travel / sport (train 4000, test 500)",
     "rankings": "prompts with 3-5 responses ranked by a hidden preference, ties included (train 2000, test 300)",
+    "instruct": "questions about a scene, review or note answered from it, six kinds (train 4000, test 400)",
 }
 SPLITS = ("train", "test")
-
-LABELS = {"sentiment": ["negative", "positive"], "topic": ["food", "weather", "travel", "sport"]}
-VERBALIZERS = {
-    "sentiment": {"positive": "good", "negative": "bad"},
-    "topic": {t: t for t in LABELS["topic"]},
-}
-
-NAMES = ["mira", "tomas", "ana", "joel", "lena", "omar", "ines", "pavel", "rosa", "kai", "nora", "felix",
-         "ada", "ivan", "lucia", "sami"]
-PLACES = ["the harbor cafe", "the old mill", "the river market", "the hill inn", "the corner bakery",
-          "the north station", "the green park", "the stone bridge", "the town square", "the lake house"]
-DISHES = ["soup", "bread", "pie", "stew", "tea", "pasta", "salad", "cake", "fish", "rice", "coffee", "cheese"]
-POSITIVE = ["lovely", "warm", "fresh", "great", "tasty", "wonderful", "friendly", "perfect", "delicious", "pleasant"]
-NEGATIVE = ["cold", "stale", "awful", "bland", "rude", "terrible", "soggy", "dull", "greasy", "burnt"]
-# Which sentiment words fit what, so reviews stay sensible English ("the staff was rude", never "the view was
-# burnt"). Every word of POSITIVE and NEGATIVE is used by something.
-_ANY_GOOD, _ANY_BAD = ["lovely", "great", "wonderful", "perfect", "pleasant"], ["awful", "terrible", "dull"]
-FOOD_WORDS = (_ANY_GOOD + ["fresh", "tasty", "delicious", "warm"],
-              _ANY_BAD + ["cold", "stale", "bland", "soggy", "greasy", "burnt"])
-ASPECTS = {
-    "the service": (_ANY_GOOD + ["friendly", "warm"], _ANY_BAD + ["rude", "cold"]),
-    "the staff": (_ANY_GOOD + ["friendly", "warm"], _ANY_BAD + ["rude", "cold"]),
-    "the room": (_ANY_GOOD + ["warm", "fresh"], _ANY_BAD + ["cold", "stale"]),
-    "the music": (_ANY_GOOD, _ANY_BAD),
-    "the view": (_ANY_GOOD, _ANY_BAD),
-}
-
-TOPIC_WORDS = {
-    "food": ["soup", "bread", "oven", "spices", "dinner", "recipe", "garlic", "butter", "kitchen", "honey"],
-    "weather": ["rain", "wind", "clouds", "storm", "sunshine", "fog", "snow", "thunder", "frost", "breeze"],
-    "travel": ["train", "ticket", "journey", "map", "suitcase", "ferry", "road", "station", "border", "luggage"],
-    "sport": ["match", "goal", "team", "race", "ball", "coach", "score", "runner", "stadium", "referee"],
-}
-TOPIC_TEMPLATES = [
-    "{name} talked about the {w1} and the {w2}.",
-    "the {w1} was all anyone noticed, then the {w2}.",
-    "{name} wrote a note on the {w1}, the {w2} and the {w3}.",
-    "at {place} they spoke of the {w1} and the {w2}.",
-    "nobody forgot the {w1}; {name} kept thinking of the {w2}.",
-    "a long day of {w1}, {w2} and {w3} for {name}.",
-    "{name} asked {other} about the {w1} and the {w2}.",
-    "first the {w1}, then the {w2}, and at last the {w3}.",
-    "every letter {name} sent was about the {w1} or the {w2}.",
-    "all week at {place} it was the {w1} and the {w2}.",
-]
 
 # The hidden preference of the ranking task (see World.preference).
 PLEASANT = ["kind", "bright", "calm", "lovely", "warm", "gentle", "happy", "clear", "sweet", "friendly"]
@@ -93,28 +59,6 @@ FILLER = ["today", "again", "near the water", "by the road", "in the morning", "
           "for a while", "as usual", "at last"]
 
 _WORD = re.compile(r"[a-z]+")
-
-
-def sentiment_of(text: str) -> str | None:
-    """Ground truth of ``sentiment``: +1 per positive word, -1 per negative word, sign flipped by a preceding
-    ``not``; positive if the sum is above 0, negative if below, None if 0 (never generated)."""
-    words = _WORD.findall(text.lower())
-    score = 0
-    for i, w in enumerate(words):
-        s = 1 if w in POSITIVE else -1 if w in NEGATIVE else 0
-        if s and i > 0 and words[i - 1] == "not":
-            s = -s
-        score += s
-    return "positive" if score > 0 else "negative" if score < 0 else None
-
-
-def topic_of(text: str) -> str | None:
-    """Ground truth of ``topic``: the topic whose words occur most often (None on a tie, never generated)."""
-    words = _WORD.findall(text.lower())
-    counts = {t: sum(w in vocab for w in words) for t, vocab in TOPIC_WORDS.items()}
-    best = max(counts.values())
-    winners = [t for t, c in counts.items() if c == best]
-    return winners[0] if best > 0 and len(winners) == 1 else None
 
 
 class World:
@@ -193,38 +137,6 @@ def _split(split: str) -> str:
 
 
 # --- generators -------------------------------------------------------------------------------------------
-
-def _review(rng: random.Random, label: str) -> str:
-    """One review of ``label``. Negated words (``not cold``) always come with more plain words of the label, so
-    word counts alone agree with the label and a model that also reads ``not`` agrees on every record."""
-    side = 0 if label == "positive" else 1
-    dish, place, aspect = rng.choice(DISHES), rng.choice(PLACES), rng.choice(list(ASPECTS))
-    food_good, food_bad = FOOD_WORDS[side], FOOD_WORDS[1 - side]
-    aspect_good = ASPECTS[aspect][side]
-    form = rng.randrange(6)
-    if form == 0:
-        return f"the {dish} at {place} was {rng.choice(food_good)}."
-    if form == 1:
-        g1, g2 = rng.sample(food_good, 2)
-        return f"the {dish} at {place} was {g1} and {g2}."
-    if form == 2:
-        g1, g2 = rng.sample(aspect_good, 2)
-        return f"the {dish} at {place} was not {rng.choice(food_bad)}, and {aspect} was {g1} and {g2}."
-    if form == 3:
-        return f"{rng.choice(NAMES)} said the {dish} was {rng.choice(food_good)}, and {aspect} was " \
-               f"{rng.choice(aspect_good)}."
-    if form == 4:
-        g1, g2 = rng.sample(aspect_good, 2)
-        return f"{aspect} at {place} was {g1} and {g2}; the {dish} was not {rng.choice(food_bad)}."
-    return f"{rng.choice(NAMES)} found {aspect} {rng.choice(aspect_good)}. the {dish} was {rng.choice(food_good)}."
-
-
-def _topic_note(rng: random.Random, label: str) -> str:
-    w1, w2, w3 = rng.sample(TOPIC_WORDS[label], 3)
-    name, other = rng.sample(NAMES, 2)
-    template = rng.choice(TOPIC_TEMPLATES)
-    return template.format(name=name, other=other, place=rng.choice(PLACES), w1=w1, w2=w2, w3=w3)
-
 
 def _labelled(rng: random.Random, make, labels: list[str], truth, n_train: int, n_test: int):
     """Balanced, de-duplicated train/test records; the test texts never appear in train."""
@@ -310,8 +222,8 @@ def _rankings(rng: random.Random, n: int, seen: set[str]) -> list[dict]:
 @functools.lru_cache(maxsize=4)
 def _generate(seed: int) -> dict:
     rng = random.Random(seed)
-    sentiment = _labelled(rng, _review, ["positive", "negative"], sentiment_of, 4000, 500)
-    topic = _labelled(rng, _topic_note, LABELS["topic"], topic_of, 4000, 500)
+    sentiment = _labelled(rng, review, ["positive", "negative"], sentiment_of, 4000, 500)
+    topic = _labelled(rng, topic_note, LABELS["topic"], topic_of, 4000, 500)
     held_out = {r["text"] for r in sentiment["test"] + topic["test"]}
 
     def document() -> str:
@@ -326,11 +238,11 @@ def _generate(seed: int) -> dict:
                 part = f"{rng.choice(PROMPTS).format(s=subject)} {_response(rng, subject)}"
             elif kind < 0.7:
                 label = rng.choice(LABELS["sentiment"])
-                text = _review(rng, label)
+                text = review(rng, label)
                 part = "" if text in held_out else f"review: {text} verdict: {VERBALIZERS['sentiment'][label]}."
             else:
                 label = rng.choice(LABELS["topic"])
-                text = _topic_note(rng, label)
+                text = topic_note(rng, label)
                 part = "" if text in held_out else f"note: {text} category: {VERBALIZERS['topic'][label]}."
             if part and sum(len(p) + 1 for p in parts) + len(part) <= 400:
                 parts.append(part)
@@ -343,6 +255,15 @@ def _generate(seed: int) -> dict:
     return {"text": text, "sentiment": sentiment, "topic": topic, "rankings": rankings}
 
 
+@functools.lru_cache(maxsize=4)
+def _instruct(seed: int) -> dict:
+    """``builtin:instruct``, kept apart from the classification test splits, its test split also from the corpus
+    (where reviews and notes appear with their verdicts). Its own random stream: the other datasets do not change."""
+    data = _generate(seed)
+    excluded = {r["text"] for task in LABELS for r in data[task]["test"]}
+    return generate_instruct(seed, excluded=excluded, corpus="\n".join(data["text"]["train"] + data["text"]["test"]))
+
+
 def builtin(name: str, split: str = "train", seed: int = DEFAULT_SEED) -> list[dict]:
     """Records of ``builtin:NAME``: ``text`` -> ``[{"text": doc}]``; the others as described in the module doc."""
     if name not in BUILTIN_DATASETS:
@@ -353,4 +274,6 @@ def builtin(name: str, split: str = "train", seed: int = DEFAULT_SEED) -> list[d
         return [{"text": doc} for doc in world.text(split)]
     if name == "rankings":
         return world.rankings(split)
+    if name == "instruct":
+        return copy.deepcopy(_instruct(seed)[_split(split)])
     return world.classification(name, split)
