@@ -12,8 +12,9 @@ never changes) and cached, so the first step starts at once and no response is s
 the cache (``dpo_reference.safetensors``, NaN where not yet known), so a resumed run does not recompute them. The reference itself is the same model with every LoRA, adapter and soft prompt
 switched off when only those train, else the starting model loaded once (see :mod:`tuneforge.rlhf.policy`); it is
 needed again only for evaluation: the win rate of the policy over it on held-out prompts, judged by the
-embedded world's hidden preference (``judge=world``, default on ``builtin:rankings``), the KL per token, and the
-held-out pair accuracy of the implicit reward ``β (log π - log π_ref)``.
+embedded world's hidden preference (``judge=world``, default on ``builtin:rankings``; a conversation is judged on its
+last user message), the KL per token, and the held-out pair accuracy of the implicit reward ``β (log π - log π_ref)``.
+A prompt may be a conversation: its rows go through the model's chat template (:func:`tuneforge.sdk.ranking_ids`).
 """
 from __future__ import annotations
 
@@ -159,9 +160,9 @@ class DPO:
             total += margin.numel()
         if total:
             out["pair_accuracy"] = right / total
-        judge = judge_for(self.options.judge, run.config.data)
+        prompts = [r.prompt for r in self.held_out][: self.options.eval_prompts]
+        judge = judge_for(self.options.judge, run.config.data, chat=any(isinstance(p, list) for p in prompts))
         if judge is not None:
-            prompts = [r.prompt for r in self.held_out][: self.options.eval_prompts]
             out.update(compare(model, reference, run.tokenizer, prompts, judge=judge,
                                max_new_tokens=self.options.max_new_tokens, temperature=self.options.temperature,
                                seed=run.seed, device=run.device))

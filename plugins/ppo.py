@@ -18,6 +18,11 @@ memory; alone (``layers=auto`` -> all) or with ``layers=N`` the reference is the
 frozen. Evaluation samples the policy and the reference on held-out prompts and reports the policy's win rate
 judged by ``judge=`` (``world``: the embedded world's hidden preference, default on ``builtin:rankings``;
 ``reward``: the reward model) and the KL per token.
+
+A prompt (``prompt_field``) is text or a conversation, a list of ``{"role", "content"}`` messages ending with a user
+turn: the policy then answers after the model's chat template's generation prompt and stops at its end-of-turn
+token (the tokenizer's eos), and the reward model reads the conversation through the same template, as it was
+trained (:func:`tuneforge.sdk.ranking_ids`). The world's judge reads a conversation's last user message.
 """
 from __future__ import annotations
 
@@ -91,6 +96,7 @@ class PPO:
         self.options = options
         self.kl_coef = options.kl_coef
         self.prompts = self.held_out = None
+        self.chat = False  # some prompts are conversations (the world's judge then reads their last user message)
         self.reward_model = self.reference = None
         # The rollout being trained on. Checkpoints save it; a resumed run replays it.
         self.current: RolloutBuffer | None = None
@@ -100,10 +106,18 @@ class PPO:
     def _read(self, run) -> None:
         if self.prompts is not None:
             return
-        name = self.options.prompt_field
-        read = lambda spec, split: [r[name] for r in read_records(spec, split=split, fields={name: str})]  # noqa: E731
+        name, tok = self.options.prompt_field, run.tokenizer
+
+        def read(spec, split):  # text, or a conversation ending with a user turn: validated here, file:line named
+            records = read_records(spec, split=split, fields={name: (str, list)})
+            for r, where in zip(records.items, records.where):
+                if isinstance(r[name], list):  # through the chat template, so one it refuses is named here
+                    prompt_ids(tok, r[name], where=where)
+            return [r[name] for r in records.items]
+
         self.prompts, held_out = split_held_out(run.config, read, self.options.holdout)
         self.held_out = held_out[: self.options.eval_prompts]
+        self.chat = any(isinstance(p, list) for p in self.prompts + self.held_out)
 
     def _setup(self, run, model) -> None:
         if self.reference is None:
@@ -115,7 +129,7 @@ class PPO:
                 raise ConfigError(f"ppo: reward={self.options.reward} is not a reward model (no scalar head); train "
                                   "one with -m reward-model on rankings")
 
-    def _reward(self, prompts: list[str], texts: list[str]) -> list[float]:
+    def _reward(self, prompts: list, texts: list[str]) -> list[float]:
         return score(self.reward_model, prompts, texts).tolist()
 
     # -- hooks -------------------------------------------------------------------------------------------------
@@ -189,7 +203,7 @@ class PPO:
         kl_token = float(kl.sum() / mask.sum())
         stats = {"reward": float(scores.mean()), "kl": kl_token, "kl_coef": self.kl_coef,
                  "response_tokens": float(mask.sum(-1).mean()), "stopped": float(s.stopped.float().mean())}
-        judge = judge_for(o.judge, run.config.data, self._reward)
+        judge = judge_for(o.judge, run.config.data, self._reward, chat=self.chat)
         if judge is not None and o.judge != "reward":
             stats["judge_score"] = sum(judge(prompts, s.texts)) / len(prompts)
         if o.kl_target is not None:  # proportional controller on the measured KL, clipped to ±20% per horizon
@@ -225,7 +239,7 @@ class PPO:
     def tuneforge_evaluate(self, model, run):
         self._read(run)
         self._setup(run, model)
-        judge = judge_for(self.options.judge, run.config.data, self._reward)
+        judge = judge_for(self.options.judge, run.config.data, self._reward, chat=self.chat)
         if judge is None:
             return None
         return compare(model, self.reference, run.tokenizer, self.held_out, judge=judge,

@@ -4,6 +4,7 @@ A ranking record is one prompt, its responses, and an ordering of them, best fir
 
     {"prompt": "describe the lake.", "responses": ["...", "...", "...", "..."], "ranking": "C > B = D > A"}
     {"prompt": "describe the lake.", "responses": ["...", "...", "...", "..."], "ranking": [[2], [1, 3], [0]]}
+    {"prompt": [{"role": "system", "content": "..."}, {"role": "user", "content": "describe the lake."}], ...}
 
 Letters index the responses (A is the first); the second form gives the tiers as lists of 0-based indices (a
 bare integer is a tier of one). Every response appears exactly once. ``C > B = D > A`` implies the strict pairs
@@ -14,18 +15,26 @@ Objectives that learn from rankings (``reward-model``, ``dpo``) read them with :
 them with :func:`ranking_batch`: one batch element is one whole ranking (all its responses scored in the same
 forward pass), and each pair carries the weight ``1 / (pairs of its ranking)``, so a 5-response ranking (10
 pairs) counts as much as a 3-response one (3 pairs), not three times as much.
+
+A prompt is text or a conversation (a list of ``{"role", "content"}`` messages ending with the user turn the
+responses answer). Text keeps the layout of the embedded world, ``bos prompt ␣ response eos``; a conversation goes
+through the model's chat template (:mod:`tuneforge.data.chat`): the generation prompt, then the response as the
+assistant's turn up to its end-of-turn token, the same ids a policy's rollout has (:func:`prompt_ids` is what it
+writes after), so an SFT model, its reward model and its DPO / PPO policy all read one layout.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import string
 from collections.abc import Iterator, Sequence
 
 import torch
 
+from tuneforge.data.batching import epoch_generator, fit_context, pad_right
+from tuneforge.data.chat import chat_messages, template_of
 from tuneforge.data.records import read_records, split_held_out
 from tuneforge.errors import DataError
-from tuneforge.data.batching import epoch_generator, fit_context, pad_right
 
 __all__ = ["Ranking", "parse_ranking", "format_ranking", "ranking_pairs", "read_rankings", "split_rankings",
            "ranking_text", "prompt_ids", "ranking_ids", "ranking_batch", "ranking_epoch"]
@@ -35,9 +44,10 @@ LETTERS = string.ascii_uppercase
 
 @dataclasses.dataclass
 class Ranking:
-    """One validated record: ``tiers`` holds response indices, best tier first; ``where`` is its file:line."""
+    """One validated record: ``tiers`` holds response indices, best tier first; ``where`` is its file:line;
+    ``prompt`` is text or a validated conversation (``[{"role", "content"}, ...]``)."""
 
-    prompt: str
+    prompt: str | list[dict]
     responses: list[str]
     tiers: list[list[int]]
     where: str = ""
@@ -147,11 +157,15 @@ def ranking_pairs(tiers: Sequence[Sequence[int]]) -> tuple[list[tuple[int, int]]
 def read_rankings(spec: str, *, split: str = "train", prompt_field: str = "prompt",
                   responses_field: str = "responses", ranking_field: str = "ranking",
                   task_field: str = "task") -> list[Ranking]:
-    """The validated ranking records of ``spec`` (``builtin:rankings`` or a ``.jsonl`` file)."""
-    records = read_records(spec, split=split, fields={prompt_field: str, responses_field: list,
+    """The validated ranking records of ``spec`` (``builtin:rankings`` or a ``.jsonl`` file); a prompt that is a
+    list of messages is validated as a conversation (:func:`tuneforge.data.chat.chat_messages`)."""
+    records = read_records(spec, split=split, fields={prompt_field: (str, list), responses_field: list,
                                                       ranking_field: (str, list)})
     out = []
     for item, where in zip(records.items, records.where):
+        prompt = item[prompt_field]
+        if isinstance(prompt, list):
+            prompt = _conversation(prompt, where)
         responses = item[responses_field]
         if len(responses) < 2:
             raise DataError(f"{where}: field '{responses_field}' has {len(responses)} response(s); a ranking needs "
@@ -164,34 +178,82 @@ def read_rankings(spec: str, *, split: str = "train", prompt_field: str = "promp
         if not isinstance(task, str):
             raise DataError(f"{where}: field '{task_field}' must be a string (the task's name), got {task!r}")
         tiers = parse_ranking(item[ranking_field], len(responses), where=where)
-        out.append(Ranking(item[prompt_field], list(responses), tiers, where, task))
+        out.append(Ranking(prompt, list(responses), tiers, where, task))
     return out
 
 
 def split_rankings(run, fields: dict, holdout: float) -> tuple[list[Ranking], list[Ranking]]:
     """Training and held-out rankings: --eval-data, else the builtin test split, else the file's last
-    ``holdout`` share (which then never trains)."""
-    return split_held_out(run.config, lambda spec, split: read_rankings(spec, split=split, **fields), holdout)
+    ``holdout`` share (which then never trains). Conversations are rendered once here, so a chat template that
+    refuses one (a role it does not know) is an error naming its record before anything trains."""
+    train, held_out = split_held_out(run.config, lambda spec, split: read_rankings(spec, split=split, **fields),
+                                     holdout)
+    for r in train + held_out:
+        if isinstance(r.prompt, list):
+            prompt_ids(run.tokenizer, r.prompt, where=r.where)
+    return train, held_out
 
 
 def ranking_text(prompt: str, response: str) -> str:
-    """How a prompt and a response are laid out as one sequence (the embedded world's corpus writes its
+    """How a text prompt and a response are laid out as one sequence (the embedded world's corpus writes its
     answers this way): scorers, policies and rollouts all use this one layout."""
     return f"{prompt} {response}"
 
 
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """``bos prompt ␣``: what a response follows, in ranking rows and in a policy's rollouts alike."""
-    return tokenizer.encode(ranking_text(prompt, ""), bos=True)
+def prompt_ids(tokenizer, prompt: str | list[dict], *, where: str = "") -> list[int]:
+    """What a response follows, in ranking rows and in a policy's rollouts alike: ``bos prompt ␣`` for text, the
+    chat template's generation prompt for a conversation.
+
+    :param where: ``file:line`` of the prompt, for errors.
+    :raises DataError: a conversation that is malformed (see :func:`tuneforge.data.chat.chat_messages`), does not
+        end with a user turn, or that the template refuses.
+    """
+    if isinstance(prompt, str):
+        return tokenizer.encode(ranking_text(prompt, ""), bos=True)
+    with _located(where):
+        return template_of(tokenizer).prompt_ids(_conversation(prompt, where))
 
 
-def ranking_ids(tokenizer, prompt: str, response: str) -> tuple[list[int], int]:
-    """(ids of ``bos prompt ␣ response eos``, tokens before the response). The prompt's part and the response's
-    are encoded apart and joined, as a policy's rollout joins them (it writes after the encoded prompt): with a
-    subword tokenizer, encoding the text whole would merge the space into the response's first token, and the
-    response would start one token earlier than a rollout's. With bytes both ways are the same."""
-    head = prompt_ids(tokenizer, prompt)
-    return head + tokenizer.encode(response, eos=True), len(head)
+def ranking_ids(tokenizer, prompt: str | list[dict], response: str, *, where: str = "") -> tuple[list[int], int]:
+    """(ids of the row, tokens before the response). Text: ``bos prompt ␣ response eos``. A conversation:
+    :func:`prompt_ids`, then the response as the template writes an assistant turn, up to and with its end-of-turn
+    token (an ``eos`` added where the template ends no turn); what a template writes after that (a newline) is
+    left out, so the row's last token is the one a scalar head reads and the one a policy stops with.
+
+    The prompt's part and the response's are encoded apart and joined, as a policy's rollout joins them (it writes
+    after the encoded prompt): with a subword tokenizer, encoding the text whole would merge the space into the
+    response's first token, and the response would start one token earlier than a rollout's. With bytes both ways
+    are the same."""
+    if isinstance(prompt, str):
+        head = prompt_ids(tokenizer, prompt)
+        return head + tokenizer.encode(response, eos=True), len(head)
+    messages, template = _conversation(prompt, where), template_of(tokenizer)
+    with _located(where):
+        head = template.prompt_ids(messages)
+        ex = template.example(messages + [{"role": "assistant", "content": response}], train_on="completion",
+                              where=where or "ranking")
+    end = len(ex.trained) - ex.trained[::-1].index(True)  # after the answer's end-of-turn token
+    return head + ex.ids[ex.answer_start:end], len(head)
+
+
+def _conversation(prompt: list, where: str) -> list[dict]:
+    """A prompt's messages, validated: a conversation whose last message is the user turn the responses answer."""
+    messages = chat_messages({"prompt": prompt}, where or "prompt", needs_answer=False)
+    if messages[-1]["role"] != "user":
+        raise DataError(f"{where or 'prompt'}: the prompt's last message has role {messages[-1]['role']!r}; a ranked "
+                        "prompt ends with the user turn its responses answer")
+    return messages
+
+
+@contextlib.contextmanager
+def _located(where: str):
+    """Errors a chat template raises (a role it refuses) name the record they came from."""
+    try:
+        yield
+    except DataError as exc:
+        if not where or str(exc).startswith(where):
+            raise
+        raise DataError(f"{where}: {exc}") from None
 
 
 def ranking_batch(records: Sequence[Ranking], tokenizer, context: int, *, with_ties: bool = True,
@@ -200,7 +262,7 @@ def ranking_batch(records: Sequence[Ranking], tokenizer, context: int, *, with_t
 
     Returns a dict of tensors:
 
-    - ``input`` (N, T): ``bos prompt ␣ response eos``, right-padded (causal attention never looks right, so the
+    - ``input`` (N, T): ``bos prompt ␣ response eos`` (or the chat template's, :func:`ranking_ids`), right-padded (causal attention never looks right, so the
       padding needs no mask); a row longer than ``context`` loses the beginning of its prompt, never the response;
     - ``last`` (N,): index of each row's last token (the ``eos`` a scalar head reads);
     - ``start`` (N,): index of each row's first response token (``response`` spans start..last, eos included);
@@ -217,7 +279,7 @@ def ranking_batch(records: Sequence[Ranking], tokenizer, context: int, *, with_t
     for r, rec in enumerate(records):
         first = len(rows)
         for k, text in enumerate(rec.responses):
-            full, head = ranking_ids(tokenizer, rec.prompt, text)
+            full, head = ranking_ids(tokenizer, rec.prompt, text, where=rec.where)
             ids, _ = fit_context(full, context)
             rows.append(ids)
             last.append(len(ids) - 1)

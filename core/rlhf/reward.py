@@ -51,9 +51,11 @@ def rewards(model, idx: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score(model, prompts: Sequence[str], responses: Sequence[str], *, batch_size: int = 64) -> torch.Tensor:
+def score(model, prompts: Sequence[str | list[dict]], responses: Sequence[str], *, batch_size: int = 64
+          ) -> torch.Tensor:
     """Reward of each (prompt, response) under a trained reward model (``tuneforge.load_model(run)``): (N,) on
-    the model's device. Rows are laid out as in training (``bos prompt ␣ response eos``)."""
+    the model's device. A prompt is text or a conversation; rows are laid out as in training
+    (:func:`tuneforge.data.rankings.ranking_ids`: ``bos prompt ␣ response eos``, or the chat template's turn)."""
     if not isinstance(model.lm_head, ScalarHead):
         raise ConfigError("score: this model has no scalar head; train it with -m reward-model")
     tok, device = tokenizer_of(model), model.tok_emb.weight.device

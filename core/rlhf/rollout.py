@@ -1,9 +1,11 @@
 """Sampling responses from a policy, the rows PPO trains on, GAE, and judging a policy against its reference.
 
-A response is what the policy writes after ``bos prompt ␣`` (the layout of :func:`tuneforge.data.rankings.ranking_text`)
-until it writes a newline or ``eos`` (the stop token belongs to the response: the policy learns when to stop) or
-runs out of ``max_new_tokens``. Generation runs on left-padded prompts with the KV cache; training rows are the
-same tokens laid out again right-padded (``bos prompt ␣ response``), where causal attention needs no mask.
+A response is what the policy writes after :func:`tuneforge.data.rankings.prompt_ids`: ``bos prompt ␣`` for a text
+prompt, until it writes a newline or ``eos``; the chat template's generation prompt for a conversation (a list of
+messages), until it writes ``eos`` (the template's end-of-turn token, e.g. SmolLM2's ``<|im_end|>``; an answer
+may hold newlines). The stop token belongs to the response (the policy learns when to stop); a response that runs
+out of ``max_new_tokens`` has none. Generation runs on left-padded prompts with the KV cache; training rows are
+the same tokens laid out again right-padded (prompt ids, then response ids), where causal attention needs no mask.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ from tuneforge.data.world import hidden_judge, judge_of
 
 __all__ = ["Samples", "sample", "masked_mean", "whiten", "gae", "judge_for", "compare"]
 
+Prompt = str | list[dict]  # text, or a conversation: [{"role", "content"}, ...] ending with a user turn
+
 NEWLINE = ord("\n")
 
 
@@ -27,9 +31,9 @@ NEWLINE = ord("\n")
 class Samples:
     """Responses to ``prompts`` and the right-padded rows that hold them."""
 
-    prompts: list[str]
-    texts: list[str]  # each response without its stop token
-    input: torch.Tensor  # (B, T) bos prompt ␣ response [stop], right-padded
+    prompts: list[Prompt]
+    texts: list[str]  # each response without its stop token, decoded
+    input: torch.Tensor  # (B, T) prompt ids, response [stop], right-padded
     start: torch.Tensor  # (B,) index of the first response token
     last: torch.Tensor  # (B,) index of the last response token (its stop token, when it stopped)
     stopped: torch.Tensor  # (B,) bool: the response ended with a stop token, not by running out of tokens
@@ -44,12 +48,32 @@ class Samples:
         return self.last - self.start + 1
 
 
-def sample(generate: Callable, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, temperature: float = 1.0,
-           top_k: int | None = None, generator: torch.Generator | None = None, device=None) -> Samples:
-    """One response per prompt from ``generate`` (``model.generate`` or a reference's), with the KV cache."""
+def sample(generate: Callable, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int,
+           temperature: float = 1.0, top_k: int | None = None, generator: torch.Generator | None = None,
+           device=None) -> Samples:
+    """One response per prompt from ``generate`` (``model.generate`` or a reference's), with the KV cache. Text
+    prompts stop at a newline or eos, conversations at eos only; a batch holding both generates each kind apart
+    (the stop tokens are the batch's), in the order given."""
     tok = tokenizer
-    stops = (NEWLINE, tok.eos_id)
-    heads = [prompt_ids(tok, p) for p in prompts]  # bos prompt ␣
+    kinds = [isinstance(p, str) for p in prompts]
+    rows: list = [None] * len(prompts)  # (row ids, text, start, last, stopped) per prompt
+    for kind in dict.fromkeys(kinds):  # text first when it comes first: one call when the batch is of one kind
+        at = [i for i, k in enumerate(kinds) if k == kind]
+        stops = (NEWLINE, tok.eos_id) if kind else (tok.eos_id,)
+        done = _generate(generate, tok, [prompts[i] for i in at], stops, max_new_tokens=max_new_tokens,
+                         temperature=temperature, top_k=top_k, generator=generator, device=device)
+        for i, row in zip(at, done):
+            rows[i] = row
+    ids, texts, start, last, stopped = zip(*rows)
+    return Samples(list(prompts), list(texts), pad_right(list(ids), tok.pad_id).to(device),
+                   torch.tensor(start, device=device), torch.tensor(last, device=device),
+                   torch.tensor(stopped, device=device))
+
+
+def _generate(generate: Callable, tok, prompts: list, stops: tuple, *, max_new_tokens, temperature, top_k,
+              generator, device) -> list[tuple]:
+    """(row ids, text, start, last, stopped) of one response per prompt, sampled in one batch."""
+    heads = [prompt_ids(tok, p) for p in prompts]
     width = max(len(h) for h in heads)
     left = torch.full((len(heads), width), tok.pad_id, dtype=torch.long)  # (B, Tp), left-padded
     mask = torch.zeros(len(heads), width, dtype=torch.bool)
@@ -59,17 +83,13 @@ def sample(generate: Callable, tokenizer, prompts: Sequence[str], *, max_new_tok
     out = generate(left.to(device), max_new_tokens, temperature=temperature, top_k=top_k, eos_id=list(stops),
                    pad_id=tok.pad_id, key_padding_mask=mask.to(device), generator=generator)
     new = out[:, width:].tolist()  # one host sync for the whole batch
-    rows, texts, start, last, stopped = [], [], [], [], []
+    rows = []
     for h, gen in zip(heads, new):
         end = next((k for k, t in enumerate(gen) if t in stops), None)
         response = gen[:end + 1] if end is not None else [t for t in gen if t != tok.pad_id]
-        texts.append(tok.decode(response[:end] if end is not None else response))
-        rows.append(h + response)
-        start.append(len(h))
-        last.append(len(h) + len(response) - 1)
-        stopped.append(end is not None)
-    return Samples(list(prompts), texts, pad_right(rows, tok.pad_id).to(device), torch.tensor(start, device=device),
-                   torch.tensor(last, device=device), torch.tensor(stopped, device=device))
+        text = tok.decode(response[:end] if end is not None else response)
+        rows.append((h + response, text, len(h), len(h) + len(response) - 1, end is not None))
+    return rows
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -109,20 +129,23 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
     return adv, (adv + values) * m
 
 
-Judge = Callable[[list[str], list[str]], list[float]]
+Judge = Callable[[list[Prompt], list[str]], list[float]]
 
 
-def judge_for(kind: str, data: str, reward: Judge | None = None) -> Judge | None:
+def judge_for(kind: str, data: str, reward: Judge | None = None, *, chat: bool = False) -> Judge | None:
     """What scores responses in evaluation, ``judge(prompts, responses) -> scores``: ``world`` (the embedded world's
     hidden preference), ``reward`` (``reward``, e.g. a reward model), ``auto`` (the hidden judge of the data when it
-    has one, :func:`tuneforge.data.world.judge_of`, else ``reward`` when given), or ``none`` (None)."""
+    has one, :func:`tuneforge.data.world.judge_of`, else ``reward`` when given), or ``none`` (None).
+
+    ``chat``: some prompts are conversations. The world's judge reads a question, so it is then given each
+    conversation's last user message (a reward model reads the whole conversation through the chat template)."""
     if kind == "auto":
         hidden = judge_of(data)
         if hidden is not None:
-            return hidden
+            return _on_last_question if chat else hidden
         kind = "reward" if reward is not None else "none"
     if kind == "world":
-        return hidden_judge
+        return _on_last_question if chat else hidden_judge
     if kind == "reward":
         if reward is None:
             raise ConfigError("judge=reward needs a reward model (ppo:reward=RUN)")
@@ -130,8 +153,15 @@ def judge_for(kind: str, data: str, reward: Judge | None = None) -> Judge | None
     return None
 
 
+def _on_last_question(prompts: list[Prompt], responses: list[str]) -> list[float]:
+    """The world's hidden preference of each response to its prompt's text: a conversation's last user message."""
+    questions = [p if isinstance(p, str) else next(m["content"] for m in reversed(p) if m["role"] == "user")
+                 for p in prompts]
+    return hidden_judge(questions, responses)
+
+
 @torch.no_grad()
-def compare(policy, reference, tokenizer, prompts: Sequence[str], *, judge: Judge,
+def compare(policy, reference, tokenizer, prompts: Sequence[Prompt], *, judge: Judge,
             max_new_tokens: int, temperature: float = 1.0, seed: int = 0, batch_size: int = 64, device=None) -> dict:
     """The policy against its reference on ``prompts``: each writes one response per prompt (sampled with the
     same seed, so identical policies write identical responses and tie), ``judge(prompts, responses)`` scores
