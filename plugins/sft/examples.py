@@ -2,7 +2,8 @@
 padded or packed.
 
 Padded: ``batch_size`` records a batch, right-padded to the longest (causal attention never looks right, so no
-mask is needed). Packed: records laid back to back into rows of ``seq_len`` tokens, first fit in epoch order, with
+mask is needed). Packed: ``batch_size`` rows of ``seq_len`` tokens a batch, records laid back to back in them (first
+fit in epoch order), with
 each row's document offsets (``cu_seqlens``) so attention never crosses a record and positions restart at each.
 Both draw the records in the same order from (seed, epoch), so a resumed run sees the same batches.
 """
@@ -58,13 +59,14 @@ def read_examples(spec: str, split: str, tokenizer, *, train_on: str, room: int,
         ex = template.example(messages, train_on=train_on, where=where)
         if len(ex) > room + 1:
             if truncate == "error":
-                raise DataError(f"{where}: the record is {len(ex)} tokens, more than the {room + 1} that fit the "
-                                "context; shorten it, raise --seq-len, or set truncate=left to cut prompts from the left")
+                raise DataError(f"{where}: the record is {len(ex)} tokens, longer than the context of {room} (+1 "
+                                "predicted at the end); shorten it, raise --seq-len, or set truncate=left to cut "
+                                "prompts from the left")
             try:
                 ex, cut = ex.truncated(room + 1, keep_first=bool(ex.ids) and ex.ids[0] == bos)
             except ValueError as exc:
-                raise DataError(f"{where}: {exc}, more than the {room + 1} tokens that fit the context; shorten it "
-                                "or raise --seq-len") from None
+                raise DataError(f"{where}: {exc}, longer than the context of {room} (+1 predicted at the end); "
+                                "shorten it or raise --seq-len") from None
             truncated, cut_tokens = truncated + 1, cut_tokens + cut
         target = [t if learn else IGNORE for t, learn in zip(ex.ids[1:], ex.trained[1:])]
         if all(t == IGNORE for t in target):
@@ -94,22 +96,24 @@ def padded_batches(examples: list[Example], *, batch_size: int, pad_id: int, see
 
 
 def packed_batches(examples: list[Example], *, batch_size: int, width: int, pad_id: int, seed: int,
-                   epoch: int) -> Iterator[dict[str, torch.Tensor]]:
-    """One epoch of packed batches of ``batch_size`` rows of ``width`` tokens: each record, in epoch order, goes
-    into the first row of the batch being filled with room for it; a record that fits none closes the batch. The
-    last batch is yielded even when not full (its rows are as long as the others)."""
-    rows: list[list[Example]] = [[] for _ in range(batch_size)]
-    used = [0] * batch_size
+                   epoch: int, open_rows: int = 256) -> Iterator[dict[str, torch.Tensor]]:
+    """One epoch of packed batches of ``batch_size`` rows of ``width`` tokens. Each record, in epoch order, goes into
+    the first of the last ``open_rows`` rows with room for it, else starts a row (first fit: rows end up nearly
+    full); rows are batched in the order they were started. The last batch may have fewer rows."""
+    rows: list[list[Example]] = []
+    used: list[int] = []
     for i in _order(len(examples), seed, epoch):
         ex = examples[i]
-        slot = next((r for r in range(batch_size) if used[r] + len(ex) <= width), None)
+        first = max(0, len(rows) - open_rows)
+        slot = next((r for r in range(first, len(rows)) if used[r] + len(ex) <= width), None)
         if slot is None:
-            yield packed_batch(rows, width, pad_id)
-            rows, used, slot = [[] for _ in range(batch_size)], [0] * batch_size, 0
+            rows.append([])
+            used.append(0)
+            slot = len(rows) - 1
         rows[slot].append(ex)
         used[slot] += len(ex)
-    if any(rows):
-        yield packed_batch(rows, width, pad_id)
+    for b in range(0, len(rows), batch_size):
+        yield packed_batch(rows[b:b + batch_size], width, pad_id)
 
 
 def packed_batch(rows: list[list[Example]], width: int, pad_id: int) -> dict[str, torch.Tensor]:
