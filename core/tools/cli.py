@@ -1,4 +1,5 @@
-"""The ``tuneforge`` command: train, generate, plugins, models, data, export-peft, export-hf, kernels, hf-tiny, demo."""
+"""The ``tuneforge`` command: train, generate, chat, plugins, models, data, export-peft, export-hf, kernels,
+hf-tiny, new-plugin, demo."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +9,7 @@ import sys
 
 from tuneforge.engine.config import FIELD_HELP, TrainConfig, load_config
 from tuneforge.errors import ConfigError, TuneforgeError
+from tuneforge.tools import chat
 
 __all__ = ["main", "build_parser"]
 
@@ -58,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--task", help="the soft prompt / adapter / LoRA to generate with, when the model holds several "
                    "('' = the base model)")
 
+    chat.add_parser(sub)
     p = sub.add_parser("plugins", help="list installed plugins, their hooks and load status")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -376,9 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
-    handlers = {"train": _train, "generate": _generate, "plugins": _plugins, "models": _models, "data": _data,
-                "export-peft": _export_peft, "export-hf": _export_hf, "kernels": _kernels, "demo": _demo,
-                "hf-tiny": _hf_tiny, "new-plugin": _new_plugin}
+    handlers = {"train": _train, "generate": _generate, "chat": chat.run, "plugins": _plugins, "models": _models,
+                "data": _data, "export-peft": _export_peft, "export-hf": _export_hf, "kernels": _kernels,
+                "demo": _demo, "hf-tiny": _hf_tiny, "new-plugin": _new_plugin}
     try:
         _plugin_loading(args)
         return handlers[args.command](args)
