@@ -3,10 +3,10 @@ prefix and a KV cache (:func:`plan_input`), and sampling continuations (:class:`
 
 A model that uses them has ``config.max_seq_len``, a ``prefix`` slot (a module returning a ``Prefix`` or
 None), ``new_cache(batch_size, max_len)`` returning a cache with ``length`` and ``prefix``, and a forward
-``model(idx, key_padding_mask=, positions=, cache=)`` giving logits (B, T, V). ``plan_input`` also lays out packed
-rows (``cu_seqlens``, see :mod:`tuneforge.models.packing`) and refuses what cannot go with them. The embedded ``Transformer``
+``model(idx, key_padding_mask=, positions=, cache=)`` giving logits (B, T, V). The embedded ``Transformer``
 and the Hugging Face wrapper (``tuneforge.models.hf``) both do, so generation, soft prompts and left padding behave
-the same on either.
+the same on either. ``plan_input`` also lays out packed rows (``cu_seqlens``, :mod:`tuneforge.models.packing`) and
+refuses what cannot go with them.
 """
 from __future__ import annotations
 
