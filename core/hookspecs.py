@@ -21,8 +21,9 @@ references kept from ``modify_model`` (FSDP replaces them). See docs/distributed
 Two of these hooks define the run's *objective* (``data`` and ``loss``): one plugin implements both, and a run
 has at most one, checked when the run is set up. A plugin may mark its pair ``@hookimpl(trylast=True)`` to offer
 a *default* objective, used only when no other plugin brings one (``run.objective`` names the winner). A run
-that trains nothing (``prompting``) needs no objective. The other hooks may be implemented by any number of
-plugins.
+that trains nothing (``prompting``) needs no objective. A plugin class with ``objective_yields = True`` (finetune)
+brings a regular objective that gives way to another plugin's regular one. The other hooks may be implemented by
+any number of plugins.
 """
 from __future__ import annotations
 

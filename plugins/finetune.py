@@ -1,7 +1,7 @@
 """``finetune``: continue training a pretrained model (``--init``) on the last N blocks, or all of it.
 
-Its objective is a default: another objective in the run (``sft``) replaces it, and finetune then only says which
-blocks train. Alone, chosen by the options and the data:
+Its objective gives way to another plugin's (``objective_yields``: beside ``sft`` finetune only says which blocks
+train) and wins over the defaults of lora, adapters and soft prompts. Chosen by the options and the data:
 
 - ``head=lm`` on text: next-token cross-entropy (domain adaptation);
 - ``head=lm`` on labelled records: the model learns to answer with the label's word (see
@@ -43,6 +43,8 @@ class Finetune:
     # The objective tuneforge.sdk.testing adds to a tiny run none of whose mechanisms brings one: beside a plugin
     # that chooses what trains, finetune trains nothing of its own, so that plugin is tested alone.
     test_objective = True
+    # Beside another objective (sft, dpo...) finetune only chooses the blocks that train (see engine/registry.py).
+    objective_yields = True
 
     @dataclasses.dataclass
     class Options(ObjectiveOptions):  # the data fields, template, verbalizer and holdout of every objective
@@ -119,12 +121,11 @@ class Finetune:
         layers, head_trains = self._layers(run)
         return block_parameters(model, layers, head=head_trains)
 
-    # A default objective (trylast): beside another objective (sft) finetune only says which blocks train.
-    @hookimpl(trylast=True)
+    @hookimpl
     def tuneforge_data(self, run):
         return self._task(run).epoch(run)
 
-    @hookimpl(trylast=True)
+    @hookimpl
     def tuneforge_loss(self, model, batch):
         return self.task.loss(model, batch)
 

@@ -113,7 +113,7 @@ def test_demo_quick_writes_demo_json(tmp_path):
     for stage in ("finetune (last 2 blocks", "head only", "adapter (serial)", "adapter (parallel)", "lora (rank 8",
                   "prompt-tuning (sentiment)", "prompt-tuning (topic)",
                   "one mixed batch", "bare input", "task format", "right labels", "wrong labels",
-                  "reward model, ties modelled", "reward model, ties ignored", "ppo (lora", "dpo (lora"):
+                  "sft (zero-shot", "sft (lora)", "reward model, ties modelled", "reward model, ties ignored", "ppo (lora", "dpo (lora"):
         assert any(stage in n for n in names), stage
     by_name = {r["mechanism"]: r for r in rows}
     assert by_name["prompt-tuning (sentiment)"]["trainable_pct"] < 1.0
@@ -127,6 +127,10 @@ def test_demo_quick_writes_demo_json(tmp_path):
     for r in rows:
         if r["mechanism"].startswith("prompting"):
             assert r["trainable_params"] == 0
+    zero_shot, sft = [r for r in rows if r["mechanism"].startswith("sft")]
+    assert zero_shot["metric"] == sft["metric"] == "held-out exact match" and zero_shot["trainable_params"] == 0
+    assert 0 <= zero_shot["value"] <= 1 and 0 <= sft["value"] <= 1 and 0 < sft["trainable_pct"] < 10
+    assert {"exact_match/who", "exact_match/sentiment"} <= set(sft)  # per-kind figures go into demo.json
     rlhf = [r for r in rows if r["mechanism"].startswith(("ppo", "dpo"))]
     assert [r["metric"].split()[0] for r in rlhf] == ["win", "KL"] * 2  # each policy: its win rate, its KL
     assert all(0 <= r["value"] <= 1 for r in rlhf if r["metric"].startswith("win"))

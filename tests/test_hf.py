@@ -479,7 +479,7 @@ def test_demo_tells_the_same_story_on_an_hf_model(folders, tmp_path):
     names = [r["mechanism"] for r in rows]
     assert names[0] == "continued pretraining (all layers)"
     for stage in ("head only", "adapter (serial)", "lora (rank 8", "prompt-tuning (sentiment)", "one mixed batch",
-                  "right labels", "reward model, ties modelled", "ppo (lora", "dpo (lora"):
+                  "right labels", "sft (lora)", "reward model, ties modelled", "ppo (lora", "dpo (lora"):
         assert any(stage in n for n in names), stage
     lora = next(r for r in rows if r["mechanism"].startswith("lora"))
     assert lora["merged_max_abs_diff"] < 1e-4

@@ -308,7 +308,7 @@ def test_saving_a_part_over_a_folder_that_is_no_part_is_refused(tmp_path):
 
 
 def test_the_demo_replaces_only_its_own_stage_folders(tmp_path, capsys, monkeypatch):
-    from tuneforge.tools import demo
+    from tuneforge.tools import demo, demo_stage
 
     class Stop(Exception):
         pass
@@ -332,7 +332,7 @@ def test_the_demo_replaces_only_its_own_stage_folders(tmp_path, capsys, monkeypa
     (earlier / "demo.json").write_text("[]")
     with pytest.raises(Stop):
         demo.run_demo(earlier, quick=True)
-    assert not (earlier / "pretrain").exists() and (earlier / demo.MARKER).is_file()
+    assert not (earlier / "pretrain").exists() and (earlier / demo_stage.MARKER).is_file()
 
 
 def test_new_plugin_writes_nothing_through_a_link_out_of_its_folder(tmp_path, capsys):

@@ -330,13 +330,16 @@ def _objective(reg: Registered) -> str | None:
 
     A plugin may offer a *default* objective by marking its objective hooks ``trylast=True`` (prompt tuning
     does: with nothing else named, it learns the data as given). A default is used only when no plugin offers a
-    regular one, and then the first named wins; two regular ones are an error.
+    regular one, and then the first named wins; two regular ones are an error. A plugin class with
+    ``objective_yields = True`` (finetune) has a regular objective that gives way to another plugin's regular one.
     """
     owners: dict[str, tuple[list[str], list[str]]] = {}
     for hook in hookspecs.OBJECTIVE_HOOKS:
         order = {n: i for i, n in enumerate(reg.plugins)}
         impls = sorted(getattr(reg.pm.hook, hook).get_hookimpls(), key=lambda i: order[i.plugin_name])
         regular = [i.plugin_name for i in impls if not i.trylast]
+        firm = [n for n in regular if not getattr(reg.plugins[n], "objective_yields", False)]
+        regular = firm or regular  # those that yield count only when no other plugin brings an objective
         defaults = [i.plugin_name for i in impls if i.trylast]
         if len(regular) > 1:
             raise PluginError(

@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("data", help="show or export an embedded builtin: dataset",
                        description="Look at the embedded data world (see docs/data-world.md).")
-    d.add_argument("name", help="builtin:text, builtin:sentiment, builtin:topic or builtin:rankings")
+    d.add_argument("name", help="builtin:NAME: text, sentiment, topic, rankings or instruct")
     d.add_argument("--split", default="train", choices=("train", "test"))
     d.add_argument("-n", "--head", type=int, default=3, help="records to print (default: 3)")
     d.add_argument("--export", metavar="FILE.jsonl", help="write every record of the split as JSON lines")
@@ -130,14 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--force", action="store_true", help="write into an existing non-empty folder")
 
     m = sub.add_parser("demo", help="the main job on the embedded default: every mechanism, one table",
-                       description="Pretrain the tiny model on the embedded world and sample from it; writes "
-                       "demo.json (one row per stage) in --out.")
+                       description="Pretrain the tiny model on the embedded world, then every mechanism from it "
+                       "(fine-tuning, parts, soft prompts, prompting, instruction tuning, RLHF); writes demo.json (one "
+                       "row per stage) in --out.")
     m.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     m.add_argument("--quick", action="store_true", help="a short version for smoke tests")
     m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--model", metavar="hf:PATH", help="tell the same story on a local Hugging Face model folder: "
-                   "it goes on pretraining its own weights on the world's text first (default: the embedded tiny "
-                   "model, pretrained from scratch)")
+    m.add_argument("--model", metavar="SPEC", help="tell the same story on a pretrained model (hf:PATH, gguf:PATH, "
+                   "smollm2-135m): it goes on training its own weights on the world's text first; on a CPU a real "
+                   "model takes hours, --quick minutes (default: the embedded tiny model, pretrained from scratch)")
     return parser
 
 
@@ -368,9 +369,6 @@ def _plugin_loading(args) -> None:
 def _demo(args) -> int:
     from tuneforge.tools.demo import run_demo
 
-    if args.model is not None and not args.model.startswith("hf:"):
-        raise ConfigError(f"demo --model {args.model}: give a Hugging Face model folder as hf:PATH (the embedded "
-                          "tiny model is the default)")
     run_demo(args.out, quick=args.quick, seed=args.seed, model=args.model)
     return 0
 

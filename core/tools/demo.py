@@ -3,17 +3,17 @@
 pretrain (the tiny model on ``builtin:text``) -> fine-tune (classification head on the last 2 blocks, and all
 blocks for reference) -> the head alone, and beside serial / parallel adapters and LoRA -> prompt tuning on the
 bare input (two tasks, one frozen model, then both served in one mixed batch) -> prompting (the bare input; the
-task's format zero-shot and 2-shot with right and wrong labels) -> RLHF on ``builtin:rankings``: a reward model
-(ties modelled and ignored), PPO with a LoRA policy against it, DPO (win rates judged by the hidden preference).
+task's format zero-shot and 2-shot with right and wrong labels) -> instruction tuning (a LoRA and ``sft`` on
+``builtin:instruct``, exact match against zero-shot) -> RLHF on ``builtin:rankings``: a reward model (ties modelled
+and ignored), PPO with a LoRA policy against it, DPO (win rates judged by the hidden preference); those two stages
+are in :mod:`tuneforge.tools.demo_assistant`, what stages share in :mod:`tuneforge.tools.demo_stage`.
 Every row goes to the table and ``demo.json``; loss curves go to ``loss_curves.png`` when matplotlib is
 installed (``pip install tuneforge[plot]``).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,11 +23,13 @@ import torch
 from tuneforge.engine.loop import train
 from tuneforge.errors import ConfigError
 from tuneforge.objectives.next_token import TokenWindows, unigram_entropy
-from tuneforge.models.hf import is_hf_spec
+from tuneforge.models.factory import PRESET, kind_of
 from tuneforge.common.names import inside
 from tuneforge.common.options import parse_spec
 from tuneforge.parts.modules import names as part_names
 from tuneforge.models.tokenizer import tokenizer_of
+from tuneforge.tools.demo_assistant import rlhf_stages, sft_stage
+from tuneforge.tools.demo_stage import Demo, claim, format_table, row, stage
 
 __all__ = ["run_demo", "format_table"]
 
@@ -35,96 +37,20 @@ PROMPTS = ["review: the soup", "note: the rain", "mira walked"]
 MODEL = "tiny:max_seq_len=256"  # the tiny preset with room for few-shot prompts
 BARE = "{input} {label}"  # no task format: what a soft prompt has to make up for
 
-# What a demo writes in --out: a run folder per stage, which the next demo replaces, and a few result files.
-# A folder holding anything else is not the demo's to empty (--out runs would otherwise delete a run called lora).
-MARKER = ".tuneforge-demo"
-STAGES = frozenset({
-    "pretrain", "finetune", "finetune-all", "head-only", "adapter-serial", "adapter-parallel", "lora",
-    "prompt-sentiment", "prompt-topic", "mixed-batch", "prompting-bare", "prompting", "reward-model-davidson",
-    "reward-model-ignore", "ppo", "dpo",
-})
-FILES = frozenset({MARKER, "demo.json", "samples.txt", "loss_curves.png"})
-
-
-def format_table(rows: list[dict]) -> str:
-    head = ["mechanism", "trainable params", "% of model", "seconds", "metric", "value"]
-    body = [[r["mechanism"], f"{r['trainable_params']:,}", f"{r['trainable_pct']:.2f}", f"{r['seconds']:.1f}",
-             r["metric"], f"{r['value']:.4f}"] for r in rows]
-    widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
-
-
-def _row(name: str, result, metric: str, key: str, total: int | None = None) -> dict:
-    s = result.summary
-    return {"mechanism": name, "trainable_params": s["trainable_params"],
-            "trainable_pct": 100.0 * s["trainable_params"] / (total or s["total_params"]),
-            "seconds": s["seconds"], "metric": metric, "value": float(result.metrics[key])}
-
-
-def _claim(out: Path) -> None:
-    """Make ``out`` the demo's folder: new, empty, or an earlier demo's (its marker, or only the names a demo
-    writes); anything else is refused before a stage folder is replaced."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"demo --out {out} is a file, not a folder: nothing was written; give a folder path")
-    if out.is_dir() and not (out / MARKER).is_file():
-        other = sorted(p.name for p in out.iterdir() if p.name not in STAGES | FILES)
-        if other:
-            raise ConfigError(f"demo --out {out} holds files that are not a demo's ({', '.join(other[:5])}"
-                              f"{', ...' if len(other) > 5 else ''}): nothing was changed. Give a new or empty folder: "
-                              "the demo replaces its stage folders (pretrain, lora, ...) there")
-    out.mkdir(parents=True, exist_ok=True)
-    inside(out, MARKER).write_text(json.dumps({"format": "tuneforge.tools.demo", "stages": sorted(STAGES)}) + "\n")
-
-
-def _stage(out: Path, name: str, note: str) -> Path:
-    """The stage's run folder, emptied of an earlier demo's run: only a known stage name inside ``out``, which
-    :func:`_claim` made the demo's own."""
-    if name not in STAGES:
-        raise ValueError(f"demo stage {name!r} is not in STAGES; add it there")  # a mistake in this file
-    print(f"\n== {name}: {note}", file=sys.stderr)
-    folder = inside(out, name)
-    if folder.is_dir() and not folder.is_symlink():
-        shutil.rmtree(folder, ignore_errors=True)
-    return folder
-
-
-@dataclasses.dataclass
-class _Demo:
-    """What the stages share: the folder, the quick switch and seed, and what they add to the table, the loss
-    curves and the samples."""
-
-    out: Path
-    quick: bool
-    seed: int
-    rows: list[dict] = dataclasses.field(default_factory=list)
-    curves: dict[str, list[float]] = dataclasses.field(default_factory=dict)
-    samples: list[str] = dataclasses.field(default_factory=list)
-
-    def n(self, full, short):
-        """``full`` in the real demo, ``short`` with --quick."""
-        return short if self.quick else full
-
-    @property
-    def common(self) -> dict:
-        return dict(seed=self.seed, eval_every=0)
-
-    def add(self, row: dict, curve: str | None, result) -> None:
-        self.rows.append(row)
-        if curve is not None:
-            self.curves[curve] = [h["loss"] for h in result.history]
-
 
 def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0, model: str | None = None) -> list[dict]:
     """Run every stage, print the table, write ``demo.json``; return its rows. Replaces its own stage folders in
     ``out``, which must be new, empty or an earlier demo's output (else :class:`ConfigError`, nothing changed).
 
-    ``model="hf:PATH"`` tells the same story on a Hugging Face model: its first stage goes on pretraining the
+    ``model="hf:PATH"`` (or ``gguf:PATH``, ``smollm2-135m``) tells the same story on a pretrained model: its first stage goes on pretraining the
     model's own weights on the world's text (every weight, a gentle learning rate), and every later stage starts
     from that, as they start from the pretrained tiny model by default."""
+    if model is not None and kind_of(model) is PRESET:
+        raise ConfigError(f"demo --model {model}: give a pretrained model (hf:PATH, gguf:PATH or smollm2-135m; see "
+                          "tuneforge models); the embedded tiny model is the default")
     out = Path(out)
-    _claim(out)
-    d = _Demo(out, quick, seed)
+    claim(out)
+    d = Demo(out, quick, seed)
     pre, result = _pretrain(d, model)
     base_params = result.summary["total_params"]
     d.samples += _samples(result.model.eval(), seed)
@@ -133,7 +59,8 @@ def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0, model: str 
     _parts(d, ft)
     _prompt_tuning(d, ft, pre, base_params)
     result = _prompting(d, pre)
-    d.rows += _rlhf(d, pre)
+    sft_stage(d, pre)
+    d.rows += rlhf_stages(d, pre)
 
     inside(out, "demo.json").write_text(json.dumps(d.rows, indent=2))
     plotted = _plot(d.curves, inside(out, "loss_curves.png"))
@@ -142,146 +69,90 @@ def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0, model: str 
     return d.rows
 
 
-def _pretrain(d: _Demo, model: str | None):
+def _pretrain(d: Demo, model: str | None):
     """The first stage: the tiny model pretrained on the world's text, or an HF model's own weights trained on
     further. Returns (its run folder, its result)."""
     steps = d.n(2000, 40)
-    if is_hf_spec(model):
-        pre = _stage(d.out, "pretrain", f"{model}: its own weights, {steps} more steps on builtin:text (the world)")
+    if model is not None and kind_of(model) is not PRESET:  # a pretrained model: hf:PATH, gguf:PATH, smollm2-135m
+        pre = stage(d.out, "pretrain", f"{model}: its own weights, {steps} more steps on builtin:text (the world)")
         result = train(model=model, mechanisms=["finetune:layers=all"], data="builtin:text", steps=steps,
                        batch_size=8, lr=2e-4, warmup=min(30, steps // 4), out=str(pre), **d.common)
         label = "continued pretraining (all layers)"
     else:
-        pre = _stage(d.out, "pretrain", f"the tiny model, {steps} steps on builtin:text (the embedded world)")
+        pre = stage(d.out, "pretrain", f"the tiny model, {steps} steps on builtin:text (the embedded world)")
         result = train(model=model or MODEL, mechanisms=["pretrain"], data="builtin:text", steps=steps, batch_size=8,
                        lr=5e-3, warmup=min(30, steps // 4), out=str(pre), **d.common)
         label = "pretrain"
-    d.add(_row(label, result, "held-out bits/token", "eval/bits_per_token"), "pretrain", result)
+    d.add(row(label, result, "held-out bits/token", "eval/bits_per_token"), "pretrain", result)
     return pre, result
 
 
-def _finetune(d: _Demo, ft: dict) -> None:
+def _finetune(d: Demo, ft: dict) -> None:
     """A classification head on the last 2 blocks, and every weight for reference."""
-    folder = _stage(d.out, "finetune", "classification head on the last 2 blocks, builtin:sentiment")
+    folder = stage(d.out, "finetune", "classification head on the last 2 blocks, builtin:sentiment")
     result = train(mechanisms=["finetune:layers=2,head=classify"], steps=d.n(150, 10), lr=1e-3, out=str(folder), **ft)
-    d.add(_row("finetune (last 2 blocks + head)", result, "sentiment accuracy", "eval/accuracy"), "finetune last 2",
+    d.add(row("finetune (last 2 blocks + head)", result, "sentiment accuracy", "eval/accuracy"), "finetune last 2",
           result)
-    folder = _stage(d.out, "finetune-all", "every weight, the full fine-tuning reference")
+    folder = stage(d.out, "finetune-all", "every weight, the full fine-tuning reference")
     result = train(mechanisms=["finetune:layers=all,head=classify"], steps=d.n(150, 10), lr=5e-4, out=str(folder), **ft)
-    d.add(_row("finetune (all layers + head)", result, "sentiment accuracy", "eval/accuracy"), "finetune all", result)
+    d.add(row("finetune (all layers + head)", result, "sentiment accuracy", "eval/accuracy"), "finetune all", result)
 
 
-def _parts(d: _Demo, ft: dict) -> None:
+def _parts(d: Demo, ft: dict) -> None:
     """Adapters and LoRA train a few percent of the weights beside the same new head; the head alone (a linear
     probe of the frozen model) is the row that shows what they add. Parts that fold into the weights (their
     plugin says so) are folded in and out again, and the largest output difference is recorded."""
-    folder = _stage(d.out, "head-only", "only the new head trains (a linear probe of the frozen model)")
+    folder = stage(d.out, "head-only", "only the new head trains (a linear probe of the frozen model)")
     result = train(mechanisms=["finetune:layers=0,head=classify"], steps=d.n(150, 10), lr=1e-3, out=str(folder), **ft)
-    d.add(_row("finetune (head only)", result, "sentiment accuracy", "eval/accuracy"), None, result)
+    d.add(row("finetune (head only)", result, "sentiment accuracy", "eval/accuracy"), None, result)
     for name, label, mechanism in (
             ("adapter-serial", "adapter (serial) + head", "adapter:placement=serial"),
             ("adapter-parallel", "adapter (parallel) + head", "adapter:placement=parallel,scale=4"),
             ("lora", "lora (rank 8 on q, v) + head", "lora:rank=8,targets=q,v")):
-        folder = _stage(d.out, name, f"{mechanism} beside a new head; the base model stays frozen")
+        folder = stage(d.out, name, f"{mechanism} beside a new head; the base model stays frozen")
         result = train(mechanisms=[mechanism, "finetune:layers=0,head=classify"], steps=d.n(150, 10), lr=3e-3,
                        out=str(folder), **ft)
-        d.add(_row(label, result, "sentiment accuracy", "eval/accuracy"), label.split(" +")[0], result)
+        d.add(row(label, result, "sentiment accuracy", "eval/accuracy"), label.split(" +")[0], result)
         folds = [p for p in result.run.plugins.values() if callable(getattr(p, "fold_into_base", None))]
         if folds:
             d.rows[-1]["merged_max_abs_diff"] = _merge_gap(result.model, folds[0], name)
 
 
-def _prompt_tuning(d: _Demo, ft: dict, pre: Path, base_params: int) -> None:
+def _prompt_tuning(d: Demo, ft: dict, pre: Path, base_params: int) -> None:
     """Soft prompts on the bare input ("{input} {label}"): without the task's own format the frozen model is at
     chance (the prompting rows show it), so what the 16 vectors learn is the whole difference. Then both prompts
     on one model, serving a mixed batch."""
     prompt_runs, load = {}, None
     for task in ("sentiment", "topic"):
-        folder = _stage(d.out, f"prompt-{task}", f"a 16-token soft prompt for {task} on the bare input; the model "
+        folder = stage(d.out, f"prompt-{task}", f"a 16-token soft prompt for {task} on the bare input; the model "
                         "stays frozen")
         spec = f"prompt-tuning:tasks={task},tokens=16,template={BARE}"
         result = train(mechanisms=[spec], steps=d.n(300, 10), lr=0.1, **{**ft, "data": f"builtin:{task}"},
                        out=str(folder))
-        d.add(_row(f"prompt-tuning ({task})", result, f"{task} accuracy", "eval/accuracy", base_params),
+        d.add(row(f"prompt-tuning ({task})", result, f"{task} accuracy", "eval/accuracy", base_params),
               f"prompt-tuning {task}", result)
         prompt_runs[task] = folder
         load = type(result.run.plugins[parse_spec(spec)[0]]).load_frozen  # the plugin's own loader: no import
     d.rows.append(_mixed_batch(d.out, pre, prompt_runs, base_params, limit=d.n(500, 64), load=load))
 
 
-def _prompting(d: _Demo, pre: Path):
+def _prompting(d: Demo, pre: Path):
     """Prompting on the bare input and in the task's own format, zero- and 2-shot; nothing trains. Returns the
     last stage's result."""
-    folder = _stage(d.out, "prompting-bare", "the same bare input without a soft prompt; nothing trains")
+    folder = stage(d.out, "prompting-bare", "the same bare input without a soft prompt; nothing trains")
     result = train(init=str(pre), mechanisms=[f"prompting:template={BARE},limit={d.n(300, 40)}"],
                    data="builtin:sentiment", out=str(folder), seed=d.seed)
-    d.rows.append(_row("prompting (zero-shot, bare input)", result, "sentiment accuracy", "eval/accuracy"))
+    d.rows.append(row("prompting (zero-shot, bare input)", result, "sentiment accuracy", "eval/accuracy"))
 
-    folder = _stage(d.out, "prompting", "the task's own format, 2-shot with right and with wrong labels; nothing "
+    folder = stage(d.out, "prompting", "the task's own format, 2-shot with right and with wrong labels; nothing "
                     "trains")
     result = train(init=str(pre), mechanisms=[f"prompting:shots=2,limit={d.n(300, 40)},generate=3"],
                    data="builtin:sentiment", out=str(folder), seed=d.seed)
     assert result.summary["frozen_weights"]["unchanged"], "prompting changed a weight"
     for label, key in (("zero-shot, task format", "eval/accuracy_zero_shot"), ("2-shot, right labels", "eval/accuracy"),
                        ("2-shot, wrong labels", "eval/accuracy_wrong_labels")):
-        d.rows.append(_row(f"prompting ({label})", result, "sentiment accuracy", key))
+        d.rows.append(row(f"prompting ({label})", result, "sentiment accuracy", key))
     return result
-
-
-def _rlhf(d: _Demo, pre: Path) -> list[dict]:
-    """Rankings -> a reward model (ties modelled, and ignored for comparison) -> PPO against it with a LoRA
-    policy; DPO straight from the rankings. Policies are judged by the world's hidden preference, never by the
-    reward model they were trained on."""
-    n, out, curves = d.n, d.out, d.curves
-    rows: list[dict] = []
-    rl = dict(init=str(pre), data="builtin:rankings", batch_size=n(16, 8), warmup=n(10, 2), **d.common)
-    models = {}
-    for ties, label in (("davidson", "ties modelled (Davidson)"), ("ignore", "ties ignored")):
-        folder = _stage(out, f"reward-model-{ties}", f"a scalar head on the whole model, builtin:rankings, {label}")
-        result = train(mechanisms=[f"reward-model:ties={ties}"], steps=n(300, 10), lr=1e-3, out=str(folder), **rl)
-        row = _row(f"reward model, {label}", result, "held-out pairwise accuracy", "eval/pairwise_accuracy")
-        row.update({k[5:]: float(v) for k, v in result.metrics.items() if k.startswith("eval/tie")})
-        rows.append(row)
-        curves[f"reward model ({ties})"] = [h["loss"] for h in result.history]
-        models[ties] = folder
-    policy = "lora:rank=8,targets=attn"
-    judged = dict(eval_prompts=n(128, 16), max_new_tokens=n(64, 24))
-    evaluation = ",".join(f"{k}={v}" for k, v in judged.items())
-    folder = _stage(out, "ppo", f"{policy} as the policy, rewarded by the Davidson reward model, KL-penalised")
-    result = train(mechanisms=[policy, f"ppo:reward={models['davidson']},rollouts={n(64, 16)},{evaluation}"],
-                   steps=n(400, 8), lr=3e-3, out=str(folder), **rl)
-    rows += _policy_rows("ppo (lora policy)", result)
-    curves["ppo reward"] = [h["reward"] for h in result.history]
-    d.samples += _policy_samples(result, "ppo")
-    folder = _stage(out, "dpo", f"{policy} as the policy, the DPO loss on the rankings' pairs")
-    result = train(mechanisms=[policy, f"dpo:beta=0.5,{evaluation}"], steps=n(200, 8), lr=2e-3, out=str(folder), **rl)
-    rows += _policy_rows("dpo (lora policy)", result)
-    curves["dpo"] = [h["loss"] for h in result.history]
-    return rows
-
-
-def _policy_rows(name: str, result) -> list[dict]:
-    """Two rows per policy: its win rate over the reference, and how far it went (KL per token)."""
-    win = _row(name, result, "win rate vs reference (hidden preference)", "eval/win_rate")
-    win.update(kl_per_token=float(result.metrics["eval/kl_per_token"]), score=float(result.metrics["eval/score"]),
-               score_reference=float(result.metrics["eval/score_reference"]))
-    return [win, _row(name, result, "KL per token to the reference", "eval/kl_per_token")]
-
-
-def _policy_samples(result, name: str, k: int = 3) -> list[str]:
-    """A few held-out prompts answered by the reference and by the tuned policy (same seed)."""
-    from tuneforge.rlhf.rollout import sample
-    from tuneforge.data.world import builtin, preference
-
-    plugin = result.run.plugins[name]
-    model = result.model.eval()
-    prompts = [r["prompt"] for r in builtin("rankings", "test")[:k]]
-    lines = []
-    for who, gen in (("reference", plugin.reference.generate), (name, model.generate)):
-        s = sample(gen, tokenizer_of(model), prompts, max_new_tokens=64, generator=torch.Generator().manual_seed(0),
-                   device=model.tok_emb.weight.device)
-        lines += [f"[{who}, hidden score {preference(p, t):+d}] {p} {t}" for p, t in zip(prompts, s.texts)]
-    return lines
 
 
 def _mixed_batch(out: Path, pre: Path, runs: dict[str, Path], base_params: int, limit: int, load) -> dict:
@@ -293,7 +164,7 @@ def _mixed_batch(out: Path, pre: Path, runs: dict[str, Path], base_params: int, 
     from tuneforge.data.labelled import Template, verbalizer
     from tuneforge.data.world import LABELS, builtin
 
-    _stage(out, "mixed-batch", "both soft prompts loaded on one model, rows of both tasks in one batch")
+    stage(out, "mixed-batch", "both soft prompts loaded on one model, rows of both tasks in one batch")
     started = time.perf_counter()
     model = load_model(pre)
     tok = tokenizer_of(model)

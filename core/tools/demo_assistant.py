@@ -1,0 +1,87 @@
+"""The assistant half of ``tuneforge demo``: instruction tuning on ``builtin:instruct`` (a LoRA and the ``sft``
+objective, exact match against the zero-shot model), then RLHF on ``builtin:rankings`` (a reward model, PPO and
+DPO with LoRA policies, judged by the world's hidden preference)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tuneforge.engine.loop import train
+from tuneforge.models.tokenizer import tokenizer_of
+from tuneforge.tools.demo_stage import Demo, row, stage
+
+__all__ = ["sft_stage", "rlhf_stages", "SFT_STEPS"]
+
+SFT_STEPS = 300  # steps of the full demo's sft stage (--quick: 10)
+
+
+def sft_stage(d: Demo, pre: Path) -> None:
+    """A LoRA on every attention and MLP projection learns to answer the world's questions (``sft``: the loss on
+    the answers only); held-out exact match after, with the pretrained model's zero-shot figure beside."""
+    folder = stage(d.out, "sft", "lora (rank 16 on attention and MLP) + sft on builtin:instruct; the base stays frozen")
+    result = train(init=str(pre), mechanisms=["lora:rank=16,targets=attn,mlp", f"sft:eval_records={d.n(400, 32)}"],
+                   data="builtin:instruct", steps=d.n(SFT_STEPS, 10), batch_size=32, lr=3e-3, warmup=d.n(30, 2),
+                   out=str(folder), **d.common)
+    zero = result.summary["sft"]["zero_shot"]
+    d.add({**row("sft (zero-shot, before)", result, "held-out exact match", "eval/exact_match"),
+           "value": zero["exact_match"], "trainable_params": 0, "trainable_pct": 0.0, "seconds": 0.0}, None, result)
+    after = row("sft (lora) on builtin:instruct", result, "held-out exact match", "eval/exact_match")
+    after.update({k[len("eval/"):]: float(v) for k, v in result.metrics.items() if k.startswith("eval/exact_match/")})
+    d.add(after, "sft", result)
+
+
+def rlhf_stages(d: Demo, pre: Path) -> list[dict]:
+    """Rankings -> a reward model (ties modelled, and ignored for comparison) -> PPO against it with a LoRA
+    policy; DPO straight from the rankings. Policies are judged by the world's hidden preference, never by the
+    reward model they were trained on."""
+    n, out, curves = d.n, d.out, d.curves
+    rows: list[dict] = []
+    rl = dict(init=str(pre), data="builtin:rankings", batch_size=n(16, 8), warmup=n(10, 2), **d.common)
+    models = {}
+    for ties, label in (("davidson", "ties modelled (Davidson)"), ("ignore", "ties ignored")):
+        folder = stage(out, f"reward-model-{ties}", f"a scalar head on the whole model, builtin:rankings, {label}")
+        result = train(mechanisms=[f"reward-model:ties={ties}"], steps=n(300, 10), lr=1e-3, out=str(folder), **rl)
+        line = row(f"reward model, {label}", result, "held-out pairwise accuracy", "eval/pairwise_accuracy")
+        line.update({k[5:]: float(v) for k, v in result.metrics.items() if k.startswith("eval/tie")})
+        rows.append(line)
+        curves[f"reward model ({ties})"] = [h["loss"] for h in result.history]
+        models[ties] = folder
+    policy = "lora:rank=8,targets=attn"
+    judged = dict(eval_prompts=n(128, 16), max_new_tokens=n(64, 24))
+    evaluation = ",".join(f"{k}={v}" for k, v in judged.items())
+    folder = stage(out, "ppo", f"{policy} as the policy, rewarded by the Davidson reward model, KL-penalised")
+    result = train(mechanisms=[policy, f"ppo:reward={models['davidson']},rollouts={n(64, 16)},{evaluation}"],
+                   steps=n(400, 8), lr=3e-3, out=str(folder), **rl)
+    rows += _policy_rows("ppo (lora policy)", result)
+    curves["ppo reward"] = [h["reward"] for h in result.history]
+    d.samples += _policy_samples(result, "ppo")
+    folder = stage(out, "dpo", f"{policy} as the policy, the DPO loss on the rankings' pairs")
+    result = train(mechanisms=[policy, f"dpo:beta=0.5,{evaluation}"], steps=n(200, 8), lr=2e-3, out=str(folder), **rl)
+    rows += _policy_rows("dpo (lora policy)", result)
+    curves["dpo"] = [h["loss"] for h in result.history]
+    return rows
+
+
+def _policy_rows(name: str, result) -> list[dict]:
+    """Two rows per policy: its win rate over the reference, and how far it went (KL per token)."""
+    win = row(name, result, "win rate vs reference (hidden preference)", "eval/win_rate")
+    win.update(kl_per_token=float(result.metrics["eval/kl_per_token"]), score=float(result.metrics["eval/score"]),
+               score_reference=float(result.metrics["eval/score_reference"]))
+    return [win, row(name, result, "KL per token to the reference", "eval/kl_per_token")]
+
+
+def _policy_samples(result, name: str, k: int = 3) -> list[str]:
+    """A few held-out prompts answered by the reference and by the tuned policy (same seed)."""
+    from tuneforge.rlhf.rollout import sample
+    from tuneforge.data.world import builtin, preference
+
+    plugin = result.run.plugins[name]
+    model = result.model.eval()
+    prompts = [r["prompt"] for r in builtin("rankings", "test")[:k]]
+    lines = []
+    for who, gen in (("reference", plugin.reference.generate), (name, model.generate)):
+        s = sample(gen, tokenizer_of(model), prompts, max_new_tokens=64, generator=torch.Generator().manual_seed(0),
+                   device=model.tok_emb.weight.device)
+        lines += [f"[{who}, hidden score {preference(p, t):+d}] {p} {t}" for p, t in zip(prompts, s.texts)]
+    return lines

@@ -1,0 +1,93 @@
+"""What the stages of ``tuneforge demo`` share: the folder the demo owns, each stage's run folder, the table's
+rows and the state the stages add to (:class:`Demo`)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from tuneforge.common.names import inside
+from tuneforge.errors import ConfigError
+
+__all__ = ["MARKER", "STAGES", "FILES", "Demo", "format_table", "row", "claim", "stage"]
+
+# What a demo writes in --out: a run folder per stage, which the next demo replaces, and a few result files.
+# A folder holding anything else is not the demo's to empty (--out runs would otherwise delete a run called lora).
+MARKER = ".tuneforge-demo"
+STAGES = frozenset({
+    "pretrain", "finetune", "finetune-all", "head-only", "adapter-serial", "adapter-parallel", "lora",
+    "prompt-sentiment", "prompt-topic", "mixed-batch", "prompting-bare", "prompting", "reward-model-davidson",
+    "reward-model-ignore", "sft", "ppo", "dpo",
+})
+FILES = frozenset({MARKER, "demo.json", "samples.txt", "loss_curves.png"})
+
+
+def format_table(rows: list[dict]) -> str:
+    head = ["mechanism", "trainable params", "% of model", "seconds", "metric", "value"]
+    body = [[r["mechanism"], f"{r['trainable_params']:,}", f"{r['trainable_pct']:.2f}", f"{r['seconds']:.1f}",
+             r["metric"], f"{r['value']:.4f}"] for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
+
+
+def row(name: str, result, metric: str, key: str, total: int | None = None) -> dict:
+    s = result.summary
+    return {"mechanism": name, "trainable_params": s["trainable_params"],
+            "trainable_pct": 100.0 * s["trainable_params"] / (total or s["total_params"]),
+            "seconds": s["seconds"], "metric": metric, "value": float(result.metrics[key])}
+
+
+def claim(out: Path) -> None:
+    """Make ``out`` the demo's folder: new, empty, or an earlier demo's (its marker, or only the names a demo
+    writes); anything else is refused before a stage folder is replaced."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"demo --out {out} is a file, not a folder: nothing was written; give a folder path")
+    if out.is_dir() and not (out / MARKER).is_file():
+        other = sorted(p.name for p in out.iterdir() if p.name not in STAGES | FILES)
+        if other:
+            raise ConfigError(f"demo --out {out} holds files that are not a demo's ({', '.join(other[:5])}"
+                              f"{', ...' if len(other) > 5 else ''}): nothing was changed. Give a new or empty folder: "
+                              "the demo replaces its stage folders (pretrain, lora, ...) there")
+    out.mkdir(parents=True, exist_ok=True)
+    inside(out, MARKER).write_text(json.dumps({"format": "tuneforge.tools.demo", "stages": sorted(STAGES)}) + "\n")
+
+
+def stage(out: Path, name: str, note: str) -> Path:
+    """The stage's run folder, emptied of an earlier demo's run: only a known stage name inside ``out``, which
+    :func:`claim` made the demo's own."""
+    if name not in STAGES:
+        raise ValueError(f"demo stage {name!r} is not in STAGES; add it there")  # a mistake in this file
+    print(f"\n== {name}: {note}", file=sys.stderr)
+    folder = inside(out, name)
+    if folder.is_dir() and not folder.is_symlink():
+        shutil.rmtree(folder, ignore_errors=True)
+    return folder
+
+
+@dataclasses.dataclass
+class Demo:
+    """What the stages share: the folder, the quick switch and seed, and what they add to the table, the loss
+    curves and the samples."""
+
+    out: Path
+    quick: bool
+    seed: int
+    rows: list[dict] = dataclasses.field(default_factory=list)
+    curves: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    samples: list[str] = dataclasses.field(default_factory=list)
+
+    def n(self, full, short):
+        """``full`` in the real demo, ``short`` with --quick."""
+        return short if self.quick else full
+
+    @property
+    def common(self) -> dict:
+        return dict(seed=self.seed, eval_every=0)
+
+    def add(self, row: dict, curve: str | None, result) -> None:
+        self.rows.append(row)
+        if curve is not None:
+            self.curves[curve] = [h["loss"] for h in result.history]
