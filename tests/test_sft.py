@@ -180,3 +180,8 @@ def test_refusals(tmp_path):
     with pytest.raises(ConfigError, match="instruction tuning needs the LM head"):
         tuneforge.train(sft_config(tmp_path, data, mechanisms=["finetune:head=classify,labels=a,b", "sft"]))
     assert not (tmp_path / "run").exists()
+
+
+def test_chat_records_without_sft_say_to_add_it(tmp_path):
+    with pytest.raises(DataError, match="field 'text' is missing .* it is a chat record: train on it with -m sft"):
+        tuneforge.train(sft_config(tmp_path, "builtin:instruct", mechanisms=["lora"]))

@@ -81,9 +81,11 @@ def read_records(spec: str, *, split: str = "train", fields: dict[str, type | tu
     for item, loc in zip(items, where):
         for field, tp in fields.items():
             if field not in item:
+                chat = ("; it is a chat record: train on it with -m sft (docs/instruction-tuning.md)"
+                        if "messages" in item or {"prompt", "completion"} <= item.keys() else "")
                 raise DataError(
                     f"{loc}: field '{field}' is missing (this objective needs {', '.join(map(repr, fields))}; "
-                    f"the record has {', '.join(map(repr, item)) or 'no fields'})"
+                    f"the record has {', '.join(map(repr, item)) or 'no fields'}){chat}"
                 )
             value = item[field]
             # bool is a subclass of int in Python, but true/false is never a valid count or id
