@@ -23,7 +23,7 @@ __all__ = ["Sft"]
 
 
 class Sft:
-    """Instruction tuning: chat records, the loss on the answers; see the module docstring."""
+    """Instruction tuning on prompt/completion and chat records, through the chat template; loss on the answers."""
 
     @dataclasses.dataclass
     class Options:
