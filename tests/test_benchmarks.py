@@ -85,3 +85,20 @@ def test_linear_ce_benchmark_quick_agrees_with_its_baseline():
     assert report["max_abs_diff"]["loss"] < 1e-4 and report["max_abs_diff"]["dx"] < 1e-4  # the same computation
     assert report["peak_mb"]["fused"] < report["peak_mb"]["baseline"]  # never the whole logits
     assert report["ms"]["fused"] > 0 and report["sgemm_peak_gflops"] > 0
+
+
+def test_packing_benchmark_quick_compares_the_same_records_padded_and_packed():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "packing.py"), "--quick"], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    check = report["loss_check"]  # one padded batch and the same records packed: the same loss and gradients
+    assert check["loss_abs_diff"] < 1e-4 and check["grad_max_abs_diff"] < 1e-4 and check["grad_max_abs"] > 1e-3
+    padded, packed = report["sides"]["padded"], report["sides"]["packed"]
+    for key in ("useful_tokens", "trained_tokens"):  # both runs read every record once
+        assert padded[key] == packed[key] > 0, key
+    assert padded["padding_share"] >= report["target"]["padding_share"] > packed["padding_share"]
+    assert packed["steps"] < padded["steps"] and packed["positions"] < padded["positions"]
+    for side in (padded, packed):
+        assert side["useful_tokens_per_s"] > 0 and 0 < side["fraction_of_peak"] and side["first_pass_loss"] > 0
+    assert report["ratio"] > 0 and report["sgemm_peak_gflops"] > 0
