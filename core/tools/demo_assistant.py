@@ -13,7 +13,10 @@ from tuneforge.tools.demo_stage import Demo, row, stage
 
 __all__ = ["sft_stage", "rlhf_stages", "SFT_STEPS"]
 
-SFT_STEPS = 300  # steps of the full demo's sft stage (--quick: 10)
+# Steps of the full demo's sft stage (--quick: 10). Measured on the 2,000-step pretrained tiny model (rank 16 on
+# attn + mlp, batch 32, lr 1e-2): held-out exact match 0.9075 after 400 steps, 0.915 after 500, 0.92 after 600
+# (lr 3e-3: 0.78 after 300; lr 2e-2: 0.84 after 400). "who" questions are the hard kind (about 0.5).
+SFT_STEPS = 500
 
 
 def sft_stage(d: Demo, pre: Path) -> None:
@@ -21,7 +24,7 @@ def sft_stage(d: Demo, pre: Path) -> None:
     the answers only); held-out exact match after, with the pretrained model's zero-shot figure beside."""
     folder = stage(d.out, "sft", "lora (rank 16 on attention and MLP) + sft on builtin:instruct; the base stays frozen")
     result = train(init=str(pre), mechanisms=["lora:rank=16,targets=attn,mlp", f"sft:eval_records={d.n(400, 32)}"],
-                   data="builtin:instruct", steps=d.n(SFT_STEPS, 10), batch_size=32, lr=3e-3, warmup=d.n(30, 2),
+                   data="builtin:instruct", steps=d.n(SFT_STEPS, 10), batch_size=32, lr=1e-2, warmup=d.n(30, 2),
                    out=str(folder), **d.common)
     zero = result.summary["sft"]["zero_shot"]
     d.add({**row("sft (zero-shot, before)", result, "held-out exact match", "eval/exact_match"),
