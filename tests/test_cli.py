@@ -129,7 +129,8 @@ def test_demo_quick_writes_demo_json(tmp_path):
             assert r["trainable_params"] == 0
     zero_shot, sft = [r for r in rows if r["mechanism"].startswith("sft")]
     assert zero_shot["metric"] == sft["metric"] == "held-out exact match" and zero_shot["trainable_params"] == 0
-    assert 0 <= zero_shot["value"] <= 1 and 0 <= sft["value"] <= 1 and 0 < sft["trainable_pct"] < 10
+    # rank 16 on attention and MLP is ~15% of the 0.86M-parameter tiny model (~1% of a 135M one)
+    assert 0 <= zero_shot["value"] <= 1 and 0 <= sft["value"] <= 1 and 0 < sft["trainable_pct"] < 20
     assert {"exact_match/who", "exact_match/sentiment"} <= set(sft)  # per-kind figures go into demo.json
     rlhf = [r for r in rows if r["mechanism"].startswith(("ppo", "dpo"))]
     assert [r["metric"].split()[0] for r in rlhf] == ["win", "KL"] * 2  # each policy: its win rate, its KL
