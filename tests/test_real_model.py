@@ -241,11 +241,12 @@ def test_sft_with_lora_teaches_the_short_answers_and_leaves_the_base_as_it_was(s
                                                              f"sft:eval_records={SFT_HELD_OUT}"],
                              data=str(files["train"]), eval_data=str(files["held-out"]), steps=SFT_STEPS, batch_size=8,
                              lr=3e-3, warmup=2, eval_every=0, seed=0, out=str(out))
-    zero_shot = result.summary["sft"]["zero_shot"]["exact_match"]
+    assert result.summary["sft"]["held_out"] == SFT_HELD_OUT
+    zero_shot = result.summary["sft"]["zero_shot"]["exact_match"]  # the starting model, before the first step
     after = result.summary["eval"]["eval/exact_match"]
-    # >= 2x zero-shot, and an absolute bar: zero-shot is ~0 here, where 2x alone would pass with nothing learnt;
-    # 0.6 of 32 is 19 answers word for word, which no sentence-answering model reaches by chance.
-    assert after >= 2 * zero_shot and after >= zero_shot + 0.5 and after >= 0.6, (zero_shot, after)
+    # >= 2x zero-shot, and absolute bars: zero-shot is 0 here (sentences), where 2x alone passes with nothing learnt;
+    # 0.6 of 32 is 20 answers word for word (seeds 0/1/2 give 0.91/1.0/0.94, 16 steps 0.88/0.78).
+    assert after >= max(2 * zero_shot, zero_shot + 0.5, 0.6), (zero_shot, after)
 
     # The base weights are unchanged: the engine's hash of every frozen tensor before the first step equals ours of
     # the trained model's now, and those tensors are the file's, bit for bit (every base weight, LoRA aside).
