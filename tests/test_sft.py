@@ -185,3 +185,15 @@ def test_refusals(tmp_path):
 def test_chat_records_without_sft_say_to_add_it(tmp_path):
     with pytest.raises(DataError, match="field 'text' is missing .* it is a chat record: train on it with -m sft"):
         tuneforge.train(sft_config(tmp_path, "builtin:instruct", mechanisms=["lora"]))
+
+
+@pytest.mark.parametrize("layers", ["0", "1"])
+def test_sft_alone_with_layers_trains_the_last_blocks_and_an_untied_head(tmp_path, layers):
+    data = qa_file(tmp_path / "qa.jsonl")
+    result = tuneforge.train(sft_config(tmp_path, data, mechanisms=[f"sft:layers={layers}"], steps=3))
+    model = result.model
+    assert model.lm_head.weight is not model.tok_emb.weight  # untied: the embedding stays frozen
+    assert not model.tok_emb.weight.requires_grad and model.lm_head.weight.requires_grad
+    trains = [any(p.requires_grad for p in b.parameters()) for b in model.blocks]
+    assert trains == [False] * (len(trains) - int(layers)) + [True] * int(layers)
+    assert result.summary["frozen_weights"]["unchanged"]

@@ -89,17 +89,22 @@ class Sft:
 
     # -- hooks -------------------------------------------------------------------------------------------------
 
+    def _layers(self, run) -> str | None:
+        """The blocks sft trains (``all`` or a number, with the head), or None when the parameterisation beside it
+        chooses what trains (``layers=auto`` beside lora, adapters, soft prompts, ``finetune:layers=N``)."""
+        if self.options.layers == "auto" and others_choose_params(run, self):
+            return None
+        return resolve_layers(self.options.layers, run, self)
+
     @hookimpl
     def tuneforge_modify_model(self, model, run):
-        layers = resolve_layers(self.options.layers, run, self)
-        if layers not in ("all", "0") and not others_choose_params(run, self):
+        if self._layers(run) not in (None, "all"):
             untie_head(model)  # the head trains, the input embedding it was tied to stays frozen
 
     @hookimpl
     def tuneforge_trainable_params(self, model, run):
-        if self.options.layers == "auto" and others_choose_params(run, self):
-            return None  # the parameterisation beside says what trains
-        return block_parameters(model, resolve_layers(self.options.layers, run, self), head=True)
+        layers = self._layers(run)
+        return None if layers is None else block_parameters(model, layers, head=True)
 
     @hookimpl
     def tuneforge_validate(self, run, model):
