@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+from tuneforge.data.records import shorten
 from tuneforge.errors import DataError
 
 __all__ = ["ROLES", "TRAIN_ON", "BUILTIN_TEMPLATE", "ChatTemplate", "ChatExample", "chat_messages", "is_chat_record",
@@ -60,24 +61,24 @@ def chat_messages(record: dict, where: str, *, needs_answer: bool = True) -> lis
         if "completion" in record and isinstance(messages, list):
             completion = record["completion"]
             if not isinstance(completion, str) or not completion.strip():
-                raise DataError(f"{where}: field 'completion' must be a non-empty string, got {_short(completion)}")
+                raise DataError(f"{where}: field 'completion' must be a non-empty string, got {shorten(completion)}")
             messages = messages + [{"role": "assistant", "content": completion}]
     else:
         raise DataError(f"{where}: a chat record needs 'messages' (a list of {{role, content}}) or 'prompt' and "
                         f"'completion'; the record has {', '.join(map(repr, record)) or 'no fields'}")
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: field '{field}' must be a string or a non-empty list of {{role, content}} "
-                        f"messages, got {_short(messages)}")
+                        f"messages, got {shorten(messages)}")
     out, seen_user = [], False
     for i, m in enumerate(messages):
         at = f"{where}: {field}[{i}]"
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise DataError(f"{at} must be an object with 'role' and 'content', got {_short(m)}")
+            raise DataError(f"{at} must be an object with 'role' and 'content', got {shorten(m)}")
         role, content = m["role"], m["content"]
         if role not in ROLES:
-            raise DataError(f"{at}: unknown role {_short(role)}; roles are {', '.join(ROLES)}")
+            raise DataError(f"{at}: unknown role {shorten(role)}; roles are {', '.join(ROLES)}")
         if not isinstance(content, str) or not content.strip():
-            raise DataError(f"{at} ({role}): content must be a non-empty string, got {_short(content)}")
+            raise DataError(f"{at} ({role}): content must be a non-empty string, got {shorten(content)}")
         if role == "assistant" and not seen_user:
             raise DataError(f"{at}: an assistant turn before any user turn; a conversation starts with the user "
                             "(after an optional system message)")
@@ -146,7 +147,7 @@ class ChatTemplate:
         full = self.render(messages)
         for m in messages:
             if m["content"].strip() not in full:
-                raise DataError(f"{where}: the chat template dropped the {m['role']} message {_short(m['content'])} "
+                raise DataError(f"{where}: the chat template dropped the {m['role']} message {shorten(m['content'])} "
                                 "from the text it renders; check the conversation's roles and order against what "
                                 "the model's template accepts")
         pieces: list[tuple[str, bool]] = []  # (text, is an answer)
@@ -223,13 +224,3 @@ def _compile(source: str):
         return env.from_string(source)
     except TemplateError as exc:
         raise DataError(f"the chat template is not valid Jinja ({exc}); fix the model's chat_template") from None
-
-
-def _short(value, n: int = 40) -> str:
-    import json
-
-    try:
-        text = json.dumps(value)
-    except (TypeError, ValueError):
-        text = repr(value)
-    return text if len(text) <= n else text[: n - 3] + "..."

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from tuneforge.errors import DataError
 
-__all__ = ["Records", "read_records", "held_out_source", "holdout_cut", "split_held_out", "BUILTIN_PREFIX"]
+__all__ = ["Records", "read_records", "held_out_source", "holdout_cut", "split_held_out", "BUILTIN_PREFIX",
+           "shorten"]
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -92,7 +93,7 @@ def read_records(spec: str, *, split: str = "train", fields: dict[str, type | tu
             wrong_bool = isinstance(value, bool) and bool not in _as_tuple(tp)
             if not isinstance(value, tp) or wrong_bool:
                 raise DataError(
-                    f"{loc}: field '{field}' must be {_type_label(tp)}, got {type(value).__name__} {_short(value)}"
+                    f"{loc}: field '{field}' must be {_type_label(tp)}, got {type(value).__name__} {shorten(value)}"
                 )
     if not items:
         raise DataError(f"{spec}: no records")
@@ -130,8 +131,12 @@ def _as_tuple(tp) -> tuple:
     return tp if isinstance(tp, tuple) else (tp,)
 
 
-def _short(value, n: int = 40) -> str:
-    text = json.dumps(value)
+def shorten(value, n: int = 40) -> str:
+    """A value as JSON (its repr when it is not JSON), cut to ``n`` characters: a record's field in a message."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
