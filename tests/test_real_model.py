@@ -227,8 +227,8 @@ def test_sft_with_lora_teaches_the_short_answers_and_leaves_the_base_as_it_was(s
     LoRA SFT on disjoint training records teaches the task's convention."""
     from tuneforge.data.world import builtin
     from tuneforge.engine.integrity import frozen_named, weights_digest
-    from tuneforge.plugins.sft.evaluate import generate_answers, normalise
-    from tuneforge.sdk import template_of
+    from tuneforge.plugins.sft.evaluate import normalise
+    from tuneforge.sdk import continue_ids, template_of
 
     train, held_out = builtin("instruct", "train")[:SFT_TRAIN], builtin("instruct", "test")[:SFT_HELD_OUT]
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in held_out}  # held out: never trained on
@@ -260,7 +260,9 @@ def test_sft_with_lora_teaches_the_short_answers_and_leaves_the_base_as_it_was(s
     loaded = tuneforge.load_model(out)
     tok = loaded.tokenizer
     prompts = [template_of(tok).prompt_ids([{"role": "user", "content": r["prompt"]}]) for r in held_out[:8]]
-    theirs = generate_answers(loaded, prompts, tok, device="cpu", max_new_tokens=8)
-    ours = generate_answers(result.model.eval(), prompts, tok, device="cpu", max_new_tokens=8)
+    theirs = [r[1] for r in continue_ids(loaded.generate, tok, prompts, (tok.eos_id,), max_new_tokens=8,
+                                         temperature=0.0)]
+    ours = [r[1] for r in continue_ids(result.model.eval().generate, tok, prompts, (tok.eos_id,), max_new_tokens=8,
+                                       temperature=0.0)]
     assert theirs == ours
     assert sum(normalise(a) == r["completion"] for a, r in zip(ours, held_out)) >= 4, ours  # short answers, not sentences

@@ -20,7 +20,7 @@ from tuneforge.rlhf.policy import model_logprobs, response_mask
 from tuneforge.data.rankings import prompt_ids
 from tuneforge.data.world import hidden_judge, judge_of
 
-__all__ = ["Samples", "sample", "masked_mean", "whiten", "gae", "judge_for", "compare"]
+__all__ = ["Samples", "sample", "continue_ids", "masked_mean", "whiten", "gae", "judge_for", "compare"]
 
 Prompt = str | list[dict]  # text, or a conversation: [{"role", "content"}, ...] ending with a user turn
 
@@ -60,8 +60,9 @@ def sample(generate: Callable, tokenizer, prompts: Sequence[Prompt], *, max_new_
     for kind in dict.fromkeys(kinds):  # text first when it comes first: one call when the batch is of one kind
         at = [i for i, k in enumerate(kinds) if k == kind]
         stops = (NEWLINE, tok.eos_id) if kind else (tok.eos_id,)
-        done = _generate(generate, tok, [prompts[i] for i in at], stops, max_new_tokens=max_new_tokens,
-                         temperature=temperature, top_k=top_k, generator=generator, device=device)
+        done = continue_ids(generate, tok, [prompt_ids(tok, prompts[i]) for i in at], stops,
+                            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, generator=generator,
+                            device=device)
         for i, row in zip(at, done):
             rows[i] = row
     ids, texts, start, last, stopped = zip(*rows)
@@ -70,10 +71,12 @@ def sample(generate: Callable, tokenizer, prompts: Sequence[Prompt], *, max_new_
                    torch.tensor(stopped, device=device))
 
 
-def _generate(generate: Callable, tok, prompts: list, stops: tuple, *, max_new_tokens, temperature, top_k,
-              generator, device) -> list[tuple]:
-    """(row ids, text, start, last, stopped) of one response per prompt, sampled in one batch."""
-    heads = [prompt_ids(tok, p) for p in prompts]
+def continue_ids(generate: Callable, tok, heads: list[list[int]], stops: Sequence[int], *, max_new_tokens: int,
+                 temperature: float = 1.0, top_k: int | None = None, generator: torch.Generator | None = None,
+                 device=None) -> list[tuple]:
+    """One continuation of each token prompt in ``heads``, generated in one left-padded batch with the KV cache:
+    ``(row ids, text, start, last, stopped)`` per prompt, the text decoded without its stop token (one of
+    ``stops``). ``temperature=0`` is greedy."""
     width = max(len(h) for h in heads)
     left = torch.full((len(heads), width), tok.pad_id, dtype=torch.long)  # (B, Tp), left-padded
     mask = torch.zeros(len(heads), width, dtype=torch.bool)

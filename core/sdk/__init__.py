@@ -57,7 +57,7 @@ from tuneforge.rlhf.policy import (Reference, block_parameters, check_layers, ot
                                    untie_head)
 from tuneforge.rlhf.preference import TIE_MODELS, dpo_loss, outcome_logprobs, pair_nll, pair_right
 from tuneforge.rlhf.reward import ScalarHead, rewards, score
-from tuneforge.rlhf.rollout import Samples, compare, gae, judge_for, masked_mean, sample, whiten
+from tuneforge.rlhf.rollout import Samples, compare, continue_ids, gae, judge_for, masked_mean, sample, whiten
 
 __all__ = [
     # hooks and errors
@@ -84,6 +84,7 @@ __all__ = [
     # steering a policy
     "Reference", "check_layers", "resolve_layers", "others_choose_params", "block_parameters", "untie_head",
     "token_logprobs", "response_logprobs", "model_logprobs", "sequence_logprobs", "response_mask", "TIE_MODELS", "outcome_logprobs", "pair_nll",
-    "pair_right", "dpo_loss", "ScalarHead", "rewards", "score", "Samples", "sample", "compare", "judge_for",
+    "pair_right", "dpo_loss", "ScalarHead", "rewards", "score", "Samples", "sample", "continue_ids", "compare",
+    "judge_for",
     "masked_mean", "whiten", "gae", "RolloutBuffer",
 ]

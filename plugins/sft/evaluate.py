@@ -7,7 +7,7 @@ from collections import defaultdict
 
 import torch
 
-from tuneforge.sdk import next_token_loss_of, template_of, tokenizer_of
+from tuneforge.sdk import continue_ids, next_token_loss_of, tokenizer_of
 
 from .examples import IGNORE, Example, padded_batch
 
@@ -35,47 +35,26 @@ def heldout_loss(model, examples: list[Example], *, batch_size: int, device) -> 
 @torch.no_grad()
 def exact_match(model, examples: list[Example], *, batch_size: int, device, max_new_tokens: int | None = None,
                 ) -> dict[str, float]:
-    """Greedy answers to each example's conversation up to its last answer, compared with that answer.
+    """Greedy answers to each example's conversation up to its last answer (the ids it trains with, so a record cut
+    to fit the context is asked as it was cut), compared with that answer.
 
     Returns ``exact_match`` and, for records with a ``kind``, ``exact_match/KIND``."""
     tok = tokenizer_of(model)
-    template = template_of(tok)
     right: dict[str | None, list[bool]] = defaultdict(list)
     for b in range(0, len(examples), batch_size):
         chunk = examples[b:b + batch_size]
-        prompts = [template.prompt_ids(e.messages[:_last_answer(e.messages)]) for e in chunk]
-        golds = [e.messages[_last_answer(e.messages)]["content"] for e in chunk]
-        answers = generate_answers(model, prompts, tok, device=device,
-                                   max_new_tokens=max_new_tokens or _room(tok, golds))
-        for e, answer, gold in zip(chunk, answers, golds):
+        golds = [next(m["content"] for m in reversed(e.messages) if m["role"] == "assistant") for e in chunk]
+        heads = [e.input[:e.prompt] for e in chunk]
+        room = model.config.max_seq_len - max(len(h) for h in heads)
+        new = max(1, min(max_new_tokens or _room(tok, golds), room))
+        rows = continue_ids(model.generate, tok, heads, (tok.eos_id,), max_new_tokens=new, temperature=0.0,
+                            device=device)
+        for e, (_, answer, *_), gold in zip(chunk, rows, golds):
             right[e.kind].append(normalise(answer) == normalise(gold))
     every = [r for rs in right.values() for r in rs]
     out = {"exact_match": sum(every) / max(len(every), 1)}
     out.update({f"exact_match/{kind}": sum(rs) / len(rs) for kind, rs in sorted(right.items()) if kind is not None})
     return out
-
-
-def generate_answers(model, prompts: list[list[int]], tok, *, device, max_new_tokens: int) -> list[str]:
-    """Greedy continuations of token ``prompts`` (left-padded together), cut at the end-of-turn token."""
-    width = max(len(p) for p in prompts)
-    new = max(1, min(max_new_tokens, model.config.max_seq_len - width))
-    ids = torch.full((len(prompts), width), tok.pad_id, dtype=torch.long)
-    mask = torch.zeros(len(prompts), width, dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = True
-    out = model.generate(ids.to(device), new, temperature=0.0, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                         key_padding_mask=mask.to(device))
-    texts = []
-    for row in out[:, width:].tolist():
-        if tok.eos_id in row:
-            row = row[:row.index(tok.eos_id)]
-        texts.append(tok.decode(row))
-    return texts
-
-
-def _last_answer(messages: list[dict]) -> int:
-    return max(i for i, m in enumerate(messages) if m["role"] == "assistant")
 
 
 def _room(tok, golds: list[str]) -> int:

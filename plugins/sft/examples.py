@@ -24,16 +24,23 @@ IGNORE = -100  # target of a position the loss skips
 @dataclasses.dataclass
 class Example:
     """One record: ``input`` ids and ``target`` ids (the next token, ``IGNORE`` where nothing is learnt), the
-    messages it came from, where, and its ``kind`` (per-kind accuracy in evaluation)."""
+    messages it came from, where, its ``kind`` (per-kind accuracy in evaluation), and ``prompt``: how many of the
+    input ids come before the last answer (``input[:prompt]`` asks for it, truncation included)."""
 
     input: list[int]
     target: list[int]
     messages: list[dict]
     where: str
     kind: str | None
+    prompt: int
 
     def __len__(self) -> int:
         return len(self.input)
+
+    @property
+    def trained(self) -> int:
+        """Targets the loss is taken on."""
+        return sum(t != IGNORE for t in self.target)
 
 
 @dataclasses.dataclass
@@ -72,15 +79,17 @@ def read_examples(spec: str, split: str, tokenizer, *, train_on: str, room: int,
         if all(t == IGNORE for t in target):
             raise DataError(f"{where}: no token of this record is trained (train_on={train_on}); check the record")
         kind = record.get(kind_field)
-        out.append(Example(ex.ids[:-1], target, messages, where, kind if isinstance(kind, str) else None))
+        out.append(Example(ex.ids[:-1], target, messages, where, kind if isinstance(kind, str) else None,
+                           ex.answer_start))
     return Read(out, truncated, cut_tokens)
 
 
 def padded_batch(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """``{"input": (B, T), "target": (B, T)}`` right-padded to the longest row, and ``tokens``: the records' own."""
+    """``{"input": (B, T), "target": (B, T)}`` right-padded to the longest row; ``tokens`` and ``trained_tokens``: the
+    records' own and those the loss is taken on (counted here, so the training step needs no device sync)."""
     return {"input": pad_right([e.input for e in examples], pad_id),
             "target": pad_right([e.target for e in examples], pad_id, fill=IGNORE),
-            "tokens": sum(len(e) for e in examples)}
+            "tokens": sum(len(e) for e in examples), "trained_tokens": sum(e.trained for e in examples)}
 
 
 def _order(n: int, seed: int, epoch: int) -> list[int]:
@@ -137,4 +146,5 @@ def packed_batch(rows: list[list[Example]], width: int, pad_id: int) -> dict[str
             cu[b, s + 1] = at
         cu[b, len(row) + 1:] = at
     return {"input": inp, "target": tgt, "positions": pos, "cu_seqlens": cu,
-            "tokens": sum(len(e) for row in rows for e in row)}
+            "tokens": sum(len(e) for row in rows for e in row),
+            "trained_tokens": sum(e.trained for row in rows for e in row)}

@@ -76,7 +76,7 @@ class Sft:
             cut = holdout_cut(len(train.examples), o.holdout)
             self.train, self.held_out = train.examples[:cut], train.examples[cut:]
         tokens = sum(len(e) for e in self.train)
-        learnt = sum(t != IGNORE for e in self.train for t in e.target)
+        learnt = sum(e.trained for e in self.train)
         cut_note = (f"; {train.truncated} cut from the left to fit {room} tokens ({train.cut_tokens:,} tokens lost)"
                     if train.truncated else "")
         run.log(f"sft: {len(self.train):,} records, {tokens:,} tokens of which {learnt:,} are answers "
@@ -134,7 +134,7 @@ class Sft:
         packed = {k: batch[k] for k in ("positions", "cu_seqlens") if k in batch}
         loss = next_token_loss_of(model, batch["input"], target, ignore_index=IGNORE, **packed)
         # tokens/s counts the records' tokens the model read (not padding); the answer tokens are reported beside
-        return loss, {"tokens": batch["tokens"], "trained_tokens": int((target != IGNORE).sum())}
+        return loss, {"tokens": batch["tokens"], "trained_tokens": batch["trained_tokens"]}
 
     def _evaluate(self, model, run, records: int) -> dict[str, float]:
         held = self.held_out[:max(records, 32)]
@@ -152,12 +152,9 @@ class Sft:
         if not self.held_out:
             return
         was_training = model.training
-        model.eval()
-        import torch
-
-        with torch.no_grad():
-            self.zero_shot = exact_match(model, self.held_out[:self.options.eval_records],
-                                         batch_size=max(run.config.batch_size, 16), device=run.device)
+        model.eval()  # exact_match runs under no_grad
+        self.zero_shot = exact_match(model, self.held_out[:self.options.eval_records],
+                                     batch_size=max(run.config.batch_size, 16), device=run.device)
         model.train(was_training)
         run.summary.setdefault("sft", {})["zero_shot"] = self.zero_shot
         run.log(f"sft: zero-shot exact match {self.zero_shot['exact_match']:.3f} on "
