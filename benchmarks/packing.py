@@ -154,7 +154,7 @@ def shape_stats(streams) -> dict:
         useful, positions = sum(b["tokens"] for b in batches), sum(b["input"].numel() for b in batches)
         out[side] = {"steps": len(batches), "useful_tokens": useful, "positions": positions,
                      "padding_share": 1 - useful / positions,
-                     "trained_tokens": sum(int((b["target"] != IGNORE).sum()) for b in batches)}
+                     "trained_tokens": sum(b["trained_tokens"] for b in batches)}
     return out
 
 

@@ -64,6 +64,7 @@ def _packed_equals_padded(model, examples, pad_id):
     padded = padded_batch(examples, pad_id)
     packed = packed_batch([examples[:2], examples[2:]], max(len(e) for e in examples) * 3, pad_id)
     assert packed["cu_seqlens"].shape[0] == 2 and packed["tokens"] == padded["tokens"]
+    assert packed["trained_tokens"] == padded["trained_tokens"] == int((padded["target"] != IGNORE).sum())
     params = [p for p in model.parameters() if p.requires_grad]
     results = []
     for batch in (padded, packed):
