@@ -198,3 +198,18 @@ def test_sft_alone_with_layers_trains_the_last_blocks_and_an_untied_head(tmp_pat
     trains = [any(p.requires_grad for p in b.parameters()) for b in model.blocks]
     assert trains == [False] * (len(trains) - int(layers)) + [True] * int(layers)
     assert result.summary["frozen_weights"]["unchanged"]
+
+
+def test_evaluation_asks_a_cut_record_as_it_was_cut(tmp_path):
+    from tuneforge.models.transformer import Transformer, model_config
+    from tuneforge.data.chat import template_of
+    from tuneforge.plugins.sft.evaluate import exact_match
+
+    model = Transformer(model_config(MODEL)).eval()  # a 64-token context
+    read = read_examples(qa_file(tmp_path / "qa.jsonl", n=12, long_every=5), "train", ByteTokenizer(),
+                         train_on="assistant", room=63, truncate="left")
+    whole = template_of(ByteTokenizer())
+    cut = [e for e in read.examples if len(whole.prompt_ids(e.messages[:-1])) > 64]  # whole: over the context
+    assert cut and read.truncated >= len(cut)
+    scores = exact_match(model, cut, batch_size=4, device="cpu")
+    assert set(scores) == {"exact_match", "exact_match/sum"} and 0 <= scores["exact_match"] <= 1
