@@ -8,7 +8,7 @@ arguments by name, so hooks can grow new arguments without breaking old plugins)
 Lifecycle of one run::
 
     modify_model -> trainable_params -> validate -> load (resume only) -> run_start
-        -> per epoch: data -> per micro-batch: loss -> per optimizer step: step_end
+        -> per epoch: data (online objectives: reward) -> per micro-batch: loss -> per optimizer step: step_end
                                               -> every eval_every steps: evaluate
                                               -> every save_every steps: save
     -> run_end
@@ -124,6 +124,25 @@ def tuneforge_data(run, model):
     Called before training starts for epoch 0 (so malformed data fails before anything is written) and again
     whenever an epoch is exhausted. Read and validate all records here, raising
     :class:`tuneforge.sdk.DataError` with ``file:line`` and the field on bad input.
+    """
+
+
+@hookspec
+def tuneforge_reward(prompts, responses, run):
+    """Score sampled responses: the reward of online objectives (``ppo``, ``grpo``, a plugin's own).
+
+    :param prompts: the prompts answered, one per response: text, or a conversation (a list of
+        ``{"role", "content"}`` messages ending with a user turn).
+    :param responses: the responses, decoded text without their stop token.
+    :param run: the run.
+    :return: one finite number per response (a list of floats, or a (N,) tensor; higher is better), or ``None``
+        to abstain.
+
+    Called by an online objective each time it draws a rollout (inside ``tuneforge_data``), on the main process
+    and every other alike, with the same arguments. Every plugin's answer is **summed** (a plugin weighs its own
+    reward with an option of its own); the objective adds the reward named by its ``reward=`` option
+    (:class:`tuneforge.sdk.Rewards`) and logs each source's mean as ``reward/<plugin>``. Programs that check a
+    response (verifiers, unit tests, format checks) are rewards here, as is a trained reward model.
     """
 
 

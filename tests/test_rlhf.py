@@ -184,8 +184,8 @@ def test_ppo_adapts_the_kl_coefficient_towards_its_target(reward_run, pretrained
     assert coefs[0] == 0.05 and coefs[-1] > coefs[0]  # the measured KL is far above a tiny target: β grows
 
 
-def test_ppo_needs_a_reward_model(pretrained):
-    with pytest.raises(ConfigError, match="reward= is required"):
+def test_ppo_needs_a_reward(pretrained):
+    with pytest.raises(ConfigError, match="ppo needs a reward: ppo:reward=RUN"):
         tuneforge.train(init=str(pretrained), mechanisms=["ppo"], data="builtin:rankings", steps=1)
     with pytest.raises(ConfigError, match=r"longest prompt \(\d+ tokens\) \+ max_new_tokens=250 exceed"):
         tuneforge.train(init=str(pretrained), mechanisms=[f"ppo:reward={pretrained},rollouts=8,max_new_tokens=250"],

@@ -31,7 +31,8 @@ from tuneforge.data.town import (ASPECTS, DISHES, FOOD_WORDS, LABELS, NAMES, NEG
 
 __all__ = [
     "DEFAULT_SEED", "World", "builtin", "BUILTIN_DATASETS", "LABELS", "VERBALIZERS",
-    "sentiment_of", "topic_of", "preference", "rank", "SPLITS", "hidden_judge", "judge_of",
+    "sentiment_of", "topic_of", "preference", "rank", "SPLITS", "hidden_judge", "judge_of", "vocabulary",
+    "in_vocabulary", "fluency_of",
     # the town's vocabulary (town.py), read by the tests and by anyone writing data in the world's words
     "NAMES", "PLACES", "DISHES", "POSITIVE", "NEGATIVE", "FOOD_WORDS", "ASPECTS", "TOPIC_WORDS", "TOPIC_TEMPLATES",
 ]
@@ -114,6 +115,32 @@ def judge_of(data: str):
     """The hidden judge of dataset spec ``data`` when it is a built-in dataset that has one (``builtin:rankings``:
     :func:`hidden_judge`), else None: what an evaluation scores responses with by default."""
     return hidden_judge if data.startswith("builtin:rankings") else None
+
+
+@functools.lru_cache(maxsize=4)
+def vocabulary(seed: int = DEFAULT_SEED) -> frozenset[str]:
+    """Every word of the world's text, rankings and instructions (lower-case runs of letters): the words a
+    fluent answer in this world is made of."""
+    data = _generate(seed)
+    texts = data["text"]["train"] + data["text"]["test"]
+    texts += [x for s in SPLITS for r in data["rankings"][s] for x in [r["prompt"], *r["responses"]]]
+    texts += [r[k] for s in SPLITS for r in _instruct(seed)[s] for k in ("prompt", "completion")]
+    return frozenset(w for t in texts for w in _WORD.findall(t.lower()))
+
+
+def in_vocabulary(texts: list[str], seed: int = DEFAULT_SEED) -> float:
+    """Share of the words of ``texts`` that are words of the world (:func:`vocabulary`): how fluent generated text
+    is, where a policy that games its reward drifts into non-words ("the mare loim for a whille"). 0.0 when
+    the texts hold no word at all (an empty answer is not a fluent one)."""
+    known = vocabulary(seed)
+    words = [w for t in texts for w in _WORD.findall(t.lower())]
+    return sum(w in known for w in words) / len(words) if words else 0.0
+
+
+def fluency_of(data: str):
+    """``texts -> share of words in the world's vocabulary`` (:func:`in_vocabulary`) when dataset spec ``data``
+    is one of the world's own datasets, else None: what online objectives report beside the KL."""
+    return in_vocabulary if data.startswith("builtin:") else None
 
 
 def rank(prompt: str, responses: list[str]) -> str:

@@ -165,17 +165,22 @@ def _on_last_question(prompts: list[Prompt], responses: list[str]) -> list[float
 
 @torch.no_grad()
 def compare(policy, reference, tokenizer, prompts: Sequence[Prompt], *, judge: Judge,
-            max_new_tokens: int, temperature: float = 1.0, seed: int = 0, batch_size: int = 64, device=None) -> dict:
+            max_new_tokens: int, temperature: float = 1.0, seed: int = 0, batch_size: int = 64, device=None,
+            fluency: Callable[[list[str]], float] | None = None) -> dict:
     """The policy against its reference on ``prompts``: each writes one response per prompt (sampled with the
     same seed, so identical policies write identical responses and tie), ``judge(prompts, responses)`` scores
     both, and the policy's samples measure the KL to the reference.
 
     Returns ``win_rate`` (policy better + half the ties), ``ties``, ``score`` / ``score_reference`` (mean
     judgement), ``kl_per_token`` (mean over the policy's response tokens of log π - log π_ref, the usual
-    sampled estimate of KL(π ‖ π_ref)) and ``response_tokens`` (mean length).
+    sampled estimate of KL(π ‖ π_ref)) and ``response_tokens`` (mean length). With ``fluency`` (texts -> a
+    share, e.g. :func:`tuneforge.data.world.in_vocabulary`), also ``in_vocabulary`` and ``in_vocabulary_reference``:
+    that share over each side's responses.
     """
     wins = ties = 0.0
     scores, ref_scores, kl_sum, tokens, n = [], [], 0.0, 0.0, 0
+    texts: list[str] = []
+    ref_texts: list[str] = []
     for b in range(0, len(prompts), batch_size):
         chunk = list(prompts[b:b + batch_size])
         mine = sample(policy.generate, tokenizer, chunk, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -187,12 +192,17 @@ def compare(policy, reference, tokenizer, prompts: Sequence[Prompt], *, judge: J
         ties += sum(x == y for x, y in zip(a, r))
         scores += a
         ref_scores += r
+        texts += mine.texts
+        ref_texts += theirs.texts
         mask = mine.mask
         own = model_logprobs(policy, mine.input, temperature=temperature)
         ref = model_logprobs(reference, mine.input, temperature=temperature)
         kl_sum += float(((own - ref) * mask).sum())
         tokens += float(mask.sum())
         n += len(chunk)
-    return {"win_rate": (wins + 0.5 * ties) / n, "ties": ties / n, "score": sum(scores) / n,
-            "score_reference": sum(ref_scores) / n, "kl_per_token": kl_sum / max(tokens, 1.0),
-            "response_tokens": tokens / n}
+    out = {"win_rate": (wins + 0.5 * ties) / n, "ties": ties / n, "score": sum(scores) / n,
+           "score_reference": sum(ref_scores) / n, "kl_per_token": kl_sum / max(tokens, 1.0),
+           "response_tokens": tokens / n}
+    if fluency is not None:
+        out.update(in_vocabulary=fluency(texts), in_vocabulary_reference=fluency(ref_texts))
+    return out

@@ -21,7 +21,9 @@ The names, by what a mechanism does with them:
 - **per-task parts**: :class:`PartMechanism` (the base of ``lora``, ``adapter`` and ``prompt-tuning``),
   :class:`TaskModule`, layer selection and part files.
 - **steering a policy**: the frozen :class:`Reference`, log-probs, the preference models and the DPO loss,
-  reward scoring, sampling rollouts, GAE, and :class:`RolloutBuffer` for online objectives.
+  reward scoring, sampling rollouts, GAE; for online objectives :class:`OnlineObjective` (the pattern: one
+  rollout per epoch, kept in checkpoints), :class:`RolloutBuffer`, :class:`Rewards` (``reward=`` and the
+  ``tuneforge_reward`` plugins) and the world's fluency measure (:func:`in_vocabulary`).
 """
 from tuneforge import kernels
 from tuneforge.common.names import check_name, inside, is_name, replace_folder, write_export
@@ -31,6 +33,7 @@ from tuneforge.data.batching import epoch_generator, fit_context, pad_right
 from tuneforge.data.labelled import Labelled, Template, has_labels, read_labelled
 from tuneforge.data.rankings import (Ranking, prompt_ids, ranking_batch, ranking_epoch, ranking_ids, ranking_pairs,
                                      ranking_text, read_rankings, split_rankings)
+from tuneforge.data.world import fluency_of, in_vocabulary
 from tuneforge.data.records import Records, held_out_source, holdout_cut, read_records, split_held_out
 from tuneforge.engine.checkpoint import MODEL_FILE, STATE_FILE, resolve_checkpoint
 from tuneforge.engine.loop import load_model
@@ -52,11 +55,13 @@ from tuneforge.parts.mechanism import PartMechanism, PartOptions, part_generator
 from tuneforge.parts.modules import (TaskModule, base_fingerprint, layer_of, match_linears, parse_layers, set_active,
                                      task_modules, using)
 from tuneforge.rlhf.buffer import RolloutBuffer
+from tuneforge.rlhf.online import OnlineObjective, OnlineOptions
 from tuneforge.rlhf.policy import (Reference, block_parameters, check_layers, others_choose_params, resolve_layers,
                                    model_logprobs, response_logprobs, response_mask, sequence_logprobs, token_logprobs,
                                    untie_head)
 from tuneforge.rlhf.preference import TIE_MODELS, dpo_loss, outcome_logprobs, pair_nll, pair_right
 from tuneforge.rlhf.reward import ScalarHead, rewards, score
+from tuneforge.rlhf.reward_sources import Rewards, reward_function
 from tuneforge.rlhf.rollout import Samples, compare, continue_ids, gae, judge_for, masked_mean, sample, whiten
 
 __all__ = [
@@ -86,5 +91,6 @@ __all__ = [
     "token_logprobs", "response_logprobs", "model_logprobs", "sequence_logprobs", "response_mask", "TIE_MODELS", "outcome_logprobs", "pair_nll",
     "pair_right", "dpo_loss", "ScalarHead", "rewards", "score", "Samples", "sample", "continue_ids", "compare",
     "judge_for",
-    "masked_mean", "whiten", "gae", "RolloutBuffer",
+    "masked_mean", "whiten", "gae", "RolloutBuffer", "OnlineObjective", "OnlineOptions", "Rewards", "reward_function",
+    "in_vocabulary", "fluency_of",
 ]
