@@ -2,8 +2,9 @@
 
 A local model folder (``config.json``, safetensors weights, ``tokenizer.json``) is loaded with transformers
 and wrapped in :class:`HFCausalLM`, which gives every mechanism the interface of the embedded ``Transformer``:
-``blocks``, ``tok_emb``, ``ln_f``, a replaceable ``lm_head``, the ``prefix`` slot for soft prompts,
-``forward_hidden`` / ``forward`` with padding masks, positions and a KV cache, and ``generate``.
+``blocks``, ``tok_emb``, ``ln_f``, a replaceable ``lm_head``, the ``prefix`` slot for soft prompts, the
+``kv_prefix`` slot for extra attention keys and values, ``forward_hidden`` / ``forward`` with padding masks,
+positions and a KV cache, and ``generate``.
 
 The wrapper holds the transformers model's own modules under their own names (``transformer.h.0.attn.c_attn``,
 ``model.layers.0.self_attn.q_proj``), so module paths, LoRA targets and PEFT tensor names are those the model
@@ -31,6 +32,7 @@ from tuneforge.models.generation import Generates, plan_input
 from tuneforge.models.hf_reading import quiet, reading, safetensors_problem
 from tuneforge.models.hf_mlp import fuse_gated_mlps
 from tuneforge.models.hf_tokenizer import HFTokenizer, read_json
+from tuneforge.models.kv_slot import check_unpacked, layer_prefixes
 from tuneforge.models.tokenizer import check_vocabulary
 
 __all__ = ["HFConfig", "HFCausalLM", "HFCache", "load", "is_hf_spec", "parse_hf_spec", "parse_options",
@@ -180,6 +182,8 @@ class HFCausalLM(Generates, nn.Module):
         self.add_module(self.base_name, getattr(causal_lm, self.base_name))
         self.lm_head = causal_lm.get_output_embeddings()
         self.prefix: nn.Module | None = None
+        self.kv_prefix: nn.Module | None = None  # extra keys/values for every attention call (see kv_slot)
+        self.kv_shape = hf_attention.kv_shape(causal_lm.config)  # (H_kv, D)
         self.config = config
         self.family = family
         self.tokenizer = tokenizer
@@ -228,12 +232,17 @@ class HFCausalLM(Generates, nn.Module):
 
         Packed rows (``cu_seqlens``) need tuneforge's attention (``attn=tuneforge``, the default), which receives
         the offsets from every layer (see ``hf_attention``); a model loaded with eager or sdpa attention refuses
-        them (ConfigError), as does one whose layers do not hand transformers' attention kwargs on.
+        them (ConfigError), as does one whose layers do not hand transformers' attention kwargs on. The same goes for
+        the extra keys and values of the ``kv_prefix`` slot, which travel to every layer's attention the same way.
         """
         if cu_seqlens is not None:
             self._check_packing()
         plan = plan_input(self, idx, key_padding_mask, positions, cache, cu_seqlens)
         B = idx.size(0)
+        extras = layer_prefixes(self, B)
+        if extras is not None:
+            check_unpacked(cu_seqlens)
+            self._check_packing("extra attention keys (model.kv_prefix, e.g. prefix tuning)", "or drop the prefix")
         x = self.tok_emb(idx)  # (B, T, C)
         pos = plan.positions  # (B, T)
         if plan.fresh:
@@ -246,15 +255,9 @@ class HFCausalLM(Generates, nn.Module):
             seen = (cache.length if cache is not None else 0) + x.size(1)
             mask = torch.ones(B, seen, dtype=torch.long, device=idx.device)  # (B, cached + K + T)
         kwargs = {self._cache_arg: cache.kv, "use_cache": True} if cache is not None else {"use_cache": False}
-        packed = None
-        if plan.cu_seqlens is not None:  # through transformers' **kwargs to every attention call
-            packed = kwargs[hf_attention.PACKED_KWARG] = hf_attention.PackedRows(plan.cu_seqlens)
-        out = self.base(inputs_embeds=x, attention_mask=mask.long(), position_ids=pos.long(), **kwargs)
-        if packed is not None and packed.calls < len(self.blocks):
-            raise ConfigError(
-                f"packed rows reached the attention of {packed.calls} of this {self.config.model_type} model's "
-                f"{len(self.blocks)} layers: its layers do not pass transformers' attention kwargs on, so "
-                "documents would see each other; set packing=false for this model")
+        carried = hf_attention.carried(plan.cu_seqlens, extras)  # through transformers' **kwargs to every attention
+        out = self.base(inputs_embeds=x, attention_mask=mask.long(), position_ids=pos.long(), **kwargs, **carried)
+        hf_attention.check_reached(carried, len(self.blocks), self.config.model_type)
         if cache is not None:
             cache.length += x.size(1)
         h = out.last_hidden_state  # (B, K + T, C)
@@ -264,14 +267,14 @@ class HFCausalLM(Generates, nn.Module):
         """Next-token logits (B, T, V); keyword arguments as in :meth:`forward_hidden`."""
         return self.lm_head(self.forward_hidden(idx, **kwargs))
 
-    def _check_packing(self) -> None:
-        """Packed rows need tuneforge's attention: transformers' eager and sdpa never see the offsets (and a 4-D mask
-        built here would replace the model's own mask patterns, such as sliding windows)."""
+    def _check_packing(self, what: str = "packed rows (cu_seqlens)", instead: str = "or set packing=false") -> None:
+        """Packed rows (and extra keys) need tuneforge's attention: transformers' eager and sdpa never see the
+        offsets (and a 4-D mask built here would replace the model's own mask patterns, such as sliding windows)."""
         impl = self.hf_model.config._attn_implementation
         if impl != hf_attention.attention_implementation_name:
             raise ConfigError(
-                f"packed rows (cu_seqlens) need tuneforge's attention, but this model runs attn={impl}: load it "
-                f"with ?attn=tuneforge (the default, e.g. --model hf:{self.config.hf}) or set packing=false")
+                f"{what} need tuneforge's attention, but this model runs attn={impl}: load it "
+                f"with ?attn=tuneforge (the default, e.g. --model hf:{self.config.hf}) {instead}")
 
     # -- weights that stay in the folder (see tuneforge.engine.checkpoint) ------------------------------------------------
 

@@ -34,6 +34,12 @@ through transformers' ``**kwargs`` as :data:`PACKED_KWARG` (a :class:`PackedRows
 the kernel, or, on a fallback, turns them into a block-diagonal 4-D mask combined with the other masks. Each call
 counts itself on the ``PackedRows``, so a model whose layers do not forward the kwargs is caught, not run unpacked.
 
+Extra keys and values. The model's ``kv_prefix`` slot (:mod:`tuneforge.models.kv_slot`) travels the same way, as
+:data:`KV_PREFIX_KWARG` (an :class:`ExtraKeys` holding every layer's :class:`~tuneforge.models.protocol.KVPrefix`):
+:func:`attention` picks the one of ``module.layer_idx`` and puts it in front of the keys and values, after the
+cache's (a static cache's empty slots dropped first), with the masks widened to match: True columns in a padding
+mask or a 4-D bool one, zeros in an additive one. The fallbacks get the widened keys and masks, so they honour it.
+
 This module imports without transformers; only :func:`register` (and the functions it registers) need it.
 """
 from __future__ import annotations
@@ -44,10 +50,13 @@ import warnings
 
 import torch
 
+from tuneforge.errors import ConfigError
 from tuneforge.kernels import flash_attention
+from tuneforge.models.kv_slot import check_unpacked, prepend
 from tuneforge.models.packing import document_mask
 
-__all__ = ["attention_implementation_name", "register", "attention", "padding_mask", "PACKED_KWARG", "PackedRows"]
+__all__ = ["attention_implementation_name", "register", "attention", "padding_mask", "PACKED_KWARG", "PackedRows",
+           "KV_PREFIX_KWARG", "ExtraKeys", "carried", "check_reached", "kv_shape"]
 
 #: the ``attn_implementation`` name that :func:`register` makes available
 attention_implementation_name = "tuneforge"
@@ -64,6 +73,28 @@ class PackedRows:
 
     cu_seqlens: torch.Tensor  # (S + 1,) or (B, S + 1) int offsets, as tuneforge.kernels.flash_attention takes them
     calls: int = 0  # attention calls that applied them: the model checks that every layer's did
+
+
+#: the keyword the model's extra keys and values travel under, from its forward to :func:`attention`
+KV_PREFIX_KWARG = "tuneforge_kv_prefix"
+
+
+@dataclasses.dataclass
+class ExtraKeys:
+    """Every layer's extra keys and values on their way to attention (the value of :data:`KV_PREFIX_KWARG`)."""
+
+    layers: list  # one KVPrefix or None per layer, indexed by the attention module's layer_idx
+    calls: int = 0  # attention calls that saw them: the model checks that every layer's did
+
+    def take(self, module):
+        """The extras of ``module``'s layer (None: none there); counts the call."""
+        index = getattr(module, "layer_idx", None)
+        if not isinstance(index, int) or not 0 <= index < len(self.layers):
+            raise ValueError(f"extra attention keys (model.kv_prefix) go to each layer by its layer_idx, and this "
+                             f"{type(module).__name__} has layer_idx={index!r} (the model has {len(self.layers)} "
+                             "layers); this model cannot take them")
+        self.calls += 1
+        return self.layers[index]
 
 # Reasons already warned about: a fallback is usually hit by every layer on every step, one warning is enough.
 _warned: set[str] = set()
@@ -126,6 +157,55 @@ def _within_documents(attention_mask, cu_seqlens, query, key) -> torch.Tensor:
     return torch.where(same, attention_mask, torch.finfo(attention_mask.dtype).min)
 
 
+def kv_shape(config) -> tuple[int, int]:
+    """(H_kv, D): the key/value heads and head width of a transformers config's attention layers."""
+    heads = int(config.num_attention_heads)
+    return (int(getattr(config, "num_key_value_heads", None) or heads),
+            int(getattr(config, "head_dim", None) or config.hidden_size // heads))
+
+
+def carried(cu_seqlens=None, extras=None) -> dict:
+    """The keyword arguments a model's forward hands transformers for every attention call: packed rows' offsets
+    (a :class:`PackedRows`) and the ``kv_prefix`` slot's extras (an :class:`ExtraKeys`), those it has."""
+    out = {}
+    if cu_seqlens is not None:
+        out[PACKED_KWARG] = PackedRows(cu_seqlens)
+    if extras is not None:
+        out[KV_PREFIX_KWARG] = ExtraKeys(extras)
+    return out
+
+
+def check_reached(carried: dict, layers: int, model_type: str) -> None:
+    """After the forward: refuse a model whose layers did not hand the kwargs on to every attention call (ConfigError),
+    which would otherwise have run without them (documents seeing each other, a prefix ignored)."""
+    packed, extras = carried.get(PACKED_KWARG), carried.get(KV_PREFIX_KWARG)
+    if packed is not None and packed.calls < layers:
+        raise ConfigError(
+            f"packed rows reached the attention of {packed.calls} of this {model_type} model's {layers} layers: its "
+            "layers do not pass transformers' attention kwargs on, so documents would see each other; set "
+            "packing=false for this model")
+    if extras is not None and extras.calls < layers:
+        raise ConfigError(
+            f"extra attention keys (model.kv_prefix) reached {extras.calls} of this {model_type} model's {layers} "
+            "layers: its layers do not pass transformers' attention kwargs on, so it cannot take a prefix of keys "
+            "and values")
+
+
+def _widened(attention_mask, extra):
+    """A mask with the P columns of ``extra`` (a KVPrefix, or None) in front, in the mask's own form: 2-D or None
+    (:func:`~tuneforge.models.kv_slot.prepend` does those), 4-D bool (True), 4-D additive float (0 = attend)."""
+    if extra is None or attention_mask is None or attention_mask.dim() != 4:
+        return attention_mask
+    B, _, Tq, _ = attention_mask.shape
+    own = extra.mask if extra.mask is not None else torch.ones(1, extra.length, dtype=torch.bool,
+                                                                device=attention_mask.device)
+    own = own[:, None, None, :].expand(max(B, own.size(0)), 1, Tq, extra.length)  # (B, 1, Tq, P)
+    if attention_mask.dtype != torch.bool:  # additive: 0 where it may attend, the most negative value elsewhere
+        own = torch.zeros_like(own, dtype=attention_mask.dtype).masked_fill(
+            ~own, torch.finfo(attention_mask.dtype).min)
+    return torch.cat([own, attention_mask.expand(own.size(0), -1, -1, -1)], dim=-1)  # (B, 1, Tq, P + Tk)
+
+
 def _fallback(module, query, key, value, attention_mask, causal: bool, use_eager: bool, cu_seqlens=None, **kwargs):
     """transformers' sdpa (or the model's own eager) attention, given a mask in the form that function takes."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -155,6 +235,7 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
     """
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     packed = kwargs.pop(PACKED_KWARG, None)
+    extras = kwargs.pop(KV_PREFIX_KWARG, None)
     cu_seqlens = None
     if packed is not None:
         packed.calls += 1
@@ -163,6 +244,14 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
         # A static cache's keys run to its full length; the padding mask covers only the slots filled so far,
         # and the queries are the last of those. Drop the empty slots (as transformers' flash attention does).
         key, value = key[:, :, :attention_mask.size(-1)], value[:, :, :attention_mask.size(-1)]
+    extra = extras.take(module) if extras is not None else None
+    if extra is not None:  # in front of the (cached and new) keys; every query sees them (bottom-right causal)
+        check_unpacked(cu_seqlens)
+        if attention_mask is not None and attention_mask.dim() == 4:
+            attention_mask = _widened(attention_mask, extra)
+            key, value, _ = prepend(extra, key, value)
+        else:
+            key, value, attention_mask = prepend(extra, key, value, attention_mask)
 
     reason = None
     if kwargs.get("softcap") is not None:

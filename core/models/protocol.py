@@ -15,7 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-__all__ = ["LanguageModel", "ModelConfig", "Tokenizer", "Prefix", "prefix_length"]
+__all__ = ["LanguageModel", "ModelConfig", "Tokenizer", "Prefix", "KVPrefix", "prefix_length"]
 
 
 @runtime_checkable
@@ -53,6 +53,15 @@ class LanguageModel(Protocol):
     ``prefix`` is a slot for a module that returns a :class:`Prefix` (soft prompts) or ``None``; its ``max_length``
     (an int attribute or property) is the most positions it prepends, which objectives keep free in the context
     (:func:`prefix_length`).
+
+    ``kv_prefix`` is a slot for a module that gives attention extra keys and values (prefix tuning, memory tokens):
+    called as ``kv_prefix(layer, batch_size)`` once per layer and forward, it returns a :class:`KVPrefix` for that
+    layer, or ``None`` (nothing extra there). Every attention call of the layer puts them in front of its keys and
+    values: after a KV cache's (never stored in it, so a cached decode step sees them again), visible to every
+    query (the causal mask is bottom-right aligned) and used as given (no position, no rotary embedding is applied
+    to them); the tokens' positions do not change. ``kv_shape`` is (H_kv, D), the key/value heads and head width of
+    every layer, which the keys and values must have. Refused (ValueError) with packed rows (``cu_seqlens``); a
+    Hugging Face model needs tuneforge's attention (``attn=tuneforge``, the default; ConfigError otherwise).
     """
 
     config: ModelConfig
@@ -62,6 +71,8 @@ class LanguageModel(Protocol):
     ln_f: nn.Module
     lm_head: nn.Module
     prefix: nn.Module | None
+    kv_prefix: nn.Module | None
+    kv_shape: tuple[int, int]  # (H_kv, D): key/value heads and head width of every attention layer
 
     def forward_hidden(self, idx: torch.Tensor, *, key_padding_mask: torch.Tensor | None = None,
                        positions: torch.Tensor | None = None, cache: Any = None,
@@ -72,7 +83,7 @@ class LanguageModel(Protocol):
         every row or (B, S + 1) per row (:mod:`tuneforge.models.packing`). Each document then gives the hidden
         states it would alone: attention never crosses a boundary, positions restart at 0 per document (unless
         ``positions`` says otherwise), and positions past the last offset are padding. Refused (ValueError) with a
-        ``cache`` or a soft-prompt ``prefix``.
+        ``cache``, a soft-prompt ``prefix`` or extra keys from ``kv_prefix``.
         """
         ...
 
@@ -111,6 +122,24 @@ class Prefix:
         if self.mask is None:
             return torch.arange(self.length, device=self.emb.device)
         return (self.mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@dataclasses.dataclass
+class KVPrefix:
+    """Extra keys and values for one attention layer, what ``model.kv_prefix(layer, batch_size)`` returns.
+
+    P extra positions, in front of the layer's own keys: each head's keys (H_kv of them, grouped-query models have
+    fewer than query heads) and values. A batch dimension of 1 serves every row. ``mask`` marks the real columns
+    when rows have different extras (a row routed to no prefix: all False); None = every column is real.
+    """
+
+    keys: torch.Tensor  # (B or 1, H_kv, P, D)
+    values: torch.Tensor  # (B or 1, H_kv, P, D)
+    mask: torch.Tensor | None = None  # (B or 1, P) bool, True = a real column
+
+    @property
+    def length(self) -> int:
+        return self.keys.size(2)
 
 
 def prefix_length(model) -> int:

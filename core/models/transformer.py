@@ -19,6 +19,7 @@ from tuneforge.kernels import flash_attention
 from tuneforge.models.checkpointing import Checkpointable
 from tuneforge.common.options import build_options, check_range, parse_spec, suggest
 from tuneforge.models.generation import Generates, plan_input
+from tuneforge.models.kv_slot import check_unpacked, layer_prefixes, prepend
 from tuneforge.models.protocol import Prefix
 
 __all__ = ["ModelConfig", "PRESETS", "model_config", "Transformer", "KVCache", "Prefix"]
@@ -106,7 +107,9 @@ class CausalSelfAttention(nn.Module):
         self.o = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, key_padding_mask=None, cache=None, layer: int = 0, cu_seqlens=None):
+    def forward(self, x, key_padding_mask=None, cache=None, layer: int = 0, cu_seqlens=None, kv_prefix=None):
+        """``kv_prefix``: this layer's extra keys and values (a ``KVPrefix`` from the model's slot), put in front of
+        the keys after the cache's, never written into it."""
         B, T, C = x.shape
         H, D = self.n_heads, self.head_dim
         if T == 1:  # a decode step: (B, 1, C) already lies in memory as (B, H, 1, D), so a view does it
@@ -116,6 +119,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
         if cache is not None:  # attend to every cached key, then the new ones
             k, v = cache.append(layer, k, v)  # (B, H, L + T, D): views of the cache, read in place
+        if kv_prefix is not None:  # (B, H, P + L + T, D); the causal mask is bottom-right: every query sees them
+            k, v, key_padding_mask = prepend(kv_prefix, k, v, key_padding_mask)
         y = flash_attention(q, k, v, causal=True, key_padding_mask=key_padding_mask,
                             cu_seqlens=cu_seqlens)  # (B, H, T, D)
         # (B, T, C): heads side by side again (with T == 1 the kernel's contiguous output is that already)
@@ -148,16 +153,18 @@ class Block(Checkpointable, nn.Module):
         self.ln2 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, key_padding_mask=None, cache=None, cu_seqlens=None):
+    def forward(self, x, key_padding_mask=None, cache=None, cu_seqlens=None, kv_prefix=None):
         if cache is not None:  # never recomputed: a second run would append the same keys to the cache again
-            return self.layers(x, key_padding_mask, cache)
-        return self.checkpointed(self.layers, x, key_padding_mask, None, cu_seqlens)
+            return self.layers(x, key_padding_mask, cache, None, kv_prefix)
+        return self.checkpointed(self.layers, x, key_padding_mask, None, cu_seqlens, kv_prefix)
 
-    def layers(self, x, key_padding_mask=None, cache=None, cu_seqlens=None):
+    def layers(self, x, key_padding_mask=None, cache=None, cu_seqlens=None, kv_prefix=None):
         # Pre-norm: each sub-layer sees a normalised input and adds to an un-normalised residual stream,
         # which keeps gradients well-scaled without warm-up tricks at this depth.
-        # cu_seqlens only when packed, so a plugin's attention module without the argument still runs the rest
+        # cu_seqlens and kv_prefix only when given, so a plugin's attention module without them still runs the rest
         packed = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+        if kv_prefix is not None:
+            packed["kv_prefix"] = kv_prefix
         x = x + self.attn(self.ln1(x), key_padding_mask=key_padding_mask, cache=cache, layer=self.index, **packed)
         x = x + self.mlp(self.ln2(x))
         return x  # (B, T, C)
@@ -209,6 +216,11 @@ class Transformer(Generates, nn.Module):
     soft prompts there): called as ``prefix(batch_size)`` it returns a :class:`Prefix` or ``None``. The model
     gives the prefix positions 0..K-1 and shifts the input's positions after it, extends the padding mask over it,
     keeps it in the KV cache, and strips it from the output, so callers see (B, T, ...) as without one.
+
+    ``kv_prefix`` is an empty slot for a module that gives attention extra keys and values (prefix tuning): called
+    as ``kv_prefix(layer, batch_size)`` for every block it returns a :class:`KVPrefix` (B or 1, H, P, D) or
+    ``None``; ``kv_shape`` is (H, D). Each attention call puts them in front of its keys (after the cache's, never
+    cached), every query sees them, and no position is given to them (see ``tuneforge.models.protocol``).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -221,6 +233,8 @@ class Transformer(Generates, nn.Module):
         self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.prefix: nn.Module | None = None
+        self.kv_prefix: nn.Module | None = None
+        self.kv_shape = (cfg.n_heads, cfg.d_model // cfg.n_heads)  # (H, D) of every layer's keys and values
         if cfg.tie_embeddings:
             # One matrix to read tokens in and write them out: fewer parameters, and better small models.
             self.lm_head.weight = self.tok_emb.weight
@@ -256,16 +270,20 @@ class Transformer(Generates, nn.Module):
         cache: a ``KVCache`` from ``new_cache``; this call appends the T new tokens (and the prefix, first) to it.
         cu_seqlens: packed rows, int (S + 1,) or (B, S + 1) document offsets (``tuneforge.models.packing``):
             attention stays within each document, positions default to restarting at 0 per document. Not with a
-            cache or a prefix (ValueError).
+            cache, a prefix or extra keys from ``kv_prefix`` (ValueError).
         """
         plan = plan_input(self, idx, key_padding_mask, positions, cache, cu_seqlens)
+        extras = layer_prefixes(self, idx.size(0))  # (B, H, P, D) keys and values per block, or None
+        if extras is not None:
+            check_unpacked(cu_seqlens)
         pre, K, key_padding_mask, positions = plan.prefix, plan.length, plan.key_padding_mask, plan.positions
         x = self.tok_emb(idx) + self.pos_emb(positions)  # (B, T, C)
         if plan.fresh:
             x = torch.cat([pre.emb.to(x.dtype) + self.pos_emb(pre.positions()), x], dim=1)  # (B, K + T, C)
         x = _dropout(self.drop, x)
-        for block in self.blocks:
-            x = block(x, key_padding_mask=key_padding_mask, cache=cache, cu_seqlens=plan.cu_seqlens)
+        for i, block in enumerate(self.blocks):
+            extra = {} if extras is None or extras[i] is None else {"kv_prefix": extras[i]}
+            x = block(x, key_padding_mask=key_padding_mask, cache=cache, cu_seqlens=plan.cu_seqlens, **extra)
         if cache is not None:
             cache.advance()
         if plan.fresh:
