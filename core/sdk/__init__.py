@@ -45,7 +45,8 @@ from tuneforge.models import routing
 from tuneforge.models.families import FAMILIES, Family, expand_targets, family_of
 from tuneforge.models.lm_loss import hidden_logprobs, next_token_loss_of, target_logprobs, token_losses
 from tuneforge.models.packing import packed_positions
-from tuneforge.models.protocol import LanguageModel, Prefix
+from tuneforge.models.kv_slot import token_keys_values
+from tuneforge.models.protocol import KVPrefix, LanguageModel, Prefix
 from tuneforge.models.tokenizer import tokenizer_of
 from tuneforge.objectives.classify import HeadTask, VerbalizedTask, score_candidates
 from tuneforge.objectives.default import DefaultObjective, ObjectiveOptions
@@ -73,7 +74,7 @@ __all__ = [
     # the model
     "LanguageModel", "Prefix", "tokenizer_of", "Family", "FAMILIES", "family_of", "expand_targets", "routing",
     "kernels", "load_model", "token_losses", "next_token_loss_of", "hidden_logprobs", "target_logprobs",
-    "packed_positions",
+    "packed_positions", "KVPrefix", "token_keys_values",
     # data
     "Records", "read_records", "split_held_out", "held_out_source", "holdout_cut", "Labelled", "Template",
     "read_labelled", "has_labels",
