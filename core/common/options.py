@@ -7,16 +7,22 @@ the list of the key before it).
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
+import io
 import math
+import textwrap
+import tokenize
 import types
 import typing
-from typing import Any
+from typing import Any, Callable
 
 from tuneforge.errors import ConfigError
 
-__all__ = ["parse_spec", "build_options", "describe_options", "suggest", "OptionError", "check_range"]
+__all__ = ["parse_spec", "build_options", "describe_options", "option_rows", "field_help", "needs_message", "suggest",
+           "OptionError", "check_range"]
 
 
 class OptionError(ValueError):
@@ -153,13 +159,17 @@ def _convert(value: Any, tp, where: str):
     return value  # an annotation we do not convert (e.g. Any): pass through
 
 
-def build_options(cls, values: dict[str, Any] | None, *, owner: str, spell=None):
+def build_options(cls, values: dict[str, Any] | None, *, owner: str, spell=None, subject: str | None = None,
+                  how: Callable[[list[str]], str] | None = None):
     """Build the dataclass ``cls`` from ``values`` (strings from the command line or typed TOML values).
 
     :param owner: who the options belong to, for error messages (e.g. ``"mechanism 'lora'"``).
     :param spell: how the user writes an option, for messages (e.g. ``lambda k: "--" + k`` for command line flags);
         default its name.
-    :raises ConfigError: unknown option (with the closest name and the list of options) or a bad value.
+    :param subject, how: for a required option (a field without a default) left out: who needs it (default
+        ``owner``) and how to give the missing options (see :func:`needs_message`).
+    :raises ConfigError: unknown option (with the closest name and the list of options), a required one missing, or
+        a bad value.
     """
     values = dict(values or {})
     if cls is None:
@@ -176,6 +186,9 @@ def build_options(cls, values: dict[str, Any] | None, *, owner: str, spell=None)
             )
         name = f"'{key}' ({spell(key)})" if spell else f"'{key}'"
         kwargs[key] = _convert(value, hints[key], f"option {name} of {owner} ({_field_text(fields[key], hints[key])})")
+    missing = [f for f in fields.values() if f.init and _default(f) is dataclasses.MISSING and f.name not in kwargs]
+    if missing:
+        raise ConfigError(needs_message(cls, subject or owner, [f.name for f in missing], how))
     try:
         return cls(**kwargs)
     except OptionError as exc:  # one option out of range: name it as written, and its default
@@ -195,12 +208,87 @@ def describe_options(cls) -> str:
     return ", ".join(f"{f.name} ({_field_text(f, hints[f.name])})" for f in dataclasses.fields(cls)) or "none"
 
 
+def _default(f: dataclasses.Field):
+    """A field's default value (its factory called), or ``dataclasses.MISSING`` for a required one."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
 def _field_text(f: dataclasses.Field, hint) -> str:
     """'int, default 8' or 'str, required'."""
-    if f.default is not dataclasses.MISSING:
-        default = f"default {f.default!r}"
-    elif f.default_factory is not dataclasses.MISSING:
-        default = f"default {f.default_factory()!r}"
-    else:
-        default = "required"
-    return f"{_type_name(hint)}, {default}"
+    default = _default(f)
+    return f"{_type_name(hint)}, {'required' if default is dataclasses.MISSING else f'default {default!r}'}"
+
+
+def needs_message(cls, subject: str, missing: list[str], how: Callable[[list[str]], str] | None = None) -> str:
+    """'lora needs rank (int): the update's rank; pass -m lora:rank=...': each required option left out, with its
+    type and help, then ``how(missing)`` (how to give them; default: the list of options)."""
+    hints, helps = typing.get_type_hints(cls), field_help(cls)
+    said = ", and ".join(f"{o} ({_type_name(hints[o])})" + (f": {helps[o]}" if helps.get(o) else "") for o in missing)
+    return f"{subject} needs {said}; " + (how(missing) if how else f"give {'it' if len(missing) == 1 else 'them'}. "
+                                          f"Its options: {describe_options(cls)}")
+
+
+def option_rows(cls) -> list[dict[str, Any]]:
+    """One row per option of the dataclass ``cls`` (None: no options), for ``tuneforge plugins NAME`` and its JSON:
+    ``name``, ``type`` (as users write it), ``required``, ``default`` (None when required) and ``help``."""
+    if cls is None:
+        return []
+    hints, helps = typing.get_type_hints(cls), field_help(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        default = _default(f)
+        required = default is dataclasses.MISSING
+        rows.append({"name": f.name, "type": _type_name(hints[f.name]), "required": required,
+                     "default": None if required else default, "help": helps.get(f.name, "")})
+    return rows
+
+
+def field_help(cls) -> dict[str, str]:
+    """Each option's help: ``metadata={"help": ...}`` where a field declares it, else the trailing ``# comment`` on
+    the line that declares the field (in whichever class of ``cls``'s bases declares it); '' when neither.
+
+    The comment is the project's way (every built-in ``Options``, the scaffold's template): help written once, where a
+    reader of the source looks. Metadata is for fields whose source is not shipped or whose help is computed.
+    """
+    comments: dict[type, dict[str, str]] = {}
+    out = {}
+    for f in dataclasses.fields(cls):
+        text = f.metadata.get("help") if f.metadata else None
+        if text is None:
+            owner = next((c for c in cls.__mro__ if f.name in c.__dict__.get("__annotations__", {})), None)
+            if owner is not None and owner not in comments:
+                comments[owner] = _declaration_comments(owner)
+            text = comments.get(owner, {}).get(f.name, "")
+        out[f.name] = str(text)
+    return out
+
+
+def _declaration_comments(cls) -> dict[str, str]:
+    """name -> the comment on the lines of its annotated declaration in ``cls``'s own body ({} without source)."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+        body = ast.parse(source).body[0].body
+        tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+    except (OSError, TypeError, SyntaxError, IndexError, AttributeError, tokenize.TokenError):
+        return {}  # defined in a string, a notebook cell or a shipped .pyc: no help but metadata's
+    by_line: dict[int, str] = {}
+    alone: set[int] = set()  # lines that hold nothing but a comment
+    for tok in tokens:
+        if tok.type == tokenize.COMMENT:
+            by_line[tok.start[0]] = tok.string.lstrip("#").strip()
+            if not tok.line[:tok.start[1]].strip():
+                alone.add(tok.start[0])
+    found = {}
+    for node in body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            lines = [n for n in range(node.lineno, (node.end_lineno or node.lineno) + 1) if n in by_line]
+            above = node.lineno - 1
+            while not lines and above in alone:  # else the comment block right above the declaration
+                above -= 1
+            lines = lines or list(range(above + 1, node.lineno))
+            found[node.target.id] = " ".join(by_line[n] for n in lines)
+    return found

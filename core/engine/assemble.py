@@ -3,7 +3,8 @@ model is rebuilt the same way, so a fine-tuned head, soft prompts or adapters co
 
 A checkpoint records its *lineage*: for every run that shaped the model (the ``--init`` chain, oldest first),
 the options of the mechanisms that changed its structure (those implementing ``tuneforge_modify_model``).
-Rebuilding replays those changes on a fresh base and then loads the weights, strictly.
+Rebuilding replays those changes on a fresh base and then loads the weights, strictly. A plugin that was given as
+an object rather than installed is found among the classes the caller gives (see ``plugin_objects``).
 """
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from tuneforge.engine import defaults
 from tuneforge.engine.config import TrainConfig, checkpointing_every
 from tuneforge.errors import CheckpointError, ConfigError, TuneforgeError
 from tuneforge.models import checkpointing, factory
-from tuneforge.engine.registry import Registered, build_manager, call_impl, objectives_installed
+from tuneforge.engine.plugin_objects import given_classes, not_found
+from tuneforge.engine.registry import (Registered, build_manager, call_impl, discover, including, installed_classes,
+                                       objectives_installed)
 from tuneforge.engine.run import Run
 from tuneforge.models.protocol import prefix_length
 from tuneforge.models.tokenizer import tokenizer_of
@@ -32,10 +35,16 @@ class Assembled:
     model: torch.nn.Module
     params: list[torch.nn.Parameter]  # what trains, in model order
     base_lineage: list[dict]  # the --init model's lineage; the run's own entry is added when it saves
+    base_classes: dict[str, str] = dataclasses.field(default_factory=dict)  # the --init model's plugin objects
 
     def lineage(self) -> list[dict]:
         entry = lineage_entry(self.reg)
         return self.base_lineage + ([entry] if entry else [])
+
+    def plugin_classes(self) -> dict[str, str]:
+        """name -> ``module:qualname`` of every plugin given as an object to this run or to those of its lineage
+        (recorded in the checkpoint, for the message that says which class rebuilding it needs)."""
+        return {**self.base_classes, **self.reg.classes}
 
 
 def device_of(name: str) -> torch.device:
@@ -67,18 +76,25 @@ def _modify(reg: Registered, model: torch.nn.Module, run: Run) -> torch.nn.Modul
     return model
 
 
-def _rebuild(found: Path, state: dict, device: torch.device) -> torch.nn.Module:
+def _rebuild(found: Path, state: dict, device: torch.device, plugins=()) -> torch.nn.Module:
     """The model saved in checkpoint ``found`` (``state``: its state.json, read once by the caller): base, its
-    lineage's changes replayed, weights loaded strictly."""
+    lineage's changes replayed, weights loaded strictly. ``plugins``: classes or objects for the plugins of its
+    lineage that are not installed."""
     train_values = {k: v for k, v in state.get("train", {}).items() if k != "mechanisms"}
     try:
         cfg = TrainConfig.build(train_values, source=str(found / ckpt.STATE_FILE))
     except TuneforgeError:
         cfg = TrainConfig(batch_size=defaults.SCRATCH_BATCH)  # a plugin rebuilding its head may read it
     model, mcfg = factory.build(state["model_config"], seed=cfg.seed, pretrained=bool(state.get("folder_weights")))
+    installed = discover()
+    available = including(given_classes(plugins, installed_classes(installed)), installed)
     for entry in state.get("lineage", []):
+        for name in entry:
+            if name not in available:
+                raise CheckpointError(f"{found}: its model was shaped by {', '.join(entry)}; "
+                                      f"{not_found(name, state.get('plugin_classes', {}).get(name))}")
         try:
-            reg = build_manager(list(entry.items()), autoload=False)
+            reg = build_manager(list(entry.items()), available=available, autoload=False)
         except TuneforgeError as exc:
             raise CheckpointError(
                 f"{found}: its model was shaped by {', '.join(entry)}; rebuilding it failed: {exc}"
@@ -94,27 +110,39 @@ def build_model(cfg: TrainConfig, device: torch.device | None = None
                 ) -> tuple[torch.nn.Module, factory.Description, list]:
     """The base model: ``--init``'s model as it was saved (heads, prompts... included), else the one ``--model``
     names (a preset, seeded random init, or a Hugging Face folder). Returns (model, its config, its lineage)."""
+    return _base(cfg, device)[:3]
+
+
+def _base(cfg: TrainConfig, device: torch.device | None) -> tuple[torch.nn.Module, factory.Description, list, dict]:
+    """:func:`build_model`, and the ``--init`` checkpoint's record of plugin objects (name -> class path)."""
     if not cfg.init:
         # The device picks a kind's default dtype (bfloat16 for an HF model on CUDA): only where the run computes in
         # bfloat16 anyway; under fp32 a float32 folder would otherwise train on weights rounded to bfloat16.
         model, mcfg = factory.build(cfg.model, seed=cfg.seed, device=device if cfg.precision != "fp32" else None)
-        return model, mcfg, []
+        return model, mcfg, [], {}
     init, state = ckpt.open_checkpoint(cfg.init)
     if cfg.model and not factory.same_architecture(cfg.model, state["model_config"]):
         raise ConfigError(
             f"--model {cfg.model} differs from the architecture of --init {init}; drop --model "
             "(the checkpoint's architecture is used) or start from a matching checkpoint"
         )
-    model = _rebuild(init, state, device or torch.device("cpu"))
+    # the run's plugin objects rebuild the --init model's plugins of the same name (the same objects on --resume)
+    model = _rebuild(init, state, device or torch.device("cpu"), plugins=cfg.mechanisms)
     torch.manual_seed(cfg.seed)  # the run's own new modules start from its seed, whatever --init was
-    return model, model.config, list(state.get("lineage", []))
+    return model, model.config, list(state.get("lineage", [])), dict(state.get("plugin_classes", {}))
 
 
-def load_model(path: str | Path, *, device: str = "cpu") -> torch.nn.Module:
+def load_model(path: str | Path, *, device: str = "cpu", plugins=()) -> torch.nn.Module:
     """The model saved in a checkpoint (or a run folder's latest one), in eval mode, with every change its
-    mechanisms made (a classification head, soft prompts...) rebuilt and loaded."""
+    mechanisms made (a classification head, soft prompts...) rebuilt and loaded.
+
+    :param plugins: plugin classes (or objects, whose class is used) for a run trained with plugin objects that are
+        not installed as entry points: each rebuilds the saved plugin of its declared ``name``, from the options the
+        checkpoint recorded. Installed plugins are found without it; a class given here takes precedence.
+    :raises CheckpointError: a plugin the model needs is neither installed nor given (the message names its class).
+    """
     found, state = ckpt.open_checkpoint(path)
-    return _rebuild(found, state, device_of(device)).to(device_of(device)).eval()
+    return _rebuild(found, state, device_of(device), plugins=plugins).to(device_of(device)).eval()
 
 
 def assemble(cfg: TrainConfig, *, out: Path | None = None, resume: Path | None = None, parallel=None) -> Assembled:
@@ -126,7 +154,7 @@ def assemble(cfg: TrainConfig, *, out: Path | None = None, resume: Path | None =
     """
     reg = build_manager(cfg.mechanisms)
     device = parallel.device if parallel is not None else device_of(cfg.device)
-    model, mcfg, lineage = build_model(cfg, device)
+    model, mcfg, lineage, base_classes = _base(cfg, device)
     pretrained = bool(cfg.init) or getattr(mcfg, "weights", None) == "pretrained"
     # The batch size first: a plugin may read data while it changes the model (a head sized from the labels).
     sized = defaults.resolve(cfg, mcfg, pretrained=pretrained, only_new=None, device=device)
@@ -172,4 +200,4 @@ def assemble(cfg: TrainConfig, *, out: Path | None = None, resume: Path | None =
         run.log(f"checkpointing: blocks {', '.join(map(str, recomputed))} of {len(model.blocks)} recompute their "
                 "activations in the backward")
     reg.hook.tuneforge_validate(run=run, model=model)
-    return Assembled(reg, run, model, params, lineage)
+    return Assembled(reg, run, model, params, lineage, base_classes)

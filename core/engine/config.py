@@ -147,7 +147,9 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["mechanisms"] = [m if isinstance(m, (str, tuple)) else type(m).__name__ for m in self.mechanisms]
+        # a plugin object as its declared name (what the checkpoint records it under), else its class's
+        d["mechanisms"] = [m if isinstance(m, (str, tuple)) else m.name if isinstance(getattr(m, "name", None), str)
+                           else type(m).__name__ for m in self.mechanisms]
         return d
 
     @classmethod

@@ -60,7 +60,7 @@ def _stop_on_signals(run: Run):
                 return
             raise KeyboardInterrupt  # a second signal: the user really wants out now
         first.append(time.monotonic())
-        run.request_stop(f"interrupted by {signal.Signals(signum).name}")
+        run.request_stop(f"interrupted by {signal.Signals(signum).name}", kind="signal")
         run.summary["signal"] = int(signum)
         run.log(f"{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping "
                 "(send it again to abort without saving)")
@@ -158,6 +158,8 @@ def _run(cfg: TrainConfig, par: distributed.Parallel, out: Path | None, owner: b
     loop.built.model.train()
     with _stop_on_signals(run):
         _steps(loop)
+        if run.stop_reason is None:
+            run.stop_reason = "steps"
         # Still under the handlers: a signal now asks for what is already happening, and a second one aborts.
         _end(loop)
     return TrainResult(loop.built.model, loop.metrics, loop.history, run.summary, out, loop.last_ckpt, run)
@@ -227,7 +229,7 @@ def _record_start(loop: _Loop, n_train: int, total: int) -> None:
     reg, run, model = built.reg, built.run, built.model
     if out is not None and run.is_main:
         config_json = {"train": cfg.to_dict(), "model_config": run.model_config.to_dict(), "mechanisms": reg.options(),
-                       "lineage": built.lineage()}
+                       "lineage": built.lineage(), "plugin_classes": built.plugin_classes()}
         write_text(out / "config.json", json.dumps(config_json, indent=2, default=str))
     run.summary.update(
         mechanisms=reg.mechanisms, plugins=list(reg.plugins), trainable_params=n_train, total_params=total,
@@ -249,7 +251,8 @@ def _steps(loop: _Loop) -> None:
         loop.nonfinite_streak = 0 if finite else loop.nonfinite_streak + 1
         run.summary["skipped_steps"] = run.summary.get("skipped_steps", 0) + (not finite)
         if loop.nonfinite_streak >= cfg.max_nonfinite:
-            run.summary["status"] = "stopped: non-finite loss"
+            run.stop_reason, run.stop_message = "non-finite", "stopped: non-finite loss"
+            run.summary["status"] = run.stop_message
             with par.gathered(model):
                 _finish(run, model, loop.started, loop.out)
             raise NonFiniteLossError(
@@ -273,14 +276,14 @@ def _end(loop: _Loop) -> None:
     # The checkpoint comes first, so a scheduler's SIGTERM during the final evaluation loses nothing.
     if out is not None and built.params and (loop.last_ckpt is None or loop.last_ckpt.name != f"step-{run.step:08d}"):
         _save(loop)
-    if run.step > 0 or run.stop_reason is None:  # nothing to evaluate after an interrupt before step 1
+    if run.step > 0 or run.stop_reason == "steps":  # nothing to evaluate after an interrupt before step 1
         final_eval = _evaluate(model, run, par)
         loop.metrics = {**loop.metrics, **final_eval}
         run.summary["eval"] = final_eval
     if loop.frozen:
         _record_frozen(run, par.digest(frozen_named(model)), loop.frozen, loop.frozen_before)
     run.summary["model_state_mib_per_process"] = round(par.state_bytes(model, loop.optimizer) / 2**20, 2)
-    run.summary["status"] = run.stop_reason or "completed"
+    run.summary["status"] = "completed" if run.stop_reason == "steps" else run.stop_message or run.stop_reason
     run.summary["checkpoint"] = str(loop.last_ckpt) if loop.last_ckpt else None
     with par.gathered(model):
         _finish(run, model, loop.started, out)
@@ -299,7 +302,8 @@ def _save(loop: _Loop) -> Path | None:
             state = {
                 "step": run.step, "epoch": run.epoch, "batch_in_epoch": run.batch_in_epoch,
                 "skipped_steps": run.summary.get("skipped_steps", 0), "model_config": run.model_config.to_dict(),
-                "mechanisms": reg.options(), "lineage": built.lineage(), "train": cfg.to_dict(),
+                "mechanisms": reg.options(), "lineage": built.lineage(), "plugin_classes": built.plugin_classes(),
+                "train": cfg.to_dict(),
                 "tokenizer": run.tokenizer.name, "world_size": par.world_size,
             }
             try:
@@ -319,10 +323,14 @@ def _save(loop: _Loop) -> Path | None:
 
 
 def _stopping(run: Run, par: distributed.Parallel) -> bool:
-    """Whether to stop before the next step: asked for on any rank (a signal, a plugin), so all stop together."""
-    if par.any(run.stop_reason is not None) and run.stop_reason is None:
-        run.stop_reason = "stopped by another rank"
-    return run.stop_reason is not None
+    """Whether to stop before the next step: asked for on any rank (a signal, a plugin), so all stop together, and
+    for the same ``stop_reason`` (a signal on any rank makes it ``"signal"`` on all)."""
+    if not par.any(run.stop_reason is not None):
+        return False
+    signalled = par.any(run.stop_reason == "signal")  # every rank asks: the first answer was the same on all
+    if run.stop_reason is None or (signalled and run.stop_reason != "signal"):
+        run.stop_reason, run.stop_message = ("signal" if signalled else "early-stop"), "stopped by another rank"
+    return True
 
 
 def _finish(run: Run, model, started: float, out: Path | None) -> None:

@@ -10,6 +10,7 @@ A plugin is a class. Optional class attributes:
 - ``Options``: a dataclass of typed options, filled from ``NAME:key=value`` or a TOML table;
   the class is then built as ``Plugin(options)``, otherwise as ``Plugin()``.
 - ``autoload = True``: registered in every run without being named (progress bars, loggers).
+- ``name``: the name an instance of it registers under when given as an object (see ``plugin_objects``).
 """
 from __future__ import annotations
 
@@ -25,10 +26,12 @@ import pluggy
 
 from tuneforge import hookspecs
 from tuneforge.errors import ConfigError, PluginError
-from tuneforge.common.options import build_options, parse_spec, suggest
+from tuneforge.common.options import build_options, option_rows, parse_spec, suggest
+from tuneforge.engine.objective import choose_objective
+from tuneforge.engine.plugin_objects import check_object, class_path, object_name
 
 __all__ = ["GROUP", "PluginInfo", "discover", "hook_names", "plugin_hooks", "build_manager", "Registered", "call_impl",
-           "takes", "objectives_installed", "check_class", "offering"]
+           "takes", "objectives_installed", "check_class", "offering", "installed_classes", "including", "spec_hint"]
 
 GROUP = "tuneforge"
 OWN_DISTRIBUTION = "tuneforge"
@@ -71,6 +74,7 @@ class PluginInfo:
             "error": self.error,
             "hooks": plugin_hooks(self.obj) if self.loaded else [],
             "description": self.description,
+            "options": option_rows(getattr(self.obj, "Options", None)) if self.loaded else [],
         }
 
 
@@ -206,6 +210,7 @@ class Registered:
     plugins: dict[str, Any]
     autoloaded: list[str] = dataclasses.field(default_factory=list)  # registered without being named
     objective: str | None = None  # the plugin whose data and loss the run uses (None: the run trains nothing)
+    classes: dict[str, str] = dataclasses.field(default_factory=dict)  # given as objects: name -> module:qualname
 
     @property
     def mechanisms(self) -> list[str]:
@@ -241,11 +246,39 @@ class Registered:
         return out
 
 
-def check_class(plugin_cls, name: str) -> None:
+def check_class(plugin_cls, name: str, values: dict | None = None, how=None) -> None:
     """Check a plugin class as discovery does: every hookimpl is a hook of the spec taking only its arguments, and
-    its ``Options`` build from their defaults. Raises :class:`PluginError` / :class:`ConfigError` with the fix."""
+    its ``Options`` build from ``values`` (default: from their defaults; ``how(missing)`` says how to give required
+    ones). Raises :class:`PluginError` / :class:`ConfigError` with the fix."""
     _check_hooks(plugin_cls, name)
-    _instantiate(plugin_cls, name, None)
+    _instantiate(plugin_cls, name, values, how)
+
+
+def installed_classes(available: dict[str, PluginInfo]) -> dict[type, str]:
+    """class -> entry-point name of the loaded plugins of ``available``."""
+    return {info.obj: name for name, info in available.items() if info.loaded and info.package != _GIVEN}
+
+
+def including(classes: dict[str, type], available: dict[str, PluginInfo] | None = None) -> dict[str, PluginInfo]:
+    """The installed plugins (default: :func:`discover`) and ``classes`` (name -> class, given by the caller, as
+    ``load_model(plugins=)`` gives them); a given class takes the place of an installed plugin of the same name."""
+    out = dict(discover() if available is None else available)
+    for name, cls in classes.items():
+        _check_hooks(cls, name)
+        out[name] = PluginInfo(name, class_path(cls), _GIVEN, "", False, obj=cls)
+    return out
+
+
+_GIVEN = "(given as a class or object)"  # the package of a PluginInfo made by including()
+
+
+def spec_hint(name: str):
+    """``how`` for required options of mechanism ``name``: the -m flag, the spec string and the TOML table."""
+    def how(missing: list[str]) -> str:
+        spec = f"{name}:" + ",".join(f"{o}=..." for o in missing)
+        return (f"pass -m {spec} (tuneforge.train(mechanisms=[\"{spec}\"]), or {missing[0]} = ... under "
+                f"[mechanisms.{name}] in a TOML config)")
+    return how
 
 
 def offering(attribute: str, accept=bool) -> list[tuple[str, type]]:
@@ -257,9 +290,9 @@ def offering(attribute: str, accept=bool) -> list[tuple[str, type]]:
     return [(name, obj) for _, name, obj in found]
 
 
-def _instantiate(info_obj, name: str, values: dict | None):
+def _instantiate(info_obj, name: str, values: dict | None, how=None):
     options_cls = getattr(info_obj, "Options", None)
-    options = build_options(options_cls, values, owner=f"mechanism '{name}'")
+    options = build_options(options_cls, values, owner=f"mechanism '{name}'", subject=name, how=how or spec_hint(name))
     try:
         return info_obj(options) if options_cls is not None else info_obj()
     except (ValueError, TypeError) as exc:
@@ -270,7 +303,7 @@ def build_manager(requests, *, available: dict[str, PluginInfo] | None = None, a
     """Register the run's plugins in a PluginManager of its own and validate the combination.
 
     :param requests: mechanisms in order, each a ``"NAME:key=value,..."`` string, a ``(name, dict)`` pair, or
-        an already-built plugin object (registered as is, under its ``name`` attribute or class name).
+        an already-built plugin object (registered as is, under its declared ``name``: see ``plugin_objects``).
     :param available: discovered plugins (default: :func:`discover`).
     :param autoload: also register every discovered plugin marked ``autoload`` that was not named.
     :raises ConfigError, PluginError: unknown mechanism or option, a hook not in the spec, an argument not in
@@ -279,15 +312,18 @@ def build_manager(requests, *, available: dict[str, PluginInfo] | None = None, a
     """
     available = discover() if available is None else available
     chosen: list[tuple[str, Any]] = []
+    classes: dict[str, str] = {}
     for req in requests:
         if isinstance(req, str):
             name, values = parse_spec(req)
         elif isinstance(req, tuple) and len(req) == 2 and isinstance(req[0], str):
             name, values = req[0], dict(req[1] or {})
         else:
-            name = getattr(req, "name", None) or type(req).__name__.lower()
+            name = object_name(req, installed_classes(available))
             _check_hooks(req, name)
+            check_object(req, name)
             chosen.append((name, req))
+            classes[name] = class_path(type(req))
             continue
         info = available.get(name)
         if info is None:
@@ -320,48 +356,9 @@ def build_manager(requests, *, available: dict[str, PluginInfo] | None = None, a
             raise PluginError(f"plugin '{name}': {exc}") from None
         plugins[name] = plugin
     pm.check_pending()
-    reg = Registered(pm, plugins, autoloaded)
-    reg.objective = _objective(reg)
+    reg = Registered(pm, plugins, autoloaded, classes=classes)
+    reg.objective = choose_objective(pm, plugins)
     return reg
-
-
-def _objective(reg: Registered) -> str | None:
-    """The plugin whose ``data`` and ``loss`` the run uses; refuses two objectives or a split one.
-
-    A plugin may offer a *default* objective by marking its objective hooks ``trylast=True`` (prompt tuning
-    does: with nothing else named, it learns the data as given). A default is used only when no plugin offers a
-    regular one, and then the first named wins; two regular ones are an error. A plugin class with
-    ``objective_yields = True`` (finetune) has a regular objective that gives way to another plugin's regular one.
-    """
-    owners: dict[str, tuple[list[str], list[str]]] = {}
-    for hook in hookspecs.OBJECTIVE_HOOKS:
-        order = {n: i for i, n in enumerate(reg.plugins)}
-        impls = sorted(getattr(reg.pm.hook, hook).get_hookimpls(), key=lambda i: order[i.plugin_name])
-        regular = [i.plugin_name for i in impls if not i.trylast]
-        firm = [n for n in regular if not getattr(reg.plugins[n], "objective_yields", False)]
-        regular = firm or regular  # those that yield count only when no other plugin brings an objective
-        defaults = [i.plugin_name for i in impls if i.trylast]
-        if len(regular) > 1:
-            raise PluginError(
-                f"mechanisms {' and '.join(map(repr, regular))} both implement '{hook}': a run has exactly one "
-                "objective. Keep one of them; parameterisations (lora, adapter, prompt-tuning) combine with any "
-                "single objective."
-            )
-        owners[hook] = (regular, defaults)
-    regular = {h: r for h, (r, _) in owners.items() if r}
-    if regular:
-        chosen = set(r[0] for r in regular.values())
-        missing = [h for h in hookspecs.OBJECTIVE_HOOKS if h not in regular]
-        if len(chosen) > 1 or missing:
-            parts = ", ".join(f"'{h}' by {r[0]!r}" for h, r in regular.items())
-            raise PluginError(
-                f"the run's objective is split: {parts}{' and nobody implements ' + repr(missing[0]) if missing else ''}."
-                f" One plugin implements {' and '.join(hookspecs.OBJECTIVE_HOOKS)} together."
-            )
-        return chosen.pop()
-    defaults = [d for d in owners[hookspecs.OBJECTIVE_HOOKS[0]][1]
-                if all(d in owners[h][1] for h in hookspecs.OBJECTIVE_HOOKS)]
-    return defaults[0] if defaults else None
 
 
 def objectives_installed(available: dict[str, PluginInfo] | None = None) -> list[str]:

@@ -61,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "('' = the base model)")
 
     chat.add_parser(sub)
-    p = sub.add_parser("plugins", help="list installed plugins, their hooks and load status")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = sub.add_parser("plugins", help="list installed plugins, their hooks and load status; NAME: its options")
+    p.add_argument("name", nargs="?", help="one plugin: its options with types, defaults and help (as -m NAME:help)")
+    p.add_argument("--json", action="store_true", help="machine-readable output (with each plugin's options)")
 
     ms = sub.add_parser("models", help="the models --model can name offline: presets, named models, local files",
                         description="The embedded presets (random init) with their sizes, the named pretrained models "
@@ -170,6 +171,9 @@ def _launch(nproc: str, argv: list[str]) -> int:
 def _train(args) -> int:
     from tuneforge.engine.loop import train
 
+    asked = [m.partition(":")[0] for m in args.mechanisms or [] if m.partition(":")[2].strip().lower() == "help"]
+    if asked:  # -m NAME:help: the options of NAME, nothing trains
+        return _plugins(argparse.Namespace(name=asked[0], json=False))
     values = load_config(args.config) if args.config else {}
     given = {f: getattr(args, f) for f in TrainConfig.fields() if f != "mechanisms" and getattr(args, f) is not None}
     values.update(given)
@@ -179,6 +183,9 @@ def _train(args) -> int:
         raise ConfigError("name at least one mechanism with -m NAME (e.g. -m pretrain); see 'tuneforge plugins'")
     cfg = TrainConfig.build(values, source="tuneforge train" + (f" (config {args.config})" if args.config else ""))
     if args.nproc_per_node is not None:  # the options are checked once, here, before N processes start
+        from tuneforge.engine.registry import build_manager
+
+        build_manager(cfg.mechanisms, autoload=False)  # unknown mechanisms, options, required ones, two objectives
         return _launch(args.nproc_per_node, args.argv)
     result = train(cfg)
     signum = result.summary.get("signal")
@@ -227,26 +234,20 @@ def _generate(args) -> int:
 
 
 def _plugins(args) -> int:
+    from tuneforge.common.options import suggest
     from tuneforge.engine.registry import discover
+    from tuneforge.tools.catalog import render_plugin, render_plugins
 
     infos = discover(strict=False)
-    if args.json:
-        print(json.dumps([i.as_dict() for i in infos.values()], indent=2))
+    if args.name is not None:
+        info = infos.get(args.name)
+        if info is None:
+            raise ConfigError(f"no plugin named '{args.name}'{suggest(args.name, infos)}; installed: "
+                              f"{', '.join(infos) or 'none'}")
+        print(json.dumps(info.as_dict(), indent=2, default=str) if args.json else render_plugin(info))
         return 0
-    for info in infos.values():
-        d = info.as_dict()
-        loss = getattr(info.obj, "tuneforge_loss", None)
-        if info.autoload:
-            kind = "autoload"
-        elif loss is None:
-            kind = "mechanism"
-        else:  # a loss marked trylast is a default objective: used when the run brings no other
-            kind = "default-objective" if getattr(loss, "tuneforge_impl", {}).get("trylast") else "objective"
-        status = "ok" if info.loaded else f"ERROR: {info.error}"
-        print(f"{info.name:<16} {info.package} {info.version:<10} {kind:<17} {status}")
-        if info.loaded:
-            print(f"{'':<16} {info.description}")
-            print(f"{'':<16} hooks: {', '.join(h.removeprefix('tuneforge_') for h in d['hooks'])}")
+    print(json.dumps([i.as_dict() for i in infos.values()], indent=2, default=str) if args.json
+          else render_plugins(infos))
     return 0
 
 

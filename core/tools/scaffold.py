@@ -218,6 +218,9 @@ class ${cls}(DefaultObjective):
     for a mechanism that only ever changes which parameters move.
     """
 
+    # The name runs and checkpoints know it by: the entry point's name in pyproject.toml. An instance passed as an
+    # object (train_tiny(${cls}(...)), tuneforge.train(mechanisms=[...])) registers under it too.
+    name = "${name}"
     objective_owner = "${name}"
 
     @dataclasses.dataclass
@@ -304,7 +307,8 @@ def gains(model):
 
 
 def test_hooks_match_the_contract():
-    hooks = check_plugin(${cls}, NAME)
+    assert ${cls}.name == NAME  # the entry point's name: runs given the class as an object record it so
+    hooks = check_plugin(${cls})
     assert {"tuneforge_modify_model", "tuneforge_trainable_params"} <= set(hooks)
 
 
