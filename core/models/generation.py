@@ -17,10 +17,11 @@ from collections.abc import Callable
 
 import torch
 
+from tuneforge.models import routing
 from tuneforge.models.packing import check_offsets, packed_positions
 from tuneforge.models.sampling import sample_next
 
-__all__ = ["InputPlan", "plan_input", "Generates"]
+__all__ = ["InputPlan", "plan_input", "Generates", "repeat_prefix"]
 
 
 @dataclasses.dataclass
@@ -122,11 +123,17 @@ class Generates:
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, *, temperature: float = 1.0, top_k=None, top_p=None, eos_id=None,
                  pad_id: int | None = None, generator=None, key_padding_mask=None, use_cache: bool = True,
-                 on_token: Callable[[torch.Tensor], None] | None = None):
+                 on_token: Callable[[torch.Tensor], None] | None = None, num_samples: int = 1):
         """Continue ``idx`` (B, T) by ``max_new_tokens``; returns (B, T + new). temperature 0 = greedy.
 
         Prompts of different lengths are left-padded with ``key_padding_mask`` False on the padding; each row's
         positions then count from 0 at its first real token, so a row generates what its prompt would alone.
+
+        ``num_samples`` = G answers each prompt G times: the output has B * G rows, prompt-major (rows i * G ..
+        i * G + G - 1 answer prompt i), the same rows as generating ``idx.repeat_interleave(G, 0)``, but with the
+        KV cache each prompt is run through the model once: its cache rows and last logits are copied to its G
+        samples (the cache's ``repeat_rows``) instead of recomputed. Under ``routing.rows(tasks)`` the tasks name
+        the B * G output rows; a prompt's G rows must then name the same task.
 
         ``eos_id`` is one stop token id or a sequence of them (e.g. ``[newline_id, eos_id]``). A row that
         produced any of them is done: its later positions hold ``pad_id`` when one is given, else the stop token
@@ -135,55 +142,50 @@ class Generates:
         sampled (and overwritten), so each row's tokens do not depend on when the others finish.
 
         ``use_cache=False`` recomputes the whole prefix every step (same tokens, for tests and benchmarks).
-        ``on_token`` is called after each step with that step's (B,) tokens, as they go into the output (a done
+        ``on_token`` is called after each step with that step's (B * G,) tokens, as they go into the output (a done
         row's pad or stop token included): a caller streams text with it. It gets an ordinary tensor, outside
         inference mode, and runs synchronously, so a slow callback slows generation.
         Call ``.eval()`` first when dropout > 0.
         """
         B, T = idx.shape
+        G = _count(num_samples)
         if T == 0:
             raise ValueError("generate needs at least one prompt token per row (e.g. the tokenizer's bos_id)")
         if key_padding_mask is not None and tuple(key_padding_mask.shape) != (B, T):
             raise ValueError(f"key_padding_mask must be (B, T) = ({B}, {T}) like the prompt, "
                              f"got {tuple(key_padding_mask.shape)}")
-        pre = self.prefix(B) if self.prefix is not None else None
+        prompt_rows = _prompt_routing(B, G)  # the routing of a forward over the B prompts
+        with prompt_rows():
+            pre = self.prefix(B) if self.prefix is not None else None
         K = pre.length if pre is not None else 0  # soft-prompt tokens the model prepends
-        if K + T + max(max_new_tokens, 0) > self.config.max_seq_len:
-            with_prefix = f"a prefix of {K} + " if K else ""
-            raise ValueError(
-                f"{with_prefix}prompt of {T} tokens + {max_new_tokens} new exceeds the context of "
-                f"{self.config.max_seq_len}; at most {max(0, self.config.max_seq_len - T - K)} new tokens fit"
-            )
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        _check_room(self.config.max_seq_len, K, T, max_new_tokens)
         stops = _stop_ids(eos_id, idx.device)  # (S,) or None
         stop = int(stops[0]) if stops is not None and len(stops) == 1 else None  # one id: a plain comparison
-        total, device = T + max_new_tokens, idx.device
+        total, rows, device = T + max_new_tokens, B * G, idx.device
+        shared = use_cache and G > 1  # the prompts' prefill is shared by their samples
         # The loop runs in inference mode (no autograd bookkeeping on any tensor: about 10% of a small model's
         # decode step); the clone at the end hands back an ordinary tensor, which may then enter autograd.
         with torch.inference_mode(), _without_onednn(self) if use_cache else contextlib.nullcontext():
-            # Preallocated for the whole call: step t writes column t of `out` and nothing is concatenated. A
-            # generated token is always real, and its position is one past its row's last, so the mask and the
-            # positions of every column are known up front (cumsum(mask) - 1 counts each row's real tokens from 0).
-            out = idx.new_empty(B, total)
-            out[:, :T] = idx
-            mask = torch.ones(B, total, dtype=torch.bool, device=device)  # (B, T + new), True = real token
-            if key_padding_mask is not None:
-                mask[:, :T] = key_padding_mask.to(device=device, dtype=torch.bool)
-            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T + new)
-            # Without padding the mask is all True: pass none, and attention skips reading it.
-            padded = key_padding_mask is not None and not bool(mask.all())
-            cache = self.new_cache(B, K + total) if use_cache else None
-            done = torch.zeros(B, dtype=torch.bool, device=device) if stops is not None else None
-            fill = None if pad_id is None else torch.full((B,), int(pad_id), dtype=out.dtype, device=device)
+            out, mask, positions, padded = _lay_out(idx, key_padding_mask, G, total)
+            # A shared prefill fills a cache of the B prompts, whose rows then become the B * G samples' rows.
+            cache = self.new_cache(B if shared else rows, K + total) if use_cache else None
+            done = torch.zeros(rows, dtype=torch.bool, device=device) if stops is not None else None
+            fill = None if pad_id is None else torch.full((rows,), int(pad_id), dtype=out.dtype, device=device)
             t = T
             while t < total:
-                # With a cache the first step feeds the prompt, and every later one only the token sampled last.
-                start = t - 1 if use_cache and t > T else 0
-                logits = self(out[:, start:t], key_padding_mask=mask[:, :t] if padded else None,
-                              positions=positions[:, start:t], cache=cache)  # (B, t - start, V)
-                nxt = sample_next(logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p,
-                                  generator=generator)  # (B,)
+                if shared and t == T:  # the prompts once, (B, T); their last logits copied to each sample
+                    with prompt_rows():
+                        logits = self(idx, key_padding_mask=mask[::G, :T] if padded else None,
+                                      positions=positions[::G, :T], cache=cache)  # (B, T, V)
+                    last = logits[:, -1].repeat_interleave(G, 0)  # (B * G, V)
+                    cache.repeat_rows(G)
+                else:
+                    # With a cache the first step feeds the prompt, and every later one only the token sampled last.
+                    start = t - 1 if use_cache and t > T else 0
+                    last = self(out[:, start:t], key_padding_mask=mask[:, :t] if padded else None,
+                                positions=positions[:, start:t], cache=cache)[:, -1]  # (B * G, V)
+                nxt = sample_next(last, temperature=temperature, top_k=top_k, top_p=top_p,
+                                  generator=generator)  # (B * G,)
                 if stops is not None:
                     if fill is not None:  # done rows: pad_id, or (no pad_id) the stop token the row produced
                         nxt = torch.where(done, fill, nxt)
@@ -198,6 +200,77 @@ class Generates:
                 if done is not None and bool(done.all()):
                     break
         return (out if t == total else out[:, :t]).clone()
+
+
+def _lay_out(idx, key_padding_mask, times: int, total: int):
+    """The output ids (B * times, total) with the prompts (B, T) in front, each repeated ``times`` times
+    (prompt-major), and the mask and positions of every column, (B * times, total), and whether there is padding.
+
+    Preallocated for the whole call: step t writes column t of the ids and nothing is concatenated. A generated token
+    is always real, and its position is one past its row's last, so the mask and the positions of every column are
+    known up front (cumsum(mask) - 1 counts each row's real tokens from 0)."""
+    B, T = idx.shape
+    out = idx.new_empty(B * times, total)
+    out[:, :T] = idx.repeat_interleave(times, 0) if times > 1 else idx
+    mask = torch.ones(B * times, total, dtype=torch.bool, device=idx.device)  # True = real token
+    if key_padding_mask is not None:
+        kpm = key_padding_mask.to(device=idx.device, dtype=torch.bool)
+        mask[:, :T] = kpm.repeat_interleave(times, 0) if times > 1 else kpm
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B * times, total)
+    # Without padding the mask is all True: pass none, and attention skips reading it.
+    padded = key_padding_mask is not None and not bool(mask.all())
+    return out, mask, positions, padded
+
+
+def _check_room(context: int, K: int, T: int, max_new_tokens: int) -> None:
+    if K + T + max(max_new_tokens, 0) > context:
+        with_prefix = f"a prefix of {K} + " if K else ""
+        raise ValueError(f"{with_prefix}prompt of {T} tokens + {max_new_tokens} new exceeds the context of "
+                         f"{context}; at most {max(0, context - T - K)} new tokens fit")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+
+
+def _count(num_samples) -> int:
+    try:
+        n = operator.index(num_samples)
+    except TypeError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"num_samples must be a whole number >= 1 (samples per prompt), got {num_samples!r}")
+    return n
+
+
+def _prompt_routing(prompts: int, times: int) -> Callable[[], contextlib.AbstractContextManager]:
+    """What to enter around a forward over the prompts alone: the caller's routing names the prompts * times output
+    rows, so a forward of one row per prompt takes every ``times``-th name (refused when a prompt's rows differ)."""
+    names = routing.current()
+    if times == 1 or not names:  # not routed, or the base model for every row
+        return contextlib.nullcontext
+    if len(names) != prompts * times:
+        raise ValueError(f"routing names {len(names)} rows; generating {times} samples of {prompts} prompts makes "
+                         f"{prompts * times}: name the output rows")
+    groups = [names[i:i + times] for i in range(0, len(names), times)]
+    mixed = next((i for i, g in enumerate(groups) if len(set(g)) > 1), None)
+    if mixed is not None:
+        raise ValueError(f"routing names {sorted(set(groups[mixed]))} for the samples of prompt {mixed}: the "
+                         f"{times} samples of a prompt share its prefill, so they take one task; route prompts, "
+                         "or generate with num_samples=1 on repeated prompts")
+    return lambda: routing.rows(names[::times])
+
+
+def repeat_prefix(prefix, layout: "_PrefixLayout | None", times: int):
+    """A cached prefix and its layout (``cache.prefix``, ``cache.prefix_layout``) with each row repeated ``times``
+    times, prompt-major: what a cache's ``repeat_rows`` keeps for the rows it makes."""
+    if prefix is not None:
+        emb = prefix.emb.repeat_interleave(times, 0)  # (B * times, K, C)
+        mask = None if prefix.mask is None else prefix.mask.repeat_interleave(times, 0)
+        prefix = dataclasses.replace(prefix, emb=emb, mask=mask)
+    if layout is not None:
+        shift = layout.shift.repeat_interleave(times, 0) if torch.is_tensor(layout.shift) else layout.shift
+        mask = None if layout.mask is None else layout.mask.repeat_interleave(times, 0)
+        layout = dataclasses.replace(layout, shift=shift, mask=mask, batch=layout.batch * times)
+    return prefix, layout
 
 
 @contextlib.contextmanager

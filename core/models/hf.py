@@ -29,6 +29,7 @@ from tuneforge.errors import CheckpointError, ConfigError
 from tuneforge.models import hf_attention
 from tuneforge.models.families import FAMILIES, Family, family_for
 from tuneforge.models.generation import Generates, plan_input
+from tuneforge.models.hf_cache import HFCache
 from tuneforge.models.hf_reading import quiet, reading, safetensors_problem
 from tuneforge.models.hf_mlp import fuse_gated_mlps
 from tuneforge.models.hf_tokenizer import HFTokenizer, read_json
@@ -87,24 +88,6 @@ class HFConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-class HFCache:
-    """A transformers cache plus what ``plan_input`` tracks: tokens held and the cached prefix.
-
-    With ``max_len`` known (``generate`` knows it) it is a ``StaticCache``: each layer's keys and values are
-    allocated once and written in place, and attention reads the filled part as a view. Without, a
-    ``DynamicCache``, which grows by concatenating (a copy of the layer's cache per call) but needs no length.
-    """
-
-    def __init__(self, hf_config, max_len: int | None = None):
-        from transformers import DynamicCache, StaticCache
-        self.kv = DynamicCache(config=hf_config) if max_len is None else \
-            StaticCache(config=hf_config, max_cache_len=max_len)
-        self.max_len = max_len  # None: no limit but the model's context
-        self.length = 0
-        self.prefix = None
-        self.prefix_layout = None  # see generation.plan_input
 
 
 def _transformers():
@@ -225,7 +208,7 @@ class HFCausalLM(Generates, nn.Module):
         # Preallocated only where attention reads just the filled slots (tuneforge's drops the empty ones by the
         # padding mask); transformers' eager and sdpa would attend over all max_len slots, masked, every step.
         static = max_len is not None and self.hf_model.config._attn_implementation == "tuneforge"
-        return HFCache(self.hf_model.config, max_len if static else None)
+        return HFCache(self.hf_model.config, max_len if static else None, batch_size)
 
     def forward_hidden(self, idx, *, key_padding_mask=None, positions=None, cache=None, cu_seqlens=None):
         """Final-normed hidden states (B, T, C); arguments as for ``Transformer.forward_hidden``.

@@ -18,7 +18,7 @@ from tuneforge.errors import ConfigError
 from tuneforge.kernels import flash_attention
 from tuneforge.models.checkpointing import Checkpointable
 from tuneforge.common.options import build_options, check_range, parse_spec, suggest
-from tuneforge.models.generation import Generates, plan_input
+from tuneforge.models.generation import Generates, plan_input, repeat_prefix
 from tuneforge.models.kv_slot import check_unpacked, layer_prefixes, prepend
 from tuneforge.models.protocol import Prefix
 
@@ -205,6 +205,24 @@ class KVCache:
     def advance(self) -> None:
         self.length += self._pending
         self._pending = 0
+
+    def repeat_rows(self, times: int) -> "KVCache":
+        """Make each row ``times`` rows, in place: row i becomes rows i * times .. i * times + times - 1 (prompt-major,
+        as ``repeat_interleave``), each holding row i's cached keys/values and prefix. ``generate(num_samples=)`` runs
+        each prompt through the model once and then this, instead of once per sample. Copies only the filled slots
+        (the rest are written before attention reads them); returns the cache."""
+        if self._pending:
+            raise RuntimeError("repeat_rows during a forward: some layers have appended tokens the others have not")
+        L = self.length
+        for store in (self.k, self.v):
+            for i, old in enumerate(store):
+                B, H, M, D = old.shape  # (B, H, L_max, D)
+                new = old.new_empty(B * times, H, M, D)
+                # (B, times, H, L, D): each prompt's filled slots written to its `times` rows, no intermediate copy
+                new.view(B, times, H, M, D)[:, :, :, :L].copy_(old[:, None, :, :L].expand(B, times, H, L, D))
+                store[i] = new
+        self.prefix, self.prefix_layout = repeat_prefix(self.prefix, self.prefix_layout, times)
+        return self
 
 
 class Transformer(Generates, nn.Module):

@@ -50,44 +50,53 @@ class Samples:
 
 def sample(generate: Callable, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int,
            temperature: float = 1.0, top_k: int | None = None, generator: torch.Generator | None = None,
-           device=None) -> Samples:
-    """One response per prompt from ``generate`` (``model.generate`` or a reference's), with the KV cache. Text
+           device=None, per_prompt: int = 1) -> Samples:
+    """``per_prompt`` responses to each prompt from ``generate`` (``model.generate`` or a reference's), with the KV
+    cache: B * per_prompt rows, prompt-major (rows i * G .. i * G + G - 1 answer prompt i, and ``Samples.prompts``
+    repeats each prompt G times). The G samples of a prompt share one prefill (``generate(num_samples=G)``). Text
     prompts stop at a newline or eos, conversations at eos only; a batch holding both generates each kind apart
     (the stop tokens are the batch's), in the order given."""
-    tok = tokenizer
+    tok, G = tokenizer, per_prompt
     kinds = [isinstance(p, str) for p in prompts]
-    rows: list = [None] * len(prompts)  # (row ids, text, start, last, stopped) per prompt
+    rows: list = [None] * (len(prompts) * G)  # (row ids, text, start, last, stopped) per sample
     for kind in dict.fromkeys(kinds):  # text first when it comes first: one call when the batch is of one kind
         at = [i for i, k in enumerate(kinds) if k == kind]
         stops = (NEWLINE, tok.eos_id) if kind else (tok.eos_id,)
         done = continue_ids(generate, tok, [prompt_ids(tok, prompts[i]) for i in at], stops,
                             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, generator=generator,
-                            device=device)
-        for i, row in zip(at, done):
-            rows[i] = row
+                            device=device, per_prompt=G)
+        for n, row in enumerate(done):  # the samples of prompt at[n // G]
+            rows[at[n // G] * G + n % G] = row
     ids, texts, start, last, stopped = zip(*rows)
-    return Samples(list(prompts), list(texts), pad_right(list(ids), tok.pad_id).to(device),
+    return Samples([p for p in prompts for _ in range(G)], list(texts), pad_right(list(ids), tok.pad_id).to(device),
                    torch.tensor(start, device=device), torch.tensor(last, device=device),
                    torch.tensor(stopped, device=device))
 
 
 def continue_ids(generate: Callable, tok, heads: list[list[int]], stops: Sequence[int], *, max_new_tokens: int,
                  temperature: float = 1.0, top_k: int | None = None, generator: torch.Generator | None = None,
-                 device=None) -> list[tuple]:
-    """One continuation of each token prompt in ``heads``, generated in one left-padded batch with the KV cache:
-    ``(row ids, text, start, last, stopped)`` per prompt, the text decoded without its stop token (one of
-    ``stops``). ``temperature=0`` is greedy."""
+                 device=None, per_prompt: int = 1) -> list[tuple]:
+    """``per_prompt`` continuations of each token prompt in ``heads``, generated in one left-padded batch with the KV
+    cache, each prompt encoded once for its samples: ``(row ids, text, start, last, stopped)`` per continuation,
+    prompt-major (``len(heads) * per_prompt`` of them), the text decoded without its stop token (one of ``stops``).
+    ``temperature=0`` is greedy."""
+    if isinstance(per_prompt, bool) or not isinstance(per_prompt, int) or per_prompt < 1:
+        raise ValueError(f"per_prompt must be a whole number >= 1 (responses per prompt), got {per_prompt!r}")
     width = max(len(h) for h in heads)
     left = torch.full((len(heads), width), tok.pad_id, dtype=torch.long)  # (B, Tp), left-padded
     mask = torch.zeros(len(heads), width, dtype=torch.bool)
     for i, h in enumerate(heads):
         left[i, width - len(h):] = torch.tensor(h)
         mask[i, width - len(h):] = True
+    shared = {"num_samples": per_prompt} if per_prompt > 1 else {}  # a plain generate callable need not know it
     out = generate(left.to(device), max_new_tokens, temperature=temperature, top_k=top_k, eos_id=list(stops),
-                   pad_id=tok.pad_id, key_padding_mask=mask.to(device), generator=generator)
-    new = out[:, width:].tolist()  # one host sync for the whole batch
+                   pad_id=tok.pad_id, key_padding_mask=mask.to(device), generator=generator, **shared)
+    if out.size(0) != len(heads) * per_prompt:
+        raise ValueError(f"generate returned {out.size(0)} rows for {len(heads)} prompts x {per_prompt} samples: "
+                         "it must take num_samples= and return the samples prompt-major (as model.generate does)")
+    new = out[:, width:].tolist()  # one host sync for the whole batch: (B * per_prompt) rows
     rows = []
-    for h, gen in zip(heads, new):
+    for h, gen in zip((h for h in heads for _ in range(per_prompt)), new):
         end = next((k for k, t in enumerate(gen) if t in stops), None)
         response = gen[:end + 1] if end is not None else [t for t in gen if t != tok.pad_id]
         text = tok.decode(response[:end] if end is not None else response)
