@@ -3,6 +3,11 @@ and copies its KV-cache rows and last logits to its G samples. It must give exac
 prompts repeated G times gives (greedy, and sampled from the same seeded generator), on the embedded model and on
 Hugging Face models (static and dynamic caches), with left padding, soft-prompt prefixes routed per row, and stop
 tokens; ``rollout.sample(per_prompt=G)`` lays the samples out prompt-major. Timings: benchmarks/shared_prefill.py."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,6 +17,7 @@ from tuneforge.models.transformer import Transformer, model_config
 from tuneforge.plugins.prompt_tuning import SoftPrompts
 from tuneforge.rlhf.rollout import continue_ids, sample
 
+ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED = "tiny:n_layers=2,d_model=32,n_heads=4,max_seq_len=64"
 G = 3
 KINDS = ["embedded", "llama", "llama-eager", "gpt2"]  # llama: static cache (tuneforge attention); eager: dynamic
@@ -189,3 +195,21 @@ def test_counts_are_checked():
     ignores = lambda idx, n, **kw: model.generate(idx, n, **{k: v for k, v in kw.items() if k != "num_samples"})  # noqa
     with pytest.raises(ValueError, match="must take num_samples"):
         continue_ids(ignores, tok, [[1, 2]], [0], max_new_tokens=2, per_prompt=2)
+
+
+def test_benchmark_quick_compares_the_same_rollouts_shared_and_per_sample():
+    """The benchmark as a user runs it (a real subprocess, --quick sizes); timings are never asserted."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "shared_prefill.py"), "--quick"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["tokens_match"] and report["rows_equal"] == 1.0  # the two sides drew the same rollouts
+    shared, per_sample = report["sides"]["shared"], report["sides"]["per_sample"]
+    B, G, T, N = report["prompts"], report["samples"], report["prompt_len"], report["new_tokens"]
+    assert report["rows"] == B * G and shared["tokens_through_model"] == B * T + B * G * (N - 1)
+    assert per_sample["tokens_through_model"] == B * G * (T + N - 1)
+    for side in (shared, per_sample):
+        assert side["rollout_tokens_per_s"] > 0 and 0 < side["fraction_of_peak"]
+    assert report["ratio"] > 0 and report["bound"]["ratio_by_flops"] == pytest.approx((G * T + G * (N - 1)) / (
+        T + G * (N - 1)))
+    assert report["sgemm_peak_gflops"] > 0 and report["machine"]
