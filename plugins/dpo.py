@@ -25,7 +25,7 @@ from typing import Literal, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from tuneforge.sdk import (ConfigError, Reference, block_parameters, check_layers, check_range, compare, dpo_loss,
+from tuneforge.sdk import (ConfigError, Reference, block_parameters, check_layers, check_range, compare, dpo_loss, fluency_of,
     hookimpl, judge_for, pair_right, ranking_batch, ranking_epoch, resolve_layers, sequence_logprobs, split_rankings,
     untie_head)
 
@@ -165,7 +165,7 @@ class DPO:
         if judge is not None:
             out.update(compare(model, reference, run.tokenizer, prompts, judge=judge,
                                max_new_tokens=self.options.max_new_tokens, temperature=self.options.temperature,
-                               seed=run.seed, device=run.device))
+                               seed=run.seed, device=run.device, fluency=fluency_of(run.config.data)))
         return out
 
     @hookimpl

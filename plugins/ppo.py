@@ -101,7 +101,7 @@ class PPO(OnlineObjective):
         kl_token = float(kl.sum() / mask.sum())
         stats = {"reward": float(scores.mean()), **sources, "kl": kl_token, "kl_coef": self.kl_coef,
                  "response_tokens": float(mask.sum(-1).mean()), "stopped": float(s.stopped.float().mean())}
-        stats.update(self.judged(run, prompts, s.texts))
+        stats.update(self.judged(run, s))
         self.adapt_kl(kl_token)
         buffer = {"input": s.input, "start": s.start, "last": s.last, "logp": logp, "values": values,
                   "advantages": whiten(adv, mask), "returns": returns, "mask": mask}

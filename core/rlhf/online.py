@@ -39,7 +39,7 @@ from tuneforge.common.options import check_range
 from tuneforge.rlhf.buffer import RolloutBuffer
 from tuneforge.rlhf.policy import Reference, block_parameters, check_layers, resolve_layers, untie_head
 from tuneforge.rlhf.reward_sources import Rewards
-from tuneforge.rlhf.rollout import compare, judge_for
+from tuneforge.rlhf.rollout import Samples, compare, judge_for, whole_words
 
 __all__ = ["OnlineOptions", "OnlineObjective"]
 
@@ -156,17 +156,17 @@ class OnlineObjective:
         reward = (lambda p, r: self.rewards(p, r)[0].tolist()) if self.rewards is not None else None
         return judge_for(self.options.judge, run.config.data, reward, chat=self.chat)
 
-    def judged(self, run, prompts: list, texts: list[str]) -> dict[str, float]:
+    def judged(self, run, samples: Samples) -> dict[str, float]:
         """What a rollout reports about its responses besides the reward: ``judge_score`` (the judge's mean, when
         the judge is not the reward itself) and ``in_vocabulary`` (on the embedded world's data)."""
         out = {}
         if self.options.judge != "reward":
             judge = self.judge(run)
             if judge is not None:
-                out["judge_score"] = sum(judge(prompts, texts)) / len(texts)
+                out["judge_score"] = sum(judge(samples.prompts, samples.texts)) / len(samples.texts)
         fluency = fluency_of(run.config.data)
         if fluency is not None:
-            out["in_vocabulary"] = fluency(texts)
+            out["in_vocabulary"] = fluency(whole_words(samples))
         return out
 
     @staticmethod

@@ -20,7 +20,7 @@ from tuneforge.rlhf.policy import model_logprobs, response_mask
 from tuneforge.data.rankings import prompt_ids
 from tuneforge.data.world import hidden_judge, judge_of
 
-__all__ = ["Samples", "sample", "continue_ids", "masked_mean", "whiten", "gae", "judge_for", "compare"]
+__all__ = ["Samples", "sample", "continue_ids", "masked_mean", "whiten", "gae", "judge_for", "compare", "whole_words"]
 
 Prompt = str | list[dict]  # text, or a conversation: [{"role", "content"}, ...] ending with a user turn
 
@@ -104,6 +104,14 @@ def continue_ids(generate: Callable, tok, heads: list[list[int]], stops: Sequenc
     return rows
 
 
+def whole_words(samples: Samples) -> list[str]:
+    """The responses' texts without the word a response that ran out of ``max_new_tokens`` was cut in: what a
+    measure of the words a policy writes (:func:`tuneforge.data.world.in_vocabulary`) should read, as a cut word
+    ("whil") is a fragment, not a misspelling."""
+    return [t if stopped else t[:len(t) - len(t.split()[-1])] if t.split() else t
+            for t, stopped in zip(samples.texts, samples.stopped.tolist())]
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
@@ -184,7 +192,7 @@ def compare(policy, reference, tokenizer, prompts: Sequence[Prompt], *, judge: J
     judgement), ``kl_per_token`` (mean over the policy's response tokens of log π - log π_ref, the usual
     sampled estimate of KL(π ‖ π_ref)) and ``response_tokens`` (mean length). With ``fluency`` (texts -> a
     share, e.g. :func:`tuneforge.data.world.in_vocabulary`), also ``in_vocabulary`` and ``in_vocabulary_reference``:
-    that share over each side's responses.
+    that share over each side's responses (:func:`whole_words`: a word cut by ``max_new_tokens`` not counted).
     """
     wins = ties = 0.0
     scores, ref_scores, kl_sum, tokens, n = [], [], 0.0, 0.0, 0
@@ -201,8 +209,8 @@ def compare(policy, reference, tokenizer, prompts: Sequence[Prompt], *, judge: J
         ties += sum(x == y for x, y in zip(a, r))
         scores += a
         ref_scores += r
-        texts += mine.texts
-        ref_texts += theirs.texts
+        texts += whole_words(mine)
+        ref_texts += whole_words(theirs)
         mask = mine.mask
         own = model_logprobs(policy, mine.input, temperature=temperature)
         ref = model_logprobs(reference, mine.input, temperature=temperature)
