@@ -27,6 +27,7 @@ __all__ = ["PrefixTuning"]
 class PrefixTuning(PartMechanism):
     """Learned per-layer key/value prefixes on a frozen model (see the module docstring)."""
 
+    name = "prefix"  # what -m names it by, and its entry point's name
     mechanism = "prefix"
     subdir = "prefixes"
     point_fields = {"tokens": WHOLE, "heads": WHOLE, "width": WHOLE}  # per block: the saved keys' shape

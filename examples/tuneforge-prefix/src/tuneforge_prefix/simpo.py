@@ -45,6 +45,8 @@ def simpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, beta: float, gamma:
 class SimPO:
     """Reference-free preference optimisation on ranked pairs (see the module docstring)."""
 
+    name = "simpo"  # what -m names it by, and its entry point's name
+
     @dataclasses.dataclass
     class Options:
         beta: float = 2.0  # β: the scale of the average log-probability reward (the paper: 2.0 to 2.5)
