@@ -221,7 +221,8 @@ def _check_fallback(model, kernel_calls, warning):
     mask = torch.ones(2, T, dtype=torch.bool)
     mask[1, :2] = False  # left padding: a padding mask to widen as well
     with pytest.warns(UserWarning, match=warning), torch.no_grad():
-        pids, ids = _with_token_prefix(model)
+        pids, ids = _with_token_prefix(model)  # read in eval mode: dropout off, so through the kernel
+        kernel_calls.clear()
         got = model.forward_hidden(ids, key_padding_mask=mask, positions=(mask.long().cumsum(-1) - 1).clamp(min=0)
                                    + P)
         slot, model.kv_prefix = model.kv_prefix, None

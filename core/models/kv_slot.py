@@ -82,14 +82,15 @@ def token_keys_values(model, ids: torch.Tensor) -> list[KVPrefix]:
     """The keys and values every layer of ``model`` computes for the tokens ``ids`` (B, P), read from a KV cache after
     one forward: a list of one :class:`KVPrefix` (B, H_kv, P, D) per layer. Rotary models' keys carry the rotation of
     positions 0..P-1, so given back through ``kv_prefix`` in front of an input at positions P.., they act exactly as
-    those tokens would in front of it. The model's own ``kv_prefix`` and soft prompt are not applied."""
-    prefix, slot = model.prefix, model.kv_prefix
+    those tokens would in front of it. The model's own ``kv_prefix`` and soft prompt are not applied; dropout is off."""
+    prefix, slot, training = model.prefix, model.kv_prefix, model.training
     model.prefix = model.kv_prefix = None
     try:
         cache = model.new_cache(ids.size(0), ids.size(1))
-        model.forward_hidden(ids, cache=cache)
+        model.eval().forward_hidden(ids, cache=cache)
     finally:
         model.prefix, model.kv_prefix = prefix, slot
+        model.train(training)
     P = ids.size(1)
     out = []
     for layer in range(len(model.blocks)):
