@@ -72,7 +72,7 @@ class GRPO(OnlineObjective):
         g = epoch_generator(run.seed, run.epoch, salt=self.salt + 1)
         prompts = self.draw_prompts(g)
         seed = int(torch.randint(2**62, (1,), generator=g))
-        s = sample(model.generate, tok, [p for p in prompts for _ in range(o.samples)], max_new_tokens=o.max_new_tokens,
+        s = sample(model.generate, tok, prompts, per_prompt=o.samples, max_new_tokens=o.max_new_tokens,
                    temperature=o.temperature, generator=torch.Generator(device=run.device).manual_seed(seed),
                    device=run.device)  # (R·G rows, prompt-major)
         logp = model_logprobs(model, s.input, temperature=o.temperature)  # (R·G, T-1): π_old
