@@ -82,6 +82,7 @@ class Rewards:
 
     def __init__(self, run, spec: str, *, owner: str, weight: float = 1.0):
         self.owner, self.weight = owner, weight
+        self.spec = spec
         self.own = reward_function(spec, owner=owner, data=run.config.data, device=run.device) if spec else None
         self.plugins = [(impl.plugin_name, impl.function) for impl in run.hook.tuneforge_reward.get_hookimpls()]
         if self.own is None and not self.plugins:
@@ -92,7 +93,8 @@ class Rewards:
 
     @property
     def sources(self) -> list[str]:
-        return ([f"reward={self.own[0]}"] if self.own else []) + [f"plugin {name}" for name, _ in self.plugins]
+        own = [] if self.own is None else [f"reward={self.spec}" + (" (a reward model)" if self.own[0] == "model" else "")]
+        return own + [f"plugin {name}" for name, _ in self.plugins]
 
     def __call__(self, prompts: list, responses: list[str]) -> tuple[torch.Tensor, dict[str, float]]:
         """``(total (N,) float32 on the run's device, {"reward/<source>": mean})`` for N responses."""
