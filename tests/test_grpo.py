@@ -147,3 +147,17 @@ def test_the_fluency_measure_counts_the_worlds_words():
     s = Samples(["p"] * 2, ["the river is kind", "the lake was whil"], torch.zeros(2, 1, dtype=torch.long),
                 torch.zeros(2), torch.zeros(2), torch.tensor([True, False]))
     assert whole_words(s) == ["the river is kind", "the lake was "]  # a word cut by max_new_tokens is no word
+
+
+def test_ppo_takes_the_same_rewards_and_evaluation_skips_sampling_on_a_signal(pretrained, reward_module):
+    brevity = Brevity(weight=0.01)
+    result = tuneforge.train(init=str(pretrained), steps=2, mechanisms=[
+        "lora:rank=4", f"ppo:rollouts=8,ppo_epochs=1,max_new_tokens=12,eval_prompts=4,reward={reward_module}:e_count",
+        brevity], **COMMON)
+    assert {"reward/e_count", "reward/brevity", "in_vocabulary", "eval/win_rate", "eval/in_vocabulary",
+            "eval/in_vocabulary_reference"} <= set(result.metrics)
+    ppo = result.run.plugins["ppo"]
+    result.run.stop_reason = "signal"  # as the engine sets it on SIGTERM: the checkpoint is written, no sampling
+    assert ppo.tuneforge_evaluate(model=result.model, run=result.run) is None
+    result.run.stop_reason = "steps"
+    assert ppo.tuneforge_evaluate(model=result.model, run=result.run)["win_rate"] >= 0

@@ -58,7 +58,7 @@ class OnlineOptions:
     kl_target: Optional[float] = None  # nats per token; set to adapt β towards it (None: β stays fixed)
     kl_horizon: int = 10000  # responses over which the adaptive β may move by ~20%
     clip: float = 0.2  # ε of the clipped policy ratio
-    prompt_field: str = "prompt"
+    prompt_field: str = "prompt"  # the record field holding the prompt: text, or messages ending with a user turn
     judge: Literal["auto", "world", "reward", "none"] = "auto"  # what evaluation scores responses with
     eval_prompts: int = 128  # held-out prompts per evaluation
     holdout: float = 0.1  # share of a file's prompts held out when there is no --eval-data
