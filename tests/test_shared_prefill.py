@@ -192,7 +192,10 @@ def test_counts_are_checked():
     tok = ByteTokenizer()
     with pytest.raises(ValueError, match="per_prompt"):
         continue_ids(model.generate, tok, [[1, 2]], [0], max_new_tokens=2, per_prompt=0)
-    ignores = lambda idx, n, **kw: model.generate(idx, n, **{k: v for k, v in kw.items() if k != "num_samples"})  # noqa
+
+    def ignores(idx, n, **kw):  # a generate callable that drops num_samples: one row per prompt
+        return model.generate(idx, n, **{k: v for k, v in kw.items() if k != "num_samples"})
+
     with pytest.raises(ValueError, match="must take num_samples"):
         continue_ids(ignores, tok, [[1, 2]], [0], max_new_tokens=2, per_prompt=2)
 
