@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from tuneforge.errors import ConfigError
-from tuneforge.common.options import build_options, describe_options, parse_spec
+from tuneforge.common.options import build_options, describe_options, field_help, option_rows, parse_spec
 
 
 @dataclasses.dataclass
@@ -61,6 +61,41 @@ def test_parse_spec_errors():
         parse_spec("lora:rank")
     with pytest.raises(ConfigError):
         parse_spec(":rank=1")
+
+
+@dataclasses.dataclass
+class Documented:
+    rank: int = 8  # the update's rank
+    # where the update goes,
+    # as module path patterns
+    targets: list[str] = dataclasses.field(default_factory=lambda: ["q"])
+    alpha: float = dataclasses.field(default=1.0, metadata={"help": "the scale"})  # not this comment
+    quiet: bool = False
+
+
+@dataclasses.dataclass(kw_only=True)
+class Required(Documented):
+    span: int  # blocks it covers
+
+
+def test_help_comes_from_metadata_else_the_declarations_comment_in_the_class_that_declares_it():
+    assert field_help(Required) == {"rank": "the update's rank", "targets": "where the update goes, as module path "
+                                    "patterns", "alpha": "the scale", "quiet": "", "span": "blocks it covers"}
+    rows = {r["name"]: r for r in option_rows(Required)}
+    assert rows["targets"] == {"name": "targets", "type": "list of str", "required": False, "default": ["q"],
+                               "help": "where the update goes, as module path patterns"}
+    assert rows["span"]["required"] and rows["span"]["default"] is None
+    assert option_rows(None) == []
+
+
+def test_a_required_option_left_out_is_named_with_its_type_help_and_how_to_give_it():
+    with pytest.raises(ConfigError) as err:
+        build_options(Required, {"rank": "2"}, owner="mechanism 'gain'", subject="gain",
+                      how=lambda missing: f"pass -m gain:{missing[0]}=...")
+    assert str(err.value) == "gain needs span (int): blocks it covers; pass -m gain:span=..."
+    with pytest.raises(ConfigError, match=r"mechanism 'gain' needs span \(int\): blocks it covers; give it\. Its "):
+        build_options(Required, {}, owner="mechanism 'gain'")
+    assert build_options(Required, {"span": "3"}, owner="x").span == 3
 
 
 def test_describe_options_lists_every_field():

@@ -39,6 +39,9 @@ def test_generated_package_installs_is_listed_and_its_tests_pass(tmp_path):
     assert mine["entry_point"] == "tuneforge_my_gain:MyGain"
     assert {"tuneforge_modify_model", "tuneforge_trainable_params", "tuneforge_data",
             "tuneforge_loss"} <= set(mine["hooks"])
+    # its option shown with the help its declaration's comment gives it (tuneforge plugins my-gain prints the same)
+    assert {"name": "last", "type": "int", "required": False, "default": 0,
+            "help": "put gains on the last N blocks only; 0 = every block"} in mine["options"]
 
     # From outside the package folder, so its tests import the installed copy, found through its entry point.
     tested = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(pkg)],
