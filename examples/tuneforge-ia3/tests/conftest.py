@@ -1,4 +1,7 @@
-"""Fixtures: tuneforge.sdk.testing's (tiny_model, tiny_data, tiny_pretrained, train_tiny) and this package's own."""
+"""Fixtures: tuneforge.sdk.testing's (tiny_model, tiny_data, tiny_pretrained, train_tiny) and this package's own.
+
+tiny_pretrained (TINY pretrained for PRETRAINED_STEPS, once per session) is trained far enough for IA³ to
+matter: IA³ only rescales what the block computes, so it needs a block that computes something."""
 import pytest
 import torch
 
@@ -15,13 +18,3 @@ def _only_ia3(monkeypatch):
     """Of the third-party plugins installed here, runs see this one alone (tuneforge's built-ins always load)."""
     monkeypatch.setenv("TUNEFORGE_LOAD_PLUGINS", "ia3")
     monkeypatch.delenv("TUNEFORGE_STRICT_PLUGINS", raising=False)
-
-
-@pytest.fixture(scope="session")
-def well_pretrained(tmp_path_factory):
-    """TINY pretrained for 150 steps (about 2 s). After tiny_pretrained's 30 steps the block's weights are still
-    near their init and add little to the residual stream; IA³ can only rescale what the block computes, so it
-    needs a block that computes something before its effect on the loss is more than a rounding of one."""
-    from tuneforge.sdk.testing import pretrained_tiny
-
-    return pretrained_tiny(tmp_path_factory.mktemp("well-pretrained") / "run", steps=150)

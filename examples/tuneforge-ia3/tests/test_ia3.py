@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import tuneforge
 from tuneforge.sdk import ConfigError, routing
-from tuneforge.sdk.testing import changed, check_plugin, snapshot
+from tuneforge.sdk.testing import changed, check_plugin, snapshot, tiny_dataset
 from tuneforge.sdk.testing import tiny_model as make_model
 
 from tuneforge_ia3 import IA3, IA3Linear, add_ia3, ia3_layers, ia3_state, load_ia3, merge
@@ -105,14 +105,20 @@ def test_a_few_steps_train_the_vectors_and_nothing_else(train_tiny, tiny_pretrai
     assert s["ia3"]["vectors"] == 3 and s["ia3"]["mean_abs_change"] > 0.05
 
 
-def test_the_held_out_loss_falls(train_tiny, well_pretrained):
-    base = tuneforge.load_model(well_pretrained)
-    result = train_tiny("ia3", init=well_pretrained, steps=20, lr=0.3, out=None)
+def test_the_held_out_loss_falls_on_a_new_domain(train_tiny, tiny_pretrained, tmp_path):
+    """The world's reviews alone, as plain text: narrower than the mix the model was pretrained on, so there is
+    something to adapt to (on the pretraining text itself a well-pretrained model leaves IA³ nothing)."""
+    labelled = tiny_dataset(tmp_path, "sentiment", n=600)
+    reviews = tmp_path / "reviews.jsonl"
+    reviews.write_text("".join(json.dumps({"text": json.loads(line)["text"]}) + "\n"
+                               for line in labelled.read_text().splitlines()))
+    base = tuneforge.load_model(tiny_pretrained)
+    result = train_tiny("ia3", init=tiny_pretrained, data=str(reviews), steps=30, lr=0.3, batch_size=8, out=None)
     task = result.run.plugins["ia3"].objective_task(result.run)  # the same held-out windows, before and after
     with torch.no_grad():
         before = task.evaluate(base, result.run)["loss"]
     after = result.metrics["eval/loss"]
-    assert after < before - 0.01, (before, after)
+    assert after < before - 0.05, (before, after)  # measured: 2.18 -> 2.06
 
 
 def test_with_prompt_tuning_both_train_and_both_come_back(train_tiny, tiny_pretrained, tmp_path):
