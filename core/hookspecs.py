@@ -176,7 +176,12 @@ def tuneforge_step_end(run, step, metrics):
 
 @hookspec
 def tuneforge_evaluate(model, run):
-    """Evaluate the model on held-out data.
+    """Evaluate the model on held-out data: every ``--eval-every`` steps, and once when the run ends.
+
+    The final evaluation comes after the run's last checkpoint is written, with ``run.stop_reason`` saying why the
+    run ends (None during training; then ``"steps"``, ``"signal"`` or ``"early-stop"``, see ``Run``). On
+    ``"signal"`` (Ctrl-C, a scheduler's SIGTERM) the process is inside a grace period: skip what is slow, such as
+    sampling responses, and return what is cheap or ``None``.
 
     :param model: the model, in eval mode and under ``torch.no_grad()``.
     :param run: the run.
