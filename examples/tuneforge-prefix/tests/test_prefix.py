@@ -122,3 +122,9 @@ def test_refusals(tmp_path, train_tiny, well_pretrained):
     taken.kv_prefix = torch.nn.Identity()
     with pytest.raises(ConfigError, match="kv_prefix slot already holds Identity"):
         _add(taken)
+
+
+def test_a_hugging_face_model_without_tuneforge_attention_is_refused_before_the_run(hf_llama, train_tiny, tmp_path):
+    with pytest.raises(ConfigError, match=r"kv_prefix.*\?attn=tuneforge"):
+        train_tiny("prefix:tokens=2", model=f"hf:{hf_llama}?attn=eager", steps=1, out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # refused in validate: nothing written

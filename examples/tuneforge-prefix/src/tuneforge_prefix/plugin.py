@@ -121,6 +121,14 @@ class PrefixTuning(PartMechanism):
         super().tuneforge_modify_model(model, run)
 
     @hookimpl
+    def tuneforge_validate(self, run, model):
+        super().tuneforge_validate(run)
+        if self.held(model):  # one token through the model now: a model that cannot take the prefix (a Hugging Face
+            # one loaded with ?attn=eager) says so before anything is written, not at the first step
+            with torch.no_grad():
+                model.forward_hidden(torch.tensor([[run.tokenizer.bos_id]], device=model.tok_emb.weight.device))
+
+    @hookimpl
     def tuneforge_run_end(self, model, summary):
         prefixes = self.part_modules(model)
         if prefixes and self.trained:
