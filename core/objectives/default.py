@@ -24,8 +24,8 @@ __all__ = ["ObjectiveOptions", "DefaultObjective"]
 class ObjectiveOptions:
     """How the default objective reads the data (used only when no other mechanism brings an objective)."""
 
-    text_field: str = "text"
-    label_field: str = "label"
+    text_field: str = "text"  # the record field holding the input text
+    label_field: str = "label"  # the record field holding the label (labelled data: label words are learned)
     task_field: str = "task"  # in mixed data, the task (soft prompt, adapter, LoRA) each record's row uses
     template: Optional[str] = None  # labelled data: prompt with {input} and {label} slots
     verbalizer: list[str] = dataclasses.field(default_factory=list)  # labelled data: LABEL:WORD pairs
