@@ -113,7 +113,7 @@ def test_demo_quick_writes_demo_json(tmp_path):
     for stage in ("finetune (last 2 blocks", "head only", "adapter (serial)", "adapter (parallel)", "lora (rank 8",
                   "prompt-tuning (sentiment)", "prompt-tuning (topic)",
                   "one mixed batch", "bare input", "task format", "right labels", "wrong labels",
-                  "sft (zero-shot", "sft (lora)", "reward model, ties modelled", "reward model, ties ignored", "ppo (lora", "dpo (lora"):
+                  "sft (zero-shot", "sft (lora)", "reward model, ties modelled", "reward model, ties ignored", "ppo (lora", "grpo (lora", "dpo (lora"):
         assert any(stage in n for n in names), stage
     by_name = {r["mechanism"]: r for r in rows}
     assert by_name["prompt-tuning (sentiment)"]["trainable_pct"] < 1.0
@@ -132,12 +132,16 @@ def test_demo_quick_writes_demo_json(tmp_path):
     # rank 16 on attention and MLP is ~15% of the 0.86M-parameter tiny model (~1% of a 135M one)
     assert 0 <= zero_shot["value"] <= 1 and 0 <= sft["value"] <= 1 and 0 < sft["trainable_pct"] < 20
     assert {"exact_match/who", "exact_match/sentiment"} <= set(sft)  # per-kind figures go into demo.json
-    rlhf = [r for r in rows if r["mechanism"].startswith(("ppo", "dpo"))]
-    assert [r["metric"].split()[0] for r in rlhf] == ["win", "KL"] * 2  # each policy: its win rate, its KL
-    assert all(0 <= r["value"] <= 1 for r in rlhf if r["metric"].startswith("win"))
+    rlhf = [r for r in rows if r["mechanism"].startswith(("ppo", "grpo", "dpo"))]
+    # each policy: its win rate, its KL, the share of its words that are the world's (the reference's beside)
+    assert [r["metric"].split()[0] for r in rlhf] == ["win", "KL", "in-vocabulary"] * 3
+    assert [r["mechanism"].split()[0] for r in rlhf] == ["ppo"] * 3 + ["grpo"] * 3 + ["dpo"] * 3
+    assert all(0 <= r["value"] <= 1 for r in rlhf if not r["metric"].startswith("KL"))
+    assert all(0 < r["reference"] <= 1 for r in rlhf if r["metric"].startswith("in-vocabulary"))
     modelled = next(r for r in rows if r["mechanism"].startswith("reward model, ties modelled"))
     assert 0 < modelled["tie_prob"] < 1 and 0 < modelled["tie_rate"] < 1  # tie calibration goes into demo.json
     assert "[ppo, hidden score" in (out / "samples.txt").read_text()
+    assert "[grpo, hidden score" in (out / "samples.txt").read_text()
     if importlib.util.find_spec("matplotlib"):  # the optional extra draws the curves; the demo runs without
         assert (out / "loss_curves.png").stat().st_size > 1000
     else:

@@ -19,7 +19,7 @@ MARKER = ".tuneforge-demo"
 STAGES = frozenset({
     "pretrain", "finetune", "finetune-all", "head-only", "adapter-serial", "adapter-parallel", "lora",
     "prompt-sentiment", "prompt-topic", "mixed-batch", "prompting-bare", "prompting", "reward-model-davidson",
-    "reward-model-ignore", "sft", "ppo", "dpo",
+    "reward-model-ignore", "sft", "ppo", "grpo", "dpo",
 })
 FILES = frozenset({MARKER, "demo.json", "samples.txt", "loss_curves.png"})
 
