@@ -44,6 +44,19 @@ def test_the_reward_is_the_average_log_probability_of_the_response(tmp_path):
         assert got[row].item() == pytest.approx(sum(tokens) / len(tokens), abs=1e-5)
 
 
+def test_the_likelihood_term_adds_the_chosen_responses_nll(tmp_path):
+    """nll=α adds α times each pair's chosen response's mean negative log-likelihood, pair-weighted like the rest."""
+    model = tiny_model()
+    records = read_rankings(str(tiny_dataset(tmp_path, "rankings", n=3)))
+    batch = ranking_batch(records, tokenizer_of(model), model.config.max_seq_len, with_ties=False)
+    with torch.no_grad():
+        plain, _ = SimPO(SimPO.Options()).tuneforge_loss(model, batch)
+        with_nll, _ = SimPO(SimPO.Options(nll=0.5)).tuneforge_loss(model, batch)
+        chosen = average_logprobs(model, batch)[batch["better"]]
+    torch.testing.assert_close(with_nll - plain, -0.5 * (chosen * batch["weight"]).sum())
+    assert float(with_nll - plain) > 0
+
+
 def test_alone_it_trains_every_weight_and_the_held_out_pairs_come_right(well_pretrained, train_tiny):
     result = train_tiny(f"simpo:{EVAL}", init=str(well_pretrained), data="builtin:rankings", steps=30, lr=3e-3,
                         out=None)

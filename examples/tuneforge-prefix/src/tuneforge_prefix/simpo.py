@@ -51,6 +51,7 @@ class SimPO:
     class Options:
         beta: float = 2.0  # β: the scale of the average log-probability reward (the paper: 2.0 to 2.5)
         gamma: float = 1.0  # γ: the target reward margin (the paper: γ / β about 0.5)
+        nll: float = 0.0  # α: weight of the chosen responses' mean negative log-likelihood (0: SimPO as published)
         layers: str = "auto"  # weights that train: all, N (last N blocks), 0, auto (all, or none beside a prefix)
         prompt_field: str = "prompt"
         responses_field: str = "responses"
@@ -66,6 +67,7 @@ class SimPO:
             check_layers(self.layers)
             check_range(self, "beta", "(0, inf)", " (the scale of the reward)")
             check_range(self, "gamma", "[0, inf)", " (the target reward margin)")
+            check_range(self, "nll", "[0, inf)", " (the weight of the chosen responses' likelihood term)")
             check_range(self, "temperature", "(0, inf)")
             check_range(self, "holdout", "[0, 0.5)", " (a share of the file)")
             for name in ("eval_prompts", "max_new_tokens", "eval_limit"):
@@ -108,6 +110,8 @@ class SimPO:
         avg = average_logprobs(model, batch)  # (N,)
         b, w = batch["better"], batch["worse"]
         loss, margin = simpo_loss(avg[b], avg[w], self.options.beta, self.options.gamma)
+        if self.options.nll:  # keep the chosen responses likely (CPO's term), not only ahead of the rejected
+            loss = loss - self.options.nll * avg[b]
         margin = margin.detach()
         return (loss * batch["weight"]).sum(), {
             "pair_accuracy": float(pair_right(margin).mean()), "margin": float(margin.mean()),
