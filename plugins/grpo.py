@@ -78,7 +78,7 @@ class GRPO(OnlineObjective):
         logp = model_logprobs(model, s.input, temperature=o.temperature)  # (R·G, T-1): π_old
         ref_logp = model_logprobs(self.reference, s.input, temperature=o.temperature)  # (R·G, T-1)
         mask = s.mask.float()  # (R·G, T-1)
-        scores, sources = self.rewards(s.prompts, s.texts)  # (R·G,)
+        scores, sources = self.score(s)  # (R·G,)
         groups = scores.view(o.rollouts, o.samples)  # (R, G)
         adv = group_advantages(groups, scale=o.scale)
         kl_token = float(((logp - ref_logp) * mask).sum() / mask.sum())

@@ -93,7 +93,7 @@ class PPO(OnlineObjective):
         values = model.value_head(hidden).squeeze(-1)[:, :-1].float()  # (R, T-1): the state before each token
         ref_logp = model_logprobs(self.reference, s.input, temperature=o.temperature)  # (R, T-1)
         mask = s.mask.float()  # (R, T-1)
-        scores, sources = self.rewards(prompts, s.texts)  # (R,)
+        scores, sources = self.score(s)  # (R,)
         kl = (logp - ref_logp) * mask  # (R, T-1): log π - log π_ref on each response token
         rewards = -self.kl_coef * kl
         rewards[torch.arange(len(prompts), device=run.device), s.last - 1] += scores  # at the last response token

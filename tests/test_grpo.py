@@ -161,3 +161,20 @@ def test_ppo_takes_the_same_rewards_and_evaluation_skips_sampling_on_a_signal(pr
     assert ppo.tuneforge_evaluate(model=result.model, run=result.run) is None
     result.run.stop_reason = "steps"
     assert ppo.tuneforge_evaluate(model=result.model, run=result.run)["win_rate"] >= 0
+
+
+class Zero:
+    name = "zero"
+
+    @hookimpl
+    def tuneforge_reward(self, responses):
+        return [0.0] * len(responses)
+
+
+def test_a_response_cut_by_max_new_tokens_pays_the_stop_penalty(pretrained):
+    # 4 new tokens: most responses are cut before their newline or eos
+    result = tuneforge.train(init=str(pretrained), steps=2, mechanisms=[
+        "lora:rank=4", "grpo:rollouts=4,samples=4,max_new_tokens=4,judge=none,stop_penalty=1.5", Zero()], **COMMON)
+    m = result.history[0]
+    assert m["stopped"] < 1
+    assert m["reward"] == pytest.approx(-1.5 * (1 - m["stopped"])) == pytest.approx(m["reward/stop_penalty"])

@@ -50,6 +50,7 @@ class OnlineOptions:
 
     reward: str = ""  # a reward model folder, module:function, or world ('' = only tuneforge_reward plugins)
     reward_weight: float = 1.0  # multiplies the reward= source (plugins weigh their own)
+    stop_penalty: float = 0.0  # taken off the reward of a response cut by max_new_tokens before its stop token
     layers: str = "auto"  # policy weights that train: all, N (last N blocks), 0, auto (all, or none beside lora)
     rollouts: int = 64  # prompts answered per rollout
     max_new_tokens: int = 64  # the longest response
@@ -73,6 +74,7 @@ class OnlineOptions:
         check_range(self, "kl_target", "(0, inf)", " (nats per token)")
         check_range(self, "clip", "(0, 1)", " (the policy ratio is clipped to [1 - clip, 1 + clip])")
         check_range(self, "reward_weight", "(-inf, inf)")
+        check_range(self, "stop_penalty", "[0, inf)")
         check_range(self, "holdout", "[0, 0.5)", " (a share of the file)")
 
 
@@ -150,6 +152,17 @@ class OnlineObjective:
         """``rollouts`` training prompts, drawn with replacement."""
         idx = torch.randint(len(self.prompts), (self.options.rollouts,), generator=generator).tolist()
         return [self.prompts[i] for i in idx]
+
+    def score(self, samples: Samples) -> tuple[torch.Tensor, dict[str, float]]:
+        """``(reward (N,), {"reward/<source>": mean})`` of sampled responses: the run's rewards, less ``stop_penalty``
+        for each response that ran out of ``max_new_tokens``. Why: a reward model reads a cut response as if it
+        were whole, so without the penalty a policy can learn to ramble past the end of every answer it scores."""
+        scores, sources = self.rewards(samples.prompts, samples.texts)
+        if self.options.stop_penalty:
+            cut = (~samples.stopped).float()  # (N,)
+            scores = scores - self.options.stop_penalty * cut
+            sources["reward/stop_penalty"] = -self.options.stop_penalty * float(cut.mean())
+        return scores, sources
 
     def judge(self, run):
         """What evaluation (and a rollout's ``judge_score``) scores responses with, or None (``judge=none``)."""
