@@ -7,6 +7,13 @@ margin γ: ``-log σ(r(c) - r(r) - γ)``. Against DPO (``tuneforge train -m dpo`
 (no second model, nothing to precompute), and the length normalisation keeps the policy from preferring long
 responses for their larger summed log-probability.
 
+``nll=α`` (default 1; 0 is SimPO as published) adds α times the chosen response's mean negative log-likelihood, the
+term CPO adds (TRL's ``cpo_alpha``). Why it is on by default: when the responses to a prompt begin alike, a token
+they share gets the gradient β (1/|c| - 1/|r|) from the margin, which pushes it *down* whenever the chosen response
+is the longer one, as the better ones of ``builtin:rankings`` tend to be. Without the term the policy there learns
+the pairs (0.88 held-out pair accuracy) while its samples fall apart (0.33 win rate over the starting model, at
+2.4 nats/token of KL); with it, 0.89 at 0.14 (the package's README).
+
 Rankings are read and batched as for tuneforge's own ``dpo`` (``tuneforge.sdk.ranking_epoch``): one batch element is
 one whole ranking, its strict pairs weighed ``1 / (pairs of its ranking)``, ties skipped. Which weights train is
 ``layers=`` as for ``dpo``: beside a parameterisation (``-m prefix -m simpo``, ``-m lora -m simpo``) only that
@@ -50,8 +57,8 @@ class SimPO:
     @dataclasses.dataclass
     class Options:
         beta: float = 2.0  # β: the scale of the average log-probability reward (the paper: 2.0 to 2.5)
-        gamma: float = 1.0  # γ: the target reward margin (the paper: γ / β about 0.5)
-        nll: float = 0.0  # α: weight of the chosen responses' mean negative log-likelihood (0: SimPO as published)
+        gamma: float = 0.5  # γ: the target reward margin (the paper: γ / β about 0.5; 0.25 wins more here)
+        nll: float = 1.0  # α: weight of the chosen responses' mean negative log-likelihood (0: SimPO as published)
         layers: str = "auto"  # weights that train: all, N (last N blocks), 0, auto (all, or none beside a prefix)
         prompt_field: str = "prompt"
         responses_field: str = "responses"
