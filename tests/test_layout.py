@@ -22,7 +22,10 @@ except ModuleNotFoundError:  # Python 3.10
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CORE, PLUGINS, EXAMPLE = ROOT / "core", ROOT / "plugins", ROOT / "examples" / "tuneforge-ia3" / "src"
+CORE, PLUGINS = ROOT / "core", ROOT / "plugins"
+# Each example package's source folder (a third-party plugin as its own pip package) and its import package.
+EXAMPLES = {ROOT / "examples" / "tuneforge-ia3" / "src": "tuneforge_ia3",
+            ROOT / "examples" / "tuneforge-prefix" / "src": "tuneforge_prefix"}
 GUIDE = ROOT / "docs" / "writing-mechanisms.md"
 
 MAX_MODULE_LINES = 400
@@ -54,7 +57,7 @@ def _lint_imports(cwd: Path, env: dict | None = None) -> subprocess.CompletedPro
 
 def test_import_contracts_hold():
     # The example's package is a root of the contracts; find it whether or not it is installed.
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(EXAMPLE), os.environ.get("PYTHONPATH")])))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [*map(str, EXAMPLES), os.environ.get("PYTHONPATH")])))
     done = _lint_imports(ROOT, env)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
     assert "0 broken" in done.stdout, done.stdout[-3000:]
@@ -65,7 +68,8 @@ def test_import_contracts_catch_a_violation_of_each(tmp_path):
     skip = shutil.ignore_patterns("__pycache__", "*.so", "*.egg-info")
     shutil.copytree(CORE, tmp_path / "tuneforge", ignore=skip)
     shutil.copytree(PLUGINS, tmp_path / "plugins", ignore=skip)
-    shutil.copytree(EXAMPLE / "tuneforge_ia3", tmp_path / "tuneforge_ia3", ignore=skip)
+    for src, package in EXAMPLES.items():
+        shutil.copytree(src / package, tmp_path / package, ignore=skip)
     shutil.copy(ROOT / "pyproject.toml", tmp_path)
     # Each breaks one contract: an upward import (nothing below tools imports it, so no cycle), a plugin that
     # goes around the SDK, an import of the package root, and a cycle inside one package.
@@ -110,7 +114,7 @@ def test_each_package_says_what_it_is_for_and_may_import(folder):
     assert "import" in doc.lower(), f"{_rel(init)}: say in its docstring what it may import (its layer)"
 
 
-@pytest.mark.parametrize("path", _python_files(CORE, PLUGINS, EXAMPLE), ids=_rel)
+@pytest.mark.parametrize("path", _python_files(CORE, PLUGINS, *EXAMPLES), ids=_rel)
 def test_module_is_at_most_400_lines(path):
     lines = len(path.read_text().splitlines())
     assert lines <= MAX_MODULE_LINES, f"{_rel(path)} has {lines} lines (at most {MAX_MODULE_LINES}): split it"
@@ -118,7 +122,7 @@ def test_module_is_at_most_400_lines(path):
 
 def test_functions_are_at_most_80_lines():
     long = []
-    for path in _python_files(CORE, PLUGINS, EXAMPLE):
+    for path in _python_files(CORE, PLUGINS, *EXAMPLES):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 lines = node.end_lineno - node.lineno + 1
@@ -144,17 +148,18 @@ def _outside_sdk(source: str, where: str, allowed=("tuneforge.sdk",)) -> list[st
 
 
 def test_plugins_import_tuneforge_only_through_the_sdk():
-    bad = [b for p in _python_files(PLUGINS, EXAMPLE) for b in _outside_sdk(p.read_text(), _rel(p))]
+    bad = [b for p in _python_files(PLUGINS, *EXAMPLES) for b in _outside_sdk(p.read_text(), _rel(p))]
     assert not bad, "plugins import from tuneforge.sdk only (add what is missing there):\n" + "\n".join(bad)
 
 
 def test_the_examples_tests_use_the_user_face_and_the_sdk_only():
     # A plugin package's own tests drive runs as a user does (tuneforge.train) and build models and data with the
     # SDK's testing helpers; nothing internal.
-    tests = EXAMPLE.parent / "tests"
     allowed = ("tuneforge", "tuneforge.sdk", "tuneforge.sdk.testing")
-    bad = [b for p in _python_files(tests) for b in _outside_sdk(p.read_text(), _rel(p), allowed)]
-    assert _python_files(tests) and not bad, "the example's tests import tuneforge internals:\n" + "\n".join(bad)
+    for src in EXAMPLES:
+        tests = src.parent / "tests"
+        bad = [b for p in _python_files(tests) for b in _outside_sdk(p.read_text(), _rel(p), allowed)]
+        assert _python_files(tests) and not bad, "the example's tests import tuneforge internals:\n" + "\n".join(bad)
 
 
 def test_core_imports_no_plugin():
