@@ -11,7 +11,8 @@ The names, by what a mechanism does with them:
 - **hooks and errors**: :data:`hookimpl`, the exceptions (:class:`ConfigError` for bad options, ...).
 - **options**: :func:`check_range`, :func:`suggest`, :class:`OptionError`; safe names and files:
   :func:`check_name`, :func:`inside`, :func:`replace_folder`, :func:`write_export`, :func:`open_text`.
-- **the model**: :class:`LanguageModel` (the interface), :class:`Prefix`, :func:`tokenizer_of`, the architecture
+- **the model**: :class:`LanguageModel` (the interface), :class:`Prefix` (soft prompts), :class:`KVPrefix` and
+  :func:`token_keys_values` (extra keys and values for attention: prefix tuning), :func:`tokenizer_of`, the architecture
   families (:func:`family_of`, :func:`expand_targets`), :mod:`routing` (which task each row is) and :mod:`kernels`
   (the fused ops); :func:`load_model` rebuilds a trained model from a run or checkpoint folder.
 - **data**: records, labelled data, rankings, chat records and the model's chat template, and batching (:func:`pad_right`, :func:`fit_context`,
