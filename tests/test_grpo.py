@@ -26,6 +26,9 @@ def reward_module(tmp_path, monkeypatch):
             """How many letters e a response writes: a reward a byte-level policy can learn in a few steps."""
             return [float(r.count("e")) for r in responses]
 
+        def half_e(prompts, responses):
+            return [0.5 * r.count("e") for r in responses]
+
         def one_short(prompts, responses):
             return [1.0] * (len(responses) - 1)
 
@@ -178,3 +181,12 @@ def test_a_response_cut_by_max_new_tokens_pays_the_stop_penalty(pretrained):
     m = result.history[0]
     assert m["stopped"] < 1
     assert m["reward"] == pytest.approx(-1.5 * (1 - m["stopped"])) == pytest.approx(m["reward/stop_penalty"])
+
+
+@pytest.mark.parametrize("combine, expected", [("sum", 1.5), ("mean", 0.75), ("min", 0.5)])
+def test_several_reward_sources_combine(pretrained, reward_module, combine, expected):
+    result = tuneforge.train(init=str(pretrained), steps=1, mechanisms=[
+        "lora:rank=4", f"{GRPO},reward={reward_module}:e_count,{reward_module}:half_e,combine={combine}"], **COMMON)
+    m = result.history[0]
+    assert m["reward/half_e"] == pytest.approx(0.5 * m["reward/e_count"])
+    assert m["reward"] == pytest.approx(expected * m["reward/e_count"], rel=1e-5)

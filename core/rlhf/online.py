@@ -48,8 +48,10 @@ __all__ = ["OnlineOptions", "OnlineObjective"]
 class OnlineOptions:
     """The options every online objective shares; a subclass's ``Options`` derives from this and adds its own."""
 
-    reward: str = ""  # a reward model folder, module:function, or world ('' = only tuneforge_reward plugins)
-    reward_weight: float = 1.0  # multiplies the reward= source (plugins weigh their own)
+    # reward model folders, module:function callables or world, comma-separated (none: only tuneforge_reward plugins)
+    reward: list[str] = dataclasses.field(default_factory=list)
+    combine: Literal["sum", "mean", "min"] = "sum"  # several reward= sources: sum criteria, or mean/min an ensemble
+    reward_weight: float = 1.0  # multiplies the combined reward= sources (plugins weigh their own)
     stop_penalty: float = 0.0  # taken off the reward of a response cut by max_new_tokens before its stop token
     layers: str = "auto"  # policy weights that train: all, N (last N blocks), 0, auto (all, or none beside lora)
     rollouts: int = 64  # prompts answered per rollout
@@ -145,7 +147,8 @@ class OnlineObjective:
             self.reference = Reference(model, run, own=self.own_parameters(model))
             run.log(f"{self.name}: the reference policy is {self.reference.note}")
         if self.rewards is None:
-            self.rewards = Rewards(run, self.options.reward, owner=self.name, weight=self.options.reward_weight)
+            o = self.options
+            self.rewards = Rewards(run, o.reward, owner=self.name, weight=o.reward_weight, combine=o.combine)
             run.log(f"{self.name}: rewards from {' + '.join(self.rewards.sources)}")
 
     def draw_prompts(self, generator: torch.Generator) -> list:

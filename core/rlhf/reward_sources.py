@@ -1,6 +1,6 @@
 """Where an online objective's rewards come from: its ``reward=`` option and every ``tuneforge_reward`` plugin.
 
-``reward=`` names one source (:func:`reward_function`):
+``reward=`` names one source or several, combined by ``combine=`` (:func:`reward_function` reads each):
 
 - a folder: a reward model, a run or checkpoint trained with ``-m reward-model`` (scored with
   :func:`tuneforge.rlhf.reward.score`);
@@ -71,21 +71,23 @@ def _callable(spec: str, owner: str) -> RewardFn:
 
 
 class Rewards:
-    """The summed reward of an online objective's responses: its own ``reward=`` source (scaled by ``weight``)
-    plus every ``tuneforge_reward`` plugin of the run.
+    """The summed reward of an online objective's responses: its own ``reward=`` sources (combined by
+    ``combine``, scaled by ``weight``) plus every ``tuneforge_reward`` plugin of the run.
 
     :param run: the run (its plugins and hook relay).
-    :param spec: the objective's ``reward=`` value, or ``""`` for none of its own.
+    :param specs: the objective's ``reward=`` values (none: only plugins).
     :param owner: the objective's name, for messages.
-    :param weight: multiplies the ``reward=`` source.
+    :param weight: multiplies the combined ``reward=`` sources.
+    :param combine: ``sum`` (separate criteria, e.g. a verifier and a format check), ``mean`` or ``min`` (an
+        ensemble of reward models: ``min`` is the conservative one, which a policy can exploit only where every
+        member errs alike).
     """
 
-    def __init__(self, run, spec: str, *, owner: str, weight: float = 1.0):
-        self.owner, self.weight = owner, weight
-        self.spec = spec
-        self.own = reward_function(spec, owner=owner, data=run.config.data, device=run.device) if spec else None
+    def __init__(self, run, specs: list[str], *, owner: str, weight: float = 1.0, combine: str = "sum"):
+        self.owner, self.weight, self.combine, self.specs = owner, weight, combine, list(specs)
+        self.own = [reward_function(s, owner=owner, data=run.config.data, device=run.device) for s in self.specs]
         self.plugins = [(impl.plugin_name, impl.function) for impl in run.hook.tuneforge_reward.get_hookimpls()]
-        if self.own is None and not self.plugins:
+        if not self.own and not self.plugins:
             raise ConfigError(f"{owner} needs a reward: reward=RUN (a reward model), reward=module:function (a "
                               "callable scoring responses), reward=world (the embedded world's judge), or a plugin "
                               "implementing tuneforge_reward in the run (-m NAME)")
@@ -93,7 +95,10 @@ class Rewards:
 
     @property
     def sources(self) -> list[str]:
-        own = [] if self.own is None else [f"reward={self.spec}" + (" (a reward model)" if self.own[0] == "model" else "")]
+        own = [f"reward={spec}" + (" (a reward model)" if label == "model" else "")
+               for spec, (label, _) in zip(self.specs, self.own)]
+        if len(own) > 1:
+            own = [f"the {self.combine} of " + ", ".join(own)]
         return own + [f"plugin {name}" for name, _ in self.plugins]
 
     def __call__(self, prompts: list, responses: list[str]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -101,11 +106,17 @@ class Rewards:
         n, device = len(responses), self.run.device
         total = torch.zeros(n, device=device)
         means: dict[str, float] = {}
-        if self.own is not None:
-            label, fn = self.own
-            scores = _checked(fn(list(prompts), list(responses)), n, f"reward={label}", device)
-            total += self.weight * scores
-            means[f"reward/{'model' if label == 'model' else label.rsplit(':', 1)[-1]}"] = float(scores.mean())
+        own = []
+        for spec, (label, fn) in zip(self.specs, self.own):
+            scores = _checked(fn(list(prompts), list(responses)), n, f"reward={spec}", device)
+            own.append(scores)
+            name = Path(spec).name if label == "model" else label.rsplit(":", 1)[-1]
+            means[f"reward/{name}"] = float(scores.mean())
+        if own:
+            stacked = torch.stack(own)  # (S, N)
+            combined = stacked.sum(0) if self.combine == "sum" else stacked.mean(0) if self.combine == "mean" \
+                else stacked.min(0).values
+            total += self.weight * combined
         for name, fn in self.plugins:
             out = call_impl(fn, prompts=list(prompts), responses=list(responses), run=self.run)
             if out is None:
