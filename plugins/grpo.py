@@ -26,7 +26,7 @@ from typing import Literal
 
 import torch
 
-from tuneforge.sdk import (OnlineObjective, OnlineOptions, check_range, epoch_generator, hookimpl, hidden_logprobs,
+from tuneforge.sdk import (OnlineObjective, OnlineOptions, check_range, hookimpl, hidden_logprobs,
                            masked_mean, model_logprobs, sample)
 
 __all__ = ["GRPO", "group_advantages"]
@@ -69,12 +69,9 @@ class GRPO(OnlineObjective):
 
     def rollout(self, run, model) -> tuple[dict, dict]:
         o, tok = self.options, run.tokenizer
-        g = epoch_generator(run.seed, run.epoch, salt=self.salt + 1)
-        prompts = self.draw_prompts(g)
-        seed = int(torch.randint(2**62, (1,), generator=g))
+        prompts, generator = self.draw(run)
         s = sample(model.generate, tok, prompts, per_prompt=o.samples, max_new_tokens=o.max_new_tokens,
-                   temperature=o.temperature, generator=torch.Generator(device=run.device).manual_seed(seed),
-                   device=run.device)  # (R·G rows, prompt-major)
+                   temperature=o.temperature, generator=generator, device=run.device)  # (R·G rows, prompt-major)
         logp = model_logprobs(model, s.input, temperature=o.temperature)  # (R·G, T-1): π_old
         ref_logp = model_logprobs(self.reference, s.input, temperature=o.temperature)  # (R·G, T-1)
         mask = s.mask.float()  # (R·G, T-1)

@@ -190,3 +190,24 @@ def test_several_reward_sources_combine(pretrained, reward_module, combine, expe
     m = result.history[0]
     assert m["reward/half_e"] == pytest.approx(0.5 * m["reward/e_count"])
     assert m["reward"] == pytest.approx(expected * m["reward/e_count"], rel=1e-5)
+
+
+@pytest.mark.parametrize("value_trunk", [False, True])
+def test_ppos_value_loss_trains_the_policy_only_with_value_trunk(pretrained, reward_module, value_trunk):
+    # three steps: the value head starts at zero (no gradient reaches the states through it before it moved)
+    result = tuneforge.train(init=str(pretrained), steps=3, mechanisms=["lora:rank=4", (
+        f"ppo:reward={reward_module}:e_count,rollouts=8,ppo_epochs=1,max_new_tokens=12,judge=none,"
+        f"value_trunk={value_trunk}")], **COMMON)
+    ppo, model = result.run.plugins["ppo"], result.model.train()
+    batch = next(ppo.current.minibatches(8))
+    batch["advantages"] = torch.zeros_like(batch["advantages"])  # no policy gradient: only the value loss is left
+    batch["returns"] = batch["returns"] + 1.0
+    model.zero_grad(set_to_none=True)
+    loss, _ = ppo.tuneforge_loss(model=model, batch=batch)
+    loss.backward()
+    head = list(model.value_head.parameters())
+    lora = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in head)]
+    assert float(model.value_head.weight.abs().sum()) > 0  # it learned something in the three steps
+    assert lora and all(p.grad is not None and p.grad.abs().sum() > 0 for p in head)
+    moved = any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)
+    assert moved == value_trunk

@@ -151,10 +151,14 @@ class OnlineObjective:
             self.rewards = Rewards(run, o.reward, owner=self.name, weight=o.reward_weight, combine=o.combine)
             run.log(f"{self.name}: rewards from {' + '.join(self.rewards.sources)}")
 
-    def draw_prompts(self, generator: torch.Generator) -> list:
-        """``rollouts`` training prompts, drawn with replacement."""
-        idx = torch.randint(len(self.prompts), (self.options.rollouts,), generator=generator).tolist()
-        return [self.prompts[i] for i in idx]
+    def draw(self, run) -> tuple[list, torch.Generator]:
+        """This epoch's ``rollouts`` training prompts (drawn with replacement) and the generator to sample their
+        responses with, on the run's device: both a function of the seed and the epoch only, so a resumed run
+        draws the same rollout."""
+        g = epoch_generator(run.seed, run.epoch, salt=self.salt + 1)
+        idx = torch.randint(len(self.prompts), (self.options.rollouts,), generator=g).tolist()
+        seed = int(torch.randint(2**62, (1,), generator=g))
+        return [self.prompts[i] for i in idx], torch.Generator(device=run.device).manual_seed(seed)
 
     def score(self, samples: Samples) -> tuple[torch.Tensor, dict[str, float]]:
         """``(reward (N,), {"reward/<source>": mean})`` of sampled responses: the run's rewards, less ``stop_penalty``
