@@ -22,8 +22,8 @@ SFT_STEPS = 600
 
 # RLHF stages (the full demo; --quick runs a few steps of each), from the runs in docs/rlhf.md "Keeping the
 # language": PPO at the defaults plus a stop penalty of 4 (about one standard deviation of the reward model's scores
-# on the rankings' responses), 200 steps at lr 2e-3 (seeds 0, 1, 2: win rate 0.87 / 0.80 / see docs at KL ~0.15,
-# 98-99% in-vocabulary words); GRPO 40 steps at lr 3e-3 (win rate 0.80 at KL 0.07, 98%).
+# on the rankings' responses), 200 steps at lr 2e-3 (seeds 0, 1, 2: win rate 0.87 / 0.80 / 0.85 at KL ~0.15,
+# 97-99% in-vocabulary words); GRPO 40 steps at lr 3e-3 (0.80 / 0.81 / 0.86 at KL 0.05-0.07, 98%).
 PPO_STEPS = 200
 PPO_OPTIONS = "stop_penalty=4"
 GRPO_SAMPLES = 8
