@@ -37,7 +37,7 @@ from tuneforge.errors import ConfigError
 from tuneforge.hookspecs import hookimpl
 from tuneforge.common.options import check_range
 from tuneforge.rlhf.buffer import RolloutBuffer
-from tuneforge.rlhf.policy import Reference, block_parameters, check_layers, resolve_layers, untie_head
+from tuneforge.rlhf.policy import Reference, check_layers, policy_parameters, prepare_policy
 from tuneforge.rlhf.reward_sources import Rewards
 from tuneforge.rlhf.rollout import Samples, compare, judge_for, whole_words
 
@@ -206,13 +206,11 @@ class OnlineObjective:
 
     @hookimpl
     def tuneforge_modify_model(self, model, run):
-        if resolve_layers(self.options.layers, run, self) not in ("all", "0"):
-            untie_head(model)  # the head trains with the last blocks; the input embedding stays frozen
+        prepare_policy(model, self.options.layers, run, self)
 
     @hookimpl
     def tuneforge_trainable_params(self, model, run):
-        layers = resolve_layers(self.options.layers, run, self)
-        policy = block_parameters(model, layers) if layers != "0" else []
+        policy = policy_parameters(model, self.options.layers, run, self)
         return policy + [p for p in self.own_parameters(model) if all(p is not q for q in policy)]
 
     @hookimpl

@@ -27,7 +27,8 @@ from tuneforge.parts.modules import task_modules
 from tuneforge.errors import ConfigError
 from tuneforge.engine.registry import plugin_hooks
 
-__all__ = ["check_layers", "others_choose_params", "resolve_layers", "block_parameters", "untie_head", "Reference",
+__all__ = ["check_layers", "others_choose_params", "resolve_layers", "block_parameters", "untie_head", "prepare_policy",
+           "policy_parameters", "Reference",
            "token_logprobs", "response_mask", "response_logprobs", "model_logprobs", "sequence_logprobs"]
 
 
@@ -71,6 +72,20 @@ def untie_head(model: nn.Module) -> None:
         untied = nn.Linear(model.config.d_model, model.config.vocab_size, bias=False)
         untied.weight = nn.Parameter(model.lm_head.weight.detach().clone())
         model.lm_head = untied.to(model.tok_emb.weight.device)
+
+
+def prepare_policy(model: nn.Module, layers: str, run, me) -> None:
+    """``tuneforge_modify_model`` of an objective with ``layers=``: when it trains the last N blocks (not all, not
+    none), the head is untied from the input embedding, so the embedding stays frozen."""
+    if resolve_layers(layers, run, me) not in ("all", "0"):
+        untie_head(model)
+
+
+def policy_parameters(model: nn.Module, layers: str, run, me) -> list[nn.Parameter]:
+    """``tuneforge_trainable_params`` of an objective with ``layers=``: the policy weights it trains (``auto``
+    resolved against the run's other plugins; none for ``0``)."""
+    resolved = resolve_layers(layers, run, me)
+    return block_parameters(model, resolved) if resolved != "0" else []
 
 
 class Reference:

@@ -58,7 +58,8 @@ from tuneforge.parts.modules import (TaskModule, base_fingerprint, layer_of, mat
                                      task_modules, using)
 from tuneforge.rlhf.buffer import RolloutBuffer
 from tuneforge.rlhf.online import OnlineObjective, OnlineOptions
-from tuneforge.rlhf.policy import (Reference, block_parameters, check_layers, others_choose_params, resolve_layers,
+from tuneforge.rlhf.policy import (Reference, block_parameters, check_layers, others_choose_params, policy_parameters,
+                                   prepare_policy, resolve_layers,
                                    model_logprobs, response_logprobs, response_mask, sequence_logprobs, token_logprobs,
                                    untie_head)
 from tuneforge.rlhf.preference import TIE_MODELS, dpo_loss, outcome_logprobs, pair_nll, pair_right
@@ -90,6 +91,7 @@ __all__ = [
     "PartOptions", "part_generator", "save_part", "read_part", "is_part", "WHOLE", "NUMBER", "one_of",
     # steering a policy
     "Reference", "check_layers", "resolve_layers", "others_choose_params", "block_parameters", "untie_head",
+    "prepare_policy", "policy_parameters",
     "token_logprobs", "response_logprobs", "model_logprobs", "sequence_logprobs", "response_mask", "TIE_MODELS", "outcome_logprobs", "pair_nll",
     "pair_right", "dpo_loss", "ScalarHead", "rewards", "score", "Samples", "sample", "continue_ids", "compare",
     "judge_for",

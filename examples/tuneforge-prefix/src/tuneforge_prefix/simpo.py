@@ -28,9 +28,9 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from tuneforge.sdk import (ConfigError, Reference, block_parameters, check_layers, check_range, compare, hookimpl,
-                           judge_for, model_logprobs, pair_right, ranking_batch, ranking_epoch, resolve_layers,
-                           response_mask, split_rankings, untie_head)
+from tuneforge.sdk import (ConfigError, Reference, check_layers, check_range, compare, hookimpl, judge_for,
+                           model_logprobs, pair_right, policy_parameters, prepare_policy, ranking_batch, ranking_epoch,
+                           response_mask, split_rankings)
 
 __all__ = ["SimPO", "simpo_loss", "average_logprobs"]
 
@@ -99,13 +99,11 @@ class SimPO:
 
     @hookimpl
     def tuneforge_modify_model(self, model, run):
-        if resolve_layers(self.options.layers, run, self) not in ("all", "0"):
-            untie_head(model)  # the head trains with the last blocks; the input embedding stays frozen
+        prepare_policy(model, self.options.layers, run, self)
 
     @hookimpl
     def tuneforge_trainable_params(self, model, run):
-        layers = resolve_layers(self.options.layers, run, self)
-        return block_parameters(model, layers) if layers != "0" else []
+        return policy_parameters(model, self.options.layers, run, self)
 
     @hookimpl
     def tuneforge_data(self, run):
