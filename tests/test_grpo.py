@@ -211,3 +211,22 @@ def test_ppos_value_loss_trains_the_policy_only_with_value_trunk(pretrained, rew
     assert lora and all(p.grad is not None and p.grad.abs().sum() > 0 for p in head)
     moved = any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)
     assert moved == value_trunk
+
+
+def test_the_guides_online_objective_learns_and_checkpoints_its_rollout(pretrained, reward_module, tmp_path):
+    """The REINFORCE skeleton of docs/writing-mechanisms.md, as a third party would write it, on OnlineObjective."""
+    import re
+    from pathlib import Path
+
+    guide = Path(__file__).resolve().parents[1] / "docs" / "writing-mechanisms.md"
+    (code,) = [b for b in re.findall(r"```python\n(.*?)```", guide.read_text(), re.S) if "class Reinforce" in b]
+    namespace: dict = {}
+    exec(compile(code, str(guide), "exec"), namespace)
+    Reinforce = namespace["Reinforce"]
+    spec = dict(reward=[f"{reward_module}:e_count"], rollouts=16, max_new_tokens=12, eval_prompts=4, judge="none")
+    result = tuneforge.train(init=str(pretrained), steps=24, mechanisms=[Reinforce(Reinforce.Options(**spec))],
+                             out=str(tmp_path / "run"), **COMMON)
+    rewards = [h["reward"] for h in result.history]
+    assert sum(rewards[-4:]) / 4 > 2 * sum(rewards[:4]) / 4 + 0.5, rewards  # it learns to write e's
+    assert (result.checkpoint / "reinforce_rollout.safetensors").is_file()
+    assert json.loads((result.checkpoint / "reinforce.json").read_text())["rollout_epoch"] == 11  # 2 steps a rollout

@@ -146,7 +146,8 @@ class TrainConfig:
         checkpointing_every(self.checkpointing)  # raises OptionError on a bad value
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        # asdict deep-copies every field; a plugin object (holding its run, models, files) is not data to copy
+        d = dataclasses.asdict(dataclasses.replace(self, mechanisms=[]))
         # a plugin object as its declared name (what the checkpoint records it under), else its class's
         d["mechanisms"] = [m if isinstance(m, (str, tuple)) else m.name if isinstance(getattr(m, "name", None), str)
                            else type(m).__name__ for m in self.mechanisms]
