@@ -58,7 +58,7 @@ class PPO(OnlineObjective):
         kl_coef: float = 0.1  # β: weight of the per-token KL penalty (the starting value when adaptive)
         value_clip: float = 0.2  # how far a value may move from its rollout estimate per update
         value_coef: float = 0.5  # weight of the value loss
-        gamma: float = 1.0
+        gamma: float = 1.0  # the discount per token (1: an answer is one episode, its reward at the end)
         lam: float = 1.0  # GAE's λ (1: every token sees the final reward; 0.95^50 leaves 8% for a 50-token answer)
         value_trunk: bool = False  # let the value loss train the policy's own weights too (a shared critic)
 
