@@ -72,6 +72,27 @@ def sgemm_peak(n: int, repeats: int) -> float:
     return 2 * n ** 3 / best / 1e9
 
 
+def against_peak(measure, *, quick: bool, flops: str, load_before: float) -> dict:
+    """``measure()``'s report between two sgemm-peak measurements (start and end, the best is the peak), each of
+    its ``sides`` given ``fraction_of_peak`` (its ``flops`` GFLOP/s over the peak), with the peaks and the machine's
+    load before and after (``load_before``: read before the benchmark's own work began). Prints a warning when the
+    machine was busy, whose figures then are not the machine's."""
+    n = 512 if quick else 2048
+    peaks = [sgemm_peak(n, 3)]
+    report = measure()
+    peaks.append(sgemm_peak(n, 3))
+    peak = max(peaks)
+    for side in report["sides"].values():
+        side["fraction_of_peak"] = side[flops] / peak
+    report.update(quick=quick, load_average={"before": load_before, "after": os.getloadavg()[0]},
+                  sgemm_peaks_measured=peaks, sgemm_peak_gflops=peak)
+    if load_before > 1.0:
+        print(f"  the machine was busy (load average {load_before:.1f} on {os.cpu_count()} cores before the run): "
+              "with more threads than free cores every parallel op waits for a descheduled thread; the figures "
+              "are not the machine's, compare with --threads 1")
+    return report
+
+
 @contextlib.contextmanager
 def contention(on: bool):
     """One competing busy process (a one-thread matmul loop) while the block runs; stopped by its own pid."""

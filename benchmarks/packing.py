@@ -51,7 +51,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hf_training as shared  # noqa: E402  (machine() and the interleaved step timing)
-from kernels import sgemm_peak  # noqa: E402  (the same sgemm peak as every benchmark)
+from kernels import against_peak  # noqa: E402  (the same sgemm peak as every benchmark)
 
 from tuneforge.models.lm_loss import next_token_loss_of
 from tuneforge.plugins.sft.examples import IGNORE, packed_batches, padded_batch, padded_batches, read_examples
@@ -310,21 +310,9 @@ def main(argv=None):
                 print(f"skipped: --real needs {name} (pip install 'tuneforge[test]')")
                 return
         shared.quiet_transformers()
-    n = 512 if args.quick else 2048
-    peaks = [sgemm_peak(n, 3)]
-    report = measure(args)
-    peaks.append(sgemm_peak(n, 3))
-    peak = max(peaks)
-    for s in report["sides"].values():
-        s["fraction_of_peak"] = s["useful_gflops"] / peak
-    report.update(benchmark="packing", quick=args.quick, machine=shared.machine(torch.device("cpu")),
-                  load_average={"before": load_before, "after": os.getloadavg()[0]}, sgemm_peaks_measured=peaks,
-                  sgemm_peak_gflops=peak, target=TARGET)
+    report = against_peak(lambda: measure(args), quick=args.quick, flops="useful_gflops", load_before=load_before)
+    report.update(benchmark="packing", machine=shared.machine(torch.device("cpu")), target=TARGET)
     say(report)
-    if load_before > 1.0:
-        print(f"  the machine was busy (load average {load_before:.1f} on {os.cpu_count()} cores before the run): "
-              "with more threads than free cores every parallel op waits for a descheduled thread; the figures "
-              "are not the machine's, compare with --threads 1")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     print(json.dumps(report))

@@ -40,7 +40,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hf_training as shared_bench  # noqa: E402  (machine(), installed(), quiet_transformers())
-from kernels import sgemm_peak  # noqa: E402  (the same sgemm peak as every benchmark)
+from kernels import against_peak  # noqa: E402  (the same sgemm peak as every benchmark)
 
 TARGET = 2.0
 SIDES = ("shared", "per_sample")
@@ -174,21 +174,9 @@ def main(argv=None):
             print(f"skipped: --model {args.model} needs transformers (pip install 'tuneforge[hf]')")
             return
         shared_bench.quiet_transformers()
-    n = 512 if args.quick else 2048
-    peaks = [sgemm_peak(n, 3)]
-    report = measure(args)
-    peaks.append(sgemm_peak(n, 3))
-    peak = max(peaks)
-    for s in report["sides"].values():
-        s["fraction_of_peak"] = s["gflops"] / peak
-    report.update(benchmark="shared_prefill", quick=args.quick, machine=shared_bench.machine(torch.device("cpu")),
-                  load_average={"before": load_before, "after": os.getloadavg()[0]}, sgemm_peaks_measured=peaks,
-                  sgemm_peak_gflops=peak, target=TARGET)
+    report = against_peak(lambda: measure(args), quick=args.quick, flops="gflops", load_before=load_before)
+    report.update(benchmark="shared_prefill", machine=shared_bench.machine(torch.device("cpu")), target=TARGET)
     say(report)
-    if load_before > 1.0:
-        print(f"  the machine was busy (load average {load_before:.1f} on {os.cpu_count()} cores before the run): "
-              "with more threads than free cores every parallel op waits for a descheduled thread; compare with "
-              "--threads 1")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     print(json.dumps(report))
