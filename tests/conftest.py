@@ -1,6 +1,10 @@
 import os
 
+import pluggy
 import pytest
+
+# tuneforge.hookimpl (pluggy's marker of the project "tuneforge"), without importing tuneforge at collection
+_hookimpl = pluggy.HookimplMarker("tuneforge")
 
 # A model small enough that a few dozen steps take a second on 2 cores.
 MICRO = "tiny:n_layers=1,d_model=32,n_heads=2,max_seq_len=32"
@@ -31,6 +35,21 @@ def micro_config(tmp_path=None, **kw):
 
 
 os.environ.setdefault("PYTHONHASHSEED", "0")
+
+
+class StopAt:
+    """A plugin that stops the run after a given step (checkpoint, then end), as a preempted job would be; the
+    schedule stays that of the whole run. Tests of exact resume pass it as a plugin object."""
+
+    name = "stop-at"
+
+    def __init__(self, step, reason="stopped by the test"):
+        self.step, self.reason = step, reason
+
+    @_hookimpl
+    def tuneforge_step_end(self, run, step):
+        if step == self.step:
+            run.request_stop(self.reason)
 
 
 # Long enough for labelled records (up to ~110 bytes) with a few-shot example; two blocks for layers=N tests.

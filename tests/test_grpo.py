@@ -12,6 +12,7 @@ from tuneforge import ConfigError, PluginError, hookimpl
 from tuneforge.data.world import builtin, in_vocabulary, vocabulary
 from tuneforge.plugins.grpo import group_advantages
 from tuneforge.rlhf.rollout import Samples, whole_words
+from conftest import StopAt
 
 # rollouts of 4 prompts x 4 samples, minibatches of 8: two steps a rollout
 GRPO = "grpo:rollouts=4,samples=4,max_new_tokens=12,eval_prompts=4,judge=none"
@@ -111,18 +112,6 @@ def test_bad_rewards_are_refused_before_anything_is_written(pretrained, reward_m
     with pytest.raises(ConfigError, match="rollout of 16 responses must be a multiple of --batch-size"):
         tuneforge.train(init=str(pretrained), steps=1, mechanisms=["lora:rank=4", f"{GRPO},reward=world"],
                         **{**COMMON, "batch_size": 5})
-
-
-class StopAt:
-    name = "stop-at"
-
-    def __init__(self, step):
-        self.step = step
-
-    @hookimpl
-    def tuneforge_step_end(self, run, step):
-        if step == self.step:
-            run.request_stop("stopped by the test")
 
 
 def test_grpo_resumes_mid_rollout_exactly(pretrained, tmp_path):

@@ -7,13 +7,14 @@ import pytest
 import torch
 
 import tuneforge
-from tuneforge import ConfigError, hookimpl
+from tuneforge import ConfigError
 from tuneforge.models import routing
 from tuneforge.engine.assemble import assemble
 from tuneforge.rlhf.policy import Reference
 from tuneforge.rlhf.rollout import compare, gae, sample
 from tuneforge.models.tokenizer import ByteTokenizer
 from tuneforge.data.world import builtin
+from conftest import StopAt
 
 
 def test_gae_matches_a_hand_computed_example():
@@ -131,20 +132,6 @@ def test_a_saved_reward_model_scores_text(reward_run):
     truth = torch.tensor([preference(p, r) for p, r in zip(prompts, responses)], dtype=torch.float32)
     assert s.shape == (len(prompts),)
     assert torch.corrcoef(torch.stack([s, truth]))[0, 1] > 0.5
-
-
-class StopAt:
-    """Asks the run to stop (checkpoint and end) after a given step, as a preempted job would."""
-
-    name = "stop-at"
-
-    def __init__(self, step):
-        self.step = step
-
-    @hookimpl
-    def tuneforge_step_end(self, run, step):
-        if step == self.step:
-            run.request_stop("stopped by the test")
 
 
 def test_ppo_with_lora_keeps_the_reference_frozen_and_resumes_mid_rollout_exactly(reward_run, pretrained, tmp_path):

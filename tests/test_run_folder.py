@@ -18,7 +18,7 @@ from tuneforge import hookimpl
 from tuneforge.tools.cli import main
 from tuneforge.errors import CheckpointError
 
-from conftest import MICRO, micro_config
+from conftest import MICRO, StopAt, micro_config
 
 ENV = {**os.environ, "TUNEFORGE_LOAD_PLUGINS": ""}
 
@@ -156,20 +156,6 @@ def test_a_step_folder_that_is_a_link_is_no_checkpoint_of_the_run(tmp_path):
 
 
 # -- damaged checkpoints ---------------------------------------------------------------------------------------
-
-class StopAt:
-    """Stops the run after a step, as a preempted job would be (the schedule stays that of the whole run)."""
-
-    name = "stop-at"
-
-    def __init__(self, step):
-        self.at = step
-
-    @hookimpl
-    def tuneforge_step_end(self, run, step):
-        if step == self.at:
-            run.request_stop("preempted")
-
 
 def truncate(path: Path):
     data = path.read_bytes()
