@@ -10,6 +10,19 @@ _hookimpl = pluggy.HookimplMarker("tuneforge")
 MICRO = "tiny:n_layers=1,d_model=32,n_heads=2,max_seq_len=32"
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (``make test`` runs ``-n auto``), the workers share the machine's cores: each worker's
+    torch, and every process its tests start (the CLI, torchrun's ranks), gets its share of threads rather than
+    all of them, so that workers do not oversubscribe the cores they split."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        share = str(max(1, (os.cpu_count() or 1) // workers))
+        os.environ["OMP_NUM_THREADS"] = share
+        import torch
+
+        torch.set_num_threads(int(share))
+
+
 @pytest.fixture(autouse=True)
 def _isolated_plugins(monkeypatch):
     """Tests see only tuneforge's own plugins unless they opt in, whatever else is installed here."""

@@ -11,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tuneforge.tools.demo_report import TARGETS
+
 MICRO = "tiny:n_layers=1,d_model=32,n_heads=2,max_seq_len=32"
 
 
@@ -142,10 +144,21 @@ def test_demo_quick_writes_demo_json(tmp_path):
     assert 0 < modelled["tie_prob"] < 1 and 0 < modelled["tie_rate"] < 1  # tie calibration goes into demo.json
     assert "[ppo, hidden score" in (out / "samples.txt").read_text()
     assert "[grpo, hidden score" in (out / "samples.txt").read_text()
+    # every stage's wall time is printed and lands on its rows; every judged row names its target, unjudged in --quick
+    stages = {r["stage"]: r["stage_seconds"] for r in rows}
+    assert {"pretrain", "prompt-sentiment", "mixed-batch", "sft", "reward-model-davidson", "ppo", "grpo", "dpo"} <= set(stages)
+    assert all(s > 0 for s in stages.values())
+    judged = [r for r in rows if "target" in r]
+    assert {(r["mechanism"], r["metric"]) for r in judged} == set(TARGETS)  # every target names a row it writes
+    assert all(r["met"] is None for r in judged)
+    report = (out / "report.md").read_text()
+    assert "# tuneforge demo --quick, seed 0" in report and "| pretrain |" in report and "[ppo, hidden score" in report
+    assert all(f"{name} " in report.split("## Stage times")[1] for name in stages)
     if importlib.util.find_spec("matplotlib"):  # the optional extra draws the curves; the demo runs without
         assert (out / "loss_curves.png").stat().st_size > 1000
+        assert "![loss curves](loss_curves.png)" in report
     else:
-        assert not (out / "loss_curves.png").exists()
+        assert not (out / "loss_curves.png").exists() and "matplotlib is not installed" in report
 
 
 def test_finetune_then_prompting_from_the_command_line(pretrained, tmp_path):

@@ -19,7 +19,6 @@ Layer: kernels (imports torch only).
 from __future__ import annotations
 
 import torch
-from torch.nn.attention.bias import causal_lower_right
 from torch.nn.functional import scaled_dot_product_attention as _sdpa
 
 __all__ = ["attention", "host_offsets"]
@@ -100,6 +99,9 @@ def _dense(q, k, v, causal, mask, scale):
         if Tq == Tk:
             return _sdpa(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
         k, v = _expand(k, v, H)  # the lower-right bias runs the memory-efficient backend, which takes no GQA
+        # imported here: torch.nn.attention.bias imports torch._dynamo, a second or more of every process's start
+        from torch.nn.attention.bias import causal_lower_right
+
         return _sdpa(q, k, v, attn_mask=causal_lower_right(Tq, Tk), scale=scale)
     if causal and Tq > 1:
         # Query i sits at position Tk - Tq + i and keeps the real keys at or before it.

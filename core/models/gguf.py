@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from filelock import FileLock, Timeout
+
 from tuneforge.errors import CheckpointError, ConfigError, TuneforgeError
 from tuneforge.models import hf
 from tuneforge.models.hf_reading import quiet
@@ -174,6 +176,23 @@ def convert(file: Path, sha256: str | None = None) -> Path:
     except OSError as exc:
         raise ConfigError(f"converting {file.name} needs a writable cache, but {final.parent} is not "
                           f"({exc.strerror or exc}): set TUNEFORGE_CACHE to a folder you can write") from None
+    # One conversion at a time per file: a second process (another job, a parallel test worker) waits for the
+    # first's folder instead of converting the same file beside it.
+    lock = FileLock(str(final.parent / f".lock-{sha256[:16]}"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        _say(f"waiting for another process converting {file.name} into {final}")
+        lock.acquire()
+    try:
+        if (final / MARKER).is_file():
+            return final
+        return _convert(file, sha256, final, tmp)
+    finally:
+        lock.release()
+
+
+def _convert(file: Path, sha256: str, final: Path, tmp: Path) -> Path:
     start = time.monotonic()
     _say(f"converting {file.name} to a Hugging Face folder (once; cached in {final})")
     try:

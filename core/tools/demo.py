@@ -29,7 +29,9 @@ from tuneforge.common.options import parse_spec
 from tuneforge.parts.modules import names as part_names
 from tuneforge.models.tokenizer import tokenizer_of
 from tuneforge.tools.demo_assistant import rlhf_stages, sft_stage
-from tuneforge.tools.demo_stage import Demo, claim, format_table, row, stage
+from tuneforge.data.world import builtin
+from tuneforge.tools.demo_report import judge, plot_curves, print_report, write_report
+from tuneforge.tools.demo_stage import Demo, claim, format_table, row
 
 __all__ = ["run_demo", "format_table"]
 
@@ -60,12 +62,17 @@ def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0, model: str 
     _prompt_tuning(d, ft, pre, base_params)
     result = _prompting(d, pre)
     sft_stage(d, pre)
-    d.rows += rlhf_stages(d, pre)
+    rlhf_stages(d, pre)
+    d.end()
 
+    judge(d.rows, quick)
     inside(out, "demo.json").write_text(json.dumps(d.rows, indent=2))
-    plotted = _plot(d.curves, inside(out, "loss_curves.png"))
+    plotted = plot_curves(d.curves, inside(out, "loss_curves.png"))
     inside(out, "samples.txt").write_text("\n".join(d.samples) + "\n")
-    _report(d.rows, d.samples, out, plotted, tokenizer_of(result.model))
+    held_out = TokenWindows([r["text"] for r in builtin("text", split="test")], tokenizer_of(result.model), seq_len=2)
+    unigram = unigram_entropy(held_out.tokens) / math.log(2)
+    write_report(out, d.rows, d.times, d.samples, plotted, seed=seed, quick=quick, unigram=unigram)
+    print_report(d.rows, d.samples, out, plotted, unigram, d.times, quick)
     return d.rows
 
 
@@ -74,12 +81,12 @@ def _pretrain(d: Demo, model: str | None):
     further. Returns (its run folder, its result)."""
     steps = d.n(2000, 40)
     if model is not None and kind_of(model) is not PRESET:  # a pretrained model: hf:PATH, gguf:PATH, smollm2-135m
-        pre = stage(d.out, "pretrain", f"{model}: its own weights, {steps} more steps on builtin:text (the world)")
+        pre = d.stage("pretrain", f"{model}: its own weights, {steps} more steps on builtin:text (the world)")
         result = train(model=model, mechanisms=["finetune:layers=all"], data="builtin:text", steps=steps,
                        batch_size=8, lr=2e-4, warmup=min(30, steps // 4), out=str(pre), **d.common)
         label = "continued pretraining (all layers)"
     else:
-        pre = stage(d.out, "pretrain", f"the tiny model, {steps} steps on builtin:text (the embedded world)")
+        pre = d.stage("pretrain", f"the tiny model, {steps} steps on builtin:text (the embedded world)")
         result = train(model=model or MODEL, mechanisms=["pretrain"], data="builtin:text", steps=steps, batch_size=8,
                        lr=5e-3, warmup=min(30, steps // 4), out=str(pre), **d.common)
         label = "pretrain"
@@ -89,11 +96,11 @@ def _pretrain(d: Demo, model: str | None):
 
 def _finetune(d: Demo, ft: dict) -> None:
     """A classification head on the last 2 blocks, and every weight for reference."""
-    folder = stage(d.out, "finetune", "classification head on the last 2 blocks, builtin:sentiment")
+    folder = d.stage("finetune", "classification head on the last 2 blocks, builtin:sentiment")
     result = train(mechanisms=["finetune:layers=2,head=classify"], steps=d.n(150, 10), lr=1e-3, out=str(folder), **ft)
     d.add(row("finetune (last 2 blocks + head)", result, "sentiment accuracy", "eval/accuracy"), "finetune last 2",
           result)
-    folder = stage(d.out, "finetune-all", "every weight, the full fine-tuning reference")
+    folder = d.stage("finetune-all", "every weight, the full fine-tuning reference")
     result = train(mechanisms=["finetune:layers=all,head=classify"], steps=d.n(150, 10), lr=5e-4, out=str(folder), **ft)
     d.add(row("finetune (all layers + head)", result, "sentiment accuracy", "eval/accuracy"), "finetune all", result)
 
@@ -102,14 +109,14 @@ def _parts(d: Demo, ft: dict) -> None:
     """Adapters and LoRA train a few percent of the weights beside the same new head; the head alone (a linear
     probe of the frozen model) is the row that shows what they add. Parts that fold into the weights (their
     plugin says so) are folded in and out again, and the largest output difference is recorded."""
-    folder = stage(d.out, "head-only", "only the new head trains (a linear probe of the frozen model)")
+    folder = d.stage("head-only", "only the new head trains (a linear probe of the frozen model)")
     result = train(mechanisms=["finetune:layers=0,head=classify"], steps=d.n(150, 10), lr=1e-3, out=str(folder), **ft)
     d.add(row("finetune (head only)", result, "sentiment accuracy", "eval/accuracy"), None, result)
     for name, label, mechanism in (
             ("adapter-serial", "adapter (serial) + head", "adapter:placement=serial"),
             ("adapter-parallel", "adapter (parallel) + head", "adapter:placement=parallel,scale=4"),
             ("lora", "lora (rank 8 on q, v) + head", "lora:rank=8,targets=q,v")):
-        folder = stage(d.out, name, f"{mechanism} beside a new head; the base model stays frozen")
+        folder = d.stage(name, f"{mechanism} beside a new head; the base model stays frozen")
         result = train(mechanisms=[mechanism, "finetune:layers=0,head=classify"], steps=d.n(150, 10), lr=3e-3,
                        out=str(folder), **ft)
         d.add(row(label, result, "sentiment accuracy", "eval/accuracy"), label.split(" +")[0], result)
@@ -124,7 +131,7 @@ def _prompt_tuning(d: Demo, ft: dict, pre: Path, base_params: int) -> None:
     on one model, serving a mixed batch."""
     prompt_runs, load = {}, None
     for task in ("sentiment", "topic"):
-        folder = stage(d.out, f"prompt-{task}", f"a 16-token soft prompt for {task} on the bare input; the model "
+        folder = d.stage(f"prompt-{task}", f"a 16-token soft prompt for {task} on the bare input; the model "
                         "stays frozen")
         spec = f"prompt-tuning:tasks={task},tokens=16,template={BARE}"
         result = train(mechanisms=[spec], steps=d.n(300, 10), lr=0.1, **{**ft, "data": f"builtin:{task}"},
@@ -133,25 +140,26 @@ def _prompt_tuning(d: Demo, ft: dict, pre: Path, base_params: int) -> None:
               f"prompt-tuning {task}", result)
         prompt_runs[task] = folder
         load = type(result.run.plugins[parse_spec(spec)[0]]).load_frozen  # the plugin's own loader: no import
-    d.rows.append(_mixed_batch(d.out, pre, prompt_runs, base_params, limit=d.n(500, 64), load=load))
+    d.stage("mixed-batch", "both soft prompts loaded on one model, rows of both tasks in one batch")
+    d.add(_mixed_batch(d.out, pre, prompt_runs, base_params, limit=d.n(500, 64), load=load))
 
 
 def _prompting(d: Demo, pre: Path):
     """Prompting on the bare input and in the task's own format, zero- and 2-shot; nothing trains. Returns the
     last stage's result."""
-    folder = stage(d.out, "prompting-bare", "the same bare input without a soft prompt; nothing trains")
+    folder = d.stage("prompting-bare", "the same bare input without a soft prompt; nothing trains")
     result = train(init=str(pre), mechanisms=[f"prompting:template={BARE},limit={d.n(300, 40)}"],
                    data="builtin:sentiment", out=str(folder), seed=d.seed)
-    d.rows.append(row("prompting (zero-shot, bare input)", result, "sentiment accuracy", "eval/accuracy"))
+    d.add(row("prompting (zero-shot, bare input)", result, "sentiment accuracy", "eval/accuracy"))
 
-    folder = stage(d.out, "prompting", "the task's own format, 2-shot with right and with wrong labels; nothing "
+    folder = d.stage("prompting", "the task's own format, 2-shot with right and with wrong labels; nothing "
                     "trains")
     result = train(init=str(pre), mechanisms=[f"prompting:shots=2,limit={d.n(300, 40)},generate=3"],
                    data="builtin:sentiment", out=str(folder), seed=d.seed)
     assert result.summary["frozen_weights"]["unchanged"], "prompting changed a weight"
     for label, key in (("zero-shot, task format", "eval/accuracy_zero_shot"), ("2-shot, right labels", "eval/accuracy"),
                        ("2-shot, wrong labels", "eval/accuracy_wrong_labels")):
-        d.rows.append(row(f"prompting ({label})", result, "sentiment accuracy", key))
+        d.add(row(f"prompting ({label})", result, "sentiment accuracy", key))
     return result
 
 
@@ -164,7 +172,6 @@ def _mixed_batch(out: Path, pre: Path, runs: dict[str, Path], base_params: int, 
     from tuneforge.data.labelled import Template, verbalizer
     from tuneforge.data.world import LABELS, builtin
 
-    stage(out, "mixed-batch", "both soft prompts loaded on one model, rows of both tasks in one batch")
     started = time.perf_counter()
     model = load_model(pre)
     tok = tokenizer_of(model)
@@ -222,43 +229,3 @@ def _samples(model, seed: int) -> list[str]:
         new = model.generate(ids, 80, temperature=0.7, top_k=40, eos_id=tok.eos_id, generator=gen)
         out.append(prompt + tok.decode(new[0, ids.size(1):].tolist()))
     return out
-
-
-def _plot(curves: dict[str, list[float]], path: Path) -> bool:
-    """Training loss of every stage, one panel each; False (and nothing written) without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 2.8), squeeze=False)
-    for ax, (name, losses) in zip(axes[0], curves.items()):
-        ax.plot(range(1, len(losses) + 1), losses, lw=1)
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        ax.tick_params(labelsize=7)
-    axes[0][0].set_ylabel("training loss", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
-def _report(rows: list[dict], samples: list[str], out: Path, plotted: bool, tokenizer) -> None:
-    from tuneforge.data.world import builtin
-
-    held_out = TokenWindows([r["text"] for r in builtin("text", split="test")], tokenizer, seq_len=2)
-    unigram = unigram_entropy(held_out.tokens) / math.log(2)
-    print("\n" + format_table(rows))
-    print(f"\n(pretrain: the unigram baseline is {unigram:.3f} bits/token; a model that learned nothing scores about "
-          "that. Accuracies are on held-out records; prompt-tuning % is of the base model. Win rates: the policy's "
-          "response beats the reference's on held-out prompts by the world's hidden preference, ties count half; "
-          "0.5 = no better.)")
-    print("\nsamples of the pretrained model (temperature 0.7, top-k 40), then held-out ranking prompts answered by the "
-          "reference and the PPO policy (temperature 1, same seed):")
-    for text in samples:
-        print("  " + text.replace("\n", " | "))
-    curves = f"loss curves in {out / 'loss_curves.png'}" if plotted else \
-        "no loss curves: matplotlib is not installed (pip install 'tuneforge[plot]')"
-    print(f"\nrows written to {out / 'demo.json'}; {curves}; checkpoints in the stage folders of {out}")

@@ -10,7 +10,7 @@ import torch
 
 from tuneforge.engine.loop import train
 from tuneforge.models.tokenizer import tokenizer_of
-from tuneforge.tools.demo_stage import Demo, row, stage
+from tuneforge.tools.demo_stage import Demo, row
 
 __all__ = ["sft_stage", "rlhf_stages", "SFT_STEPS", "PPO_STEPS", "GRPO_STEPS"]
 
@@ -33,7 +33,7 @@ GRPO_STEPS = 40
 def sft_stage(d: Demo, pre: Path) -> None:
     """A LoRA on every attention and MLP projection learns to answer the world's questions (``sft``: the loss on
     the answers only); held-out exact match after, with the pretrained model's zero-shot figure beside."""
-    folder = stage(d.out, "sft", "lora (rank 16 on attention and MLP) + sft on builtin:instruct; the base stays frozen")
+    folder = d.stage("sft", "lora (rank 16 on attention and MLP) + sft on builtin:instruct; the base stays frozen")
     result = train(init=str(pre), mechanisms=["lora:rank=16,targets=attn,mlp", f"sft:eval_records={d.n(400, 32)}"],
                    data="builtin:instruct", steps=d.n(SFT_STEPS, 10), batch_size=32, lr=1e-2, warmup=d.n(30, 2),
                    out=str(folder), **d.common)
@@ -45,20 +45,19 @@ def sft_stage(d: Demo, pre: Path) -> None:
     d.add(after, "sft", result)
 
 
-def rlhf_stages(d: Demo, pre: Path) -> list[dict]:
+def rlhf_stages(d: Demo, pre: Path) -> None:
     """Rankings -> a reward model (ties modelled, and ignored for comparison) -> PPO against it with a LoRA
     policy; DPO straight from the rankings. Policies are judged by the world's hidden preference, never by the
     reward model they were trained on."""
-    n, out, curves = d.n, d.out, d.curves
-    rows: list[dict] = []
+    n, curves = d.n, d.curves
     rl = dict(init=str(pre), data="builtin:rankings", batch_size=n(16, 8), warmup=n(10, 2), **d.common)
     models = {}
     for ties, label in (("davidson", "ties modelled (Davidson)"), ("ignore", "ties ignored")):
-        folder = stage(out, f"reward-model-{ties}", f"a scalar head on the whole model, builtin:rankings, {label}")
+        folder = d.stage(f"reward-model-{ties}", f"a scalar head on the whole model, builtin:rankings, {label}")
         result = train(mechanisms=[f"reward-model:ties={ties}"], steps=n(300, 10), lr=1e-3, out=str(folder), **rl)
         line = row(f"reward model, {label}", result, "held-out pairwise accuracy", "eval/pairwise_accuracy")
         line.update({k[5:]: float(v) for k, v in result.metrics.items() if k.startswith("eval/tie")})
-        rows.append(line)
+        d.add(line)
         curves[f"reward model ({ties})"] = [h["loss"] for h in result.history]
         models[ties] = folder
     policy = "lora:rank=8,targets=attn"
@@ -66,25 +65,27 @@ def rlhf_stages(d: Demo, pre: Path) -> list[dict]:
     # ~4% of its words before any training, which leaves no room for the 95% fluency target.
     judged = dict(eval_prompts=n(128, 16), max_new_tokens=n(64, 24), temperature=0.7)
     evaluation = ",".join(f"{k}={v}" for k, v in judged.items())
-    folder = stage(out, "ppo", f"{policy} as the policy, rewarded by the Davidson reward model, KL-penalised")
+    folder = d.stage("ppo", f"{policy} as the policy, rewarded by the Davidson reward model, KL-penalised")
     ppo = f"ppo:reward={models['davidson']},rollouts={n(64, 16)},{PPO_OPTIONS},{evaluation}"
     result = train(mechanisms=[policy, ppo], steps=n(PPO_STEPS, 8), lr=2e-3, out=str(folder), **{**rl, "warmup": 2})
-    rows += _policy_rows("ppo (lora policy)", result)
+    for line in _policy_rows("ppo (lora policy)", result):
+        d.add(line)
     curves["ppo reward"] = [h["reward"] for h in result.history]
     d.samples += _policy_samples(result, "ppo")
-    folder = stage(out, "grpo", f"{policy} as the policy, {GRPO_SAMPLES} samples a prompt rewarded by the world's "
+    folder = d.stage("grpo", f"{policy} as the policy, {GRPO_SAMPLES} samples a prompt rewarded by the world's "
                                 "judge (a program, as a verifier would be)")
     grpo = f"grpo:reward=world,rollouts={n(16, 4)},samples={GRPO_SAMPLES},{evaluation}"
     result = train(mechanisms=[policy, grpo], steps=n(GRPO_STEPS, 4), lr=3e-3, out=str(folder),
                    **{**rl, "batch_size": n(32, 8), "warmup": 2})
-    rows += _policy_rows("grpo (lora policy)", result)
+    for line in _policy_rows("grpo (lora policy)", result):
+        d.add(line)
     curves["grpo reward"] = [h["reward"] for h in result.history]
     d.samples += _policy_samples(result, "grpo")
-    folder = stage(out, "dpo", f"{policy} as the policy, the DPO loss on the rankings' pairs")
+    folder = d.stage("dpo", f"{policy} as the policy, the DPO loss on the rankings' pairs")
     result = train(mechanisms=[policy, f"dpo:beta=0.5,{evaluation}"], steps=n(200, 8), lr=2e-3, out=str(folder), **rl)
-    rows += _policy_rows("dpo (lora policy)", result)
+    for line in _policy_rows("dpo (lora policy)", result):
+        d.add(line)
     curves["dpo"] = [h["loss"] for h in result.history]
-    return rows
 
 
 def _policy_rows(name: str, result) -> list[dict]:

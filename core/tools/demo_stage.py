@@ -6,6 +6,7 @@ import dataclasses
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 from tuneforge.common.names import inside
@@ -21,7 +22,7 @@ STAGES = frozenset({
     "prompt-sentiment", "prompt-topic", "mixed-batch", "prompting-bare", "prompting", "reward-model-davidson",
     "reward-model-ignore", "sft", "ppo", "grpo", "dpo",
 })
-FILES = frozenset({MARKER, "demo.json", "samples.txt", "loss_curves.png"})
+FILES = frozenset({MARKER, "demo.json", "samples.txt", "loss_curves.png", "report.md"})
 
 
 def format_table(rows: list[dict]) -> str:
@@ -70,7 +71,7 @@ def stage(out: Path, name: str, note: str) -> Path:
 @dataclasses.dataclass
 class Demo:
     """What the stages share: the folder, the quick switch and seed, and what they add to the table, the loss
-    curves and the samples."""
+    curves, the samples and each stage's wall time (``times``: training, evaluation and saving)."""
 
     out: Path
     quick: bool
@@ -78,6 +79,8 @@ class Demo:
     rows: list[dict] = dataclasses.field(default_factory=list)
     curves: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     samples: list[str] = dataclasses.field(default_factory=list)
+    times: dict[str, float] = dataclasses.field(default_factory=dict)
+    _current: tuple[str, float] | None = None
 
     def n(self, full, short):
         """``full`` in the real demo, ``short`` with --quick."""
@@ -87,7 +90,30 @@ class Demo:
     def common(self) -> dict:
         return dict(seed=self.seed, eval_every=0)
 
-    def add(self, row: dict, curve: str | None, result) -> None:
+    def stage(self, name: str, note: str) -> Path:
+        """Start stage ``name`` (its folder, as :func:`stage`), ending the one before: its time is printed and
+        kept in ``times``."""
+        self.end()
+        folder = stage(self.out, name, note)
+        self._current = (name, time.perf_counter())
+        return folder
+
+    def end(self) -> None:
+        """End the current stage, if any: print its time, keep it, and put it on the stage's rows."""
+        if self._current is None:
+            return
+        name, started = self._current
+        self._current = None
+        self.times[name] = round(time.perf_counter() - started, 1)
+        for r in self.rows:
+            if r.get("stage") == name:
+                r["stage_seconds"] = self.times[name]
+        print(f"-- {name}: {self.times[name]:.1f} s (stage total: training, evaluation, saving)", file=sys.stderr)
+
+    def add(self, row: dict, curve: str | None = None, result=None) -> None:
+        """A row of the current stage; ``curve``: the name its training loss is drawn under."""
+        if self._current is not None:
+            row["stage"] = self._current[0]
         self.rows.append(row)
         if curve is not None:
             self.curves[curve] = [h["loss"] for h in result.history]
