@@ -239,7 +239,9 @@ def test_a_gguf_conversion_is_cached_by_content_and_never_left_half_written(monk
     monkeypatch.setattr(gguf, "_write_folder", killed)
     with pytest.raises(KeyboardInterrupt):
         gguf.convert(file)
-    assert not any((tmp_path / "cache" / "gguf").iterdir())  # nothing that looks finished, no temporary folder
+    # nothing that looks finished, no temporary folder: only the (empty) lock file conversions of this file share
+    lock = f".lock-{gguf.file_hash(file)[:16]}"
+    assert [p.name for p in (tmp_path / "cache" / "gguf").iterdir()] == [lock]
     # a conversion killed outright (SIGKILL) leaves its temporary folder: the next one removes it
     abandoned = tmp_path / "cache" / "gguf" / f".tmp-{gguf.file_hash(file)[:16]}-999999999"
     abandoned.mkdir()
@@ -253,7 +255,7 @@ def test_a_gguf_conversion_is_cached_by_content_and_never_left_half_written(monk
     folder = gguf.convert(file)
     assert folder == tmp_path / "cache" / "gguf" / gguf.file_hash(file) and (folder / "config.json").is_file()
     assert json.loads((folder / gguf.MARKER).read_text())["sha256"] == gguf.file_hash(file)
-    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # the abandoned folder is gone
+    assert sorted(p.name for p in folder.parent.iterdir()) == [lock, folder.name]  # the abandoned folder is gone
     assert gguf.convert(file) == folder and calls == [file]  # the second time: the cache, no conversion
     copy = tmp_path / "copy.gguf"
     copy.write_bytes(file.read_bytes())
