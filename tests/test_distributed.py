@@ -156,9 +156,12 @@ def test_lora_on_a_hugging_face_model_under_fsdp_stores_only_the_lora(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_a_killed_two_process_run_resumes_to_the_same_weights(tmp_path, strategy):
-    model = "tiny:n_layers=2,d_model=64,n_heads=2,max_seq_len=64"
+    # d_model 32 and 32-token rows (were 64 and 64): ~17 ms a step on 2 busy cores instead of ~31, so the three
+    # launches take ~2 s less each. 120 steps stay: the signal, sent after step 10, still has ~110 steps (~2 s) to
+    # land before the run would end.
+    model = "tiny:n_layers=2,d_model=32,n_heads=2,max_seq_len=32"
     args = ["-m", "tuneforge", "train", "-m", "pretrain", "--model", model,
-            "--steps", "120", "--batch-size", "8", "--seq-len", "64", "--eval-every", "0", "--warmup", "5",
+            "--steps", "120", "--batch-size", "8", "--seq-len", "32", "--eval-every", "0", "--warmup", "5",
             "--strategy", strategy, "--nproc-per-node", "2"]
     full, part = tmp_path / "full", tmp_path / "part"
     _run([*args, "--out", str(full)])
