@@ -25,6 +25,19 @@ def tf(*args, check=True, **kw):
     return proc
 
 
+def refused(capfd, *args):
+    """A command refused before it does anything, run by ``main`` in this process: the code ``python -m tuneforge``
+    runs, without the ~2 s of starting one more process that imports torch. Its exit code and stderr, as ``tf``
+    gives them. test_bad_input_is_one_clear_line_not_a_traceback (and test_bad_inputs.py) keep refusals in a real
+    process."""
+    from tuneforge.tools.cli import main
+
+    capfd.readouterr()
+    code = main(list(args))
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
 def test_help_answers_the_question():
     out = tf("train", "--help").stdout
     for flag in ("--mechanism", "--resume", "--init", "--save-every", "--config", "builtin:"):
@@ -59,7 +72,7 @@ def test_bad_input_is_one_clear_line_not_a_traceback(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_toml_config_with_cli_override(tmp_path):
+def test_toml_config_with_cli_override(tmp_path, capfd):
     cfg = tmp_path / "run.toml"
     cfg.write_text(f'model = "{MICRO}"\nsteps = 50\nbatch_size = 8\n[mechanisms.pretrain]\neval_batches = 2\n')
     out = tmp_path / "run"
@@ -67,7 +80,7 @@ def test_toml_config_with_cli_override(tmp_path):
     saved = json.loads((out / "config.json").read_text())
     assert saved["train"]["steps"] == 4 and saved["mechanisms"]["pretrain"]["eval_batches"] == 2
     cfg.write_text("stpes = 3\n")
-    proc = tf("train", "--config", str(cfg), check=False)
+    proc = refused(capfd, "train", "--config", str(cfg))
     assert proc.returncode == 2 and "unknown key 'stpes'" in proc.stderr and "did you mean 'steps'" in proc.stderr
 
 
@@ -161,7 +174,7 @@ def test_demo_quick_writes_demo_json(tmp_path):
         assert not (out / "loss_curves.png").exists() and "matplotlib is not installed" in report
 
 
-def test_finetune_then_prompting_from_the_command_line(pretrained, tmp_path):
+def test_finetune_then_prompting_from_the_command_line(pretrained, tmp_path, capfd):
     ft = tmp_path / "ft"
     tf("train", "--init", str(pretrained), "-m", "finetune:layers=1,head=classify", "--data", "builtin:sentiment",
        "--steps", "3", "--batch-size", "8", "--eval-every", "0", "--out", str(ft))
@@ -173,16 +186,16 @@ def test_finetune_then_prompting_from_the_command_line(pretrained, tmp_path):
               "--data", "builtin:sentiment", "--out", str(p))
     assert "nothing trains" in proc.stderr
     assert json.loads((p / "summary.json").read_text())["frozen_weights"]["unchanged"] is True
-    bad = tf("train", "--init", str(pretrained), "-m", "prompting:template=no slot here", "--data",
-             "builtin:sentiment", check=False)
+    bad = refused(capfd, "train", "--init", str(pretrained), "-m", "prompting:template=no slot here", "--data",
+                  "builtin:sentiment")
     assert bad.returncode == 2 and "no {input} slot" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_lora_train_export_import_and_generate_from_the_command_line(pretrained, tmp_path):
+def test_lora_train_export_import_and_generate_from_the_command_line(pretrained, tmp_path, capfd):
     run = tmp_path / "lora"
     common = ["--data", "builtin:sentiment", "--steps", "3", "--batch-size", "8", "--eval-every", "0"]
     # two LoRAs need rows that say which one they train: an unrouted batch is one clear error
-    bad = tf("train", "--init", str(pretrained), "-m", "lora:tasks=pos,neg", *common, check=False)
+    bad = refused(capfd, "train", "--init", str(pretrained), "-m", "lora:tasks=pos,neg", *common)
     assert bad.returncode == 2 and "tasks=pos,neg trains 2 parts, so each record of builtin:sentiment" in bad.stderr
     assert "Traceback" not in bad.stderr
     mixed = tmp_path / "mixed.jsonl"
@@ -191,7 +204,7 @@ def test_lora_train_export_import_and_generate_from_the_command_line(pretrained,
     tf("train", "--init", str(pretrained), "-m", "lora:tasks=pos,neg,rank=2", *common, "--data", str(mixed),
        "--out", str(run))
     peft = tmp_path / "peft"
-    bad = tf("export-peft", str(run), str(peft), check=False)  # two LoRAs: which one?
+    bad = refused(capfd, "export-peft", str(run), str(peft))  # two LoRAs: which one?
     assert bad.returncode == 2 and "holds LoRA neg, pos; say which with --name" in bad.stderr
     tf("export-peft", str(run), str(peft), "--name", "pos", "--base-model", "tiny")
     config = json.loads((peft / "adapter_config.json").read_text())
@@ -205,16 +218,16 @@ def test_lora_train_export_import_and_generate_from_the_command_line(pretrained,
     assert summary["trainable_by_plugin"] == {"lora": 0, "finetune": 66}
     assert (again / "latest").read_text().strip()
     # generation has to be told which LoRA when a model holds several
-    ambiguous = tf("generate", str(run), "-p", "the", "-n", "4", check=False)
+    ambiguous = refused(capfd, "generate", str(run), "-p", "the", "-n", "4")
     assert ambiguous.returncode == 2 and "holds LoRA adapters neg, pos" in ambiguous.stderr
     assert tf("generate", str(run), "-p", "the", "-n", "4", "--task", "pos").stdout.startswith("the")
 
 
-def test_rlhf_from_the_command_line(pretrained, tmp_path):
+def test_rlhf_from_the_command_line(pretrained, tmp_path, capfd):
     bad_file = tmp_path / "bad.jsonl"
     bad_file.write_text(json.dumps({"prompt": "p", "responses": ["a.", "b.", "c."], "ranking": "A > D > B"}) + "\n")
-    bad = tf("train", "--init", str(pretrained), "-m", "reward-model", "--data", str(bad_file), "--out",
-             str(tmp_path / "bad"), check=False)
+    bad = refused(capfd, "train", "--init", str(pretrained), "-m", "reward-model", "--data", str(bad_file), "--out",
+                  str(tmp_path / "bad"))
     assert bad.returncode == 2 and f"{bad_file}:1" in bad.stderr and "names response D" in bad.stderr
     assert "Traceback" not in bad.stderr and not (tmp_path / "bad").exists()  # refused before anything was written
 
