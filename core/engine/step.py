@@ -34,7 +34,17 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             fused=_fusable(params) or None)
+
+
+def _fusable(params: list[torch.nn.Parameter]) -> bool:
+    """AdamW's fused kernel: one pass over each tensor instead of about ten. On a CPU torch's default is a loop
+    of separate ops per parameter, a tenth of a small model's step (the tiny model: ~8 ms of ~100); on a GPU it
+    replaces the foreach kernels. Plain floating-point tensors on a CPU or CUDA device only: sharded (FSDP2's
+    DTensor) and other parameters keep torch's default."""
+    return bool(params) and all(type(p) in (torch.nn.Parameter, torch.Tensor) and p.is_floating_point()
+                                and p.device.type in ("cpu", "cuda") for p in params)
 
 
 def _to_device(batch, device: torch.device):

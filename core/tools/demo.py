@@ -38,15 +38,18 @@ __all__ = ["run_demo", "format_table"]
 PROMPTS = ["review: the soup", "note: the rain", "mira walked"]
 MODEL = "tiny:max_seq_len=256"  # the tiny preset with room for few-shot prompts
 BARE = "{input} {label}"  # no task format: what a soft prompt has to make up for
+# Virtual tokens of the soft prompts. On the bare input the stage depends on which of several equally good pretrained
+# models it starts from (benchmarks/RESULTS.md, "The first ten minutes"): 32 tokens did not make it robust either.
+PROMPT_TOKENS = 16
 
 
 def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0, model: str | None = None) -> list[dict]:
     """Run every stage, print the table, write ``demo.json``; return its rows. Replaces its own stage folders in
     ``out``, which must be new, empty or an earlier demo's output (else :class:`ConfigError`, nothing changed).
 
-    ``model="hf:PATH"`` (or ``gguf:PATH``, ``smollm2-135m``) tells the same story on a pretrained model: its first stage goes on pretraining the
-    model's own weights on the world's text (every weight, a gentle learning rate), and every later stage starts
-    from that, as they start from the pretrained tiny model by default."""
+    ``model="hf:PATH"`` (or ``gguf:PATH``, ``smollm2-135m``) tells the same story on a pretrained model: its first
+    stage goes on pretraining the model's own weights on the world's text (every weight, a gentle learning rate),
+    and every later stage starts from that, as they start from the pretrained tiny model by default."""
     if model is not None and kind_of(model) is PRESET:
         raise ConfigError(f"demo --model {model}: give a pretrained model (hf:PATH, gguf:PATH or smollm2-135m; see "
                           "tuneforge models); the embedded tiny model is the default")
@@ -127,13 +130,13 @@ def _parts(d: Demo, ft: dict) -> None:
 
 def _prompt_tuning(d: Demo, ft: dict, pre: Path, base_params: int) -> None:
     """Soft prompts on the bare input ("{input} {label}"): without the task's own format the frozen model is at
-    chance (the prompting rows show it), so what the 16 vectors learn is the whole difference. Then both prompts
-    on one model, serving a mixed batch."""
+    chance (the prompting rows show it), so what the soft prompt's vectors learn is the whole difference. Then
+    both prompts on one model, serving a mixed batch."""
     prompt_runs, load = {}, None
     for task in ("sentiment", "topic"):
-        folder = d.stage(f"prompt-{task}", f"a 16-token soft prompt for {task} on the bare input; the model "
-                        "stays frozen")
-        spec = f"prompt-tuning:tasks={task},tokens=16,template={BARE}"
+        folder = d.stage(f"prompt-{task}", f"a {PROMPT_TOKENS}-token soft prompt for {task} on the bare input; "
+                                           "the model stays frozen")
+        spec = f"prompt-tuning:tasks={task},tokens={PROMPT_TOKENS},template={BARE}"
         result = train(mechanisms=[spec], steps=d.n(300, 10), lr=0.1, **{**ft, "data": f"builtin:{task}"},
                        out=str(folder))
         d.add(row(f"prompt-tuning ({task})", result, f"{task} accuracy", "eval/accuracy", base_params),
@@ -141,7 +144,7 @@ def _prompt_tuning(d: Demo, ft: dict, pre: Path, base_params: int) -> None:
         prompt_runs[task] = folder
         load = type(result.run.plugins[parse_spec(spec)[0]]).load_frozen  # the plugin's own loader: no import
     d.stage("mixed-batch", "both soft prompts loaded on one model, rows of both tasks in one batch")
-    d.add(_mixed_batch(d.out, pre, prompt_runs, base_params, limit=d.n(500, 64), load=load))
+    d.add(_mixed_batch(pre, prompt_runs, base_params, limit=d.n(500, 64), load=load))
 
 
 def _prompting(d: Demo, pre: Path):
@@ -163,7 +166,7 @@ def _prompting(d: Demo, pre: Path):
     return result
 
 
-def _mixed_batch(out: Path, pre: Path, runs: dict[str, Path], base_params: int, limit: int, load) -> dict:
+def _mixed_batch(pre: Path, runs: dict[str, Path], base_params: int, limit: int, load) -> dict:
     """Both prompts on one frozen model (``load(model, *run_folders)``: the prompt plugin's loader); held-out rows
     of both tasks interleaved in one batch, scored in one forward pass each, against each task's rows scored
     alone."""
@@ -184,8 +187,11 @@ def _mixed_batch(out: Path, pre: Path, runs: dict[str, Path], base_params: int, 
         for r in builtin(task, "test")[:limit]:
             rows.append((task, tok.encode(template.prompt(r["text"]), bos=True), cands, LABELS[task].index(r["label"])))
     rows = [rows[i] for i in sorted(range(len(rows)), key=lambda i: (i % limit, i))]  # interleave the tasks
-    score = lambda rs: score_candidates(model, [r[1] for r in rs], [r[2] for r in rs], tasks=[r[0] for r in rs],  # noqa: E731
-                                        pad_id=tok.pad_id, device=torch.device("cpu"))
+
+    def score(rs):
+        return score_candidates(model, [r[1] for r in rs], [r[2] for r in rs], tasks=[r[0] for r in rs],
+                                pad_id=tok.pad_id, device=torch.device("cpu"))
+
     mixed = score(rows)
     seconds = time.perf_counter() - started
     alone = {}

@@ -168,8 +168,8 @@ def print_report(rows: list[dict], samples: list[str], out: Path, plotted: bool,
           "that. Accuracies are on held-out records; prompt-tuning % is of the base model. Win rates: the policy's "
           "response beats the reference's on held-out prompts by the world's hidden preference, ties count half; "
           "0.5 = no better.)")
-    print("\nsamples of the pretrained model (temperature 0.7, top-k 40), then held-out ranking prompts answered by the "
-          "reference and each policy (temperature 0.7, same seed):")
+    print("\nsamples of the pretrained model (temperature 0.7, top-k 40), then held-out ranking prompts answered by "
+          "the reference and each policy (temperature 0.7, same seed):")
     for text in samples:
         print("  " + text.replace("\n", " | "))
     curves = f"loss curves in {out / 'loss_curves.png'}" if plotted else \
