@@ -36,10 +36,14 @@ demo: prereqs
 
 # Three runs: tuneforge's tests hide third-party plugins (tests/conftest.py); each example's folder is its own pytest
 # root (its pyproject.toml), where the runs see the plugins it installs.
+# pytest-xdist: one worker per core (-n auto), at most 4; most tests are one thread of tiny tensors or a process they
+# wait on, so a worker per core keeps the cores busy. worksteal hands a worker that runs dry tests queued on another,
+# so a long test late in the order does not leave one core idle at the end. PYTEST_XDIST=-n0 runs them in one process.
+PYTEST_XDIST ?= -n auto --maxprocesses=4 --dist worksteal
 test: install-test imports
-	$(PYTHON) -m pytest -q
-	$(PYTHON) -m pytest -q examples/tuneforge-ia3/tests
-	$(PYTHON) -m pytest -q examples/tuneforge-prefix/tests
+	$(PYTHON) -m pytest -q $(PYTEST_XDIST)
+	$(PYTHON) -m pytest -q $(PYTEST_XDIST) examples/tuneforge-ia3/tests
+	$(PYTHON) -m pytest -q $(PYTEST_XDIST) examples/tuneforge-prefix/tests
 
 # The import contracts in pyproject.toml (docs/architecture.md): layers, plugins through tuneforge.sdk only, no
 # cycles. lint-imports reads the plugins folder from the working directory, so it runs from the repository root;
