@@ -51,16 +51,3 @@ def test_a_tensor_subclass_keeps_torchs_default():
 
     assert not _fusable([torch.nn.Parameter(torch.zeros(3)).as_subclass(Sharded)])
     assert not _fusable([torch.nn.Parameter(torch.zeros(3)), torch.zeros(3).as_subclass(Sharded)])
-
-
-def test_soft_prompts_are_inputs_not_weights_and_are_not_decayed():
-    """A soft prompt is a (tokens, d_model) matrix, which the usual recipe would decay toward no input at all."""
-    from tuneforge.plugins.prompt_tuning.prompts import SoftPrompts
-
-    prompts = SoftPrompts(8)
-    prompts.add("t", torch.randn(4, 8))
-    matrix, bias = torch.nn.Parameter(torch.randn(3, 3)), torch.nn.Parameter(torch.zeros(3))
-    opt = make_optimizer([matrix, bias, *prompts.part_parameters("t")], TrainConfig(lr=1e-3, weight_decay=0.1))
-    groups = {g["weight_decay"]: g["params"] for g in opt.param_groups}
-    assert groups[0.1] == [matrix]
-    assert len(groups[0.0]) == 2 and groups[0.0][0] is bias and groups[0.0][1] is prompts.prompts["t"]

@@ -16,17 +16,7 @@ from tuneforge.engine.config import TrainConfig
 from tuneforge.errors import DataError
 from tuneforge.engine.registry import call_impl, takes
 
-__all__ = ["lr_at", "make_optimizer", "no_weight_decay", "Batches", "step"]
-
-_NO_DECAY = "_tuneforge_no_weight_decay"
-
-
-def no_weight_decay(param: torch.nn.Parameter) -> torch.nn.Parameter:
-    """Mark ``param`` as one AdamW must not decay, whatever its shape; returns it. For learned inputs such as
-    soft prompts: decay pulls them toward zero, which for an embedding means toward no input at all (at lr 0.1
-    and weight decay 0.1 a prompt keeps ~22% of what it does not relearn over a 300-step cosine)."""
-    setattr(param, _NO_DECAY, True)
-    return param
+__all__ = ["lr_at", "make_optimizer", "Batches", "step"]
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -40,10 +30,9 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    # Decay matrices and embeddings, not biases and norm gains (the usual GPT recipe), nor what a plugin marked
-    # with no_weight_decay (soft prompts).
-    decay = [p for p in params if p.dim() >= 2 and not getattr(p, _NO_DECAY, False)]
-    no_decay = [p for p in params if p.dim() < 2 or getattr(p, _NO_DECAY, False)]
+    # Decay matrices and embeddings, not biases and norm gains (the usual GPT recipe).
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                              fused=_fusable(params) or None)

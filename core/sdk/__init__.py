@@ -40,7 +40,6 @@ from tuneforge.engine.checkpoint import MODEL_FILE, STATE_FILE, resolve_checkpoi
 from tuneforge.engine.loop import load_model
 from tuneforge.engine.registry import plugin_hooks
 from tuneforge.engine.runfolder import open_text
-from tuneforge.engine.step import no_weight_decay
 from tuneforge.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, PluginError, TuneforgeError
 from tuneforge.hookspecs import hookimpl
 from tuneforge.models import routing
@@ -93,7 +92,6 @@ __all__ = [
     # steering a policy
     "Reference", "check_layers", "resolve_layers", "others_choose_params", "block_parameters", "untie_head",
     "prepare_policy", "policy_parameters",
-    "no_weight_decay",
     "token_logprobs", "response_logprobs", "model_logprobs", "sequence_logprobs", "response_mask", "TIE_MODELS", "outcome_logprobs", "pair_nll",
     "pair_right", "dpo_loss", "ScalarHead", "rewards", "score", "Samples", "sample", "continue_ids", "compare",
     "judge_for",

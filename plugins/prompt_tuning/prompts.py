@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tuneforge.sdk import MODEL_FILE, ConfigError, Prefix, TaskModule, check_name, inside, no_weight_decay
+from tuneforge.sdk import MODEL_FILE, ConfigError, Prefix, TaskModule, check_name, inside
 
 __all__ = ["SoftPrompts", "FORMAT", "PROMPTS_DIR", "TENSOR", "read_prompt", "write_prompt", "saved_shapes",
            "check_width"]
@@ -39,8 +39,7 @@ class SoftPrompts(nn.Module, TaskModule):
         if value.dim() != 2 or value.size(1) != self.d_model:
             raise ConfigError(f"prompt-tuning: prompt '{name}' has shape {tuple(value.shape)}; this model needs "
                               f"(tokens, {self.d_model})")
-        # an input, not a weight: AdamW's decay would pull it toward no input (tuneforge.sdk.no_weight_decay)
-        self.prompts[name] = no_weight_decay(nn.Parameter(value.detach().clone()))
+        self.prompts[name] = nn.Parameter(value.detach().clone())
 
     @property
     def max_length(self) -> int:
