@@ -36,14 +36,22 @@ demo: prereqs
 
 # Three runs: tuneforge's tests hide third-party plugins (tests/conftest.py); each example's folder is its own pytest
 # root (its pyproject.toml), where the runs see the plugins it installs.
-# pytest-xdist: one worker per core (-n auto), at most 4; most tests are one thread of tiny tensors or a process they
-# wait on, so a worker per core keeps the cores busy. worksteal hands a worker that runs dry tests queued on another,
-# so a long test late in the order does not leave one core idle at the end. PYTEST_XDIST=-n0 runs them in one process.
-PYTEST_XDIST ?= -n auto --maxprocesses=4 --dist worksteal
+# tuneforge's own tests run on pytest-xdist, one worker per logical CPU (at most 4): most tests are one thread of tiny
+# tensors or a process they wait on, so a worker per CPU keeps the cores busy (-n logical, not -n auto: with psutil
+# installed, auto counts physical cores, one worker on a 2-vCPU machine of one hyper-threaded core). worksteal hands a
+# worker that runs dry the tests queued on another, so a long test late in the order does not leave a core idle at the
+# end; side by side with loadfile on this 2-core machine the two took the same time. PYTEST_XDIST=-n0: one process.
+# The two example suites are small (~1 min and ~25 s on one core) and their session fixtures would be built once per
+# worker, so xdist costs them more than it saves (measured: ~35% and ~100% more CPU time, no less wall time); they run
+# side by side instead, one on each core, the prefix run's output printed when both are done.
+PYTEST_XDIST ?= -n logical --maxprocesses=4 --dist worksteal
 test: install-test imports
 	$(PYTHON) -m pytest -q $(PYTEST_XDIST)
-	$(PYTHON) -m pytest -q $(PYTEST_XDIST) examples/tuneforge-ia3/tests
-	$(PYTHON) -m pytest -q $(PYTEST_XDIST) examples/tuneforge-prefix/tests
+	log=$$(mktemp); \
+	$(PYTHON) -m pytest -q examples/tuneforge-prefix/tests >"$$log" 2>&1 & prefix=$$!; \
+	$(PYTHON) -m pytest -q examples/tuneforge-ia3/tests; ia3=$$?; \
+	wait $$prefix; status=$$?; echo "== examples/tuneforge-prefix/tests"; cat "$$log"; rm -f "$$log"; \
+	test $$ia3 -eq 0 && test $$status -eq 0
 
 # The import contracts in pyproject.toml (docs/architecture.md): layers, plugins through tuneforge.sdk only, no
 # cycles. lint-imports reads the plugins folder from the working directory, so it runs from the repository root;
