@@ -11,7 +11,7 @@ MICRO = "tiny:n_layers=1,d_model=32,n_heads=2,max_seq_len=32"
 
 
 def pytest_configure(config):
-    """Under pytest-xdist (``make test`` runs ``-n auto``), the workers share the machine's cores: each worker's
+    """Under pytest-xdist (``make test`` runs ``-n logical``), the workers share the machine's cores: each worker's
     torch, and every process its tests start (the CLI, torchrun's ranks), gets its share of threads rather than
     all of them, so that workers do not oversubscribe the cores they split."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
