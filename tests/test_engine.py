@@ -109,11 +109,13 @@ def test_gradient_accumulation_matches_the_big_batch():
         assert torch.allclose(x, y, atol=1e-5), k
 
 
-@pytest.mark.parametrize("grad_accum", [1, 2])
-def test_resume_after_interrupt_equals_the_uninterrupted_run(tmp_path, grad_accum):
+@pytest.mark.parametrize("grad_accum, optimizer", [(1, "adamw"), (2, "adamw"), (1, "muon")])
+def test_resume_after_interrupt_equals_the_uninterrupted_run(tmp_path, grad_accum, optimizer):
     model = "tiny:n_layers=1,d_model=32,n_heads=2,max_seq_len=32,dropout=0.1"  # dropout: RNG must resume too
-    # few windows per epoch, so the run crosses epoch boundaries and resumes mid-epoch
-    common = dict(model=model, steps=14, batch_size=8, grad_accum=grad_accum, eval_every=5, data="builtin:text")
+    # few windows per epoch, so the run crosses epoch boundaries and resumes mid-epoch; muon: both halves' state
+    # (Muon's momentum, AdamW's moments) goes through the checkpoint
+    common = dict(model=model, steps=14, batch_size=8, grad_accum=grad_accum, eval_every=5, data="builtin:text",
+                  optimizer=optimizer)
     full = tuneforge.train(micro_config(tmp_path / "full", **common))
     first = tuneforge.train(micro_config(tmp_path / "part", mechanisms=["pretrain", SignalAt(6)], **common))
     assert first.summary["status"] == "interrupted by SIGINT" and first.run.step == 6

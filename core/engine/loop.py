@@ -24,7 +24,7 @@ from tuneforge.errors import CheckpointError, ConfigError, NonFiniteLossError
 from tuneforge.engine.integrity import frozen_named
 from tuneforge.engine.run import Run, say
 from tuneforge.engine.runfolder import RunFolder, write_error, write_text
-from tuneforge.engine.step import Batches, lr_at, make_optimizer, step
+from tuneforge.engine.step import Batches, check_resumable, lr_at, make_optimizer, step
 
 __all__ = ["train", "TrainResult", "build_model", "load_model", "lr_at"]
 
@@ -190,7 +190,7 @@ def _setup(cfg: TrainConfig, par: distributed.Parallel, out: Path | None, owner:
     loss_fn = reg.objective_impl("tuneforge_loss")
     params = par.wrap(model, loss_fn, run) if built.params else []
     built.params = params  # FSDP replaced the parameters: no reference may keep the unsharded ones alive
-    optimizer = make_optimizer(params, cfg) if params else None
+    optimizer = make_optimizer(params, cfg, model) if params else None
     if resume_path is not None:
         _resume_state(resume_path, resume_state, built, par, optimizer)
     elif out is not None and ckpt.list_checkpoints(out):  # damaged ones too: a fresh run would overwrite them
@@ -383,6 +383,7 @@ def _resume_changes(path: Path, state: dict, cfg: TrainConfig, run: Run) -> None
     """Options that differ from the checkpoint's (more --steps, another --batch-size, other mechanisms) are said in
     one line and kept in the summary. Mechanisms whose weights no longer fit are refused when the weights load."""
     saved = state.get("train") or {}
+    check_resumable(saved, cfg, path)
     now = cfg.to_dict()
     changed = {k: [saved[k], v] for k, v in now.items() if k in saved and k not in _FREE_ON_RESUME and saved[k] != v}
     if changed:

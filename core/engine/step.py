@@ -13,10 +13,11 @@ import torch
 
 from tuneforge.engine import precision
 from tuneforge.engine.config import TrainConfig
-from tuneforge.errors import DataError
+from tuneforge.engine.muon import MuonWithAdamW, hidden_matrices
+from tuneforge.errors import ConfigError, DataError
 from tuneforge.engine.registry import call_impl, takes
 
-__all__ = ["lr_at", "make_optimizer", "Batches", "step"]
+__all__ = ["lr_at", "make_optimizer", "check_resumable", "Batches", "step"]
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -29,13 +30,33 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, model: torch.nn.Module | None = None):
+    """The run's optimizer (``--optimizer``) over ``params``: AdamW, or Muon on ``model``'s hidden matrices with
+    AdamW on the rest (:mod:`tuneforge.engine.muon`)."""
     # Decay matrices and embeddings, not biases and norm gains (the usual GPT recipe).
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
+    adamw = dict(betas=(cfg.beta1, cfg.beta2), fused=_fusable(params) or None)
+    if cfg.optimizer == "muon":
+        if any(hasattr(p, "device_mesh") for p in params):  # FSDP2's DTensor shards
+            raise ConfigError("--optimizer muon does not run under --strategy fsdp: torch's Muon orthogonalises whole "
+                              "matrices and FSDP2 holds shards of them. Use --strategy ddp, or --optimizer adamw.")
+        hidden = hidden_matrices(model) if model is not None else set()
+        groups = [{"params": [p for p in decay if id(p) not in hidden], "weight_decay": cfg.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        return MuonWithAdamW([p for p in decay if id(p) in hidden], [g for g in groups if g["params"]], lr=cfg.lr,
+                             weight_decay=cfg.weight_decay, adamw_kwargs=adamw)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             fused=_fusable(params) or None)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, **adamw)
+
+
+def check_resumable(saved: dict, cfg: TrainConfig, path) -> None:
+    """Refuse to resume the checkpoint at ``path`` (its saved train config ``saved``) with another --optimizer."""
+    was = saved.get("optimizer", "adamw")  # checkpoints made before --optimizer trained with AdamW
+    if saved and was != cfg.optimizer:
+        raise ConfigError(f"--resume {path}: it trained with --optimizer {was}, not {cfg.optimizer}, and one's state "
+                          f"cannot continue the other: resume with --optimizer {was}, or --init {path} (a fresh "
+                          "optimizer). Nothing was changed.")
 
 
 def _fusable(params: list[torch.nn.Parameter]) -> bool:
