@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from tuneforge.tools.demo_report import TARGETS
+from tuneforge.tools.demo_stage import demo_precision
 
 MICRO = "tiny:n_layers=1,d_model=32,n_heads=2,max_seq_len=32"
 
@@ -167,6 +168,11 @@ def test_demo_quick_writes_demo_json(tmp_path):
     report = (out / "report.md").read_text()
     assert "# tuneforge demo --quick, seed 0" in report and "| pretrain |" in report and "[ppo, hidden score" in report
     assert all(f"{name} " in report.split("## Stage times")[1] for name in stages)
+    # --precision auto: bf16-mixed where bfloat16 is native here, fp32 elsewhere; every training stage runs in it
+    precision = demo_precision("auto")
+    assert f"training in {precision}." in report
+    assert {json.loads((out / s / "summary.json").read_text())["precision"] for s in ("pretrain", "sft", "dpo")} == {
+        precision}
     if importlib.util.find_spec("matplotlib"):  # the optional extra draws the curves; the demo runs without
         assert (out / "loss_curves.png").stat().st_size > 1000
         assert "![loss curves](loss_curves.png)" in report

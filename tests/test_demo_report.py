@@ -3,6 +3,7 @@ report.md says how many were met."""
 import pytest
 
 from tuneforge.tools.demo_report import judge, write_report
+from tuneforge.tools.demo_stage import demo_precision
 
 
 def _row(mechanism, metric, value, **extra):
@@ -53,3 +54,15 @@ def test_the_report_counts_the_targets_met(tmp_path):
                         unigram=4.2).read_text()
     assert "3 of 4 targets met" in text and "≤ 0.3 nats ✗" in text and "![loss curves](loss_curves.png)" in text
 
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ("flags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni", "bf16-mixed"),  # Zen 4, Cooper Lake and later
+    ("flags\t\t: fpu avx2 amx_bf16 amx_tile", "bf16-mixed"),  # Sapphire Rapids
+    ("flags\t\t: fpu avx2 fma avx512f avx512bw", "fp32"),  # AVX-512 without bfloat16: emulated, slower
+    ("", "fp32"),
+])
+def test_auto_precision_is_bf16_mixed_only_where_bfloat16_is_native(flags, expected, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert demo_precision("auto", cpuinfo=flags) == expected
+    assert demo_precision("fp32", cpuinfo=flags) == "fp32"  # asked for: kept

@@ -54,7 +54,7 @@ FIELD_HELP = {
                   "N processes train on N micro-batches at once",
     "seq_len": "tokens per sequence (default: the model's context length, at most 1024; printed at start)",
     "grad_accum": "micro-batches per optimizer step (default: 1)",
-    "lr": "peak learning rate of AdamW (default: 3e-3 when the whole model trains from scratch; on a pretrained "
+    "lr": "peak learning rate of the optimizer (default: 3e-3 when the whole model trains from scratch; on a pretrained "
           "model 2e-4 when only parameters the mechanisms added train (LoRA, adapters, soft prompts, a new head), "
           "else 3e-5; printed at start)",
     "min_lr_ratio": "the cosine schedule ends at lr * this (default: 0.1)",
@@ -63,7 +63,7 @@ FIELD_HELP = {
                  "embeddings or the output head) and AdamW on the rest, one --lr and schedule for both; it reached "
                  "the tiny model's pretraining loss in about half the tokens (benchmarks/RESULTS.md); one process or "
                  "ddp (default: adamw)",
-    "weight_decay": "AdamW weight decay on matrices (default: 0.1)",
+    "weight_decay": "decoupled weight decay on matrices, AdamW's and Muon's (default: 0.1)",
     "beta1": "AdamW beta1 (default: 0.9)",
     "beta2": "AdamW beta2 (default: 0.95)",
     "clip": "max gradient norm, 0 = no clipping (default: 1.0)",

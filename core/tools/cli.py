@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     m.add_argument("--quick", action="store_true", help="a short version for smoke tests")
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--precision", choices=("auto", "fp32", "bf16-mixed"), default="auto", help="of the training "
+                   "stages; auto: bf16-mixed where bfloat16 is native (CUDA, AVX512-BF16, AMX), else fp32")
     m.add_argument("--model", metavar="SPEC", help="tell the same story on a pretrained model (hf:PATH, gguf:PATH, "
                    "smollm2-135m): it goes on training its own weights on the world's text first; on a CPU a real "
                    "model takes hours, --quick minutes (default: the embedded tiny model, pretrained from scratch)")
@@ -370,7 +372,7 @@ def _plugin_loading(args) -> None:
 def _demo(args) -> int:
     from tuneforge.tools.demo import run_demo
 
-    run_demo(args.out, quick=args.quick, seed=args.seed, model=args.model)
+    run_demo(args.out, quick=args.quick, seed=args.seed, model=args.model, precision=args.precision)
     return 0
 
 

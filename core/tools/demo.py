@@ -31,7 +31,7 @@ from tuneforge.models.tokenizer import tokenizer_of
 from tuneforge.tools.demo_assistant import rlhf_stages, sft_stage
 from tuneforge.data.world import builtin
 from tuneforge.tools.demo_report import judge, plot_curves, print_report, write_report
-from tuneforge.tools.demo_stage import Demo, claim, format_table, row
+from tuneforge.tools.demo_stage import PRECISIONS, Demo, claim, demo_precision, format_table, row
 
 __all__ = ["run_demo", "format_table"]
 
@@ -52,7 +52,8 @@ PRETRAIN_STEPS = 800
 FT_STEPS = 80
 
 
-def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0, model: str | None = None) -> list[dict]:
+def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0, model: str | None = None,
+             precision: str = "auto") -> list[dict]:
     """Run every stage, print the table, write ``demo.json``; return its rows. Replaces its own stage folders in
     ``out``, which must be new, empty or an earlier demo's output (else :class:`ConfigError`, nothing changed).
 
@@ -62,9 +63,14 @@ def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0, model: str 
     if model is not None and kind_of(model) is PRESET:
         raise ConfigError(f"demo --model {model}: give a pretrained model (hf:PATH, gguf:PATH or smollm2-135m; see "
                           "tuneforge models); the embedded tiny model is the default")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"demo --precision {precision}: choose one of {', '.join(PRECISIONS)}")
     out = Path(out)
     claim(out)
-    d = Demo(out, quick, seed)
+    d = Demo(out, quick, seed, demo_precision(precision))
+    why = (f"--precision {precision}" if precision != "auto" else "auto: this hardware multiplies bfloat16 natively"
+           if d.precision != "fp32" else "auto: bfloat16 is not native here")
+    print(f"training precision: {d.precision} ({why})", file=sys.stderr)
     pre, result = _pretrain(d, model)
     base_params = result.summary["total_params"]
     d.samples += _samples(result.model.eval(), seed)
@@ -83,7 +89,8 @@ def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0, model: str 
     inside(out, "samples.txt").write_text("\n".join(d.samples) + "\n")
     held_out = TokenWindows([r["text"] for r in builtin("text", split="test")], tokenizer_of(result.model), seq_len=2)
     unigram = unigram_entropy(held_out.tokens) / math.log(2)
-    write_report(out, d.rows, d.times, d.samples, plotted, seed=seed, quick=quick, unigram=unigram)
+    write_report(out, d.rows, d.times, d.samples, plotted, seed=seed, quick=quick, unigram=unigram,
+                 precision=d.precision)
     print_report(d.rows, d.samples, out, plotted, unigram, d.times, quick)
     return d.rows
 
@@ -156,7 +163,7 @@ def _prompt_tuning(d: Demo, ft: dict, pre: Path, base_params: int) -> None:
         prompt_runs[task] = folder
         load = type(result.run.plugins[parse_spec(spec)[0]]).load_frozen  # the plugin's own loader: no import
     d.stage("mixed-batch", "both soft prompts loaded on one model, rows of both tasks in one batch")
-    d.add(_mixed_batch(pre, prompt_runs, base_params, limit=d.n(500, 64), load=load))
+    d.add(_mixed_batch(pre, prompt_runs, base_params, limit=d.n(250, 64), load=load))
 
 
 def _prompting(d: Demo, pre: Path):

@@ -114,7 +114,7 @@ def machine() -> str:
 
 
 def write_report(out: Path, rows: list[dict], stages: dict[str, float], samples: list[str], plotted: bool, *,
-                 seed: int, quick: bool, unigram: float) -> Path:
+                 seed: int, quick: bool, unigram: float, precision: str = "fp32") -> Path:
     """``report.md``: when and where it ran, the judged table, each stage's time, the curves and the samples."""
     met = [r["met"] for r in rows if r.get("met") is not None]
     verdict = ("--quick: a smoke run, too short to judge against the targets" if quick else
@@ -122,7 +122,7 @@ def write_report(out: Path, rows: list[dict], stages: dict[str, float], samples:
     parts = [
         f"# tuneforge demo{' --quick' if quick else ''}, seed {seed}",
         "",
-        f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} on {machine()}. "
+        f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} on {machine()}, training in {precision}. "
         f"{sum(stages.values()) / 60:.1f} minutes in all. **{verdict}.**",
         "",
         "Accuracies are on held-out records. Win rates: the policy's response beats the reference's on held-out "

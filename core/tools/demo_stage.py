@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import sys
 import time
 from pathlib import Path
 
+import torch
+
 from tuneforge.common.names import inside
 from tuneforge.errors import ConfigError
 
-__all__ = ["MARKER", "STAGES", "FILES", "Demo", "format_table", "row", "claim", "stage"]
+__all__ = ["MARKER", "STAGES", "FILES", "PRECISIONS", "Demo", "format_table", "row", "claim", "stage", "demo_precision"]
 
 # What a demo writes in --out: a run folder per stage, which the next demo replaces, and a few result files.
 # A folder holding anything else is not the demo's to empty (--out runs would otherwise delete a run called lora).
@@ -23,6 +26,24 @@ STAGES = frozenset({
     "reward-model-ignore", "sft", "ppo", "grpo", "dpo",
 })
 FILES = frozenset({MARKER, "demo.json", "samples.txt", "loss_curves.png", "report.md"})
+PRECISIONS = ("auto", "fp32", "bf16-mixed")  # tuneforge demo --precision
+
+
+def demo_precision(asked: str = "auto", cpuinfo: str | None = None) -> str:
+    """The --precision the demo's runs train in. ``auto``: bf16-mixed where the hardware multiplies bfloat16
+    natively (a CUDA GPU; a CPU with AVX512-BF16 or AMX, read from ``cpuinfo``, /proc/cpuinfo by default), where it
+    made the demo's stages 1.2-1.4x faster (benchmarks/RESULTS.md); fp32 elsewhere, where bfloat16 is emulated
+    and slower than float32."""
+    if asked != "auto":
+        return asked
+    if torch.cuda.is_available():
+        return "bf16-mixed"
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:  # not Linux: no flags to read
+            return "fp32"
+    return "bf16-mixed" if re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo) else "fp32"
 
 
 def format_table(rows: list[dict]) -> str:
@@ -76,6 +97,7 @@ class Demo:
     out: Path
     quick: bool
     seed: int
+    precision: str = "fp32"  # of every training stage (demo_precision)
     rows: list[dict] = dataclasses.field(default_factory=list)
     curves: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     samples: list[str] = dataclasses.field(default_factory=list)
@@ -88,7 +110,7 @@ class Demo:
 
     @property
     def common(self) -> dict:
-        return dict(seed=self.seed, eval_every=0)
+        return dict(seed=self.seed, eval_every=0, precision=self.precision)
 
     def stage(self, name: str, note: str) -> Path:
         """Start stage ``name`` (its folder, as :func:`stage`), ending the one before: its time is printed and
