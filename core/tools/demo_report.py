@@ -122,7 +122,8 @@ def write_report(out: Path, rows: list[dict], stages: dict[str, float], samples:
     parts = [
         f"# tuneforge demo{' --quick' if quick else ''}, seed {seed}",
         "",
-        f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} on {machine()}, training in {precision}. "
+        f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} on {machine()}, training in {precision}"
+        f"{' (sft, ppo, grpo: fp32)' if precision != 'fp32' else ''}. "
         f"{sum(stages.values()) / 60:.1f} minutes in all. **{verdict}.**",
         "",
         "Accuracies are on held-out records. Win rates: the policy's response beats the reference's on held-out "
