@@ -102,3 +102,16 @@ def test_packing_benchmark_quick_compares_the_same_records_padded_and_packed():
     for side in (padded, packed):
         assert side["useful_tokens_per_s"] > 0 and 0 < side["fraction_of_peak"] and side["first_pass_loss"] > 0
     assert report["ratio"] > 0 and report["sgemm_peak_gflops"] > 0
+
+
+def test_muon_benchmark_quick_trains_both_optimizers_through_the_engine():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "muon.py"), "--quick"], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [report[k]["optimizer"] for k in ("adamw", "muon")] == ["adamw", "muon"]
+    assert report["adamw"]["steps"] > report["muon"]["steps"]  # the comparison is at the demo's two schedules
+    for k in ("adamw", "muon"):
+        assert 0 < report[k]["bits_per_token"] < 8.0  # below a uniform guess over the 259 tokens (8.02 bits)
+        assert report[k]["tokens"] == report[k]["steps"] * 4 * 64
+    assert report["time_ratio_adamw_over_muon"] > 0
