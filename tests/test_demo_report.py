@@ -66,3 +66,15 @@ def test_auto_precision_is_bf16_mixed_only_where_bfloat16_is_native(flags, expec
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     assert demo_precision("auto", cpuinfo=flags) == expected
     assert demo_precision("fp32", cpuinfo=flags) == "fp32"  # asked for: kept
+
+
+def test_the_cli_offers_the_demos_precisions():
+    """`tuneforge demo --precision` spells its choices out (the CLI does not import torch to build its parser)."""
+    from tuneforge.tools.cli import build_parser
+    from tuneforge.tools.demo_stage import PRECISIONS
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command" or getattr(a, "choices", None)
+               and "demo" in a.choices)
+    demo = sub.choices["demo"]
+    flag = next(a for a in demo._actions if "--precision" in a.option_strings)
+    assert tuple(flag.choices) == PRECISIONS and flag.default == "auto"

@@ -70,8 +70,8 @@ def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0, model: str 
     out = Path(out)
     claim(out)
     d = Demo(out, quick, seed, demo_precision(precision))
-    why = (f"--precision {precision}" if precision != "auto" else "auto: this hardware multiplies bfloat16 natively"
-           if d.precision != "fp32" else "auto: bfloat16 is not native here")
+    native = "this hardware multiplies bfloat16 natively" if d.precision != "fp32" else "bfloat16 is not native here"
+    why = f"--precision {precision}" if precision != "auto" else f"auto: {native}"
     print(f"training precision: {d.precision} ({why})", file=sys.stderr)
     pre, result = _pretrain(d, model)
     base_params = result.summary["total_params"]
