@@ -1,8 +1,9 @@
 """``reward-model``: learn a scalar score of (prompt, response) from human rankings with ties.
 
-A :class:`ScalarHead` replaces the LM head and reads the hidden state at each response's last token (its
-``eos``). One batch element is one whole ranking: all its responses are scored in one forward pass and every
-pair the ranking implies enters the loss, weighted ``1 / (pairs of the ranking)`` so long rankings do not
+A :class:`ScalarHead` replaces the LM head. ``pool=last`` (default) scores a response by the hidden state at its
+last token (its ``eos``); ``pool=sum`` and ``pool=mean`` score every response token and add or average them.
+One batch element is one whole ranking: all its responses are scored in one forward pass and every pair the
+ranking implies enters the loss, weighted ``1 / (pairs of the ranking)`` so long rankings do not
 dominate (see :mod:`tuneforge.data.rankings`). Pairs in different tiers and tied pairs are both scored by the tie
 model named by ``ties=`` (``davidson``, default, or ``rao-kupper``, whose tie parameter is learned with the
 scores); ``ties=ignore`` drops tied pairs and uses plain Bradley–Terry, for comparison. Formulas: docs/rlhf.md.
@@ -22,9 +23,9 @@ from typing import Literal, Optional
 
 import torch
 
-from tuneforge.sdk import (TIE_MODELS, ConfigError, ScalarHead, block_parameters, check_layers, check_range, hookimpl,
-                           outcome_logprobs, pair_nll, pair_right, ranking_batch, ranking_epoch, resolve_layers,
-                           rewards, split_rankings)
+from tuneforge.sdk import (REWARD_POOLS, TIE_MODELS, ConfigError, ScalarHead, block_parameters, check_layers,
+                           check_range, hookimpl, outcome_logprobs, pair_nll, pair_right, ranking_batch, ranking_epoch,
+                           resolve_layers, rewards, split_rankings)
 
 __all__ = ["RewardModel"]
 
@@ -36,6 +37,7 @@ class RewardModel:
     class Options:
         layers: str = "auto"  # all, N (last N blocks + norm + head), 0 (head only), auto (all, or head beside lora)
         ties: Literal["davidson", "rao-kupper", "ignore"] = "davidson"  # how tied pairs are modelled
+        pool: Literal["last", "sum", "mean"] = "last"  # which response tokens make its score (docs/rlhf.md)
         prompt_field: str = "prompt"
         responses_field: str = "responses"
         ranking_field: str = "ranking"
@@ -46,6 +48,8 @@ class RewardModel:
             check_layers(self.layers)
             if self.ties not in TIE_MODELS:
                 raise ValueError(f"ties must be one of {', '.join(TIE_MODELS)}, got {self.ties!r}")
+            if self.pool not in REWARD_POOLS:
+                raise ValueError(f"pool must be one of {', '.join(REWARD_POOLS)}, got {self.pool!r}")
             check_range(self, "holdout", "[0, 0.5)", " (a share of the file)")
             check_range(self, "eval_limit", "[1, inf)", " (or none: all)")
 
@@ -67,8 +71,9 @@ class RewardModel:
     @hookimpl
     def tuneforge_modify_model(self, model, run):
         head = model.lm_head
-        if not (isinstance(head, ScalarHead) and head.ties == self.options.ties):  # else: keep training that head
-            model.lm_head = ScalarHead(model.config.d_model, self.options.ties).to(model.tok_emb.weight.device)
+        o = self.options
+        if not (isinstance(head, ScalarHead) and (head.ties, head.pool) == (o.ties, o.pool)):  # else: keep training it
+            model.lm_head = ScalarHead(model.config.d_model, o.ties, o.pool).to(model.tok_emb.weight.device)
 
     @hookimpl
     def tuneforge_trainable_params(self, model, run):
@@ -83,7 +88,7 @@ class RewardModel:
 
     @hookimpl
     def tuneforge_loss(self, model, batch):
-        s = rewards(model, batch["input"], batch["last"])  # (N,)
+        s = rewards(model, batch["input"], batch["last"], batch["start"])  # (N,)
         margin = s[batch["better"]] - s[batch["worse"]]  # (P,)
         nll = pair_nll(margin, batch["tie"], model.lm_head.tie(), self.options.ties)
         loss = (nll * batch["weight"]).sum() + 0.0 * s.sum()  # + 0 * s: a batch of only dropped ties still backprops
@@ -101,7 +106,7 @@ class RewardModel:
         margins, ties = [], []
         for b in range(0, len(held), 64):
             batch = ranking_batch(held[b:b + 64], run.tokenizer, run.model_config.max_seq_len, device=run.device)
-            s = rewards(model, batch["input"], batch["last"])
+            s = rewards(model, batch["input"], batch["last"], batch["start"])
             margins.append(s[batch["better"]] - s[batch["worse"]])
             ties.append(batch["tie"])
         margin, tie = torch.cat(margins), torch.cat(ties)

@@ -37,7 +37,7 @@ from tuneforge.data.records import read_records, split_held_out
 from tuneforge.errors import DataError
 
 __all__ = ["Ranking", "parse_ranking", "format_ranking", "ranking_pairs", "read_rankings", "split_rankings",
-           "ranking_text", "prompt_ids", "ranking_ids", "ranking_batch", "ranking_epoch"]
+           "ranking_text", "prompt_ids", "ranking_ids", "fitted_ranking_ids", "ranking_batch", "ranking_epoch"]
 
 LETTERS = string.ascii_uppercase
 
@@ -236,6 +236,15 @@ def ranking_ids(tokenizer, prompt: str | list[dict], response: str, *, where: st
     return head + ex.ids[ex.answer_start:end], len(head)
 
 
+def fitted_ranking_ids(tokenizer, prompt: str | list[dict], response: str, context: int, *, where: str = ""
+                       ) -> tuple[list[int], int]:
+    """:func:`ranking_ids` fitted to ``context`` tokens: (ids, index of the response's first token). A row too
+    long loses the beginning of its prompt, never the response; the start shifts by what was cut."""
+    full, head = ranking_ids(tokenizer, prompt, response, where=where)
+    ids, _ = fit_context(full, context)
+    return ids, max(1, head - (len(full) - len(ids)))
+
+
 def _conversation(prompt: list, where: str) -> list[dict]:
     """A prompt's messages, validated: a conversation whose last message is the user turn the responses answer."""
     messages = chat_messages({"prompt": prompt}, where or "prompt", needs_answer=False)
@@ -279,11 +288,10 @@ def ranking_batch(records: Sequence[Ranking], tokenizer, context: int, *, with_t
     for r, rec in enumerate(records):
         first = len(rows)
         for k, text in enumerate(rec.responses):
-            full, head = ranking_ids(tokenizer, rec.prompt, text, where=rec.where)
-            ids, _ = fit_context(full, context)
+            ids, first_of_response = fitted_ranking_ids(tokenizer, rec.prompt, text, context, where=rec.where)
             rows.append(ids)
             last.append(len(ids) - 1)
-            start.append(max(1, head - (len(full) - len(ids))))  # shifted by what was cut
+            start.append(first_of_response)
             record.append(r)
             response.append(k)
         strict, ties = rec.pairs()

@@ -11,23 +11,32 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tuneforge.data.batching import fit_context, pad_right
-from tuneforge.data.rankings import ranking_ids
+from tuneforge.data.batching import pad_right
+from tuneforge.data.rankings import fitted_ranking_ids
 from tuneforge.errors import ConfigError
 from tuneforge.models.tokenizer import tokenizer_of
 
-__all__ = ["ScalarHead", "rewards", "score"]
+__all__ = ["REWARD_POOLS", "ScalarHead", "rewards", "score"]
+
+
+REWARD_POOLS = ("last", "mean", "sum")
 
 
 class ScalarHead(nn.Module):
-    """In place of the LM head: one score per position, (..., C) -> (..., 1); plus the tie model's parameter."""
+    """In place of the LM head: one score per position, (..., C) -> (..., 1); plus the tie model's parameter.
 
-    def __init__(self, d_model: int, ties: str = "davidson"):
+    ``pool`` says which positions make a response's score: ``last`` reads its last token (the ``eos``), the usual
+    choice; ``mean`` and ``sum`` score every response token and average or add them, so a feature seen anywhere
+    in the response reaches the score in one step rather than through the last token's attention."""
+
+    def __init__(self, d_model: int, ties: str = "davidson", pool: str = "last"):
         super().__init__()
+        if pool not in REWARD_POOLS:
+            raise ValueError(f"pool must be one of {', '.join(REWARD_POOLS)}, got {pool!r}")
         self.proj = nn.Linear(d_model, 1)
         nn.init.normal_(self.proj.weight, std=0.02)
         nn.init.zeros_(self.proj.bias)
-        self.ties = ties
+        self.ties, self.pool = ties, pool
         # davidson: log ν (0: ν = 1, a tie at equal scores has probability 1/3); rao-kupper: log θ = softplus(raw)
         self.tie_raw = nn.Parameter(torch.zeros(()))
 
@@ -43,11 +52,19 @@ class ScalarHead(nn.Module):
         return None
 
 
-def rewards(model, idx: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-    """Score of each row of ``idx`` (N, T), read at position ``last`` (N,): (N,) float32."""
+def rewards(model, idx: torch.Tensor, last: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """Score of each row of ``idx`` (N, T) whose response spans positions ``start`` (N,) to ``last`` (N,), its
+    ``eos`` included, pooled as ``model.lm_head.pool`` says: (N,) float32."""
     hidden = model.forward_hidden(idx)  # (N, T, C)
-    at_last = hidden[torch.arange(idx.size(0), device=idx.device), last]  # (N, C)
-    return model.lm_head(at_last).squeeze(-1).float()  # (N,)
+    rows = torch.arange(idx.size(0), device=idx.device)
+    pool = model.lm_head.pool
+    if pool == "last":
+        return model.lm_head(hidden[rows, last]).squeeze(-1).float()  # (N,)
+    pos = torch.arange(idx.size(1), device=idx.device)  # (T,)
+    inside = (pos >= start[:, None]) & (pos <= last[:, None])  # (N, T): the response's tokens
+    per_token = model.lm_head(hidden).squeeze(-1).float().masked_fill(~inside, 0.0)  # (N, T)
+    total = per_token.sum(1)  # (N,)
+    return total / inside.sum(1) if pool == "mean" else total
 
 
 @torch.no_grad()
@@ -61,8 +78,9 @@ def score(model, prompts: Sequence[str | list[dict]], responses: Sequence[str], 
     tok, device = tokenizer_of(model), model.tok_emb.weight.device
     out = []
     for b in range(0, len(prompts), batch_size):
-        rows = [fit_context(ranking_ids(tok, p, r)[0], model.config.max_seq_len)[0]
-                for p, r in zip(prompts[b:b + batch_size], responses[b:b + batch_size])]
+        fitted = [fitted_ranking_ids(tok, p, r, model.config.max_seq_len)
+                  for p, r in zip(prompts[b:b + batch_size], responses[b:b + batch_size])]
+        rows, start = [ids for ids, _ in fitted], [first for _, first in fitted]
         last = torch.tensor([len(r) - 1 for r in rows], device=device)
-        out.append(rewards(model, pad_right(rows, tok.pad_id).to(device), last))
+        out.append(rewards(model, pad_right(rows, tok.pad_id).to(device), last, torch.tensor(start, device=device)))
     return torch.cat(out) if out else torch.zeros(0, device=device)

@@ -63,7 +63,7 @@ from tuneforge.rlhf.policy import (Reference, block_parameters, check_layers, ot
                                    model_logprobs, response_logprobs, response_mask, sequence_logprobs, token_logprobs,
                                    untie_head)
 from tuneforge.rlhf.preference import TIE_MODELS, dpo_loss, outcome_logprobs, pair_nll, pair_right
-from tuneforge.rlhf.reward import ScalarHead, rewards, score
+from tuneforge.rlhf.reward import REWARD_POOLS, ScalarHead, rewards, score
 from tuneforge.rlhf.reward_sources import Rewards, reward_function
 from tuneforge.rlhf.rollout import Samples, compare, continue_ids, gae, judge_for, masked_mean, sample, whiten
 
@@ -93,7 +93,7 @@ __all__ = [
     "Reference", "check_layers", "resolve_layers", "others_choose_params", "block_parameters", "untie_head",
     "prepare_policy", "policy_parameters",
     "token_logprobs", "response_logprobs", "model_logprobs", "sequence_logprobs", "response_mask", "TIE_MODELS", "outcome_logprobs", "pair_nll",
-    "pair_right", "dpo_loss", "ScalarHead", "rewards", "score", "Samples", "sample", "continue_ids", "compare",
+    "pair_right", "dpo_loss", "REWARD_POOLS", "ScalarHead", "rewards", "score", "Samples", "sample", "continue_ids", "compare",
     "judge_for",
     "masked_mean", "whiten", "gae", "RolloutBuffer", "OnlineObjective", "OnlineOptions", "Rewards", "reward_function",
     "in_vocabulary", "fluency_of",
