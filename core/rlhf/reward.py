@@ -19,7 +19,7 @@ from tuneforge.models.tokenizer import tokenizer_of
 __all__ = ["REWARD_POOLS", "ScalarHead", "rewards", "score"]
 
 
-REWARD_POOLS = ("last", "mean", "sum")
+REWARD_POOLS = ("last", "sum", "mean")
 
 
 class ScalarHead(nn.Module):
