@@ -34,7 +34,7 @@ RM_STEPS = 300
 # Davidson model reached 0.905 / 0.894 / 0.894 on seeds 0 / 1 / 2, at chance (0.51-0.56) on the pairs that differ
 # only in naming the prompt's subject: the eos must learn to match the response's subject against the prompt's
 # through attention, which 300 steps seldom find (450 steps: 0.947, 0.918). Summed, the same 300 steps give
-# 0.978 / 0.969 / 0.973 (averaged: 0.944 and 0.948 on seeds 1, 2), as the world's judge is itself a sum over words.
+# 0.977 / 0.969 / 0.973 (averaged: 0.944 and 0.948 on seeds 1, 2), as the world's judge is itself a sum over words.
 RM_POOL = "sum"
 # DPO on the seed-1 Muon-pretrained model, LoRA policy, lr 2e-3: beta 0.5 kept too little of the language (200 steps:
 # win 0.78, in-vocabulary words 0.881; 100 steps: 0.82, 0.913; the reference's: 0.981); beta 1.0, 100 steps: 0.83,
