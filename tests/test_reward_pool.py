@@ -35,6 +35,11 @@ def test_each_pool_is_its_definition_over_the_response_tokens(pool):
         want = {"last": span[-1], "sum": span.sum(), "mean": span.mean()}[pool]
         torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-5)
     assert got.requires_grad
+    if pool == "last":  # what a caller written before pooling passes: the same scores
+        torch.testing.assert_close(rewards(model, batch["input"], batch["last"]), got)
+    else:
+        with pytest.raises(ValueError, match="pass start"):
+            rewards(model, batch["input"], batch["last"])
 
 
 @pytest.mark.parametrize("pool", ["sum", "mean"])

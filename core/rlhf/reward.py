@@ -52,14 +52,17 @@ class ScalarHead(nn.Module):
         return None
 
 
-def rewards(model, idx: torch.Tensor, last: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+def rewards(model, idx: torch.Tensor, last: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
     """Score of each row of ``idx`` (N, T) whose response spans positions ``start`` (N,) to ``last`` (N,), its
-    ``eos`` included, pooled as ``model.lm_head.pool`` says: (N,) float32."""
-    hidden = model.forward_hidden(idx)  # (N, T, C)
-    rows = torch.arange(idx.size(0), device=idx.device)
+    ``eos`` included, pooled as ``model.lm_head.pool`` says: (N,) float32. ``start`` may be left out only for
+    ``pool=last``, which reads ``last`` alone (``ranking_batch`` gives both)."""
     pool = model.lm_head.pool
+    if pool != "last" and start is None:
+        raise ValueError(f"rewards: this head pools over the response (pool={pool}); pass start, the index of each "
+                         "row's first response token (ranking_batch's 'start')")
+    hidden = model.forward_hidden(idx)  # (N, T, C)
     if pool == "last":
-        return model.lm_head(hidden[rows, last]).squeeze(-1).float()  # (N,)
+        return model.lm_head(hidden[torch.arange(idx.size(0), device=idx.device), last]).squeeze(-1).float()  # (N,)
     pos = torch.arange(idx.size(1), device=idx.device)  # (T,)
     inside = (pos >= start[:, None]) & (pos <= last[:, None])  # (N, T): the response's tokens
     per_token = model.lm_head(hidden).squeeze(-1).float().masked_fill(~inside, 0.0)  # (N, T)

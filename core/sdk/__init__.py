@@ -93,8 +93,8 @@ __all__ = [
     "Reference", "check_layers", "resolve_layers", "others_choose_params", "block_parameters", "untie_head",
     "prepare_policy", "policy_parameters",
     "token_logprobs", "response_logprobs", "model_logprobs", "sequence_logprobs", "response_mask", "TIE_MODELS", "outcome_logprobs", "pair_nll",
-    "pair_right", "dpo_loss", "REWARD_POOLS", "ScalarHead", "rewards", "score", "Samples", "sample", "continue_ids", "compare",
-    "judge_for",
+    "pair_right", "dpo_loss", "REWARD_POOLS", "ScalarHead", "rewards", "score", "Samples", "sample", "continue_ids",
+    "compare", "judge_for",
     "masked_mean", "whiten", "gae", "RolloutBuffer", "OnlineObjective", "OnlineOptions", "Rewards", "reward_function",
     "in_vocabulary", "fluency_of",
 ]
