@@ -55,6 +55,14 @@ def test_the_report_counts_the_targets_met(tmp_path):
     assert "3 of 4 targets met" in text and "≤ 0.3 nats ✗" in text and "![loss curves](loss_curves.png)" in text
 
 
+def test_the_report_names_the_stages_that_ran_in_another_precision(tmp_path):
+    rows = judge([{**r, "precision": "fp32" if r["stage"] == "ppo" else "bf16-mixed"} for r in _rows()])
+    text = write_report(tmp_path, rows, {}, [], False, seed=0, quick=False, unigram=4.2,
+                        precision="bf16-mixed").read_text()
+    assert "training in bf16-mixed (fp32: ppo)." in text
+    text = write_report(tmp_path, rows, {}, [], False, seed=0, quick=False, unigram=4.2, precision="fp32").read_text()
+    assert "training in fp32 (bf16-mixed: pretrain, finetune-all, prompt-sentiment, dpo, prompting-bare)." in text
+
 
 @pytest.mark.parametrize("flags, expected", [
     ("flags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni", "bf16-mixed"),  # Zen 4, Cooper Lake and later
@@ -69,7 +77,7 @@ def test_auto_precision_is_bf16_mixed_only_where_bfloat16_is_native(flags, expec
 
 
 def test_the_cli_offers_the_demos_precisions():
-    """`tuneforge demo --precision` spells its choices out (the CLI does not import torch to build its parser)."""
+    """`tuneforge demo --precision` offers demo_stage.PRECISIONS, the choices run_demo accepts."""
     from tuneforge.tools.cli import build_parser
     from tuneforge.tools.demo_stage import PRECISIONS
 

@@ -103,6 +103,16 @@ def _markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _exceptions(rows: list[dict], precision: str) -> str:
+    """`` (fp32: sft, ppo, grpo)``: the stages whose runs recorded another precision than the demo's, or ''."""
+    other: dict[str, list[str]] = {}
+    for r in rows:
+        ran, name = r.get("precision"), r.get("stage")
+        if ran and name and ran != precision and name not in other.setdefault(ran, []):
+            other[ran].append(name)
+    return "".join(f" ({p}: {', '.join(names)})" for p, names in other.items())
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -123,7 +133,7 @@ def write_report(out: Path, rows: list[dict], stages: dict[str, float], samples:
         f"# tuneforge demo{' --quick' if quick else ''}, seed {seed}",
         "",
         f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} on {machine()}, training in {precision}"
-        f"{' (sft, ppo, grpo: fp32)' if precision != 'fp32' else ''}. "
+        f"{_exceptions(rows, precision)}. "
         f"{sum(stages.values()) / 60:.1f} minutes in all. **{verdict}.**",
         "",
         "Accuracies are on held-out records. Win rates: the policy's response beats the reference's on held-out "

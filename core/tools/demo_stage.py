@@ -59,7 +59,8 @@ def row(name: str, result, metric: str, key: str, total: int | None = None) -> d
     s = result.summary
     return {"mechanism": name, "trainable_params": s["trainable_params"],
             "trainable_pct": 100.0 * s["trainable_params"] / (total or s["total_params"]),
-            "seconds": s["seconds"], "metric": metric, "value": float(result.metrics[key])}
+            "seconds": s["seconds"], "metric": metric, "value": float(result.metrics[key]),
+            "precision": s.get("precision")}
 
 
 def claim(out: Path) -> None:
