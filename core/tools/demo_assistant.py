@@ -74,8 +74,8 @@ def rlhf_stages(d: Demo, pre: Path) -> None:
     rl = dict(init=str(pre), data="builtin:rankings", batch_size=n(16, 8), warmup=n(10, 2), **d.common)
     models = {}
     for ties, label in (("davidson", "ties modelled (Davidson)"), ("ignore", "ties ignored")):
-        folder = d.stage(f"reward-model-{ties}", f"a scalar head on the whole model summed over the response's "
-                                                 f"tokens, builtin:rankings, {label}")
+        folder = d.stage(f"reward-model-{ties}", f"a scalar head on the whole model (pool={RM_POOL}), "
+                                                 f"builtin:rankings, {label}")
         result = train(mechanisms=[f"reward-model:ties={ties},pool={RM_POOL}"], steps=n(RM_STEPS, 10), lr=2e-3,
                        optimizer="muon", out=str(folder), **{**rl, "batch_size": 8})
         line = row(f"reward model, {label}", result, "held-out pairwise accuracy", "eval/pairwise_accuracy")
