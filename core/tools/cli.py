@@ -9,8 +9,7 @@ import sys
 
 from tuneforge.engine.config import FIELD_HELP, TrainConfig, load_config
 from tuneforge.errors import ConfigError, TuneforgeError
-from tuneforge.tools import chat
-from tuneforge.tools.demo_stage import PRECISIONS
+from tuneforge.tools import chat, demo_stage
 
 __all__ = ["main", "build_parser"]
 
@@ -138,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     m.add_argument("--quick", action="store_true", help="a short version for smoke tests")
     m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--precision", choices=PRECISIONS, default="auto", help="of the training "
+    m.add_argument("--precision", choices=demo_stage.PRECISIONS, default="auto", help="of the training "
                    "stages; auto: bf16-mixed where bfloat16 is native (CUDA, AVX512-BF16, AMX), else fp32")
     m.add_argument("--model", metavar="SPEC", help="tell the same story on a pretrained model (hf:PATH, gguf:PATH, "
                    "smollm2-135m): it goes on training its own weights on the world's text first; on a CPU a real "
